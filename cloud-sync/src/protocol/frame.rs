@@ -1,0 +1,519 @@
+//! Frames on the control stream and their length-prefixed codec.
+//!
+//! Wire format of one frame:
+//!
+//! ```text
+//! frame   := len:u32-LE  type:u8  body          (len counts type + body, ≤ MAX_FRAME_BYTES)
+//! Hello   (0x01) := protocol_version:varint  agent:str
+//! Welcome (0x02) := node_id:str  cursor:varint
+//! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint  block:rest
+//! Ack     (0x04) := up_to:varint
+//! Error   (0x05) := code:varint  message:str
+//! str     := len:varint  utf8-bytes
+//! ```
+
+use super::wire::{put_str, put_varint, Reader};
+use super::{DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_FRAME_BYTES};
+
+const T_HELLO: u8 = 0x01;
+const T_WELCOME: u8 = 0x02;
+const T_BATCH: u8 = 0x03;
+const T_ACK: u8 = 0x04;
+const T_ERROR: u8 = 0x05;
+
+/// Longest `agent`, `node_id` or error `message` accepted, in bytes.
+pub const MAX_TEXT_BYTES: usize = 4096;
+
+/// Numeric error codes, shared by `Error` frames and QUIC application close codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Orderly close, no error.
+    Ok,
+    /// The peer speaks a protocol version we do not.
+    UnsupportedVersion,
+    /// A frame or batch could not be decoded.
+    Malformed,
+    /// A frame arrived that the session state does not allow (e.g. Batch before Hello,
+    /// batches out of order, ack beyond what was sent).
+    ProtocolViolation,
+    /// The node is not allowed to connect (certificate problems).
+    Unauthorized,
+    /// Another connection for the same node took over this one.
+    Superseded,
+    /// The aggregator failed internally (e.g. store error); retry later.
+    Internal,
+    /// The aggregator is shutting down; retry later.
+    ShuttingDown,
+    /// A code this version does not know.
+    Other(u32),
+}
+
+impl ErrorCode {
+    /// The numeric value on the wire.
+    pub fn to_u32(self) -> u32 {
+        match self {
+            ErrorCode::Ok => 0,
+            ErrorCode::UnsupportedVersion => 1,
+            ErrorCode::Malformed => 2,
+            ErrorCode::ProtocolViolation => 3,
+            ErrorCode::Unauthorized => 4,
+            ErrorCode::Superseded => 5,
+            ErrorCode::Internal => 6,
+            ErrorCode::ShuttingDown => 7,
+            ErrorCode::Other(n) => n,
+        }
+    }
+
+    /// Parses a numeric value from the wire.
+    pub fn from_u32(n: u32) -> Self {
+        match n {
+            0 => ErrorCode::Ok,
+            1 => ErrorCode::UnsupportedVersion,
+            2 => ErrorCode::Malformed,
+            3 => ErrorCode::ProtocolViolation,
+            4 => ErrorCode::Unauthorized,
+            5 => ErrorCode::Superseded,
+            6 => ErrorCode::Internal,
+            7 => ErrorCode::ShuttingDown,
+            n => ErrorCode::Other(n),
+        }
+    }
+
+    /// A short lower-case name for logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Ok => "ok",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::ProtocolViolation => "protocol_violation",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Superseded => "superseded",
+            ErrorCode::Internal => "internal",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Other(_) => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), self.to_u32())
+    }
+}
+
+/// A compressed batch as carried in a `Batch` frame. The header repeats what
+/// the block holds so the receiver can check ordering and limits before
+/// decompressing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFrame {
+    /// Sequence number of the first record.
+    pub first_seq: u64,
+    /// Sequence number of the last record (≥ `first_seq`).
+    pub last_seq: u64,
+    /// Number of records in the block.
+    pub record_count: u32,
+    /// Exact uncompressed size of the columnar block.
+    pub raw_len: u32,
+    /// zstd-compressed columnar block, see [`super::batch`].
+    pub block: Vec<u8>,
+}
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Edge → aggregator, first frame on the control stream.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the sender.
+        protocol_version: u32,
+        /// Free-form software identification, for logs only.
+        agent: String,
+    },
+    /// Aggregator → edge: who the aggregator thinks the node is (from its
+    /// certificate) and the highest seq it has durably applied.
+    Welcome {
+        /// Node id taken from the client certificate.
+        node_id: String,
+        /// Highest seq applied for this node (0 if none).
+        cursor: u64,
+    },
+    /// Edge → aggregator: records to apply.
+    Batch(BatchFrame),
+    /// Aggregator → edge: every record with seq ≤ `up_to` is durably applied.
+    Ack {
+        /// Cumulative acknowledgement.
+        up_to: u64,
+    },
+    /// Either direction: the sender is about to close the connection.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded frame would exceed [`MAX_FRAME_BYTES`].
+    #[error("frame is {size} bytes, limit is {max} bytes")]
+    FrameTooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A text field exceeds [`MAX_TEXT_BYTES`].
+    #[error("{field} is {len} bytes, limit is {max} bytes")]
+    TextTooLong {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+fn check_text(field: &'static str, s: &str) -> Result<(), EncodeError> {
+    if s.len() > MAX_TEXT_BYTES {
+        return Err(EncodeError::TextTooLong {
+            field,
+            len: s.len(),
+            max: MAX_TEXT_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl Frame {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Batch(_) => "Batch",
+            Frame::Ack { .. } => "Ack",
+            Frame::Error { .. } => "Error",
+        }
+    }
+
+    /// Appends the length-prefixed encoding of this frame to `out`.
+    /// On error `out` is left unchanged.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Frame::Hello {
+                protocol_version,
+                agent,
+            } => {
+                check_text("Hello.agent", agent)?;
+                out.push(T_HELLO);
+                put_varint(out, u64::from(*protocol_version));
+                put_str(out, agent);
+            }
+            Frame::Welcome { node_id, cursor } => {
+                check_text("Welcome.node_id", node_id)?;
+                out.push(T_WELCOME);
+                put_str(out, node_id);
+                put_varint(out, *cursor);
+            }
+            Frame::Batch(b) => {
+                out.push(T_BATCH);
+                put_varint(out, b.first_seq);
+                put_varint(out, b.last_seq);
+                put_varint(out, u64::from(b.record_count));
+                put_varint(out, u64::from(b.raw_len));
+                out.extend_from_slice(&b.block);
+            }
+            Frame::Ack { up_to } => {
+                out.push(T_ACK);
+                put_varint(out, *up_to);
+            }
+            Frame::Error { code, message } => {
+                check_text("Error.message", message)?;
+                out.push(T_ERROR);
+                put_varint(out, u64::from(code.to_u32()));
+                put_str(out, message);
+            }
+        }
+        let len = out.len() - start - 4;
+        if len > MAX_FRAME_BYTES {
+            out.truncate(start);
+            return Err(EncodeError::FrameTooLarge {
+                size: len,
+                max: MAX_FRAME_BYTES,
+            });
+        }
+        // len ≤ 16 MiB fits in u32.
+        out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(())
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut out = Vec::new();
+        self.encode(&mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes one frame body (type byte + body, without the length prefix).
+    pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+        let (&ty, rest) = body.split_first().ok_or(DecodeError::EmptyFrame)?;
+        let mut r = Reader::new(rest);
+        let frame = match ty {
+            T_HELLO => Frame::Hello {
+                protocol_version: r.varint_max("Hello.protocol_version", u64::from(u32::MAX))?
+                    as u32,
+                agent: r.string("Hello.agent", MAX_TEXT_BYTES)?,
+            },
+            T_WELCOME => Frame::Welcome {
+                node_id: r.string("Welcome.node_id", MAX_TEXT_BYTES)?,
+                cursor: r.varint("Welcome.cursor")?,
+            },
+            T_BATCH => {
+                let first_seq = r.varint("Batch.first_seq")?;
+                let last_seq = r.varint("Batch.last_seq")?;
+                let record_count =
+                    r.varint_max("Batch.record_count", MAX_BATCH_RECORDS as u64)? as u32;
+                let raw_len = r.varint_max("Batch.raw_len", MAX_BATCH_RAW_BYTES as u64)? as u32;
+                let block = r.rest().to_vec();
+                Frame::Batch(BatchFrame {
+                    first_seq,
+                    last_seq,
+                    record_count,
+                    raw_len,
+                    block,
+                })
+            }
+            T_ACK => Frame::Ack {
+                up_to: r.varint("Ack.up_to")?,
+            },
+            T_ERROR => Frame::Error {
+                code: ErrorCode::from_u32(r.varint_max("Error.code", u64::from(u32::MAX))? as u32),
+                message: r.string("Error.message", MAX_TEXT_BYTES)?,
+            },
+            other => return Err(DecodeError::UnknownFrameType(other)),
+        };
+        r.finish(frame.kind())?;
+        Ok(frame)
+    }
+}
+
+/// Incremental decoder: push bytes as they arrive, pull whole frames out.
+///
+/// Never panics and never buffers more than one maximal frame plus what
+/// was pushed: a length prefix above [`MAX_FRAME_BYTES`] is an error as soon
+/// as its 4 bytes are seen. After an error the decoder keeps returning it.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    failed: Option<DecodeError>,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes buffered but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let avail = &self.buf[self.start..];
+        let Some(prefix) = avail.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        let result = if len > MAX_FRAME_BYTES {
+            Err(DecodeError::TooLarge {
+                field: "frame length",
+                value: len as u64,
+                max: MAX_FRAME_BYTES as u64,
+            })
+        } else if avail.len() < 4 + len {
+            return Ok(None);
+        } else {
+            let r = Frame::decode_body(&avail[4..4 + len]);
+            self.start += 4 + len;
+            r
+        };
+        match result {
+            Ok(frame) => Ok(Some(frame)),
+            Err(e) => {
+                self.failed = Some(e.clone());
+                self.buf = Vec::new();
+                self.start = 0;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u32>(), ".{0,40}").prop_map(|(protocol_version, agent)| Frame::Hello {
+                protocol_version,
+                agent
+            }),
+            ("[A-Za-z0-9._-]{1,128}", any::<u64>())
+                .prop_map(|(node_id, cursor)| Frame::Welcome { node_id, cursor }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                0u32..1000,
+                0u32..100_000,
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(first_seq, last_seq, record_count, raw_len, block)| {
+                    Frame::Batch(BatchFrame {
+                        first_seq,
+                        last_seq,
+                        record_count,
+                        raw_len,
+                        block,
+                    })
+                }),
+            any::<u64>().prop_map(|up_to| Frame::Ack { up_to }),
+            (any::<u32>(), ".{0,60}").prop_map(|(c, message)| Frame::Error {
+                code: ErrorCode::from_u32(c),
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip_through_decoder_in_random_chunks(
+            frames in proptest::collection::vec(arb_frame(), 1..8),
+            chunk in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for f in &frames {
+                f.encode(&mut wire).unwrap();
+            }
+            let mut dec = FrameDecoder::new();
+            let mut out = Vec::new();
+            for piece in wire.chunks(chunk) {
+                dec.push(piece);
+                while let Some(f) = dec.next_frame().unwrap() {
+                    out.push(f);
+                }
+            }
+            prop_assert_eq!(out, frames);
+            prop_assert_eq!(dec.buffered(), 0);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut dec = FrameDecoder::new();
+            dec.push(&data);
+            for _ in 0..64 {
+                match dec.next_frame() {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        #[test]
+        fn truncated_frames_are_incomplete_or_errors(f in arb_frame(), cut in 0usize..400) {
+            let wire = f.to_bytes().unwrap();
+            let cut = cut.min(wire.len().saturating_sub(1));
+            let mut dec = FrameDecoder::new();
+            dec.push(&wire[..cut]);
+            prop_assert_eq!(dec.next_frame(), Ok(None));
+            // A body cut short but declared complete must be an error, not a panic.
+            if cut > 5 {
+                let mut lying = wire[..cut].to_vec();
+                let len = (cut - 4) as u32;
+                lying[..4].copy_from_slice(&len.to_le_bytes());
+                let _ = Frame::decode_body(&lying[4..]);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_refused_before_buffering() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&((MAX_FRAME_BYTES as u32) + 1).to_le_bytes());
+        let err = dec.next_frame().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::TooLarge {
+                    field: "frame length",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Poisoned: stays failed.
+        dec.push(&[0; 10]);
+        assert!(dec.next_frame().is_err());
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_by_encoder() {
+        let f = Frame::Batch(BatchFrame {
+            first_seq: 1,
+            last_seq: 1,
+            record_count: 1,
+            raw_len: 1,
+            block: vec![0; MAX_FRAME_BYTES],
+        });
+        let mut out = vec![7];
+        assert!(matches!(
+            f.encode(&mut out),
+            Err(EncodeError::FrameTooLarge { .. })
+        ));
+        assert_eq!(out, vec![7]);
+    }
+
+    #[test]
+    fn unknown_type_and_trailing_bytes_are_errors() {
+        assert_eq!(
+            Frame::decode_body(&[0x7f]),
+            Err(DecodeError::UnknownFrameType(0x7f))
+        );
+        assert!(matches!(
+            Frame::decode_body(&[T_ACK, 5, 0]),
+            Err(DecodeError::TrailingBytes {
+                what: "Ack",
+                count: 1
+            })
+        ));
+        assert_eq!(Frame::decode_body(&[]), Err(DecodeError::EmptyFrame));
+    }
+}

@@ -1,0 +1,123 @@
+//! `fogline-edge status`: asks the running daemon; if none answers, reads
+//! the outbox file directly.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use fogline_edge::config::EdgeConfig;
+use fogline_edge::outbox;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A minimal HTTP/1.0 GET against our own `/status` (loopback, our own
+/// server): not worth an HTTP client dependency.
+async fn fetch_status(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.take(1 << 20).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
+fn ago(now: u64, t: Option<u64>) -> String {
+    match t {
+        None => "never".to_string(),
+        Some(t) => {
+            let s = now.saturating_sub(t) / 1000;
+            match s {
+                0..=119 => format!("{s}s ago"),
+                120..=7199 => format!("{}m ago", s / 60),
+                _ => format!("{}h ago", s / 3600),
+            }
+        }
+    }
+}
+
+pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let config = EdgeConfig::load(path)?;
+    let outbox_path = config.outbox_path();
+    let live = if config.metrics.enabled {
+        let mut addr = config.metrics.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        fetch_status(addr).await.map(|v| (addr, v))
+    } else {
+        None
+    };
+    let stats = match &live {
+        Some((_, v)) => serde_json::from_value(v["outbox"].clone())
+            .context("the daemon's /status answer has no valid `outbox`")?,
+        None => outbox::read_stats(&outbox_path).with_context(|| {
+            format!(
+                "no daemon answered and the outbox {} cannot be read",
+                outbox_path.display()
+            )
+        })?,
+    };
+    let stats: outbox::OutboxStats = stats;
+    let broker = live
+        .as_ref()
+        .map(|(_, v)| v["broker_connected"].as_bool().unwrap_or(false));
+    let uplink = live
+        .as_ref()
+        .map(|(_, v)| v["uplink_connected"].as_bool().unwrap_or(false));
+    if json {
+        let v = serde_json::json!({
+            "node": config.node.id,
+            "daemon_running": live.is_some(),
+            "broker_connected": broker,
+            "uplink_connected": uplink,
+            "outbox": stats,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = fogline_edge::clock::now_ms();
+    let yes_no = |b: Option<bool>| match b {
+        Some(true) => "connected",
+        Some(false) => "disconnected",
+        None => "unknown (daemon not running)",
+    };
+    println!("node              {}", config.node.id);
+    match &live {
+        Some((addr, _)) => println!("daemon            running (status from {addr})"),
+        None => println!(
+            "daemon            not running (read {})",
+            outbox_path.display()
+        ),
+    }
+    println!("broker            {}", yes_no(broker));
+    println!("uplink            {}", yes_no(uplink));
+    println!(
+        "backlog           {} records, {} bytes",
+        stats.backlog_records, stats.backlog_bytes
+    );
+    println!(
+        "oldest unsynced   {}",
+        if stats.backlog_records == 0 {
+            "none".to_string()
+        } else {
+            ago(now, stats.oldest_unsynced_ms)
+        }
+    );
+    println!("last sync         {}", ago(now, stats.last_sync_ms));
+    println!("acked through     seq {}", stats.acked_seq);
+    println!("dead letters      {}", stats.dead_letters);
+    println!("disk              {} bytes", stats.disk_bytes);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,92 @@
+//! Every default of `edge.toml`, in one place.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+pub(super) const MQTT_BROKER: &str = "127.0.0.1:1883";
+
+pub(super) fn function_memory_mib() -> usize {
+    64
+}
+pub(super) fn function_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+pub(super) fn empty_table() -> toml::Table {
+    toml::Table::new()
+}
+pub(super) fn uplink_batch_records() -> usize {
+    4096
+}
+pub(super) fn uplink_batch_bytes() -> usize {
+    1 << 20
+}
+pub(super) fn uplink_max_in_flight() -> usize {
+    8
+}
+pub(super) fn reconnect_min() -> Duration {
+    Duration::from_millis(100)
+}
+pub(super) fn reconnect_max() -> Duration {
+    Duration::from_secs(5)
+}
+pub(super) fn connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: "edge".to_string(),
+            data_dir: PathBuf::from("fogline-data"),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: MQTT_BROKER.to_string(),
+            client_id: None,
+            username: None,
+            password: None,
+            keep_alive: Duration::from_secs(30),
+            receive_maximum: 4096,
+            max_payload_bytes: 256 * 1024,
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            embedded: false,
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 1883)),
+            listen_v5: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 1884)),
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            sync: SyncMode::Full,
+            max_batch: 8192,
+            tick_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+            enabled: true,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! What `fogline-edge status` and the metrics report about the buffer.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::OutboxError;
+
+/// Backlog, disk use and sync state.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct OutboxStats {
+    /// Records not yet acknowledged by the aggregator.
+    pub backlog_records: u64,
+    /// Their payload bytes.
+    pub backlog_bytes: u64,
+    /// Timestamp of the oldest unsynced record.
+    pub oldest_unsynced_ms: Option<u64>,
+    /// The next sequence number to be given out.
+    pub next_seq: u64,
+    /// Highest sequence the aggregator acknowledged.
+    pub acked_seq: u64,
+    /// When the aggregator last acknowledged anything.
+    pub last_sync_ms: Option<u64>,
+    /// Whether the uplink was connected when it last said.
+    pub uplink_connected: bool,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+    /// Size of the database files (db + WAL).
+    pub disk_bytes: u64,
+}
+
+fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+pub(super) fn read(conn: &Connection, path: &Path) -> Result<OutboxStats, OutboxError> {
+    let sql = |source| OutboxError::Sql {
+        path: path.to_path_buf(),
+        op: "read stats",
+        source,
+    };
+    let (records, bytes): (i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sql)?;
+    let oldest: Option<i64> = conn
+        .query_row(
+            "SELECT timestamp_ms FROM records ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql)?;
+    let dead: i64 = conn
+        .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+        .map_err(sql)?;
+    let file = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    };
+    Ok(OutboxStats {
+        backlog_records: records as u64,
+        backlog_bytes: bytes as u64,
+        oldest_unsynced_ms: oldest.map(|v| v as u64),
+        next_seq: meta(conn, "next_seq").map_err(sql)?.unwrap_or(1) as u64,
+        acked_seq: meta(conn, "acked_seq").map_err(sql)?.unwrap_or(0) as u64,
+        last_sync_ms: meta(conn, "last_sync_ms").map_err(sql)?.map(|v| v as u64),
+        uplink_connected: meta(conn, "uplink_connected").map_err(sql)?.unwrap_or(0) != 0,
+        dead_letters: dead as u64,
+        disk_bytes: file("") + file("-wal"),
+    })
+}

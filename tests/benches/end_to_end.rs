@@ -1,0 +1,194 @@
+//! End-to-end figures for fixed scenarios, printed (not asserted):
+//! 1. drain a 1,000,000-record backlog from the outbox into the aggregator's
+//!    store over QUIC on loopback: records/s and bytes on the wire per record
+//!    (UDP payload bytes both ways, counted by a relay in the path);
+//! 2. RSS of the idle edge daemon with three functions loaded.
+//!
+//! cargo bench -p fogline-tests --bench end_to_end [-- --records N]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fogline_cloud::transport::relay::UdpRelay;
+use fogline_edge::config::{EdgeConfig, SyncMode};
+use fogline_edge::outbox::{Commit, Outbox, OutboxReader};
+use fogline_edge::uplink::{Uplink, UplinkState};
+use fogline_tests::sensors;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let records = arg("--records", 1_000_000);
+    rt.block_on(drain(records));
+    idle_rss();
+}
+
+async fn drain(total: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    fogline_cloud::certs::dev_bundle(&certs, &["gw-bench"]).unwrap();
+
+    // Fill the outbox: ~100-byte JSON readings from 10 sensors.
+    let outbox_path = dir.path().join("edge/outbox.db");
+    let mut outbox = Outbox::open(&outbox_path, SyncMode::Normal).unwrap();
+    let started = Instant::now();
+    let mut n = 0;
+    while n < total {
+        let chunk = (total - n).min(20_000);
+        let records = (n..n + chunk)
+            .map(|i| {
+                let s = i % 10;
+                let ts = 1_764_000_000_000 + i as u64 * 10;
+                fogline_edge::message::Message {
+                    stream: sensors::topic(s),
+                    timestamp_ms: ts,
+                    payload: sensors::payload(s, i / 10, ts).into_bytes(),
+                }
+            })
+            .collect();
+        outbox
+            .commit(&Commit {
+                records,
+                ..Commit::default()
+            })
+            .unwrap();
+        n += chunk;
+    }
+    let avg_payload = sensors::payload(3, 12345, 1_764_000_000_000).len();
+    println!(
+        "backlog: {total} records of ~{avg_payload} bytes written in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let cloud_toml = format!(
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        c = certs.display(),
+        s = dir.path().join("cloud.db").display()
+    );
+    let cloud = fogline_cloud::aggregator::start(
+        fogline_cloud::aggregator::config::CloudConfig::parse(&cloud_toml).unwrap(),
+    )
+    .await
+    .unwrap();
+    let relay = UdpRelay::start(cloud.quic_addr).await.unwrap();
+    let edge_toml = format!(
+        "[node]\nid = \"gw-bench\"\ndata_dir = \"{d}/edge\"\n[[pipelines]]\nname = \"p\"\ntopics = [\"#\"]\n[uplink]\nserver = \"{r}\"\nserver_name = \"localhost\"\nca = \"{c}/ca.pem\"\ncert = \"{c}/node-gw-bench.pem\"\nkey = \"{c}/node-gw-bench.key\"\n",
+        d = dir.path().display(),
+        r = relay.local_addr(),
+        c = certs.display()
+    );
+    let config = EdgeConfig::parse(&edge_toml, dir.path()).unwrap();
+    let state = Arc::new(UplinkState::default());
+    let reader = OutboxReader::open(&outbox_path, SyncMode::Normal).unwrap();
+    let uplink = Uplink::new(
+        &config,
+        config.uplink.as_ref().unwrap(),
+        reader,
+        state.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let task = tokio::spawn(uplink.run(stop_rx));
+    let last = total as u64;
+    while state.acked_seq.load(std::sync::atomic::Ordering::Acquire) < last {
+        if started.elapsed() > Duration::from_secs(600) {
+            panic!("drain did not finish in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let wire = relay.bytes_forwarded();
+    println!(
+        "drain: {total} records in {secs:.2}s = {:.0} records/s; {:.1} bytes on the wire per record ({} bytes UDP payload both ways)",
+        total as f64 / secs,
+        wire as f64 / total as f64,
+        wire
+    );
+    let _ = stop.send(true);
+    let _ = task.await;
+    cloud.shutdown().await;
+}
+
+fn idle_rss() {
+    let Ok(bin) = fogline_tests::process::binary("fogline-edge") else {
+        println!("idle RSS: skipped, fogline-edge not built (cargo build --bins)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("edge.toml");
+    let port = fogline_tests::free_tcp_port().unwrap();
+    let port5 = fogline_tests::free_tcp_port().unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[node]
+data_dir = "{d}/data"
+[broker]
+embedded = true
+listen = "127.0.0.1:{port}"
+listen_v5 = "127.0.0.1:{port5}"
+[functions.hot]
+module = "{t}"
+config = {{ field = "temp", above = 30.0 }}
+[functions.cold]
+module = "{t}"
+config = {{ field = "temp", below = 0.0 }}
+[functions.avg]
+module = "{w}"
+config = {{ field = "temp", window_ms = 10000 }}
+[[pipelines]]
+name = "hot"
+topics = ["sensors/+/reading"]
+functions = ["hot", "avg"]
+[[pipelines]]
+name = "cold"
+topics = ["sensors/+/reading"]
+functions = ["cold"]
+[metrics]
+enabled = false
+"#,
+            d = dir.path().display(),
+            t = fogline_modules::threshold().display(),
+            w = fogline_modules::window_avg().display(),
+        ),
+    )
+    .unwrap();
+    for round in ["first start (compiles modules)", "restart (cached modules)"] {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(&bin)
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap_or("VmRSS: ? kB")
+            .to_string();
+        println!(
+            "idle edge daemon, 3 functions, embedded broker, {round}: {} (sampled {:.1}s after start)",
+            rss.trim_start_matches("VmRSS:").trim(),
+            started.elapsed().as_secs_f64()
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,217 @@
+//! Bad input: each gets a clear error, the daemon goes on where that makes
+//! sense, and nothing already accepted is lost.
+
+use std::time::Duration;
+
+use fogline_tests::process;
+
+use crate::{cloud_config, edge_config, expected_hot, write_certs, Cluster};
+
+fn publish_raw(port: u16, items: Vec<(String, Vec<u8>)>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut o = rumqttc::MqttOptions::new("raw-publisher", "127.0.0.1", port);
+        o.set_max_packet_size(2 << 20, 2 << 20);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+        let n = items.len();
+        for (topic, payload) in items {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        let mut acked = 0;
+        while acked < n {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = el.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+    });
+}
+
+#[test]
+fn non_json_and_oversized_payloads_are_dead_lettered_and_the_daemon_goes_on() {
+    let mut cluster = Cluster::start("gw-bad-payloads");
+    publish_raw(
+        cluster.mosquitto.port,
+        vec![
+            ("sensors/s0/reading".into(), b"not json at all".to_vec()),
+            ("sensors/s0/reading".into(), vec![b'x'; 300 * 1024]),
+        ],
+    );
+    cluster.publish(2, 200, None, |_| {});
+    let expected = expected_hot(2, 200);
+    let verdict = cluster.settle(&expected, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n{}",
+        verdict.summary(),
+        cluster.logs()
+    );
+    let status = cluster.edge_status().expect("status");
+    assert_eq!(
+        status["outbox"]["dead_letters"].as_u64(),
+        Some(2),
+        "{status}"
+    );
+    assert!(cluster.edge.is_running());
+    let db = cluster.dir.path().join("edge-gw-bad-payloads/outbox.db");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let errors: Vec<String> = conn
+        .prepare("SELECT error FROM dead_letters ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(errors.iter().any(|e| e.contains("not JSON")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("payload is 300 KiB, limit is 256 KiB (topic sensors/s0/reading)")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_trapping_function_fails_its_batches_only_and_the_daemon_goes_on() {
+    let extra = format!(
+        r#"
+[functions.crasher]
+module = "{}"
+config = {{ mode = "trap" }}
+[[pipelines]]
+name = "crashing"
+topics = ["sensors/+/reading"]
+functions = ["crasher"]
+"#,
+        fogline_modules::hostile().display()
+    );
+    let mut cluster = Cluster::start_with("gw-trap", &extra);
+    cluster.publish(2, 300, None, |_| {});
+    let expected = expected_hot(2, 300);
+    let verdict = cluster.settle(&expected, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n{}",
+        verdict.summary(),
+        cluster.logs()
+    );
+    let status = cluster.edge_status().expect("status");
+    assert_eq!(
+        status["outbox"]["dead_letters"].as_u64(),
+        Some(600),
+        "{status}"
+    );
+    assert!(cluster.edge.is_running());
+    assert!(
+        cluster.edge.log_text().contains("crasher"),
+        "{}",
+        cluster.logs()
+    );
+}
+
+#[test]
+fn check_names_an_unknown_key_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        "[mqtt]\nbroker = \"127.0.0.1:1883\"\nbrokr = \"oops\"\n",
+    )
+    .unwrap();
+    let out = process::run(
+        "fogline-edge",
+        &["check", "--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("brokr") && err.contains("line 3") && err.contains("edge.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_module_that_fails_to_load_is_named_by_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bogus.wasm");
+    std::fs::write(&bogus, b"this is not WebAssembly").unwrap();
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\ndata_dir = \"{}\"\n[functions.f]\nmodule = \"bogus.wasm\"\n[[pipelines]]\nname = \"p\"\ntopics = [\"a/#\"]\nfunctions = [\"f\"]\n[metrics]\nenabled = false\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let out = process::run("fogline-edge", &[cmd, "--config", cfg.to_str().unwrap()]).unwrap();
+        assert!(!out.status.success(), "{cmd} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("bogus.wasm"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn a_node_certificate_from_another_ca_is_rejected_and_others_are_served() {
+    // A legitimate deployment keeps flowing while a rogue node knocks.
+    let cluster = Cluster::start("gw-good");
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue_certs = rogue_dir.path().join("rogue-ca");
+    write_certs(&rogue_certs, &["gw-rogue"]);
+    let fleet_certs = cluster.dir.path().join("certs");
+    // The rogue trusts the real fleet CA for the server, but its own
+    // certificate is signed by a CA the aggregator does not know.
+    let http = fogline_tests::free_tcp_port().unwrap();
+    let cfg = edge_config(
+        rogue_dir.path(),
+        &fleet_certs,
+        "gw-rogue",
+        &cluster.mosquitto.addr(),
+        cluster.quic_port,
+        http,
+        "",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("{}/node-gw-rogue", fleet_certs.display()),
+        &format!("{}/node-gw-rogue", rogue_certs.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut rogue = process::Daemon::spawn(
+        "fogline-edge",
+        &["run", "--config", cfg.to_str().unwrap()],
+        &rogue_dir.path().join("rogue.log"),
+    )
+    .unwrap();
+    cluster.publish(2, 200, None, |_| {});
+    let expected = expected_hot(2, 200);
+    let verdict = cluster.settle(&expected, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n{}",
+        verdict.summary(),
+        cluster.logs()
+    );
+    let records = fogline_tests::oracle::read_store(&cluster.store).unwrap();
+    assert!(
+        records.iter().all(|r| r.node == "gw-good"),
+        "only the fleet node is stored"
+    );
+    assert!(
+        rogue.is_running(),
+        "the rogue edge keeps retrying, it does not crash"
+    );
+    let log = rogue.log_text();
+    assert!(
+        log.to_lowercase().contains("uplink session ended"),
+        "the rogue edge says its uplink failed:\n{log}"
+    );
+    rogue.kill9();
+    let _ = cloud_config; // same helper the cluster used
+}

@@ -1,0 +1,23 @@
+//! Support for Fogline's end-to-end and fault tests: a private Mosquitto,
+//! the real binaries as child processes, sensors that publish readings with
+//! unique ids, and an oracle that reads the aggregator's store.
+#![allow(missing_docs)]
+
+pub mod mosquitto;
+pub mod oracle;
+pub mod process;
+pub mod sensors;
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_tcp_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A free UDP port on 127.0.0.1 (bound then released).
+pub fn free_udp_port() -> std::io::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
