@@ -77,7 +77,11 @@ fn non_json_and_oversized_payloads_are_dead_lettered_and_the_daemon_goes_on() {
 }
 
 #[test]
-fn a_trapping_function_fails_its_batches_only_and_the_daemon_goes_on() {
+fn a_trapping_function_loses_only_the_poison_message_and_the_daemon_goes_on() {
+    // `crasher` traps on a payload `boom` and passes everything else. The
+    // pipeline must isolate the one poison message (dead letter) and still
+    // deliver every other message of the same batches, while the threshold
+    // pipeline next to it is unaffected.
     let extra = format!(
         r#"
 [functions.crasher]
@@ -85,33 +89,75 @@ module = "{}"
 config = {{ mode = "trap" }}
 [[pipelines]]
 name = "crashing"
-topics = ["sensors/+/reading"]
+topics = ["faulty/#"]
 functions = ["crasher"]
 "#,
         fogline_modules::hostile().display()
     );
     let mut cluster = Cluster::start_with("gw-trap", &extra);
+    let mut faulty: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                "faulty/x".to_string(),
+                format!("{{\"id\":\"f-{i}\"}}").into_bytes(),
+            )
+        })
+        .collect();
+    faulty.insert(17, ("faulty/x".to_string(), b"boom".to_vec()));
+    publish_raw(cluster.mosquitto.port, faulty);
     cluster.publish(2, 300, None, |_| {});
     let expected = expected_hot(2, 300);
-    let verdict = cluster.settle(&expected, Duration::from_secs(60));
+
+    let ok = process::wait_until(Duration::from_secs(60), || {
+        fogline_tests::oracle::read_store(&cluster.store)
+            .is_ok_and(|r| r.len() >= expected.len() + 40)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let records = fogline_tests::oracle::read_store(&cluster.store).unwrap();
+    assert!(
+        ok,
+        "store holds {} records\n{}",
+        records.len(),
+        cluster.logs()
+    );
+    let (sensor_records, faulty_records): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .partition(|r| r.stream.starts_with("sensors/"));
+    let verdict = fogline_tests::oracle::judge(&sensor_records, &expected);
     assert!(
         verdict.is_exact(),
         "{}\n{}",
         verdict.summary(),
         cluster.logs()
     );
+    let ids: Vec<String> = faulty_records
+        .iter()
+        .map(|r| r.payload["id"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let want: Vec<String> = (0..40).map(|i| format!("f-{i}")).collect();
+    assert_eq!(ids, want, "every good faulty/x message once, in order");
+
     let status = cluster.edge_status().expect("status");
     assert_eq!(
         status["outbox"]["dead_letters"].as_u64(),
-        Some(600),
+        Some(1),
         "{status}"
     );
-    assert!(cluster.edge.is_running());
-    assert!(
-        cluster.edge.log_text().contains("crasher"),
-        "{}",
-        cluster.logs()
+    let db = cluster.dir.path().join("edge-gw-trap/outbox.db");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let (function, error, payload): (String, String, Vec<u8>) = conn
+        .query_row(
+            "SELECT function, error, payload FROM dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (function.as_str(), payload.as_slice()),
+        ("crasher", &b"boom"[..])
     );
+    assert!(error.contains("trap"), "{error}");
+    assert!(cluster.edge.is_running());
 }
 
 #[test]
@@ -207,10 +253,21 @@ fn a_node_certificate_from_another_ca_is_rejected_and_others_are_served() {
         rogue.is_running(),
         "the rogue edge keeps retrying, it does not crash"
     );
+    let said_so = process::wait_until(Duration::from_secs(30), || {
+        rogue
+            .log_text()
+            .to_lowercase()
+            .contains("uplink session ended")
+    });
     let log = rogue.log_text();
+    assert!(said_so, "the rogue edge says its uplink failed:\n{log}");
     assert!(
-        log.to_lowercase().contains("uplink session ended"),
-        "the rogue edge says its uplink failed:\n{log}"
+        cluster
+            .cloud
+            .log_text()
+            .contains("Rejected a connection during the handshake"),
+        "the aggregator says why:\n{}",
+        cluster.logs()
     );
     rogue.kill9();
     let _ = cloud_config; // same helper the cluster used

@@ -2,7 +2,8 @@
 //! aggregator ends up with exactly the readings the function passes.
 //! (Checks: ingest acks only after a durable commit; redeliveries after an
 //! edge crash are not processed twice; the aggregator applies (node, seq)
-//! once; the edge resumes from the aggregator's cursor.)
+//! once; the edge resumes from the aggregator's cursor; a restarted edge
+//! takes over its old, still-open connection.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -70,4 +71,15 @@ fn kill9_aggregator_and_edge_mid_stream_lose_and_duplicate_nothing() {
         cluster.logs()
     );
     assert!(cluster.edge.is_running() && cluster.cloud.is_running());
+    // The killed edge's connection was still open on the aggregator when
+    // the restarted edge connected: the new one took over (and, per the
+    // verdict above, nothing was applied twice).
+    assert!(
+        cluster
+            .cloud
+            .log_text()
+            .contains("Node reconnected; closing its previous connection"),
+        "{}",
+        cluster.logs()
+    );
 }

@@ -181,7 +181,7 @@ mod tests {
         .unwrap();
         let err = CloudConfig::load(&path).unwrap_err().to_string();
         assert!(
-            err.contains("cloud.toml") && err.contains("kye") && err.contains("line 4"),
+            err.contains("cloud.toml") && err.contains("kye") && err.contains("line 5"),
             "{err}"
         );
     }

@@ -37,7 +37,11 @@
 //! host dead-letters the batch and restarts the instance from `init`, so any
 //! state kept in the function value is lost then.
 //!
-//! The sandbox grants nothing: no filesystem, network, environment or clock.
+//! The sandbox grants no filesystem, network, environment or arguments
+//! (WASI calls for them fail or return nothing). Clocks and random numbers
+//! work, but prefer message timestamps and the `now_ms` given to
+//! [`Function::on_tick`]: the results then depend only on the input.
+//!
 //! Use [`log`] (the `info!`-style macros) to say something; stdout and stderr
 //! are discarded.
 #![warn(missing_docs)]

@@ -46,7 +46,7 @@ enum Command {
     TestModule {
         /// The `.wasm` component.
         module: PathBuf,
-        /// Samples, one JSON per line: a payload object, or
+        /// Samples, one per line: a payload (JSON or not), or
         /// `{"stream": .., "timestamp_ms": .., "payload": ..}`.
         #[arg(long)]
         input: PathBuf,

@@ -56,10 +56,10 @@ impl Ticker {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("fogline-epoch".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(tick) {
-                    Err(RecvTimeoutError::Timeout) => engine.increment_epoch(),
-                    Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            .spawn(move || {
+                // Ends on a message or when the sender is dropped.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
+                    engine.increment_epoch();
                 }
             })
             .map_err(|e| FunctionError::Engine {

@@ -73,7 +73,7 @@ pub enum FunctionError {
     },
     /// The function returned something the host refuses: an out-of-range or
     /// duplicate rejection index, an invalid stream, an oversized payload,
-    /// too many messages.
+    /// too many messages. The instance is restarted before its next call.
     #[error("function `{function}` returned invalid output: {reason}")]
     InvalidOutput {
         /// The function's name in the config.
@@ -84,14 +84,16 @@ pub enum FunctionError {
 }
 
 impl FunctionError {
-    /// Whether the instance was poisoned by this error (trap, timeout,
-    /// memory cap) and will be restarted before its next call.
+    /// Whether a call that failed with this error poisoned the instance
+    /// (trap, timeout, memory cap, invalid output), so that it will be
+    /// restarted before its next call.
     pub fn restarts_instance(&self) -> bool {
         matches!(
             self,
             FunctionError::Trap { .. }
                 | FunctionError::Timeout { .. }
                 | FunctionError::MemoryLimit { .. }
+                | FunctionError::InvalidOutput { .. }
         )
     }
 }

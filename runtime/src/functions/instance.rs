@@ -54,7 +54,8 @@ impl bindings::fogline::function::host::Host for StoreState {
         // The SDK's panic hook logs "panic: …" at error level just before
         // the guest aborts; keep it to explain the trap.
         if level == Level::Error && text.starts_with("panic: ") {
-            self.last_panic = Some(text.to_string());
+            // "panicked at src/lib.rs:1:2: <message>", on one line.
+            self.last_panic = Some(text.trim_start_matches("panic: ").replace('\n', " "));
         }
         if self.logs_left == 0 {
             self.logs_suppressed += 1;
@@ -114,9 +115,11 @@ struct Live {
 /// One running function: an instance of a [`Module`] with its own memory,
 /// state and limits. Reused across batches.
 ///
-/// A trap, timeout or memory-cap hit poisons the instance; the next
-/// [`process`](Self::process) or [`tick`](Self::tick) restarts it first
-/// (fresh store, re-instantiate, re-`init`), so the state it kept is lost.
+/// A trap, timeout, memory-cap hit or invalid output poisons the instance;
+/// the next [`process`](Self::process) or [`tick`](Self::tick) restarts it
+/// first (fresh store, re-instantiate, re-`init`), so the state it kept is
+/// lost. A function that returns `Err` for a call
+/// ([`FunctionError::Failed`]) keeps running with its state.
 pub struct FunctionInstance {
     name: Arc<str>,
     module: Module,
@@ -205,10 +208,15 @@ impl FunctionInstance {
     /// A fresh store and instance, initialised.
     fn start(&self) -> Result<Live, FunctionError> {
         let shared = &self.module.inner.shared;
-        // Grants nothing: no preopens, env, args or network; stdin is
-        // empty and stdout/stderr are discarded (the SDK logs through
-        // `host.log` instead).
-        let wasi = WasiCtxBuilder::new().build();
+        // Grants nothing: no preopens, env, args or network (said
+        // explicitly, not left to the builder's defaults); stdin is empty
+        // and stdout/stderr are discarded (the SDK logs through `host.log`
+        // instead). Clocks and random numbers stay available.
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
         let mut store = Store::new(
             &shared.engine,
             StoreState {
@@ -282,7 +290,15 @@ impl FunctionInstance {
         };
         finish_call(&mut live.store, &self.name);
         match result {
-            Ok(Ok(output)) => validate(output, batch_len, &self.limits, &self.name),
+            Ok(Ok(output)) => {
+                let validated = validate(output, batch_len, &self.limits, &self.name);
+                if validated.is_err() {
+                    // The guest broke the contract: its state (and the
+                    // memory it grew to build that output) is suspect.
+                    self.live = None;
+                }
+                validated
+            }
             Ok(Err(message)) => Err(FunctionError::Failed {
                 function: self.name.to_string(),
                 message: truncate(&message, MAX_GUEST_TEXT).to_string(),
@@ -363,10 +379,17 @@ fn classify_plain(
             requested_bytes,
         };
     }
-    let mut message = format!("{e:#}");
-    if let Some(panic) = panic {
-        message = format!("{panic} ({message})");
-    }
+    // The full error (with the wasm backtrace) is for debugging; the error
+    // itself, which ends up in dead-letter rows, stays one line.
+    tracing::debug!(target: "fogline::function", function, error = ?e, "Function trapped.");
+    let what = match e.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    let message = match panic {
+        Some(panic) => format!("{panic} ({what})"),
+        None => what,
+    };
     FunctionError::Trap { function, message }
 }
 

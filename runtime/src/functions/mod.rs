@@ -17,9 +17,9 @@
 //!   [`MAX_STREAM_BYTES`], payloads and message counts are within [`Limits`];
 //!   otherwise the call fails with [`FunctionError::InvalidOutput`].
 //! - A call is bounded in time (epoch deadline) and memory (resource
-//!   limiter). A trap, timeout or memory-cap hit poisons the instance; the
-//!   next call restarts it from `init`, so one bad batch never wedges a
-//!   function.
+//!   limiter). A trap, timeout, memory-cap hit or invalid output poisons the
+//!   instance; the next call restarts it from `init`, so one bad batch never
+//!   wedges a function.
 //! - This module knows nothing about MQTT, the outbox or dead-lettering: it
 //!   reports *which* inputs were rejected and *why* a call failed; the
 //!   pipeline decides what to do with them.

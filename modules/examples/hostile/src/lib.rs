@@ -15,6 +15,9 @@
 //! - `fail`: returns `Err` for the whole batch.
 //! - `init-trap`: panics in `init`.
 //! - `log`: logs one line per message at info level and passes it on.
+//! - `escape`: per message, tries to reach outside the sandbox (list `/`,
+//!   read the environment and arguments, open a TCP connection) and emits
+//!   what it got as JSON: `{"fs":…,"env":…,"args":…,"net":…}`.
 
 use std::cell::RefCell;
 
@@ -67,6 +70,19 @@ impl Function for Hostile {
             }
             "big" => out.emit_new(msg.stream(), msg.timestamp_ms(), vec![b'x'; self.size]),
             "bad-stream" => out.emit_new("", msg.timestamp_ms(), msg.payload()),
+            "escape" => {
+                let fs = std::fs::read_dir("/").map(|d| d.count()).ok();
+                let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                let args = std::env::args().count();
+                let net = std::net::TcpStream::connect(("127.0.0.1", 1883))
+                    .map(|_| "connected".to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                out.emit_json(
+                    msg.stream(),
+                    msg.timestamp_ms(),
+                    &json!({ "fs": fs, "env": env, "args": args, "net": net }),
+                )?;
+            }
             "log" => {
                 log::info!("hostile saw a message on {}", msg.stream());
                 out.emit(msg);

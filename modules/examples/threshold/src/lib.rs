@@ -2,7 +2,7 @@
 //! above `above` and/or strictly below `below`.
 //!
 //! ```toml
-//! [[pipeline.functions]]
+//! [functions.hot]
 //! module = "threshold.wasm"
 //! config = { field = "temp", above = 30.0 }   # and/or below = -5.0
 //! ```

@@ -1,8 +1,8 @@
 //! Per-stream tumbling-window average of a numeric JSON field.
 //!
 //! ```toml
-//! [[pipeline.functions]]
-//! module = "window-avg.wasm"
+//! [functions.avg]
+//! module = "window_avg.wasm"
 //! config = { field = "temp", window_ms = 10000 }   # output_stream = "stats/temp"
 //! ```
 //!
