@@ -116,6 +116,17 @@ pub fn judge(records: &[Stored], expected: &BTreeSet<String>) -> Verdict {
     v
 }
 
+/// How many records the store holds (0 if it does not exist yet).
+pub fn count(path: &Path) -> u64 {
+    let Ok(conn) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(2));
+    conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,13 +153,3 @@ mod tests {
     }
 }
 
-/// How many records the store holds (0 if it does not exist yet).
-pub fn count(path: &Path) -> u64 {
-    let Ok(conn) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return 0;
-    };
-    let _ = conn.busy_timeout(std::time::Duration::from_secs(2));
-    conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
-        .unwrap_or(0)
-}

@@ -75,7 +75,7 @@ pub async fn publish(
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         acked += 1;
                         let total = done.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-                        if total % 500 == 0 {
+                        if total.is_multiple_of(500) {
                             progress(total);
                         }
                     }

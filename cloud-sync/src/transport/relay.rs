@@ -102,26 +102,28 @@ async fn forward(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared
         if shared.cut.load(Ordering::Acquire) {
             continue;
         }
-        if !peers.contains_key(&client) {
-            let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else {
-                continue;
-            };
-            if sock.connect(upstream).await.is_err() {
-                continue;
+        let sock = match peers.entry(client) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().0.clone(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                if sock.connect(upstream).await.is_err() {
+                    continue;
+                }
+                let sock = Arc::new(sock);
+                let back = tokio::spawn(backward(
+                    sock.clone(),
+                    front.clone(),
+                    client,
+                    shared.clone(),
+                ));
+                slot.insert((sock.clone(), AbortOnDrop(back)));
+                sock
             }
-            let sock = Arc::new(sock);
-            let back = tokio::spawn(backward(
-                sock.clone(),
-                front.clone(),
-                client,
-                shared.clone(),
-            ));
-            peers.insert(client, (sock, AbortOnDrop(back)));
-        }
-        if let Some((sock, _)) = peers.get(&client) {
-            if sock.send(&buf[..n]).await.is_ok() {
-                shared.to_server.fetch_add(n as u64, Ordering::Relaxed);
-            }
+        };
+        if sock.send(&buf[..n]).await.is_ok() {
+            shared.to_server.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }

@@ -123,7 +123,7 @@ async fn run(
             }
             acks.ack(batch);
             batches += 1;
-            if batches % 1024 == 0 {
+            if batches.is_multiple_of(1024) {
                 if let Err(e) = w.outbox.prune_dead_letters(100_000) {
                     error!(error = %e, "Pruning dead letters failed.");
                 }
