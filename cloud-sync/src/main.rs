@@ -77,12 +77,7 @@ enum CertsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    fogline_cloud::telemetry::init_tracing("info");
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
@@ -112,26 +107,11 @@ fn run(path: &Path) -> anyhow::Result<()> {
             "fogline-cloud listening: QUIC {}  HTTP http://{}",
             running.quic_addr, running.http_addr
         );
-        wait_for_signal().await;
+        fogline_cloud::telemetry::shutdown_signal().await;
         tracing::info!("Shutting down.");
         running.shutdown().await;
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
-//! The process-wide Prometheus recorder, shared by every Fogline component
-//! in a process (the demo runs edge and aggregator in one).
+//! Process-wide telemetry shared by every Fogline binary: the Prometheus
+//! recorder (one per process: the demo runs edge and aggregator in one),
+//! log setup and the shutdown signal.
 
 use std::sync::OnceLock;
 
@@ -20,4 +21,31 @@ pub fn prometheus_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (else `default`,
+/// e.g. `"info"`). For binaries; call once.
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the daemons' cue for an orderly shutdown.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

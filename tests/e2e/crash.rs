@@ -5,6 +5,8 @@
 //! once; the edge resumes from the aggregator's cursor; a restarted edge
 //! takes over its old, still-open connection.)
 
+use fogline_tests::sensors;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +41,7 @@ fn kill9_aggregator_and_edge_mid_stream_lose_and_duplicate_nothing() {
             port,
             SENSORS,
             PER_SENSOR,
-            Some(500), // 4,000/s in total: long enough to kill mid-stream
+            Some(250), // 2,000/s in total: long enough to kill mid-stream
             move |n| p2.store(n, Ordering::Release),
         ))
         .unwrap();
@@ -71,15 +73,64 @@ fn kill9_aggregator_and_edge_mid_stream_lose_and_duplicate_nothing() {
         cluster.logs()
     );
     assert!(cluster.edge.is_running() && cluster.cloud.is_running());
-    // The killed edge's connection was still open on the aggregator when
-    // the restarted edge connected: the new one took over (and, per the
-    // verdict above, nothing was applied twice).
+}
+
+#[test]
+fn an_edge_restarted_while_its_old_connection_is_open_takes_over_and_nothing_is_applied_twice() {
+    let mut cluster = Cluster::start("gw-takeover");
+    cluster.publish(4, 250, None, |_| {});
+    // Wait until the edge has synced (its connection is up and busy), then
+    // kill it: the aggregator still holds that connection (no close frame).
+    let synced = fogline_tests::process::wait_until(Duration::from_secs(30), || {
+        fogline_tests::oracle::count(&cluster.store) > 0
+    });
+    assert!(synced, "{}", cluster.logs());
+    cluster.edge.kill9();
+    cluster.edge.restart().unwrap();
+    cluster.wait_edge_subscribed();
+    // More readings through the new process.
+    let port = cluster.mosquitto.port;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Sensors 4..8, so ids do not collide with the first round.
+        let mut o = rumqttc::MqttOptions::new("second-round", "127.0.0.1", port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
+        let mut sent = 0;
+        for s in 4..8 {
+            for n in 0..250 {
+                let payload = sensors::payload(s, n, 1_764_000_000_000 + n as u64);
+                client
+                    .publish(sensors::topic(s), rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+                sent += 1;
+            }
+        }
+        let mut acked = 0;
+        while acked < sent {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = el.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+    });
+    let expected = crate::expected_hot(8, 250);
+    let verdict = cluster.settle(&expected, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n{}",
+        verdict.summary(),
+        cluster.logs()
+    );
     assert!(
         cluster
             .cloud
             .log_text()
             .contains("Node reconnected; closing its previous connection"),
-        "{}",
+        "the new connection took over the old one:\n{}",
         cluster.logs()
     );
 }

@@ -152,4 +152,3 @@ mod tests {
         assert!(ok.is_exact(), "{}", ok.summary());
     }
 }
-

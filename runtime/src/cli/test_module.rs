@@ -60,7 +60,7 @@ pub fn run(module: &Path, input: &Path, config: Option<&Path>) -> anyhow::Result
                 .with_context(|| format!("cannot read function config {}", p.display()))?;
             let table: toml::Table =
                 toml::from_str(&t).with_context(|| format!("invalid TOML in {}", p.display()))?;
-            serde_json::to_string(&table)?
+            fogline_edge::pipeline::config_json(&table).to_string()
         }
         None => "{}".to_string(),
     };

@@ -27,6 +27,27 @@ pub use worker::{spawn_worker, Worker, WorkerHandle, WorkerOptions};
 use crate::config::EdgeConfig;
 use crate::functions::{FunctionError, FunctionInstance, FunctionRuntime, Limits, Module};
 
+/// A function's TOML table as the JSON its `init` receives. Datetimes
+/// become their RFC 3339 text (serde would wrap them in a private marker).
+pub fn config_json(table: &toml::Table) -> serde_json::Value {
+    fn value(v: &toml::Value) -> serde_json::Value {
+        match v {
+            toml::Value::String(s) => serde_json::Value::String(s.clone()),
+            toml::Value::Integer(i) => serde_json::Value::from(*i),
+            toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            toml::Value::Boolean(b) => serde_json::Value::Bool(*b),
+            toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
+            toml::Value::Array(a) => serde_json::Value::Array(a.iter().map(value).collect()),
+            toml::Value::Table(t) => {
+                serde_json::Value::Object(t.iter().map(|(k, v)| (k.clone(), value(v))).collect())
+            }
+        }
+    }
+    serde_json::Value::Object(table.iter().map(|(k, v)| (k.clone(), value(v))).collect())
+}
+
 /// Load every module once and instantiate each pipeline's functions.
 pub fn build_chains(
     config: &EdgeConfig,
@@ -49,7 +70,7 @@ pub fn build_chains(
                     m
                 }
             };
-            let json = serde_json::to_string(&f.config).unwrap_or_else(|_| "{}".to_string());
+            let json = config_json(&f.config).to_string();
             let limits = Limits {
                 memory_bytes: f.memory_mib << 20,
                 call_timeout: f.timeout,
