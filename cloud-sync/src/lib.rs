@@ -5,6 +5,7 @@
 
 pub mod aggregator;
 pub mod certs;
+pub mod clock;
 pub mod protocol;
 pub mod store;
 pub mod telemetry;

@@ -1,12 +1,5 @@
 //! Wall-clock time. Gateways often have no RTC: timestamps are what the
 //! clock says at ingest, never used for ordering (sequence numbers are).
+//! One clock for edge and aggregator: it lives in `fogline_cloud::clock`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Milliseconds since the Unix epoch; 0 if the clock is before 1970.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use fogline_cloud::clock::now_ms;

@@ -5,32 +5,7 @@ use std::time::Duration;
 
 use fogline_tests::process;
 
-use crate::{cloud_config, edge_config, expected_hot, write_certs, Cluster};
-
-fn publish_raw(port: u16, items: Vec<(String, Vec<u8>)>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let mut o = rumqttc::MqttOptions::new("raw-publisher", "127.0.0.1", port);
-        o.set_max_packet_size(2 << 20, 2 << 20);
-        let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-        let n = items.len();
-        for (topic, payload) in items {
-            client
-                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-        }
-        let mut acked = 0;
-        while acked < n {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = el.poll().await.unwrap() {
-                acked += 1;
-            }
-        }
-    });
-}
+use crate::{cloud_config, edge_config, expected_hot, publish_raw, write_certs, Cluster};
 
 #[test]
 fn non_json_and_oversized_payloads_are_dead_lettered_and_the_daemon_goes_on() {

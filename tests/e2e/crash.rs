@@ -89,34 +89,15 @@ fn an_edge_restarted_while_its_old_connection_is_open_takes_over_and_nothing_is_
     cluster.edge.restart().unwrap();
     cluster.wait_edge_subscribed();
     // More readings through the new process.
-    let port = cluster.mosquitto.port;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        // Sensors 4..8, so ids do not collide with the first round.
-        let mut o = rumqttc::MqttOptions::new("second-round", "127.0.0.1", port);
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
-        let mut sent = 0;
-        for s in 4..8 {
-            for n in 0..250 {
-                let payload = sensors::payload(s, n, 1_764_000_000_000 + n as u64);
-                client
-                    .publish(sensors::topic(s), rumqttc::QoS::AtLeastOnce, false, payload)
-                    .await
-                    .unwrap();
-                sent += 1;
-            }
-        }
-        let mut acked = 0;
-        while acked < sent {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = el.poll().await.unwrap() {
-                acked += 1;
-            }
-        }
-    });
+    // Sensors 4..8, so ids do not collide with the first round.
+    let second_round = (4..8)
+        .flat_map(|s| (0..250).map(move |n| (s, n)))
+        .map(|(s, n)| {
+            let payload = sensors::payload(s, n, 1_764_000_000_000 + n as u64);
+            (sensors::topic(s), payload.into_bytes())
+        })
+        .collect();
+    crate::publish_raw(cluster.mosquitto.port, second_round);
     let expected = crate::expected_hot(8, 250);
     let verdict = cluster.settle(&expected, Duration::from_secs(60));
     assert!(

@@ -261,3 +261,29 @@ pub fn expected_hot(sensors_n: usize, per_sensor: usize) -> BTreeSet<String> {
     }
     set
 }
+
+/// Publishes `(topic, payload)` pairs at QoS 1 and waits for every PUBACK.
+pub fn publish_raw(port: u16, items: Vec<(String, Vec<u8>)>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut o = rumqttc::MqttOptions::new("raw-publisher", "127.0.0.1", port);
+        o.set_max_packet_size(2 << 20, 2 << 20);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, items.len() + 1);
+        let n = items.len();
+        for (topic, payload) in items {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        let mut acked = 0;
+        while acked < n {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = el.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+    });
+}

@@ -64,7 +64,6 @@ pub struct LinkSender {
 /// Receiving half of a [`Link`].
 pub struct LinkReceiver {
     reader: FrameReader,
-    acked: u64,
 }
 
 impl UplinkClient {
@@ -122,10 +121,7 @@ impl UplinkClient {
                         send,
                         last_sent: cursor,
                     },
-                    receiver: LinkReceiver {
-                        reader,
-                        acked: cursor,
-                    },
+                    receiver: LinkReceiver { reader },
                 }),
                 Frame::Error { code, message } => Err(TransportError::Closed {
                     code,
@@ -159,15 +155,13 @@ impl LinkSender {
                 )));
             }
         }
-        let frame = Frame::Batch(encode_batch(records, DEFAULT_ZSTD_LEVEL)?);
-        let encoded_bytes = write_frame(&mut self.send, &frame).await?;
-        let Frame::Batch(b) = frame else {
-            return Err(TransportError::Protocol("batch frame changed kind".into()));
-        };
-        self.last_sent = b.last_seq;
+        let batch = encode_batch(records, DEFAULT_ZSTD_LEVEL)?;
+        let (first_seq, last_seq) = (batch.first_seq, batch.last_seq);
+        let encoded_bytes = write_frame(&mut self.send, &Frame::Batch(batch)).await?;
+        self.last_sent = last_seq;
         Ok(SentBatch {
-            first_seq: b.first_seq,
-            last_seq: b.last_seq,
+            first_seq,
+            last_seq,
             records: records.len(),
             encoded_bytes,
         })
@@ -180,17 +174,11 @@ impl LinkSender {
 }
 
 impl LinkReceiver {
-    /// The next cumulative acknowledgement. Cancel-safe.
+    /// The next cumulative acknowledgement. Cancel-safe. Not checked
+    /// against what was sent: that is [`crate::protocol::client::SenderState`]'s job.
     pub async fn next_ack(&mut self) -> Result<u64, TransportError> {
         match self.reader.next().await? {
-            Frame::Ack { up_to } if up_to >= self.acked => {
-                self.acked = up_to;
-                Ok(up_to)
-            }
-            Frame::Ack { up_to } => Err(TransportError::Protocol(format!(
-                "ack went backwards: {up_to} after {}",
-                self.acked
-            ))),
+            Frame::Ack { up_to } => Ok(up_to),
             Frame::Error { code, message } => Err(TransportError::Closed {
                 code,
                 reason: message,

@@ -253,7 +253,7 @@ async fn run_session(
     loop {
         let first = reader.next().await?;
         let mut group: Vec<Record> = Vec::new();
-        let mut last_seq = None;
+        let mut last_seq = 0;
         let mut skipped = 0;
         let mut frame = Some(first);
         while let Some(f) = frame.take() {
@@ -265,17 +265,16 @@ async fn run_session(
             let records = decode_batch(&batch).map_err(TransportError::from)?;
             let accepted = session.on_batch(&batch, records)?;
             skipped += accepted.skipped;
-            last_seq = Some(accepted.last_seq);
+            last_seq = accepted.last_seq;
             group.extend(accepted.to_apply);
             if group.len() < GROUP_RECORDS {
                 frame = reader.buffered_frame()?;
             }
         }
-        let Some(last_seq) = last_seq else { continue };
         let started = Instant::now();
         let outcome = {
             let (store, node) = (store.clone(), node.to_string());
-            let now = now_ms();
+            let now = crate::clock::now_ms();
             tokio::task::spawn_blocking(move || store.apply(&node, &group, last_seq, now)).await??
         };
         metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
@@ -290,11 +289,4 @@ async fn run_session(
         )
         .await?;
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -12,12 +12,12 @@
 //!
 //! The uplink knows nothing about MQTT or functions.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fogline_cloud::protocol::client::{InFlight, SenderError, SenderState};
 use fogline_cloud::transport::client::{ClientTls, Link, UplinkClient};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
@@ -47,6 +47,8 @@ enum SessionEnd {
     Transport(#[from] fogline_cloud::transport::TransportError),
     #[error("{0}")]
     Outbox(#[from] OutboxError),
+    #[error("aggregator broke the protocol: {0}")]
+    Protocol(#[from] SenderError),
     #[error("no acknowledgement for {0:?} with batches in flight")]
     Stalled(Duration),
     #[error("outbox task failed: {0}")]
@@ -190,21 +192,21 @@ impl Uplink {
 
         let max_records = self.config.batch_records;
         let max_bytes = self.config.batch_bytes;
-        let mut next = cursor;
-        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        // The protocol's sender state: window, in-flight batches, ack checks.
+        let mut window = SenderState::new(cursor, self.config.max_in_flight);
         let mut last_progress = Instant::now();
         let mut drained = false;
         loop {
             // Keep the window full.
-            while in_flight.len() < self.config.max_in_flight && !drained {
-                let after = next;
+            while window.has_room() && !drained {
+                let after = window.last_sent();
                 let batch: Vec<Record> = self
                     .outbox(move |r| r.read_after(after, max_records, max_bytes))
                     .await?;
-                let Some(last) = batch.last().map(|r| r.seq) else {
+                if batch.is_empty() {
                     drained = true;
                     break;
-                };
+                }
                 let sent = sender.send_batch(&batch).await?;
                 metrics::counter!("fogline_uplink_records_sent_total")
                     .increment(sent.records as u64);
@@ -212,24 +214,25 @@ impl Uplink {
                     .increment(sent.encoded_bytes as u64);
                 debug!(
                     first = sent.first_seq,
-                    last,
+                    last = sent.last_seq,
                     bytes = sent.encoded_bytes,
                     "Batch sent."
                 );
-                if in_flight.is_empty() {
+                if window.in_flight().next().is_none() {
                     last_progress = Instant::now();
                 }
-                in_flight.push_back(last);
-                next = last;
+                window.on_sent(InFlight {
+                    first_seq: sent.first_seq,
+                    last_seq: sent.last_seq,
+                    records: sent.records,
+                })?;
             }
             let stall_in = STALL_TIMEOUT.saturating_sub(last_progress.elapsed());
             tokio::select! {
                 _ = shutdown.changed() => return Err(SessionEnd::Shutdown),
                 ack = receiver.next_ack() => {
                     let acked = ack?;
-                    while in_flight.front().is_some_and(|&s| s <= acked) {
-                        in_flight.pop_front();
-                    }
+                    window.on_ack(acked)?;
                     last_progress = Instant::now();
                     let deleted = self.outbox(move |r| r.delete_through(acked)).await?;
                     metrics::counter!("fogline_uplink_records_acked_total").increment(deleted as u64);
@@ -238,7 +241,7 @@ impl Uplink {
                 _ = self.committed.notified(), if drained => { drained = false; }
                 // New records may also come from another writer; poll now and then.
                 _ = tokio::time::sleep(Duration::from_millis(250)), if drained => { drained = false; }
-                _ = tokio::time::sleep(stall_in), if !in_flight.is_empty() => {
+                _ = tokio::time::sleep(stall_in), if window.in_flight().next().is_some() => {
                     return Err(SessionEnd::Stalled(STALL_TIMEOUT));
                 }
             }
