@@ -24,14 +24,33 @@ pub fn prometheus_handle() -> PrometheusHandle {
 }
 
 /// Logs to stderr with `tracing`, filtered by `RUST_LOG` (else `default`,
-/// e.g. `"info"`). For binaries; call once.
+/// e.g. `"info"`), as text. For binaries; call once.
 pub fn init_tracing(default: &str) {
+    init_logging(default, false);
+}
+
+/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (else `default`).
+/// `json`: one JSON object per line (for Loki, Elasticsearch, journald
+/// tooling); `FOGLINE_LOG_FORMAT=json|text` overrides it. Text carries
+/// colour codes only when stderr is a terminal, so files and the journal
+/// get plain lines.
+pub fn init_logging(default: &str, json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let json = match std::env::var("FOGLINE_LOG_FORMAT") {
+        Ok(v) if v.eq_ignore_ascii_case("json") => true,
+        Ok(v) if v.eq_ignore_ascii_case("text") => false,
+        _ => json,
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().with_current_span(false).try_init()
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+    };
 }
 
 /// Resolves on Ctrl-C or SIGTERM: the daemons' cue for an orderly shutdown.

@@ -9,10 +9,18 @@ use std::time::Duration;
 use fogline_cloud::aggregator::{self, config::CloudConfig, RunningAggregator};
 use fogline_cloud::protocol::batch::sample_readings;
 use fogline_cloud::protocol::frame::ErrorCode;
+use fogline_cloud::protocol::server::HelloInfo;
 use fogline_cloud::transport::client::{ClientTls, UplinkClient};
 use fogline_cloud::transport::TransportError;
 
 const T: Duration = Duration::from_secs(10);
+
+/// The Hello of an outbox with incarnation 1 that has numbered 1..=3000.
+const OUTBOX: HelloInfo = HelloInfo {
+    incarnation: 1,
+    next_seq: 3001,
+    acked: 0,
+};
 
 async fn start(dir: &Path) -> RunningAggregator {
     fogline_cloud::certs::dev_bundle(&dir.join("certs"), &["gw-1"]).unwrap();
@@ -41,7 +49,7 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
     let client = UplinkClient::new(&node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
     let records = sample_readings(3000, 3, 7);
 
-    let mut link = client.connect(agg.quic_addr, "localhost", T).await.unwrap();
+    let mut link = client.connect(agg.quic_addr, "localhost", T, OUTBOX).await.unwrap();
     assert_eq!((link.node_id.as_str(), link.cursor), ("gw-1", 0));
     link.sender.send_batch(&records[..1000]).await.unwrap();
     link.sender.send_batch(&records[1000..2000]).await.unwrap();
@@ -53,7 +61,7 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
 
     // Reconnect while the old connection is still open: takeover, and the
     // new session resumes after the durable cursor.
-    let mut link2 = client.connect(agg.quic_addr, "localhost", T).await.unwrap();
+    let mut link2 = client.connect(agg.quic_addr, "localhost", T, OUTBOX).await.unwrap();
     assert_eq!(
         link2.cursor, records[1999].seq,
         "resume from the durable cursor"
@@ -159,7 +167,7 @@ async fn a_node_certificate_from_another_ca_is_refused() {
         key: rogue.join("node-gw-1.key"),
     };
     let client = UplinkClient::new(&tls).unwrap();
-    let result = client.connect(agg.quic_addr, "localhost", T).await;
+    let result = client.connect(agg.quic_addr, "localhost", T, OUTBOX).await;
     assert!(
         result.is_err(),
         "a foreign certificate must not get a session"

@@ -1,17 +1,21 @@
-//! Wiring the daemon together: embedded broker → ingest → pipeline worker →
-//! outbox → uplink, plus the metrics/status endpoint.
+//! Wiring the daemon together: ingest (native endpoint and/or external
+//! broker) → pipeline worker → outbox → uplink, plus the metrics, status
+//! and health endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify};
-use tracing::info;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
 
 use crate::config::EdgeConfig;
 use crate::functions::{FunctionError, FunctionRuntime, RuntimeOptions};
-use crate::ingest::{self, IngestState};
+use crate::ingest::endpoint::{Endpoint, EndpointError};
+use crate::ingest::session_store::Replica;
+use crate::ingest::{broker_client, IngestSink, IngestState, SinkMeter};
 use crate::outbox::{Outbox, OutboxError, OutboxReader};
-use crate::pipeline::{self, Router, Worker, WorkerOptions};
+use crate::pipeline::{self, PipelineHealth, Router, Worker, WorkerOptions};
 use crate::telemetry;
 use crate::uplink::{Uplink, UplinkState};
 
@@ -24,9 +28,9 @@ pub enum DaemonError {
     /// The outbox could not be opened.
     #[error("{0}")]
     Outbox(#[from] OutboxError),
-    /// Ingest could not start.
+    /// The MQTT endpoint could not start.
     #[error("{0}")]
-    Ingest(#[from] ingest::IngestError),
+    Endpoint(#[from] EndpointError),
     /// A socket or thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -37,31 +41,41 @@ pub enum DaemonError {
     },
 }
 
-/// Shared live state, served on `/status`.
-#[derive(Debug, Default)]
+/// Shared live state, served on `/status` and checked by `/healthz`.
+#[derive(Debug)]
 pub struct LiveState {
     /// Ingest side.
     pub ingest: Arc<IngestState>,
+    /// Bytes between the sockets and the outbox commit.
+    pub pending: SinkMeter,
+    /// Pipeline progress.
+    pub pipeline: Arc<PipelineHealth>,
     /// Uplink side.
     pub uplink: Arc<UplinkState>,
+    /// Whether an uplink is configured.
+    pub uplink_configured: bool,
+    /// No progress for this long with work pending: wedged.
+    pub stall_after: Duration,
 }
 
 /// A started daemon.
 pub struct Daemon {
     shutdown: watch::Sender<bool>,
-    ingest: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: Option<Endpoint>,
     uplink: Option<tokio::task::JoinHandle<()>>,
     worker: pipeline::WorkerHandle,
-    /// Where `/metrics` and `/status` are served, if enabled.
+    shutdown_timeout: Duration,
+    /// Where `/metrics`, `/status` and `/healthz` are served, if enabled.
     pub http_addr: Option<SocketAddr>,
-    /// Where the embedded broker listens, if enabled.
+    /// Where the MQTT endpoint listens (plain TCP), if it runs.
     pub broker_addr: Option<SocketAddr>,
     /// Live state.
     pub state: Arc<LiveState>,
 }
 
 /// Start everything. Returns once all parts run; modules are loaded and
-/// initialised before ingest connects, so a bad module fails the start.
+/// initialised before ingest listens, so a bad module fails the start.
 pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let started = std::time::Instant::now();
     let io = |what: String| move |source| DaemonError::Io { what, source };
@@ -78,15 +92,44 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let chains = pipeline::build_chains(&config, &runtime)?;
     let outbox_path = config.outbox_path();
     let outbox = Outbox::open(&outbox_path, config.outbox.sync)?;
+    let (replica, restored) = Replica::load(outbox.load_sessions()?);
+    let broker_key = broker_client::session_key(&config);
+    let (broker_session, endpoint_sessions): (Vec<_>, Vec<_>) =
+        restored.into_iter().partition(|s| s.key == broker_key);
     let committed = Arc::new(Notify::new());
-    let state = Arc::new(LiveState::default());
+    let (sink, chunks) = IngestSink::new(config.ingest.max_pending_bytes);
+    let state = Arc::new(LiveState {
+        ingest: Arc::new(IngestState::default()),
+        pending: sink.meter(),
+        pipeline: Arc::new(PipelineHealth::default()),
+        uplink: Arc::new(UplinkState::default()),
+        uplink_configured: config.uplink.is_some(),
+        stall_after: config.health.stall_after,
+    });
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    let broker_addr = if config.broker.embedded {
-        Some(ingest::embedded_broker::start(&config.broker).map_err(io("embedded broker".into()))?)
-    } else {
-        None
-    };
+    let router = Router::new(config.pipelines.iter().map(|p| p.topics.clone()).collect());
+    let worker = pipeline::spawn_worker(
+        Worker {
+            chains,
+            router,
+            outbox,
+            options: WorkerOptions {
+                max_batch: config.outbox.max_batch,
+                max_batch_bytes: config.outbox.max_batch_bytes,
+                max_topic: config
+                    .broker
+                    .max_topic_bytes
+                    .min(fogline_cloud::protocol::MAX_STREAM_NAME_BYTES),
+                tick_interval: config.outbox.tick_interval,
+            },
+            committed: committed.clone(),
+            sessions: replica,
+            health: state.pipeline.clone(),
+        },
+        chunks,
+    )
+    .map_err(io("pipeline worker thread".into()))?;
 
     let http_addr = if config.metrics.enabled {
         Some(
@@ -115,28 +158,37 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         None => None,
     };
 
-    let (tx, rx) = mpsc::channel(config.mqtt.receive_maximum as usize + 1024);
-    let (acks, ingest) = ingest::start(&config, tx, state.ingest.clone(), shutdown_rx.clone())?;
-    let router = Router::new(config.pipelines.iter().map(|p| p.topics.clone()).collect());
-    let worker = pipeline::spawn_worker(
-        Worker {
-            chains,
-            router,
-            outbox,
-            options: WorkerOptions {
-                max_batch: config.outbox.max_batch,
-                max_payload: config.mqtt.max_payload_bytes,
-                tick_interval: config.outbox.tick_interval,
-            },
-            committed,
-        },
-        rx,
-        acks,
-    )
-    .map_err(io("pipeline worker thread".into()))?;
+    let endpoint = if config.broker.embedded {
+        Some(
+            Endpoint::start(
+                &config,
+                sink.clone(),
+                endpoint_sessions,
+                state.ingest.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let mut tasks = Vec::new();
+    if config.external_broker_enabled() {
+        tasks.push(broker_client::spawn(
+            &config,
+            sink.clone(),
+            broker_session.into_iter().next(),
+            state.ingest.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    // Only ingest holds the sink now: when it stops, the worker drains and ends.
+    drop(sink);
+    let broker_addr = endpoint.as_ref().and_then(Endpoint::plain_addr);
     info!(
         node = %config.node.id,
-        broker = %config.ingest_broker(),
+        endpoint = ?endpoint.as_ref().map(|e| e.addrs.iter().map(|(_, a)| a.to_string()).collect::<Vec<_>>()),
+        external_broker = config.external_broker_enabled().then(|| config.ingest_broker()),
         pipelines = config.pipelines.len(),
         outbox = %outbox_path.display(),
         startup_ms = started.elapsed().as_millis() as u64,
@@ -144,9 +196,11 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     );
     Ok(Daemon {
         shutdown,
-        ingest,
+        tasks,
+        endpoint,
         uplink,
         worker,
+        shutdown_timeout: config.node.shutdown_timeout,
         http_addr,
         broker_addr,
         state,
@@ -154,16 +208,32 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
 }
 
 impl Daemon {
-    /// Stop cleanly: ingest stops reading, the worker commits and acks what it
-    /// took, the uplink closes. Unacked deliveries are redelivered next time.
+    /// Stop within `node.shutdown_timeout`: ingest stops reading and closes
+    /// its connections, the worker commits and acknowledges what it took,
+    /// the uplink closes. A commit that cannot finish (full disk) is
+    /// abandoned when the time is up: nothing of it was acknowledged, its
+    /// senders resend it to the next run.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.ingest.await;
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        if let Some(e) = self.endpoint {
+            e.stop();
+        }
+        for t in self.tasks {
+            let _ = tokio::time::timeout_at(deadline, t).await;
+        }
         let worker = self.worker;
-        worker.abandon_retries();
-        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        while !worker.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if worker.is_finished() {
+            worker.join();
+        } else {
+            warn!(timeout = ?self.shutdown_timeout, "The pipeline did not finish in time (a commit is failing or stuck); stopping without it. Nothing it held was acknowledged.");
+            worker.abandon_retries();
+        }
         if let Some(u) = self.uplink {
-            let _ = u.await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), u).await;
         }
         info!("Fogline edge daemon stopped.");
     }

@@ -8,7 +8,15 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    fogline_cloud::telemetry::init_tracing("info");
+    // `run` logs as its config says; a config that does not load is
+    // reported by the command itself.
+    match args.run_config().map(fogline_edge::config::EdgeConfig::load) {
+        Some(Ok(c)) => fogline_cloud::telemetry::init_logging(
+            &c.log.level,
+            c.log.format == fogline_edge::config::LogFormat::Json,
+        ),
+        _ => fogline_cloud::telemetry::init_tracing("info"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -22,7 +22,10 @@ use std::collections::HashMap;
 
 use super::frame::BatchFrame;
 use super::wire::{put_str, put_varint, unzigzag, zigzag, Reader};
-use super::{DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_STREAM_NAME_BYTES};
+use super::{
+    DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_PAYLOAD_BYTES,
+    MAX_STREAM_NAME_BYTES,
+};
 
 /// Default zstd level for batch blocks.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -76,6 +79,16 @@ pub enum BatchError {
         /// The limit.
         max: usize,
     },
+    /// A payload is too large for the protocol.
+    #[error("payload of record seq {seq} is {len} bytes, limit is {max}")]
+    PayloadTooLarge {
+        /// Seq of the offending record.
+        seq: u64,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The uncompressed block is too large; split the batch.
     #[error(
         "batch block is {size} bytes uncompressed, limit is {max}; send fewer records per batch"
@@ -117,6 +130,13 @@ pub fn validate_records(records: &[Record]) -> Result<(), BatchError> {
                 seq: r.seq,
                 len: r.stream.len(),
                 max: MAX_STREAM_NAME_BYTES,
+            });
+        }
+        if r.payload.len() > MAX_RECORD_PAYLOAD_BYTES {
+            return Err(BatchError::PayloadTooLarge {
+                seq: r.seq,
+                len: r.payload.len(),
+                max: MAX_RECORD_PAYLOAD_BYTES,
             });
         }
     }
@@ -311,7 +331,10 @@ fn decode_columnar(raw: &[u8]) -> Result<Vec<Record>, DecodeError> {
     let mut lens = Vec::with_capacity(count);
     let mut total: u64 = 0;
     for _ in 0..count {
-        let len = r.varint_max("batch.payload length", raw.len() as u64)?;
+        let len = r.varint_max(
+            "batch.payload length",
+            (raw.len().min(MAX_RECORD_PAYLOAD_BYTES)) as u64,
+        )?;
         total += len;
         lens.push(len as usize);
     }

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! frame   := len:u32-LE  type:u8  body          (len counts type + body, ≤ MAX_FRAME_BYTES)
-//! Hello   (0x01) := protocol_version:varint  agent:str
-//! Welcome (0x02) := node_id:str  cursor:varint
+//! Hello   (0x01) := protocol_version:varint  agent:str  incarnation:varint  next_seq:varint  acked:varint
+//! Welcome (0x02) := node_id:str  cursor:varint  incarnation:varint (0: none recorded)
 //! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint  block:rest
 //! Ack     (0x04) := up_to:varint
 //! Error   (0x05) := code:varint  message:str
@@ -127,14 +127,24 @@ pub enum Frame {
         protocol_version: u32,
         /// Free-form software identification, for logs only.
         agent: String,
+        /// The edge outbox's incarnation (a random id made with the file).
+        incarnation: u64,
+        /// The next seq the outbox will give out.
+        next_seq: u64,
+        /// The highest seq this outbox was told is applied (what the
+        /// aggregator must not have forgotten).
+        acked: u64,
     },
     /// Aggregator → edge: who the aggregator thinks the node is (from its
-    /// certificate) and the highest seq it has durably applied.
+    /// certificate), the highest seq it has durably applied, and which
+    /// outbox incarnation that cursor belongs to.
     Welcome {
         /// Node id taken from the client certificate.
         node_id: String,
         /// Highest seq applied for this node (0 if none).
         cursor: u64,
+        /// Incarnation recorded with the cursor (0: none recorded yet).
+        incarnation: u64,
     },
     /// Edge → aggregator: records to apply.
     Batch(BatchFrame),
@@ -207,17 +217,28 @@ impl Frame {
             Frame::Hello {
                 protocol_version,
                 agent,
+                incarnation,
+                next_seq,
+                acked,
             } => {
                 check_text("Hello.agent", agent)?;
                 out.push(T_HELLO);
                 put_varint(out, u64::from(*protocol_version));
                 put_str(out, agent);
+                put_varint(out, *incarnation);
+                put_varint(out, *next_seq);
+                put_varint(out, *acked);
             }
-            Frame::Welcome { node_id, cursor } => {
+            Frame::Welcome {
+                node_id,
+                cursor,
+                incarnation,
+            } => {
                 check_text("Welcome.node_id", node_id)?;
                 out.push(T_WELCOME);
                 put_str(out, node_id);
                 put_varint(out, *cursor);
+                put_varint(out, *incarnation);
             }
             Frame::Batch(b) => {
                 out.push(T_BATCH);
@@ -263,14 +284,31 @@ impl Frame {
         let (&ty, rest) = body.split_first().ok_or(DecodeError::EmptyFrame)?;
         let mut r = Reader::new(rest);
         let frame = match ty {
-            T_HELLO => Frame::Hello {
-                protocol_version: r.varint_max("Hello.protocol_version", u64::from(u32::MAX))?
-                    as u32,
-                agent: r.string("Hello.agent", MAX_TEXT_BYTES)?,
-            },
+            T_HELLO => {
+                let protocol_version =
+                    r.varint_max("Hello.protocol_version", u64::from(u32::MAX))? as u32;
+                let agent = r.string("Hello.agent", MAX_TEXT_BYTES)?;
+                // A version 1 Hello ends here: decode it so the session can
+                // answer "unsupported version" instead of "malformed".
+                let mut more = |field| -> Result<u64, DecodeError> {
+                    if protocol_version < 2 && r.remaining() == 0 {
+                        Ok(0)
+                    } else {
+                        r.varint(field)
+                    }
+                };
+                Frame::Hello {
+                    incarnation: more("Hello.incarnation")?,
+                    next_seq: more("Hello.next_seq")?,
+                    acked: more("Hello.acked")?,
+                    protocol_version,
+                    agent,
+                }
+            }
             T_WELCOME => Frame::Welcome {
                 node_id: r.string("Welcome.node_id", MAX_TEXT_BYTES)?,
                 cursor: r.varint("Welcome.cursor")?,
+                incarnation: r.varint("Welcome.incarnation")?,
             },
             T_BATCH => {
                 let first_seq = r.varint("Batch.first_seq")?;
@@ -382,12 +420,22 @@ pub(crate) mod tests {
 
     pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u32>(), ".{0,40}").prop_map(|(protocol_version, agent)| Frame::Hello {
-                protocol_version,
-                agent
-            }),
-            ("[A-Za-z0-9._-]{1,128}", any::<u64>())
-                .prop_map(|(node_id, cursor)| Frame::Welcome { node_id, cursor }),
+            (any::<u32>(), ".{0,40}", any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(protocol_version, agent, incarnation, next_seq, acked)| Frame::Hello {
+                    protocol_version,
+                    agent,
+                    incarnation,
+                    next_seq,
+                    acked,
+                }
+            ),
+            ("[A-Za-z0-9._-]{1,128}", any::<u64>(), any::<u64>()).prop_map(
+                |(node_id, cursor, incarnation)| Frame::Welcome {
+                    node_id,
+                    cursor,
+                    incarnation
+                }
+            ),
             (
                 any::<u64>(),
                 any::<u64>(),

@@ -18,7 +18,9 @@ pub use batch::{decode_batch, encode_batch, Record};
 pub use frame::{BatchFrame, ErrorCode, Frame, FrameDecoder};
 
 /// Version of the wire protocol spoken by this crate, sent in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Hello` carries the outbox incarnation, `Welcome` the one the cursor
+/// belongs to.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN protocol identifier negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"fogline/1";
@@ -34,6 +36,10 @@ pub const MAX_BATCH_RECORDS: usize = 1_000_000;
 
 /// Longest stream name accepted, in bytes.
 pub const MAX_STREAM_NAME_BYTES: usize = 1024;
+
+/// Largest payload of one record, in bytes. The edge refuses larger
+/// messages at ingest, so none can ever block replication.
+pub const MAX_RECORD_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why bytes from the peer could not be decoded. Every variant names the
 /// field that was wrong.

@@ -62,7 +62,53 @@ impl SessionError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     AwaitHello,
-    Active { cursor: u64, prev_last: Option<u64> },
+    Active {
+        cursor: u64,
+        incarnation: u64,
+        prev_last: Option<u64>,
+    },
+}
+
+/// What the store holds for a node when it says Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoredCursor {
+    /// Highest seq applied.
+    pub seq: u64,
+    /// The outbox incarnation that cursor belongs to (`None`: not recorded).
+    pub incarnation: Option<u64>,
+}
+
+/// The edge's outbox, as its `Hello` describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HelloInfo {
+    /// Outbox incarnation.
+    pub incarnation: u64,
+    /// Next seq it will give out.
+    pub next_seq: u64,
+    /// Highest seq it was told is applied.
+    pub acked: u64,
+}
+
+/// The store is behind what it acknowledged to this very outbox (restored
+/// from a backup): records `from..=to` were acknowledged, then forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Regression {
+    /// First forgotten seq.
+    pub from: u64,
+    /// Last forgotten seq.
+    pub to: u64,
+}
+
+/// Compares the store's cursor with the Hello of the same outbox
+/// incarnation: a cursor below what that outbox was acknowledged means the
+/// store lost applied records (ARCHITECTURE.md I-9).
+pub fn regression(stored: StoredCursor, hello: HelloInfo) -> Option<Regression> {
+    (stored.incarnation == Some(hello.incarnation) && stored.seq < hello.acked).then_some(
+        Regression {
+            from: stored.seq + 1,
+            to: hello.acked,
+        },
+    )
 }
 
 /// What to do with a batch the session accepted.
@@ -97,9 +143,14 @@ impl ReceiverSession {
         &self.node_id
     }
 
-    /// Handles `Hello`; `cursor` is what the store holds for this node, read
+    /// Handles `Hello`; `stored` is what the store holds for this node, read
     /// while holding the node's apply lock. Returns the `Welcome` to send.
-    pub fn on_hello(&mut self, protocol_version: u32, cursor: u64) -> Result<Frame, SessionError> {
+    pub fn on_hello(
+        &mut self,
+        protocol_version: u32,
+        hello: HelloInfo,
+        stored: StoredCursor,
+    ) -> Result<Frame, SessionError> {
         if self.state != State::AwaitHello {
             return Err(SessionError::Unexpected {
                 frame: "Hello",
@@ -113,13 +164,24 @@ impl ReceiverSession {
             });
         }
         self.state = State::Active {
-            cursor,
+            cursor: stored.seq,
+            incarnation: hello.incarnation,
             prev_last: None,
         };
         Ok(Frame::Welcome {
             node_id: self.node_id.clone(),
-            cursor,
+            cursor: stored.seq,
+            incarnation: stored.incarnation.unwrap_or(0),
         })
+    }
+
+    /// The outbox incarnation this session applies for (recorded with the
+    /// cursor by every apply). 0 before Hello.
+    pub fn incarnation(&self) -> u64 {
+        match self.state {
+            State::Active { incarnation, .. } => incarnation,
+            State::AwaitHello => 0,
+        }
     }
 
     /// Checks a batch header against the session before decoding it.
@@ -148,7 +210,10 @@ impl ReceiverSession {
         records: Vec<Record>,
     ) -> Result<Accepted, SessionError> {
         self.check_batch(frame)?;
-        let State::Active { cursor, prev_last } = &mut self.state else {
+        let State::Active {
+            cursor, prev_last, ..
+        } = &mut self.state
+        else {
             return Err(SessionError::Unexpected {
                 frame: "Batch",
                 state: "before Hello",
@@ -192,16 +257,27 @@ mod tests {
         let f1 = encode_batch(&records[..10], 3).unwrap();
         assert!(s.check_batch(&f1).is_err(), "batch before hello");
         assert!(matches!(
-            s.on_hello(99, 0),
+            s.on_hello(99, HelloInfo::default(), StoredCursor::default()),
             Err(SessionError::UnsupportedVersion { got: 99, .. })
         ));
+        let stored = StoredCursor {
+            seq: 5,
+            incarnation: Some(77),
+        };
+        let hello = HelloInfo {
+            incarnation: 77,
+            next_seq: 21,
+            acked: 5,
+        };
         assert_eq!(
-            s.on_hello(PROTOCOL_VERSION, 5).unwrap(),
+            s.on_hello(PROTOCOL_VERSION, hello, stored).unwrap(),
             Frame::Welcome {
                 node_id: "n1".into(),
-                cursor: 5
+                cursor: 5,
+                incarnation: 77,
             }
         );
+        assert_eq!(s.incarnation(), 77);
         let a = s.on_batch(&f1, records[..10].to_vec()).unwrap();
         assert_eq!((a.skipped, a.to_apply.len(), a.last_seq), (5, 5, 10));
         assert_eq!(a.to_apply[0].seq, 6);
@@ -218,6 +294,37 @@ mod tests {
                 .len(),
             10
         );
-        assert!(s.on_hello(PROTOCOL_VERSION, 0).is_err(), "second hello");
+        assert!(
+            s.on_hello(PROTOCOL_VERSION, hello, stored).is_err(),
+            "second hello"
+        );
+    }
+
+    #[test]
+    fn a_store_behind_its_own_acknowledgements_is_a_regression() {
+        let hello = HelloInfo {
+            incarnation: 7,
+            next_seq: 300,
+            acked: 250,
+        };
+        let behind = StoredCursor {
+            seq: 200,
+            incarnation: Some(7),
+        };
+        assert_eq!(
+            regression(behind, hello),
+            Some(Regression { from: 201, to: 250 })
+        );
+        // Another outbox's cursor says nothing about this one.
+        let other = StoredCursor {
+            seq: 200,
+            incarnation: Some(8),
+        };
+        assert_eq!(regression(other, hello), None);
+        let fine = StoredCursor {
+            seq: 250,
+            incarnation: Some(7),
+        };
+        assert_eq!(regression(fine, hello), None);
     }
 }

@@ -11,6 +11,7 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use crate::protocol::server::StoredCursor;
 use crate::protocol::Record;
 
 /// Largest `limit` accepted by [`Store::records`].
@@ -94,6 +95,11 @@ pub struct NodeSummary {
     pub records: u64,
     /// When the cursor last moved (ms since epoch).
     pub last_update_ms: u64,
+    /// The node's outbox incarnation the cursor belongs to.
+    pub incarnation: Option<u64>,
+    /// Records this store acknowledged and later lost (restored from a
+    /// backup), summed over every recorded gap.
+    pub lost_records: u64,
 }
 
 /// Storage for applied records and per-node cursors. Methods block: call them
@@ -102,15 +108,20 @@ pub trait Store: Send + Sync + 'static {
     /// Applies records (ascending by seq) for `node` in one transaction:
     /// inserts those above the cursor, advances the cursor to
     /// `max(cursor, last_seq)`, commits. `now_ms` stamps `received_ms`.
+    /// `incarnation` (the edge outbox's) is recorded with the cursor.
     fn apply(
         &self,
         node: &str,
+        incarnation: u64,
         records: &[Record],
         last_seq: u64,
         now_ms: u64,
     ) -> Result<ApplyOutcome, StoreError>;
-    /// Highest seq applied for `node` (0 if none).
-    fn cursor(&self, node: &str) -> Result<u64, StoreError>;
+    /// Highest seq applied for `node` (0 if none) and its incarnation.
+    fn cursor(&self, node: &str) -> Result<StoredCursor, StoreError>;
+    /// Records that `from..=to` of `node` were acknowledged and are gone
+    /// (the store was restored from a backup): the loss is kept, not hidden.
+    fn record_gap(&self, node: &str, from: u64, to: u64, now_ms: u64) -> Result<(), StoreError>;
     /// Records matching `query`, ascending by seq.
     fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError>;
     /// All known nodes.

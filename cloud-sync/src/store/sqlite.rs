@@ -8,6 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     ApplyOutcome, NodeSummary, RecordQuery, Store, StoreError, StoredRecord, MAX_QUERY_LIMIT,
 };
+use crate::protocol::server::StoredCursor;
 use crate::protocol::Record;
 
 const SCHEMA: &str = "
@@ -25,7 +26,25 @@ CREATE TABLE IF NOT EXISTS cursors (
     seq INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
+-- Acknowledged records a node's store lost (a restore from backup).
+CREATE TABLE IF NOT EXISTS gaps (
+    node TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    detected_ms INTEGER NOT NULL
+);
 ";
+
+/// Additive migrations for files made by older versions.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_incarnation: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'incarnation'")?
+        .exists([])?;
+    if !has_incarnation {
+        conn.execute_batch("ALTER TABLE cursors ADD COLUMN incarnation INTEGER")?;
+    }
+    Ok(())
+}
 
 /// SQLite-backed [`Store`]. One writer connection and one reader connection
 /// (WAL lets queries run while a batch is being applied).
@@ -72,6 +91,7 @@ impl SqliteStore {
             )
             .map_err(open_err)?;
         writer.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&writer).map_err(open_err)?;
         let reader = Connection::open(path.as_ref()).map_err(open_err)?;
         reader
             .execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
@@ -100,10 +120,18 @@ fn q_err<'a>(
     }
 }
 
-fn read_cursor(conn: &Connection, node: &str) -> Result<u64, StoreError> {
-    conn.prepare_cached("SELECT seq FROM cursors WHERE node = ?1")
-        .and_then(|mut st| st.query_row([node], |r| r.get::<_, i64>(0)).optional())
-        .map(|v| v.map(from_sql).unwrap_or(0))
+fn read_cursor(conn: &Connection, node: &str) -> Result<StoredCursor, StoreError> {
+    conn.prepare_cached("SELECT seq, incarnation FROM cursors WHERE node = ?1")
+        .and_then(|mut st| {
+            st.query_row([node], |r| {
+                Ok(StoredCursor {
+                    seq: from_sql(r.get(0)?),
+                    incarnation: r.get::<_, Option<i64>>(1)?.map(from_sql),
+                })
+            })
+            .optional()
+        })
+        .map(Option::unwrap_or_default)
         .map_err(q_err("read cursor", Some(node)))
 }
 
@@ -111,6 +139,7 @@ impl Store for SqliteStore {
     fn apply(
         &self,
         node: &str,
+        incarnation: u64,
         records: &[Record],
         last_seq: u64,
         now_ms: u64,
@@ -118,7 +147,8 @@ impl Store for SqliteStore {
         let mut conn = lock(&self.writer)?;
         let err = |op| q_err(op, Some(node));
         let tx = conn.transaction().map_err(err("begin"))?;
-        let cursor = read_cursor(&tx, node)?;
+        let stored = read_cursor(&tx, node)?;
+        let cursor = stored.seq;
         let mut inserted = 0;
         let mut skipped = 0;
         {
@@ -151,12 +181,20 @@ impl Store for SqliteStore {
             }
         }
         let new_cursor = cursor.max(last_seq);
-        if new_cursor != cursor || inserted > 0 {
+        if new_cursor != cursor || inserted > 0 || stored.incarnation != Some(incarnation) {
             tx.prepare_cached(
-                "INSERT INTO cursors (node, seq, updated_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT(node) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms",
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(node) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms, \
+                 incarnation = excluded.incarnation",
             )
-            .and_then(|mut st| st.execute(params![node, to_sql(new_cursor), to_sql(now_ms)]))
+            .and_then(|mut st| {
+                st.execute(params![
+                    node,
+                    to_sql(new_cursor),
+                    to_sql(now_ms),
+                    to_sql(incarnation)
+                ])
+            })
             .map_err(err("advance cursor"))?;
         }
         tx.commit().map_err(err("commit"))?;
@@ -167,9 +205,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn cursor(&self, node: &str) -> Result<u64, StoreError> {
+    fn cursor(&self, node: &str) -> Result<StoredCursor, StoreError> {
         let conn = lock(&self.writer)?;
         read_cursor(&conn, node)
+    }
+
+    fn record_gap(&self, node: &str, from: u64, to: u64, now_ms: u64) -> Result<(), StoreError> {
+        let conn = lock(&self.writer)?;
+        conn.execute(
+            "INSERT INTO gaps (node, first_seq, last_seq, detected_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![node, to_sql(from), to_sql(to), to_sql(now_ms)],
+        )
+        .map(drop)
+        .map_err(q_err("record gap", Some(node)))
     }
 
     fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError> {
@@ -211,7 +259,8 @@ impl Store for SqliteStore {
     fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError> {
         let conn = lock(&self.reader)?;
         conn.prepare_cached(
-            "SELECT c.node, c.seq, c.updated_ms, (SELECT COUNT(*) FROM records r WHERE r.node = c.node) \
+            "SELECT c.node, c.seq, c.updated_ms, (SELECT COUNT(*) FROM records r WHERE r.node = c.node), \
+             c.incarnation, (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0) FROM gaps g WHERE g.node = c.node) \
              FROM cursors c ORDER BY c.node",
         )
         .and_then(|mut st| {
@@ -221,6 +270,8 @@ impl Store for SqliteStore {
                     cursor: from_sql(r.get(1)?),
                     last_update_ms: from_sql(r.get(2)?),
                     records: from_sql(r.get(3)?),
+                    incarnation: r.get::<_, Option<i64>>(4)?.map(from_sql),
+                    lost_records: from_sql(r.get(5)?),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()
@@ -258,25 +309,35 @@ mod tests {
     fn apply_is_idempotent_and_overlaps_are_skipped() {
         let (_d, s) = store();
         let recs = sample_readings(30, 3, 7);
-        assert_eq!(s.cursor("n1").unwrap(), 0);
-        let a = s.apply("n1", &recs[..10], 10, 1).unwrap();
+        assert_eq!(s.cursor("n1").unwrap().seq, 0);
+        let a = s.apply("n1", 9, &recs[..10], 10, 1).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (10, 10, 0));
         // Same batch again: nothing inserted.
-        let a = s.apply("n1", &recs[..10], 10, 2).unwrap();
+        let a = s.apply("n1", 9, &recs[..10], 10, 2).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (10, 0, 10));
         // Overlapping batch 6..=20: only 11..=20 inserted.
-        let a = s.apply("n1", &recs[5..20], 20, 3).unwrap();
+        let a = s.apply("n1", 9, &recs[5..20], 20, 3).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (20, 10, 5));
         assert_eq!(all(&s, "n1"), (1..=20).collect::<Vec<_>>());
         // Other nodes are independent.
-        assert_eq!(s.cursor("n2").unwrap(), 0);
-        assert_eq!(s.apply("n2", &recs[..3], 3, 4).unwrap().inserted, 3);
+        assert_eq!(s.cursor("n2").unwrap().seq, 0);
+        assert_eq!(s.apply("n2", 9, &recs[..3], 3, 4).unwrap().inserted, 3);
         let nodes = s.nodes().unwrap();
         assert_eq!(nodes.len(), 2);
         assert_eq!(
             (nodes[0].node.as_str(), nodes[0].cursor, nodes[0].records),
             ("n1", 20, 20)
         );
+        assert_eq!(nodes[0].incarnation, Some(9));
+        assert_eq!(
+            s.cursor("n1").unwrap(),
+            StoredCursor {
+                seq: 20,
+                incarnation: Some(9)
+            }
+        );
+        s.record_gap("n1", 11, 20, 5).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].lost_records, 10);
     }
 
     #[test]
@@ -286,8 +347,8 @@ mod tests {
         let recs = sample_readings(10, 2, 1);
         {
             let s = SqliteStore::open(&path).unwrap();
-            s.apply("n1", &recs[..4], 4, 1).unwrap();
-            assert_eq!(s.cursor("n1").unwrap(), 4);
+            s.apply("n1", 9, &recs[..4], 4, 1).unwrap();
+            assert_eq!(s.cursor("n1").unwrap().seq, 4);
             // Reading does not move it.
             let _ = s.records(&RecordQuery {
                 node: "n1".into(),
@@ -295,15 +356,15 @@ mod tests {
                 after_seq: 0,
                 limit: 10,
             });
-            assert_eq!(s.cursor("n1").unwrap(), 4);
+            assert_eq!(s.cursor("n1").unwrap().seq, 4);
         }
         let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.cursor("n1").unwrap(), 4);
+        assert_eq!(s.cursor("n1").unwrap().seq, 4);
         // A batch whose records were all skipped can still advance the cursor
         // over a gap (seqs are not dense).
-        let a = s.apply("n1", &[], 7, 2).unwrap();
+        let a = s.apply("n1", 9, &[], 7, 2).unwrap();
         assert_eq!(a.cursor, 7);
-        let a = s.apply("n1", &recs[4..], 10, 3).unwrap();
+        let a = s.apply("n1", 9, &recs[4..], 10, 3).unwrap();
         assert_eq!((a.inserted, a.skipped), (3, 3));
     }
 
@@ -311,7 +372,7 @@ mod tests {
     fn records_query_filters_by_stream_after_and_limit() {
         let (_d, s) = store();
         let recs = sample_readings(20, 2, 3); // streams sensors/s0, sensors/s1 alternating
-        s.apply("n1", &recs, 20, 9).unwrap();
+        s.apply("n1", 9, &recs, 20, 9).unwrap();
         let q = |stream: Option<&str>, after_seq, limit| {
             s.records(&RecordQuery {
                 node: "n1".into(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::protocol::batch::{encode_batch, DEFAULT_ZSTD_LEVEL};
 use crate::protocol::frame::ErrorCode;
+use crate::protocol::server::HelloInfo;
 use crate::protocol::{Frame, Record, PROTOCOL_VERSION};
 
 use super::framed::{write_frame, FrameReader};
@@ -35,6 +36,8 @@ pub struct Link {
     pub node_id: String,
     /// Highest seq the aggregator has durably applied for us.
     pub cursor: u64,
+    /// The outbox incarnation that cursor belongs to (0: none recorded).
+    pub incarnation: u64,
     /// Sends batches.
     pub sender: LinkSender,
     /// Reads acknowledgements.
@@ -79,12 +82,14 @@ impl UplinkClient {
     }
 
     /// Connects to the aggregator at `addr` (certificate must be valid for
-    /// `server_name`), sends Hello and waits for Welcome, all within `timeout`.
+    /// `server_name`), sends Hello describing the outbox, and waits for
+    /// Welcome, all within `timeout`.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         server_name: &str,
         timeout: Duration,
+        outbox: HelloInfo,
     ) -> Result<Link, TransportError> {
         let server = addr.to_string();
         let handshake = async {
@@ -108,14 +113,22 @@ impl UplinkClient {
                 &Frame::Hello {
                     protocol_version: PROTOCOL_VERSION,
                     agent: format!("fogline-edge/{}", env!("CARGO_PKG_VERSION")),
+                    incarnation: outbox.incarnation,
+                    next_seq: outbox.next_seq,
+                    acked: outbox.acked,
                 },
             )
             .await?;
             let mut reader = FrameReader::new(recv);
             match reader.next().await? {
-                Frame::Welcome { node_id, cursor } => Ok(Link {
+                Frame::Welcome {
                     node_id,
                     cursor,
+                    incarnation,
+                } => Ok(Link {
+                    node_id,
+                    cursor,
+                    incarnation,
                     sender: LinkSender {
                         conn,
                         send,
@@ -143,6 +156,12 @@ impl UplinkClient {
 }
 
 impl LinkSender {
+    /// Resumes sending after `seq` (the outbox was renumbered above the
+    /// cursor, so nothing at or below it will be sent).
+    pub fn resume_after(&mut self, seq: u64) {
+        self.last_sent = seq;
+    }
+
     /// Encodes `records` (strictly ascending, all above what was sent
     /// before) as one batch and writes it. Returns once the bytes are handed
     /// to QUIC, not when they are acknowledged.

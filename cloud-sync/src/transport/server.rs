@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::protocol::batch::decode_batch;
 use crate::protocol::frame::ErrorCode;
-use crate::protocol::server::{ReceiverSession, SessionError};
+use crate::protocol::server::{regression, HelloInfo, ReceiverSession, SessionError};
 use crate::protocol::{Frame, Record};
 use crate::store::{Store, StoreError};
 
@@ -237,18 +237,37 @@ async fn run_session(
     let Frame::Hello {
         protocol_version,
         agent,
+        incarnation,
+        next_seq,
+        acked,
     } = hello
     else {
         session.on_other(&hello)?;
         return Ok(());
     };
-    let cursor = {
+    let info = HelloInfo {
+        incarnation,
+        next_seq,
+        acked,
+    };
+    let stored = {
         let (store, node) = (store.clone(), node.to_string());
         tokio::task::spawn_blocking(move || store.cursor(&node)).await??
     };
-    let welcome = session.on_hello(protocol_version, cursor)?;
+    let welcome = session.on_hello(protocol_version, info, stored)?;
+    if let Some(r) = regression(stored, info) {
+        // The store forgot records it acknowledged to this very outbox (a
+        // restore from backup). The edge deleted them: they cannot come back.
+        // Keep the loss on record and go on (ARCHITECTURE.md I-9).
+        metrics::counter!("fogline_cloud_cursor_regressions_total").increment(1);
+        metrics::counter!("fogline_cloud_records_lost_total").increment(r.to - r.from + 1);
+        tracing::error!(node, from = r.from, to = r.to, cursor = stored.seq, acknowledged = acked, "The store is behind what it acknowledged to this node (restored from a backup?): records {}..={} are lost; recorded as a gap.", r.from, r.to);
+        let (store, node) = (store.clone(), node.to_string());
+        let now = crate::clock::now_ms();
+        tokio::task::spawn_blocking(move || store.record_gap(&node, r.from, r.to, now)).await??;
+    }
     write_frame(&mut send, &welcome).await?;
-    debug!(node, %agent, cursor, "Sent Welcome.");
+    debug!(node, %agent, cursor = stored.seq, incarnation, "Sent Welcome.");
 
     loop {
         let first = reader.next().await?;
@@ -275,7 +294,11 @@ async fn run_session(
         let outcome = {
             let (store, node) = (store.clone(), node.to_string());
             let now = crate::clock::now_ms();
-            tokio::task::spawn_blocking(move || store.apply(&node, &group, last_seq, now)).await??
+            let incarnation = session.incarnation();
+            tokio::task::spawn_blocking(move || {
+                store.apply(&node, incarnation, &group, last_seq, now)
+            })
+            .await??
         };
         metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fogline_cloud_records_applied_total").increment(outcome.inserted as u64);

@@ -1,4 +1,4 @@
-//! Command-line commands: run, status, check, test-module.
+//! Command-line commands: run, status, check, test-module, passwd.
 
 mod check;
 mod status;
@@ -53,7 +53,26 @@ enum Command {
         /// The function's own settings (a TOML table), as in `[functions.x.config]`.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Memory cap per instance, MiB (as `memory_mib` in the config).
+        #[arg(long, default_value_t = 64)]
+        memory_mib: usize,
+        /// Deadline per call (as `timeout` in the config), e.g. `1s`, `500ms`.
+        #[arg(long, default_value = "1s")]
+        timeout: humantime::Duration,
     },
+    /// Hash a password for `[[broker.users]] password_hash`. Reads the
+    /// password from standard input (first line), prints the hash.
+    Passwd,
+}
+
+impl Cli {
+    /// The config file of `run`, if that is the command.
+    pub fn run_config(&self) -> Option<&std::path::Path> {
+        match &self.command {
+            Command::Run { config } => Some(config),
+            _ => None,
+        }
+    }
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -65,8 +84,32 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             module,
             input,
             config,
-        } => test_module::run(&module, &input, config.as_deref()),
+            memory_mib,
+            timeout,
+        } => test_module::run(&module, &input, config.as_deref(), memory_mib, timeout.into()),
+        Command::Passwd => passwd(),
     }
+}
+
+fn passwd() -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        eprintln!("Password (it is echoed; pipe it in to avoid that):");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    let hash = fogline_edge::ingest::endpoint::auth::hash_password(password)
+        .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
+    println!("{hash}");
+    eprintln!("Put it in edge.toml:\n  [[broker.users]]\n  name = \"...\"\n  password_hash = \"{hash}\"");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {

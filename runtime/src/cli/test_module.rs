@@ -7,8 +7,10 @@ use anyhow::{bail, Context};
 use fogline_edge::functions::{FunctionInstance, FunctionRuntime, Limits, RuntimeOptions};
 use fogline_edge::message::Message;
 
-fn parse_samples(text: &str) -> Vec<Message> {
+/// Samples and the file line each came from (blank lines are skipped).
+fn parse_samples(text: &str) -> (Vec<Message>, Vec<usize>) {
     let mut out = Vec::new();
+    let mut lines = Vec::new();
     let base = fogline_edge::clock::now_ms();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -36,8 +38,9 @@ fn parse_samples(text: &str) -> Vec<Message> {
             }
         };
         out.push(msg);
+        lines.push(i + 1);
     }
-    out
+    (out, lines)
 }
 
 fn print(m: &Message) {
@@ -50,10 +53,19 @@ fn print(m: &Message) {
     );
 }
 
-pub fn run(module: &Path, input: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    module: &Path,
+    input: &Path,
+    config: Option<&Path>,
+    memory_mib: usize,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(input)
         .with_context(|| format!("cannot read samples {}", input.display()))?;
-    let samples = parse_samples(&text);
+    let (samples, lines) = parse_samples(&text);
+    if memory_mib == 0 || memory_mib > 4096 {
+        bail!("--memory-mib {memory_mib} is outside 1..=4096");
+    }
     let config_json = match config {
         Some(p) => {
             let t = std::fs::read_to_string(p)
@@ -70,16 +82,22 @@ pub fn run(module: &Path, input: &Path, config: Option<&Path>) -> anyhow::Result
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "module".into());
-    let mut f = FunctionInstance::new(&rt, &m, &name, &config_json, Limits::default())?;
+    let limits = Limits {
+        memory_bytes: memory_mib << 20,
+        call_timeout: timeout,
+        ..Limits::default()
+    };
+    let mut f = FunctionInstance::new(&rt, &m, &name, &config_json, limits)?;
     let out = f.process(&samples)?;
     for m in &out.messages {
         print(m);
     }
     for r in &out.rejected {
         eprintln!(
-            "rejected input {} (line of sample {}): {}",
+            "rejected input {} ({} line {}): {}",
             r.index,
-            r.index + 1,
+            input.display(),
+            lines.get(r.index).copied().unwrap_or(0),
             r.error
         );
     }

@@ -35,12 +35,19 @@ pub(super) fn reconnect_max() -> Duration {
 pub(super) fn connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
+pub(super) fn broker_tls_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 8883))
+}
+pub(super) fn yes() -> bool {
+    true
+}
 
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             id: "edge".to_string(),
             data_dir: PathBuf::from("fogline-data"),
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -48,7 +55,10 @@ impl Default for NodeConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
+            enabled: None,
             broker: MQTT_BROKER.to_string(),
+            protocol: MqttProtocol::V5,
+            qos: 2,
             client_id: None,
             username: None,
             password: None,
@@ -56,6 +66,7 @@ impl Default for MqttConfig {
             receive_maximum: 4096,
             max_payload_bytes: 256 * 1024,
             session_expiry: Duration::from_secs(7 * 24 * 3600),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -64,9 +75,46 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             embedded: false,
-            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 1883)),
-            listen_v5: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 1884)),
-            max_payload_bytes: 1024 * 1024,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 1883)),
+            listen_v5: None,
+            plaintext: true,
+            max_payload_bytes: 256 * 1024,
+            max_packet_bytes: None,
+            max_topic_bytes: fogline_cloud::protocol::MAX_STREAM_NAME_BYTES,
+            receive_maximum: 1024,
+            max_connections: 1000,
+            max_sessions: 10_000,
+            max_keep_alive: Duration::from_secs(300),
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            connect_timeout: Duration::from_secs(10),
+            allow_anonymous: None,
+            users: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            stall_after: Duration::from_secs(30),
         }
     }
 }
@@ -77,6 +125,7 @@ impl Default for OutboxConfig {
             path: None,
             sync: SyncMode::Full,
             max_batch: 8192,
+            max_batch_bytes: 4 << 20,
             tick_interval: Duration::from_secs(1),
         }
     }

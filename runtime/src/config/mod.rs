@@ -52,12 +52,18 @@ pub struct EdgeConfig {
     /// `[node]`: identity and where data lives.
     #[serde(default)]
     pub node: NodeConfig,
-    /// `[mqtt]`: the broker ingest subscribes to.
+    /// `[log]`: log format and level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[mqtt]`: the external broker ingest subscribes to.
     #[serde(default)]
     pub mqtt: MqttConfig,
-    /// `[broker]`: the optional embedded MQTT broker.
+    /// `[broker]`: the native MQTT endpoint sensors publish to.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// `[ingest]`: what is shared by both ways in.
+    #[serde(default)]
+    pub ingest: IngestConfig,
     /// `[functions.<name>]`: WASM functions by name.
     #[serde(default)]
     pub functions: BTreeMap<String, FunctionConfig>,
@@ -73,6 +79,9 @@ pub struct EdgeConfig {
     /// `[metrics]`: the Prometheus / status HTTP endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[health]`: when `/healthz` calls the daemon wedged.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Directory the config file was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -87,14 +96,58 @@ pub struct NodeConfig {
     pub id: String,
     /// Where the outbox and the compiled-module cache live.
     pub data_dir: PathBuf,
+    /// On SIGTERM, how long to wait for the pipeline to commit what it took
+    /// (a full disk can make a commit wait forever). Past it the daemon
+    /// exits anyway; nothing uncommitted was acknowledged.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
-/// `[mqtt]`
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; colours only when writing to a terminal.
+    Text,
+    /// One JSON object per line (Loki, Elasticsearch, journald's JSON tooling).
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Default filter (`RUST_LOG` overrides), e.g. `info` or `info,fogline_edge::ingest=debug`.
+    pub level: String,
+}
+
+/// MQTT protocol version the broker client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (receive maximum, reason codes). Default.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1, for brokers without MQTT 5.
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// `[mqtt]`: an external broker (mosquitto and friends) ingest subscribes to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
+    /// Subscribe to an external broker. Default: yes, unless `[broker]
+    /// embedded = true` and `broker` is left at its default.
+    pub enabled: Option<bool>,
     /// `host:port` of the broker.
     pub broker: String,
+    /// `"5"` (default) or `"3.1.1"`.
+    pub protocol: MqttProtocol,
+    /// Subscription QoS: 2 (default) keeps publishers' QoS 2 exactly-once;
+    /// QoS 1 publications still arrive at QoS 1.
+    pub qos: u8,
     /// MQTT client id; the persistent session is keyed by it. Default `fogline-<node.id>`.
     pub client_id: Option<String>,
     /// Optional credentials.
@@ -113,21 +166,115 @@ pub struct MqttConfig {
     /// Session expiry the broker keeps our subscriptions and queued messages for.
     #[serde(with = "humantime_serde")]
     pub session_expiry: Duration,
+    /// Deadline for TCP connect + CONNACK.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
 }
 
-/// `[broker]`: an MQTT broker inside the daemon, so sensors can publish
-/// straight to the gateway with nothing else installed.
+/// `[broker]`: the native MQTT endpoint. Sensors publish straight to the
+/// gateway (MQTT 3.1.1 and 5, QoS 0/1/2); a PUBACK or PUBREC is sent only
+/// once the outbox commit holding the message's outputs is durable.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Run the embedded broker. Ingest then connects to it unless `[mqtt] broker` says otherwise.
+    /// Run the endpoint. (The key keeps its old name: it used to start an
+    /// embedded broker.)
     pub embedded: bool,
-    /// Where the embedded broker listens for MQTT 3.1.1 clients (most sensors).
+    /// Plain-TCP listener for MQTT 3.1.1 and 5 clients. Loopback by default:
+    /// expose it to the LAN knowingly (with users, or TLS).
     pub listen: SocketAddr,
-    /// Where it listens for MQTT 5 clients; ingest connects here.
-    pub listen_v5: SocketAddr,
-    /// Largest payload it accepts.
+    /// Deprecated: a second plain listener (it used to be the embedded
+    /// broker's MQTT 5 port). Both versions are served on `listen` now.
+    pub listen_v5: Option<SocketAddr>,
+    /// Serve plain TCP on `listen`. Set false to accept TLS only.
+    pub plaintext: bool,
+    /// Larger payloads are refused (MQTT 5: reason 0x97) and dead-lettered
+    /// with their first KiB.
     pub max_payload_bytes: usize,
+    /// Larger packets close the connection (MQTT 5: DISCONNECT 0x95 Packet
+    /// too large, announced in CONNACK). Default: `max_payload_bytes` + 64 KiB.
+    pub max_packet_bytes: Option<usize>,
+    /// Longer topic names are refused (MQTT 5: 0x90) and dead-lettered. At
+    /// most the replication protocol's stream-name limit (1024).
+    pub max_topic_bytes: usize,
+    /// QoS 1/2 messages a client may have unacknowledged (MQTT 5 Receive
+    /// Maximum; MQTT 3.1.1 clients are simply not read beyond it). Acks wait
+    /// for the outbox commit, so this window is what keeps throughput up.
+    pub receive_maximum: u16,
+    /// Most simultaneous connections; more are refused (0x97 / 3).
+    pub max_connections: usize,
+    /// Most sessions kept (connected or persistent); more are refused.
+    pub max_sessions: usize,
+    /// Longest keep-alive granted (MQTT 5 clients asking for more, or for
+    /// none, are told this via Server Keep Alive).
+    #[serde(with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// Longest a persistent session is kept after its client disconnects
+    /// (MQTT 3.1.1 clean session 0 sessions get exactly this).
+    #[serde(with = "humantime_serde")]
+    pub max_session_expiry: Duration,
+    /// Deadline from TCP accept (and TLS handshake) to CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Accept clients without credentials or client certificate. Default:
+    /// true when no `[[broker.users]]` and no `tls.client_ca` are set.
+    pub allow_anonymous: Option<bool>,
+    /// `[[broker.users]]`: who may connect with a user name and password.
+    pub users: Vec<BrokerUser>,
+    /// `[broker.tls]`: a TLS listener.
+    pub tls: Option<BrokerTls>,
+}
+
+/// `[[broker.users]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    /// User name.
+    pub name: String,
+    /// PHC string of the password's Argon2 hash: `fogline-edge passwd` makes
+    /// one. Never the password itself.
+    pub password_hash: String,
+}
+
+/// `[broker.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTls {
+    /// TLS listener address.
+    #[serde(default = "defaults::broker_tls_listen")]
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA for client certificates (PEM). Set: clients present a certificate
+    /// from it (unless `require_client_cert = false`), and its CN is their
+    /// identity.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate from `client_ca`. Default true.
+    #[serde(default = "defaults::yes")]
+    pub require_client_cert: bool,
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Byte budget of everything received and not yet committed (both ways
+    /// in). When it is spent, sockets are not read: backpressure reaches the
+    /// senders instead of memory growing.
+    pub max_pending_bytes: usize,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `/healthz` answers 503 when work is pending and the pipeline (or a
+    /// connected uplink) made no progress for this long.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
 }
 
 /// `[functions.<name>]`
@@ -181,6 +328,8 @@ pub struct OutboxConfig {
     pub sync: SyncMode,
     /// Most messages the pipeline takes into one batch (one commit).
     pub max_batch: usize,
+    /// Most bytes (topics + payloads) the pipeline takes into one batch.
+    pub max_batch_bytes: usize,
     /// How often functions' `tick` is called.
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,
@@ -296,15 +445,35 @@ impl EdgeConfig {
             .unwrap_or_else(|| format!("fogline-{}", self.node.id))
     }
 
-    /// The broker ingest connects to: the embedded one's address when it runs
-    /// and `[mqtt] broker` was left at its default.
+    /// Whether ingest subscribes to an external broker.
+    pub fn external_broker_enabled(&self) -> bool {
+        self.mqtt
+            .enabled
+            .unwrap_or(!self.broker.embedded || self.mqtt.broker != defaults::MQTT_BROKER)
+    }
+
+    /// The external broker's address.
     pub fn ingest_broker(&self) -> String {
-        if self.broker.embedded && self.mqtt.broker == defaults::MQTT_BROKER {
-            let port = self.broker.listen_v5.port();
-            format!("127.0.0.1:{port}")
-        } else {
-            self.mqtt.broker.clone()
-        }
+        self.mqtt.broker.clone()
+    }
+
+    /// The native endpoint's largest packet.
+    pub fn broker_max_packet(&self) -> usize {
+        self.broker
+            .max_packet_bytes
+            .unwrap_or(self.broker.max_payload_bytes.saturating_add(64 * 1024))
+    }
+
+    /// Whether the native endpoint accepts clients without credentials.
+    pub fn broker_allows_anonymous(&self) -> bool {
+        self.broker.allow_anonymous.unwrap_or(
+            self.broker.users.is_empty()
+                && self
+                    .broker
+                    .tls
+                    .as_ref()
+                    .is_none_or(|t| t.client_ca.is_none()),
+        )
     }
 
     /// Every topic filter any pipeline subscribes to, deduplicated.

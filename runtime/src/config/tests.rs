@@ -68,11 +68,68 @@ fn validation_reports_every_problem_at_once() {
 }
 
 #[test]
-fn embedded_broker_becomes_the_ingest_broker() {
+fn the_embedded_keys_of_older_configs_still_work() {
+    // Tools outside this repo write these keys: they keep their meaning.
     let c = EdgeConfig::parse(
-        "[broker]\nembedded = true\nlisten_v5 = \"0.0.0.0:18830\"\n",
+        "[broker]\nembedded = true\nlisten = \"0.0.0.0:18830\"\nlisten_v5 = \"0.0.0.0:18831\"\n\
+         [[pipelines]]\nname = \"p\"\ntopics = [\"#\"]\nfunctions = []\n",
         Path::new("."),
     )
     .unwrap();
-    assert_eq!(c.ingest_broker(), "127.0.0.1:18830");
+    c.validate().unwrap();
+    assert_eq!(c.broker.listen.port(), 18830);
+    assert_eq!(c.broker.listen_v5.map(|a| a.port()), Some(18831));
+    assert!(c.pipelines[0].functions.is_empty(), "no functions: pass unchanged");
+    assert!(
+        !c.external_broker_enabled(),
+        "the endpoint feeds the pipeline directly; no broker to subscribe to"
+    );
+    let c = EdgeConfig::parse(
+        "[broker]\nembedded = true\n[mqtt]\nbroker = \"10.0.0.5:1883\"\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert!(c.external_broker_enabled(), "both ways in when asked");
+}
+
+#[test]
+fn the_endpoint_binds_loopback_and_allows_anonymous_only_without_users() {
+    let c = EdgeConfig::parse("", Path::new(".")).unwrap();
+    assert!(c.broker.listen.ip().is_loopback());
+    assert!(c.broker_allows_anonymous());
+    let hash = crate::ingest::endpoint::auth::hash_password("pw").unwrap();
+    let c = EdgeConfig::parse(
+        &format!("[[broker.users]]\nname = \"s1\"\npassword_hash = \"{hash}\"\n"),
+        Path::new("."),
+    )
+    .unwrap();
+    assert!(!c.broker_allows_anonymous());
+}
+
+#[test]
+fn limits_are_checked_against_the_replication_protocol() {
+    let text = r#"
+        [broker]
+        embedded = true
+        max_topic_bytes = 4096
+        max_payload_bytes = 20000000
+        [[broker.users]]
+        name = "s1"
+        password_hash = "hunter2"
+        [mqtt]
+        qos = 0
+        [[pipelines]]
+        name = "p"
+        topics = ["a/#"]
+    "#;
+    let c = EdgeConfig::parse(text, Path::new(".")).unwrap();
+    let p = c.validate().unwrap_err().to_string();
+    for needle in [
+        "broker.max_topic_bytes: 4096 is outside 1..=1024",
+        "broker.max_payload_bytes: 20000000 is above 8388608",
+        "broker.users[0].password_hash (s1): not a password hash",
+        "mqtt.qos: 0 is not 1 or 2",
+    ] {
+        assert!(p.contains(needle), "missing {needle:?} in:\n{p}");
+    }
 }

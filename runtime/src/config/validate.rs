@@ -5,6 +5,7 @@ use std::fmt;
 
 use super::EdgeConfig;
 use crate::ingest::topic::validate_filter;
+use fogline_cloud::protocol::{MAX_RECORD_PAYLOAD_BYTES, MAX_STREAM_NAME_BYTES};
 
 /// Every problem found in a config, one per line.
 #[derive(Debug, Clone, Default)]
@@ -39,8 +40,100 @@ impl EdgeConfig {
         if self.mqtt.receive_maximum == 0 {
             p.push("mqtt.receive_maximum: must be at least 1".to_string());
         }
-        if self.mqtt.max_payload_bytes == 0 {
-            p.push("mqtt.max_payload_bytes: must be at least 1".to_string());
+        let budget = self.ingest.max_pending_bytes;
+        if budget < 64 * 1024 {
+            p.push(format!(
+                "ingest.max_pending_bytes: {budget} is below the minimum of 65536"
+            ));
+        }
+        for (key, v) in [
+            ("mqtt.max_payload_bytes", self.mqtt.max_payload_bytes),
+            ("broker.max_payload_bytes", self.broker.max_payload_bytes),
+        ] {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
+            } else if v > MAX_RECORD_PAYLOAD_BYTES {
+                p.push(format!(
+                    "{key}: {v} is above {MAX_RECORD_PAYLOAD_BYTES}, the largest record the replication protocol carries"
+                ));
+            } else if v > budget / 2 {
+                p.push(format!(
+                    "{key}: {v} is more than half of ingest.max_pending_bytes ({budget}); raise the budget or lower the limit"
+                ));
+            }
+        }
+        if !matches!(self.mqtt.qos, 1 | 2) {
+            p.push(format!("mqtt.qos: {} is not 1 or 2", self.mqtt.qos));
+        }
+        let b = &self.broker;
+        if b.max_topic_bytes == 0 || b.max_topic_bytes > MAX_STREAM_NAME_BYTES {
+            p.push(format!(
+                "broker.max_topic_bytes: {} is outside 1..={MAX_STREAM_NAME_BYTES} (the replication protocol's stream-name limit)",
+                b.max_topic_bytes
+            ));
+        }
+        let max_packet = self.broker_max_packet();
+        if max_packet < b.max_payload_bytes.saturating_add(b.max_topic_bytes) {
+            p.push(format!(
+                "broker.max_packet_bytes: {max_packet} cannot hold a payload of broker.max_payload_bytes ({}) with a topic of broker.max_topic_bytes ({})",
+                b.max_payload_bytes, b.max_topic_bytes
+            ));
+        } else if max_packet > budget {
+            p.push(format!(
+                "broker.max_packet_bytes: {max_packet} is larger than ingest.max_pending_bytes ({budget})"
+            ));
+        }
+        if b.receive_maximum == 0 {
+            p.push("broker.receive_maximum: must be at least 1".to_string());
+        }
+        if b.max_connections == 0 {
+            p.push("broker.max_connections: must be at least 1".to_string());
+        }
+        if b.max_sessions == 0 {
+            p.push("broker.max_sessions: must be at least 1".to_string());
+        }
+        if b.embedded && !b.plaintext && b.tls.is_none() {
+            p.push(
+                "broker.plaintext: false leaves no listener; add [broker.tls] or set it true"
+                    .to_string(),
+            );
+        }
+        let mut users = BTreeSet::new();
+        for (i, u) in b.users.iter().enumerate() {
+            if u.name.is_empty() {
+                p.push(format!("broker.users[{i}].name: must not be empty"));
+            }
+            if !users.insert(u.name.as_str()) {
+                p.push(format!("broker.users[{i}].name: `{}` is used twice", u.name));
+            }
+            if let Err(e) = crate::ingest::endpoint::auth::check_hash(&u.password_hash) {
+                p.push(format!(
+                    "broker.users[{i}].password_hash ({}): {e}; make one with `fogline-edge passwd`",
+                    u.name
+                ));
+            }
+        }
+        if let Some(t) = &b.tls {
+            let mut files = vec![("cert", &t.cert), ("key", &t.key)];
+            if let Some(ca) = &t.client_ca {
+                files.push(("client_ca", ca));
+            }
+            for (key, path) in files {
+                let path = self.resolve(path);
+                if !path.is_file() {
+                    p.push(format!(
+                        "broker.tls.{key}: file {} does not exist",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        let has_client_ca = b.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if b.embedded && !self.broker_allows_anonymous() && b.users.is_empty() && !has_client_ca {
+            p.push(
+                "broker.allow_anonymous: false, but there are no [[broker.users]] and no broker.tls.client_ca: nobody could connect"
+                    .to_string(),
+            );
         }
         if self.pipelines.is_empty() {
             p.push("pipelines: at least one [[pipelines]] entry is needed".to_string());
@@ -91,6 +184,15 @@ impl EdgeConfig {
         if self.outbox.max_batch == 0 {
             p.push("outbox.max_batch: must be at least 1".to_string());
         }
+        if self.outbox.max_batch_bytes < 64 * 1024 {
+            p.push(format!(
+                "outbox.max_batch_bytes: {} is below the minimum of 65536",
+                self.outbox.max_batch_bytes
+            ));
+        }
+        if self.health.stall_after < std::time::Duration::from_secs(1) {
+            p.push("health.stall_after: must be at least 1s".to_string());
+        }
         if self.outbox.tick_interval.is_zero() {
             p.push("outbox.tick_interval: must be more than 0".to_string());
         }
@@ -109,6 +211,19 @@ impl EdgeConfig {
             }
             if u.batch_records == 0 {
                 p.push("uplink.batch_records: must be at least 1".to_string());
+            } else if u.batch_records > fogline_cloud::protocol::MAX_BATCH_RECORDS {
+                p.push(format!(
+                    "uplink.batch_records: {} is above the protocol's {} records per batch",
+                    u.batch_records,
+                    fogline_cloud::protocol::MAX_BATCH_RECORDS
+                ));
+            }
+            if u.batch_bytes > fogline_cloud::protocol::MAX_BATCH_RAW_BYTES / 2 {
+                p.push(format!(
+                    "uplink.batch_bytes: {} is above {}, half the protocol's batch limit",
+                    u.batch_bytes,
+                    fogline_cloud::protocol::MAX_BATCH_RAW_BYTES / 2
+                ));
             }
             if u.max_in_flight == 0 {
                 p.push("uplink.max_in_flight: must be at least 1".to_string());

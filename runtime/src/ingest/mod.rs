@@ -1,215 +1,281 @@
-//! Ingest: subscribes to the broker (MQTT v5, QoS 1, persistent session,
-//! manual acks) and hands every delivery to the pipeline.
+//! Ingest: MQTT in, two ways, into the pipeline.
 //!
-//! Invariant: a delivery is acknowledged to the broker only when the pipeline
-//! says the outbox commit holding everything derived from it is durable
-//! ([`AckSender`]). Acks go back on the connection the delivery came in on;
-//! deliveries from an older connection are not acked, because the broker
-//! resends them on the new one (same packet id, DUP set) and the pipeline's
-//! duplicate check turns the resend into an ack without reprocessing.
+//! - [`endpoint`]: the native MQTT endpoint sensors publish to (3.1.1 and 5,
+//!   QoS 0/1/2, TLS, users, persistent sessions).
+//! - [`broker_client`]: a subscriber to an external broker (mosquitto and
+//!   friends), on a non-overlapping cover of the pipelines' filters.
 //!
-//! Ingest knows nothing about functions, SQLite or QUIC.
+//! Both hand the pipeline [`Chunk`]s through an [`IngestSink`] — a queue
+//! bounded in *bytes*, so a burst of large payloads stops the sockets being
+//! read instead of filling memory — and get acknowledgements back on the
+//! [`AckRoute`] of the connection the packets came in on.
+//!
+//! **Invariants** (ARCHITECTURE.md I-1, I-4, I-5):
+//! - A PUBACK or PUBREC is sent only after the pipeline's commit holding the
+//!   message's outputs (and the sender's redelivery state) is durable.
+//! - Acknowledgements go back on the connection the packet arrived on, in
+//!   arrival order; a connection that is gone takes its pending
+//!   acknowledgements with it, they are never sent on another one.
+//! - Ingest knows nothing about functions, SQLite or QUIC.
 
-pub mod embedded_broker;
+pub mod broker_client;
+pub mod codec;
+pub mod endpoint;
+pub mod redelivery;
+pub mod session_store;
 pub mod topic;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use bytes::BytesMut;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::EdgeConfig;
+pub use codec::AckKind;
+use session_store::SessionUpdate;
 
-/// One MQTT delivery on its way to the pipeline.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The PUBLISH as received.
-    pub publish: Publish,
-    /// Which broker connection it arrived on.
-    pub connection: u64,
+/// Bytes counted for an item beyond its topic and payload (struct, queue slot).
+pub const ITEM_OVERHEAD: usize = 64;
+
+/// A message on its way to the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Topic name as received (the pipeline checks it is UTF-8 and within limits).
+    pub topic: Vec<u8>,
+    /// Payload.
+    pub payload: Vec<u8>,
     /// Gateway clock at arrival.
     pub received_ms: u64,
 }
 
-/// Acknowledges deliveries once their outputs are durable.
-#[derive(Clone)]
-pub struct AckSender {
-    tx: mpsc::UnboundedSender<Vec<Delivery>>,
+/// An acknowledgement to send once the commit holding its item is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// PUBACK, PUBREC or PUBCOMP.
+    pub kind: AckKind,
+    /// Packet identifier.
+    pub pkid: u16,
+    /// MQTT 5 reason code (0: success; the pipeline sets a refusal code when
+    /// it dead-letters the message and the route can carry one).
+    pub reason: u8,
 }
 
-impl AckSender {
-    /// Acknowledge these deliveries to the broker. Call only after the outbox
-    /// commit that holds their outputs returned.
-    pub fn ack(&self, deliveries: Vec<Delivery>) {
-        if !deliveries.is_empty() {
-            // Err only when ingest has stopped; the broker then redelivers.
-            let _ = self.tx.send(deliveries);
-        }
+/// One unit of work for the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// A message to process (`None`: acknowledgement only, e.g. a resend).
+    pub message: Option<Received>,
+    /// What to send back after the commit.
+    pub ack: Option<Ack>,
+}
+
+/// One connection's way back for acknowledgements.
+#[derive(Debug)]
+pub struct AckRoute {
+    tx: mpsc::UnboundedSender<Vec<Ack>>,
+    /// The connection speaks MQTT 5 to a client: refusals are reported with
+    /// reason codes (≥ 0x80) instead of being acknowledged as success.
+    pub reports_refusals: bool,
+}
+
+impl AckRoute {
+    /// A route and the receiver its connection reads acknowledgements from.
+    /// Dropping the receiver (the connection ends) drops every later ack.
+    pub fn new(reports_refusals: bool) -> (Arc<Self>, mpsc::UnboundedReceiver<Vec<Ack>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Self {
+                tx,
+                reports_refusals,
+            }),
+            rx,
+        )
+    }
+
+    /// Hands acknowledgements to the connection. Returns false if it is gone
+    /// (they are dropped: the sender resends on its next connection).
+    pub fn send(&self, acks: Vec<Ack>) -> bool {
+        acks.is_empty() || self.tx.send(acks).is_ok()
     }
 }
 
-/// Live ingest state shared with status and metrics.
+/// Items from one connection, with the session changes they caused.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// In arrival order.
+    pub items: Vec<Item>,
+    /// Where their acknowledgements go.
+    pub route: Option<Arc<AckRoute>>,
+    /// Durable session changes, committed with the items.
+    pub session: Option<SessionUpdate>,
+    /// Payloads above this are refused and dead-lettered.
+    pub max_payload: usize,
+    bytes: usize,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Chunk {
+    /// An empty chunk for a connection.
+    pub fn new(route: Option<Arc<AckRoute>>, max_payload: usize) -> Self {
+        Self {
+            route,
+            max_payload,
+            ..Self::default()
+        }
+    }
+
+    /// Adds an item, counting its bytes.
+    pub fn push(&mut self, item: Item) {
+        if let Some(m) = &item.message {
+            self.bytes += m.topic.len() + m.payload.len();
+        }
+        self.bytes += ITEM_OVERHEAD;
+        self.items.push(item);
+    }
+
+    /// Bytes counted against the ingest budget.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.session.as_ref().is_none_or(SessionUpdate::is_empty)
+    }
+}
+
+/// The pipeline stopped: nothing more can be queued.
+#[derive(Debug, thiserror::Error)]
+#[error("the pipeline has stopped")]
+pub struct SinkClosed;
+
+/// Ingest's side of the queue into the pipeline, bounded in bytes.
+#[derive(Clone, Debug)]
+pub struct IngestSink {
+    tx: mpsc::UnboundedSender<Chunk>,
+    budget: Arc<Semaphore>,
+    capacity: usize,
+}
+
+/// Reads how full the ingest queue is.
+#[derive(Clone, Debug)]
+pub struct SinkMeter {
+    budget: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl SinkMeter {
+    /// Bytes queued and not yet committed.
+    pub fn pending_bytes(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.budget.available_permits())
+    }
+
+    /// The budget.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// The pipeline's side of the queue.
+pub type ChunkReceiver = mpsc::UnboundedReceiver<Chunk>;
+
+impl IngestSink {
+    /// A queue holding at most `max_bytes` of items.
+    pub fn new(max_bytes: usize) -> (Self, ChunkReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let capacity = max_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        (
+            Self {
+                tx,
+                budget: Arc::new(Semaphore::new(capacity)),
+                capacity,
+            },
+            rx,
+        )
+    }
+
+    /// Queues a chunk, first waiting until its bytes fit in the budget (a
+    /// chunk larger than the whole budget waits for all of it).
+    ///
+    /// # Cancel safety
+    /// Cancelling while waiting drops the chunk unqueued: nothing of it was
+    /// acknowledged, so its sender resends it.
+    pub async fn send(&self, mut chunk: Chunk) -> Result<(), SinkClosed> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let n = chunk.bytes.min(self.capacity) as u32;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| SinkClosed)?;
+        chunk.permit = Some(permit);
+        self.tx.send(chunk).map_err(|_| SinkClosed)
+    }
+
+    /// Bytes queued and not yet committed.
+    pub fn pending_bytes(&self) -> usize {
+        self.meter().pending_bytes()
+    }
+
+    /// A handle that reads the queue's fill without keeping it open.
+    pub fn meter(&self) -> SinkMeter {
+        SinkMeter {
+            budget: self.budget.clone(),
+            capacity: self.capacity,
+        }
+    }
+
+    /// Whether the pipeline still takes chunks.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Live state of both ways in, for `/status` and metrics.
 #[derive(Debug, Default)]
 pub struct IngestState {
-    /// Connected to the broker.
-    pub connected: AtomicBool,
-    /// Current broker connection number.
-    pub connection: AtomicU64,
+    /// Connected to the external broker.
+    pub broker_connected: AtomicBool,
+    /// Broker connections made so far.
+    pub broker_connections: AtomicU64,
+    /// Subscriptions the broker refused: (filter, reason code).
+    pub refused_subscriptions: Mutex<Vec<(String, u8)>>,
+    /// Clients connected to the native endpoint.
+    pub clients: AtomicU64,
+    /// Sessions the endpoint keeps (connected or persistent).
+    pub sessions: AtomicU64,
 }
 
-/// Errors that stop ingest.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    /// `[mqtt] broker` is not host:port.
-    #[error("mqtt.broker: `{0}` is not host:port")]
-    BadBroker(String),
-}
-
-fn options(config: &EdgeConfig) -> Result<MqttOptions, IngestError> {
-    let broker = config.ingest_broker();
-    let (host, port) = broker
-        .rsplit_once(':')
-        .and_then(|(h, p)| {
-            Some((
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse::<u16>().ok()?,
-            ))
-        })
-        .ok_or_else(|| IngestError::BadBroker(broker.clone()))?;
-    let m = &config.mqtt;
-    let mut o = MqttOptions::new(config.client_id(), host, port);
-    o.set_keep_alive(m.keep_alive.max(Duration::from_secs(5)));
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(Some(m.session_expiry.as_secs().min(u32::MAX as u64) as u32));
-    o.set_receive_maximum(Some(m.receive_maximum));
-    o.set_manual_acks(true);
-    // Larger packets would kill the connection and be redelivered forever;
-    // asking the broker (v5 Maximum Packet Size) makes it drop them instead.
-    // Between max_payload_bytes and this, ingest dead-letters them.
-    let max_packet = (m.max_payload_bytes.saturating_mul(4)).clamp(64 * 1024, 16 << 20);
-    o.set_max_packet_size(Some(max_packet as u32));
-    // One ack request per in-flight delivery at most, plus subscribes.
-    o.set_request_channel_capacity(m.receive_maximum as usize + 1024);
-    if let (Some(u), p) = (&m.username, &m.password) {
-        o.set_credentials(u.clone(), p.clone().unwrap_or_default());
+impl IngestState {
+    /// Connected to the external broker.
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::Acquire)
     }
-    Ok(o)
 }
 
-/// Run ingest until `shutdown` flips: connect, subscribe, forward deliveries
-/// to `deliveries`, send acks that come back through the returned
-/// [`AckSender`]. Reconnects forever with backoff.
-pub fn start(
-    config: &EdgeConfig,
-    deliveries: mpsc::Sender<Delivery>,
-    state: Arc<IngestState>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(AckSender, tokio::task::JoinHandle<()>), IngestError> {
-    let opts = options(config)?;
-    let broker = config.ingest_broker();
-    let filters = config.topic_filters();
-    let (client, mut eventloop) =
-        AsyncClient::new(opts, config.mqtt.receive_maximum as usize + 1024);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
-
-    // Acks run in their own task so a full request channel can never block
-    // the event loop that drains it.
-    let acker_client = client.clone();
-    let acker_state = state.clone();
-    tokio::spawn(async move {
-        while let Some(batch) = ack_rx.recv().await {
-            let current = acker_state.connection.load(Ordering::Acquire);
-            let mut acked = 0u64;
-            for d in batch {
-                if d.connection != current {
-                    continue; // the broker redelivers it on the current connection
-                }
-                if acker_client.ack(&d.publish).await.is_err() {
-                    return; // event loop gone
-                }
-                acked += 1;
-            }
-            metrics::counter!("fogline_ingest_acked_total").increment(acked);
+/// Encodes acknowledgements; a QoS 1/2 exchange they finish leaves
+/// `in_flight`. Returns how many were written.
+pub(crate) fn write_acks(
+    wbuf: &mut BytesMut,
+    version: codec::Version,
+    batch: Vec<Ack>,
+    in_flight: &mut HashSet<u16>,
+) -> u64 {
+    let n = batch.len() as u64;
+    for a in batch {
+        codec::encode_ack(wbuf, version, a.kind, a.pkid, a.reason);
+        let done = match a.kind {
+            AckKind::PubAck | AckKind::PubComp => true,
+            AckKind::PubRec => a.reason >= 0x80,
+        };
+        if done {
+            in_flight.remove(&a.pkid);
         }
-    });
-
-    let handle = tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.changed() => break,
-                ev = eventloop.poll() => ev,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = Duration::from_millis(100);
-                    let n = state.connection.fetch_add(1, Ordering::AcqRel) + 1;
-                    state.connected.store(true, Ordering::Release);
-                    metrics::gauge!("fogline_ingest_connected").set(1.0);
-                    info!(broker = %broker, connection = n, session_present = ack.session_present, "Connected to MQTT broker.");
-                    if !ack.session_present {
-                        for f in &filters {
-                            if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                                warn!(error = %e, filter = %f, "Subscribe request failed.");
-                            }
-                        }
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    metrics::counter!("fogline_ingest_received_total").increment(1);
-                    let d = Delivery {
-                        publish,
-                        connection: state.connection.load(Ordering::Acquire),
-                        received_ms: crate::clock::now_ms(),
-                    };
-                    // Backpressure: when the pipeline is behind, stop reading.
-                    if deliveries.send(d).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(s))) => {
-                    debug!(reasons = ?s.return_codes, "Subscribed.");
-                }
-                Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                    warn!(reason = ?d.reason_code, "Broker sent DISCONNECT.");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if state.connected.swap(false, Ordering::AcqRel) {
-                        metrics::gauge!("fogline_ingest_connected").set(0.0);
-                    }
-                    log_connection_error(&broker, &e);
-                    tokio::select! {
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        // Best effort: a clean DISCONNECT keeps the session (clean_start=false).
-        let _ = tokio::time::timeout(Duration::from_millis(200), client.disconnect()).await;
-    });
-    Ok((AckSender { tx: ack_tx }, handle))
-}
-
-fn log_connection_error(broker: &str, e: &ConnectionError) {
-    metrics::counter!("fogline_ingest_connection_errors_total").increment(1);
-    warn!(broker = %broker, error = %e, "MQTT connection failed; retrying.");
-}
-
-/// A stable 64-bit digest (FNV-1a) of topic and payload, for duplicate
-/// detection across restarts (std's hasher is not stable across releases).
-pub fn digest(topic: &[u8], payload: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in topic.iter().chain([0xffu8].iter()).chain(payload) {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h
+    n
 }

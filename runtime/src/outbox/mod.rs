@@ -9,8 +9,13 @@
 //! - Every record gets a sequence number larger than any this node ever gave
 //!   out (the high-water mark lives in `meta.next_seq`, never in `MAX(seq)`, so
 //!   deleting every row cannot make a number come back).
-//! - A commit holds a batch's records, its dead letters and the MQTT delivery
-//!   marks used for duplicate detection, all or nothing.
+//! - A commit holds a batch's records, its dead letters and the ingest
+//!   session changes (MQTT redelivery state) those inputs caused, all or
+//!   nothing.
+//! - The outbox has an *incarnation*: a random id made with the file. The
+//!   uplink sends it to the aggregator so a cursor recorded for another file
+//!   (a wiped outbox, a replaced SD card, a clone) never deletes this one's
+//!   records; [`OutboxReader::renumber_above`] moves them above it instead.
 //! - A row is deleted only through [`OutboxReader::delete_through`], which the
 //!   uplink calls with a sequence the aggregator acknowledged after its commit.
 //!
@@ -70,13 +75,47 @@ pub struct DeadLetter {
     pub payload_size: usize,
 }
 
-/// Marks an MQTT delivery as handled, for duplicate detection after a crash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeliveryMark {
-    /// The MQTT packet id the broker used.
-    pub pkid: u16,
-    /// A digest of topic and payload.
-    pub digest: u64,
+/// A change to the stored ingest sessions (opaque blobs: ingest gives them
+/// meaning, see `ingest::session_store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionWrite {
+    /// Set the session's metadata.
+    Meta {
+        /// Session key.
+        key: String,
+        /// Encoded metadata.
+        meta: Vec<u8>,
+    },
+    /// Append to the session's log.
+    Append {
+        /// Session key.
+        key: String,
+        /// Encoded entry.
+        entry: Vec<u8>,
+    },
+    /// Replace the session's whole log with one entry (a snapshot).
+    Replace {
+        /// Session key.
+        key: String,
+        /// Encoded entry.
+        entry: Vec<u8>,
+    },
+    /// Forget the session.
+    Delete {
+        /// Session key.
+        key: String,
+    },
+}
+
+/// A stored ingest session, as [`Outbox::load_sessions`] returns it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredSession {
+    /// Session key.
+    pub key: String,
+    /// Encoded metadata, if any.
+    pub meta: Option<Vec<u8>>,
+    /// Encoded log entries, oldest first.
+    pub entries: Vec<Vec<u8>>,
 }
 
 /// One atomic commit.
@@ -86,15 +125,40 @@ pub struct Commit {
     pub records: Vec<Message>,
     /// Refused inputs.
     pub dead_letters: Vec<DeadLetter>,
-    /// MQTT deliveries this commit finishes.
-    pub delivered: Vec<DeliveryMark>,
+    /// Ingest session changes caused by this commit's inputs.
+    pub sessions: Vec<SessionWrite>,
 }
 
 impl Commit {
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.dead_letters.is_empty() && self.delivered.is_empty()
+        self.records.is_empty() && self.dead_letters.is_empty() && self.sessions.is_empty()
     }
+}
+
+/// What the uplink tells the aggregator about this outbox, and compares its
+/// answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxIdentity {
+    /// This outbox file's incarnation.
+    pub incarnation: u64,
+    /// The next sequence number to be given out.
+    pub next_seq: u64,
+    /// Highest sequence the aggregator acknowledged to this outbox.
+    pub acked_seq: u64,
+    /// Lowest sequence still buffered, if any.
+    pub first_unsent: Option<u64>,
+}
+
+/// An alarm kept for `fogline-edge status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Alarm {
+    /// When (ms since epoch).
+    pub at_ms: u64,
+    /// Short machine-readable kind, e.g. `cursor_behind`.
+    pub kind: String,
+    /// What happened, with the numbers.
+    pub detail: String,
 }
 
 /// The sequence numbers a commit gave out.
@@ -169,22 +233,48 @@ impl Outbox {
         }
     }
 
-    /// Every delivery mark on disk: the pipeline keeps them in memory.
-    pub fn delivery_marks(&self) -> Result<Vec<DeliveryMark>, OutboxError> {
+    /// Every stored ingest session with its log, for the restart of ingest.
+    pub fn load_sessions(&self) -> Result<Vec<StoredSession>, OutboxError> {
+        let mut sessions: std::collections::BTreeMap<String, StoredSession> =
+            std::collections::BTreeMap::new();
+        let err = self.sql("read ingest sessions");
+        let mut stmt = match self.conn.prepare("SELECT key, meta FROM ingest_sessions") {
+            Ok(s) => s,
+            Err(e) => return Err(err(e)),
+        };
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.sql("read ingest sessions"))?;
+        for (key, meta) in rows {
+            sessions.insert(
+                key.clone(),
+                StoredSession {
+                    key,
+                    meta: Some(meta),
+                    entries: Vec::new(),
+                },
+            );
+        }
         let mut stmt = self
             .conn
-            .prepare("SELECT pkid, digest FROM ingest_dedup")
-            .map_err(self.sql("read delivery marks"))?;
+            .prepare("SELECT key, entry FROM ingest_session_log ORDER BY id")
+            .map_err(self.sql("read ingest session log"))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(DeliveryMark {
-                    pkid: r.get::<_, u16>(0)?,
-                    digest: r.get::<_, i64>(1)? as u64,
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.sql("read ingest session log"))?;
+        for (key, entry) in rows {
+            sessions
+                .entry(key.clone())
+                .or_insert_with(|| StoredSession {
+                    key,
+                    ..StoredSession::default()
                 })
-            })
-            .map_err(self.sql("read delivery marks"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(self.sql("read delivery marks"))
+                .entries
+                .push(entry);
+        }
+        Ok(sessions.into_values().collect())
     }
 
     /// Write one commit atomically. With `sync = full` it is on disk when this returns.
@@ -248,17 +338,35 @@ impl Outbox {
                     .map_err(sql("insert dead letter"))?;
             }
         }
-        if !commit.delivered.is_empty() {
-            let mut upsert = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO ingest_dedup (pkid, digest) VALUES (?1, ?2)",
-                )
-                .map_err(sql("prepare delivery mark"))?;
-            for d in &commit.delivered {
-                upsert
-                    .execute(params![d.pkid, d.digest as i64])
-                    .map_err(sql("write delivery mark"))?;
-            }
+        for w in &commit.sessions {
+            match w {
+                SessionWrite::Meta { key, meta } => tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO ingest_sessions (key, meta) VALUES (?1, ?2)",
+                    )
+                    .and_then(|mut st| st.execute(params![key, meta]))
+                    .map_err(sql("write ingest session"))?,
+                SessionWrite::Append { key, entry } => tx
+                    .prepare_cached("INSERT INTO ingest_session_log (key, entry) VALUES (?1, ?2)")
+                    .and_then(|mut st| st.execute(params![key, entry]))
+                    .map_err(sql("append ingest session log"))?,
+                SessionWrite::Replace { key, entry } => {
+                    tx.prepare_cached("DELETE FROM ingest_session_log WHERE key = ?1")
+                        .and_then(|mut st| st.execute([key]))
+                        .map_err(sql("compact ingest session log"))?;
+                    tx.prepare_cached("INSERT INTO ingest_session_log (key, entry) VALUES (?1, ?2)")
+                        .and_then(|mut st| st.execute(params![key, entry]))
+                        .map_err(sql("compact ingest session log"))?
+                }
+                SessionWrite::Delete { key } => {
+                    tx.prepare_cached("DELETE FROM ingest_session_log WHERE key = ?1")
+                        .and_then(|mut st| st.execute([key]))
+                        .map_err(sql("delete ingest session"))?;
+                    tx.prepare_cached("DELETE FROM ingest_sessions WHERE key = ?1")
+                        .and_then(|mut st| st.execute([key]))
+                        .map_err(sql("delete ingest session"))?
+                }
+            };
         }
         tx.commit().map_err(sql("commit"))?;
         Ok(Committed {
@@ -367,6 +475,100 @@ impl OutboxReader {
             )
             .map_err(self.sql("raise next_seq"))?;
         self.delete_through(cursor)
+    }
+
+    /// This outbox's incarnation, numbering and acknowledgement state.
+    pub fn identity(&self) -> Result<OutboxIdentity, OutboxError> {
+        let meta = |key: &str| -> Result<Option<i64>, OutboxError> {
+            use rusqlite::OptionalExtension;
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(self.sql("read outbox identity"))
+        };
+        let first: Option<i64> = self
+            .conn
+            .query_row("SELECT MIN(seq) FROM records", [], |r| r.get(0))
+            .map_err(self.sql("read outbox identity"))?;
+        Ok(OutboxIdentity {
+            incarnation: meta("incarnation")?.unwrap_or(0) as u64,
+            next_seq: meta("next_seq")?.unwrap_or(1) as u64,
+            acked_seq: meta("acked_seq")?.unwrap_or(0) as u64,
+            first_unsent: first.map(|v| v as u64),
+        })
+    }
+
+    /// Moves every buffered record above `cursor`, keeping their order, and
+    /// numbers new records after them: the aggregator's cursor belongs to
+    /// another outbox (or an older copy of this one), so nothing here may be
+    /// taken as already applied. Returns how many records moved and by how
+    /// much. The acknowledged mark restarts at `cursor`.
+    pub fn renumber_above(&self, cursor: u64) -> Result<(usize, u64), OutboxError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.sql("begin renumber"))?;
+        // Take the write lock first so the pipeline cannot number records in between.
+        tx.execute("UPDATE meta SET value = value WHERE key = 'next_seq'", [])
+            .map_err(self.sql("renumber"))?;
+        let first: Option<i64> = tx
+            .query_row("SELECT MIN(seq) FROM records", [], |r| r.get(0))
+            .map_err(self.sql("renumber"))?;
+        let offset = match first {
+            Some(f) if (f as u64) <= cursor => cursor + 1 - f as u64,
+            _ => 0,
+        };
+        let mut moved = 0;
+        if offset > 0 {
+            // Two steps through negative numbers: seq is the primary key, and
+            // moving rows up in place would collide with rows not yet moved.
+            moved = tx
+                .execute("UPDATE records SET seq = -(seq + ?1)", [offset as i64])
+                .map_err(self.sql("renumber"))?;
+            tx.execute("UPDATE records SET seq = -seq", [])
+                .map_err(self.sql("renumber"))?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = MAX(value + ?1, ?2) WHERE key = 'next_seq'",
+            params![offset as i64, (cursor + 1) as i64],
+        )
+        .map_err(self.sql("renumber"))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('acked_seq', ?1)",
+            [cursor as i64],
+        )
+        .map_err(self.sql("renumber"))?;
+        tx.commit().map_err(self.sql("commit renumber"))?;
+        Ok((moved, offset))
+    }
+
+    /// Gives this outbox a new incarnation (it turned out to be an older copy
+    /// of a file the aggregator knows better). Returns the new one.
+    pub fn rotate_incarnation(&self) -> Result<u64, OutboxError> {
+        self.conn
+            .execute(
+                "UPDATE meta SET value = random() WHERE key = 'incarnation'",
+                [],
+            )
+            .map_err(self.sql("rotate incarnation"))?;
+        Ok(self.identity()?.incarnation)
+    }
+
+    /// Keeps an alarm for `fogline-edge status` (the newest 100 are kept).
+    pub fn raise_alarm(&self, kind: &str, detail: &str) -> Result<(), OutboxError> {
+        self.conn
+            .execute(
+                "INSERT INTO alarms (at_ms, kind, detail) VALUES (?1, ?2, ?3)",
+                params![crate::clock::now_ms() as i64, kind, detail],
+            )
+            .and_then(|_| {
+                self.conn.execute(
+                    "DELETE FROM alarms WHERE id <= (SELECT MAX(id) FROM alarms) - 100",
+                    [],
+                )
+            })
+            .map_err(self.sql("raise alarm"))?;
+        Ok(())
     }
 
     /// Record whether the uplink is connected, for `fogline-edge status`.

@@ -21,16 +21,36 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              payload_size INTEGER NOT NULL,
              payload      BLOB    NOT NULL
          );
-         -- The last delivery per MQTT packet id: a redelivery after a crash
-         -- (same packet id, same digest) is recognised and not processed twice.
-         CREATE TABLE IF NOT EXISTS ingest_dedup (
-             pkid   INTEGER PRIMARY KEY,
-             digest INTEGER NOT NULL
+         -- Superseded by ingest_sessions (per-sender redelivery state).
+         DROP TABLE IF EXISTS ingest_dedup;
+         -- Persistent MQTT sessions: opaque to the outbox (ingest gives them
+         -- meaning), committed with the outputs of the packets that changed them.
+         CREATE TABLE IF NOT EXISTS ingest_sessions (
+             key  TEXT PRIMARY KEY,
+             meta BLOB NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS ingest_session_log (
+             id    INTEGER PRIMARY KEY,
+             key   TEXT NOT NULL,
+             entry BLOB NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS ingest_session_log_by_key ON ingest_session_log (key, id);
+         -- What the uplink found wrong with the aggregator's view of this
+         -- outbox (cursor ahead or behind), for status and operators.
+         CREATE TABLE IF NOT EXISTS alarms (
+             id     INTEGER PRIMARY KEY,
+             at_ms  INTEGER NOT NULL,
+             kind   TEXT    NOT NULL,
+             detail TEXT    NOT NULL
          );
          CREATE TABLE IF NOT EXISTS meta (
              key   TEXT PRIMARY KEY,
              value INTEGER NOT NULL
          );
-         INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1);",
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1);
+         -- Identifies this outbox file: a wiped or replaced outbox gets a new
+         -- one, so the aggregator's cursor for an older file is never taken
+         -- as a statement about this one's records.
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', random());",
     )
 }

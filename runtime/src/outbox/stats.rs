@@ -28,6 +28,12 @@ pub struct OutboxStats {
     pub dead_letters: u64,
     /// Size of the database files (db + WAL).
     pub disk_bytes: u64,
+    /// This outbox file's incarnation (sent to the aggregator).
+    #[serde(default)]
+    pub incarnation: u64,
+    /// The most recent alarms (newest first, at most 5).
+    #[serde(default)]
+    pub alarms: Vec<super::Alarm>,
 }
 
 fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
@@ -64,6 +70,19 @@ pub(super) fn read(conn: &Connection, path: &Path) -> Result<OutboxStats, Outbox
         p.push(suffix);
         std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
     };
+    let mut stmt = conn
+        .prepare("SELECT at_ms, kind, detail FROM alarms ORDER BY id DESC LIMIT 5")
+        .map_err(sql)?;
+    let alarms = stmt
+        .query_map([], |r| {
+            Ok(super::Alarm {
+                at_ms: r.get::<_, i64>(0)? as u64,
+                kind: r.get(1)?,
+                detail: r.get(2)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(sql)?;
     Ok(OutboxStats {
         backlog_records: records as u64,
         backlog_bytes: bytes as u64,
@@ -74,5 +93,7 @@ pub(super) fn read(conn: &Connection, path: &Path) -> Result<OutboxStats, Outbox
         uplink_connected: meta(conn, "uplink_connected").map_err(sql)?.unwrap_or(0) != 0,
         dead_letters: dead as u64,
         disk_bytes: file("") + file("-wal"),
+        incarnation: meta(conn, "incarnation").map_err(sql)?.unwrap_or(0) as u64,
+        alarms,
     })
 }

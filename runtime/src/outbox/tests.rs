@@ -123,7 +123,7 @@ proptest! {
 }
 
 #[test]
-fn delivery_marks_and_dead_letters_commit_with_records() {
+fn session_changes_and_dead_letters_commit_with_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.db");
     let mut w = Outbox::open(&path, SyncMode::Full).unwrap();
@@ -136,25 +136,92 @@ fn delivery_marks_and_dead_letters_commit_with_records() {
             message: msg(2, b"x".to_vec()),
             payload_size: 1,
         }],
-        delivered: vec![
-            DeliveryMark {
-                pkid: 7,
-                digest: u64::MAX,
+        sessions: vec![
+            SessionWrite::Meta {
+                key: "c:a".into(),
+                meta: vec![1],
             },
-            DeliveryMark { pkid: 7, digest: 3 },
+            SessionWrite::Append {
+                key: "c:a".into(),
+                entry: vec![2],
+            },
+            SessionWrite::Append {
+                key: "c:a".into(),
+                entry: vec![3],
+            },
+            SessionWrite::Append {
+                key: "c:b".into(),
+                entry: vec![9],
+            },
+            SessionWrite::Replace {
+                key: "c:b".into(),
+                entry: vec![4],
+            },
         ],
     };
     w.commit(&commit).unwrap();
+    w.commit(&Commit {
+        sessions: vec![SessionWrite::Delete { key: "c:x".into() }],
+        ..Commit::default()
+    })
+    .unwrap();
     drop(w);
     let w = Outbox::open(&path, SyncMode::Full).unwrap();
     assert_eq!(
-        w.delivery_marks().unwrap(),
-        vec![DeliveryMark { pkid: 7, digest: 3 }]
+        w.load_sessions().unwrap(),
+        vec![
+            StoredSession {
+                key: "c:a".into(),
+                meta: Some(vec![1]),
+                entries: vec![vec![2], vec![3]],
+            },
+            StoredSession {
+                key: "c:b".into(),
+                meta: None,
+                entries: vec![vec![4]],
+            },
+        ]
     );
     let stats = read_stats(&path).unwrap();
     assert_eq!(stats.backlog_records, 1);
     assert_eq!(stats.dead_letters, 1);
     assert_eq!(stats.backlog_bytes, 2);
+}
+
+#[test]
+fn renumbering_moves_every_record_above_a_foreign_cursor_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let mut w = Outbox::open(&path, SyncMode::Normal).unwrap();
+    let r = OutboxReader::open(&path, SyncMode::Normal).unwrap();
+    let before = r.identity().unwrap();
+    assert_ne!(before.incarnation, 0);
+    w.commit(&Commit {
+        records: (0..50).map(|i| msg(i % 3, vec![i])).collect(),
+        ..Commit::default()
+    })
+    .unwrap();
+    // The aggregator holds 100 records of an older outbox of this node.
+    assert_eq!(r.renumber_above(100).unwrap(), (50, 100));
+    let got = r.read_after(0, 1000, usize::MAX).unwrap();
+    assert_eq!(got.len(), 50, "nothing deleted");
+    assert_eq!(got.first().unwrap().seq, 101);
+    assert_eq!(got.last().unwrap().seq, 150);
+    assert!(got.iter().enumerate().all(|(i, rec)| rec.payload == vec![i as u8]));
+    let id = r.identity().unwrap();
+    assert_eq!((id.next_seq, id.acked_seq, id.incarnation), (151, 100, before.incarnation));
+    // Already above: nothing moves.
+    assert_eq!(r.renumber_above(100).unwrap(), (0, 0));
+    let done = w
+        .commit(&Commit {
+            records: vec![msg(0, vec![7])],
+            ..Commit::default()
+        })
+        .unwrap();
+    assert_eq!(done.first_seq, 151);
+    assert_ne!(r.rotate_incarnation().unwrap(), before.incarnation);
+    r.raise_alarm("cursor_ahead", "x").unwrap();
+    assert_eq!(read_stats(&path).unwrap().alarms[0].kind, "cursor_ahead");
 }
 
 #[test]

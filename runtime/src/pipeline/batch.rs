@@ -1,27 +1,28 @@
-//! Turning a batch of deliveries into chain inputs: size checks and
-//! duplicate detection.
+//! Turning a batch of chunks from ingest into chain inputs: the limits the
+//! replication protocol imposes are checked here, before anything can enter
+//! the outbox (ARCHITECTURE.md I-6).
 
-use std::collections::HashMap;
-
-use crate::ingest::{digest, Delivery};
+use crate::ingest::{Chunk, Received};
 use crate::message::Message;
-use crate::outbox::{DeadLetter, DeliveryMark};
+use crate::outbox::DeadLetter;
 
-/// Oversized payloads keep this much in the dead-letter table.
+/// Refused payloads keep this much in the dead-letter table.
 const DEAD_LETTER_KEEP: usize = 1024;
 
-/// What to do with one batch of deliveries.
+/// MQTT 5 reason codes for refusals.
+const TOPIC_NAME_INVALID: u8 = 0x90;
+const QUOTA_EXCEEDED: u8 = 0x97;
+
+/// What to do with one batch.
 #[derive(Debug, Default)]
 pub struct BatchPlan {
     /// Per pipeline, the messages routed to it.
     pub per_pipeline: Vec<Vec<Message>>,
-    /// Deliveries refused before any function (oversized, bad topic).
+    /// Messages refused before any function (oversized, bad topic).
     pub dead_letters: Vec<DeadLetter>,
-    /// Marks to commit.
-    pub delivered: Vec<DeliveryMark>,
-    /// Redeliveries of committed messages: ack only.
-    pub duplicates: usize,
-    /// Deliveries that matched no pipeline.
+    /// Messages taken (not counting acknowledgement-only items).
+    pub messages: usize,
+    /// Messages that matched no pipeline.
     pub unrouted: usize,
 }
 
@@ -33,88 +34,179 @@ fn human(bytes: usize) -> String {
     }
 }
 
-/// Plan a batch. `marks` is the in-memory copy of the delivery marks; it is
-/// updated as if the batch committed (the caller retries the commit until it
-/// does, so that holds).
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+fn refuse(function: &str, error: String, stream: String, mut payload: Vec<u8>, at: u64) -> DeadLetter {
+    let size = payload.len();
+    payload.truncate(DEAD_LETTER_KEEP);
+    DeadLetter {
+        pipeline: "ingest".into(),
+        function: function.into(),
+        error,
+        message: Message {
+            stream,
+            timestamp_ms: at,
+            payload,
+        },
+        payload_size: size,
+    }
+}
+
+/// Plans a batch: takes each item's message out of its chunk, refuses what
+/// the outbox must not hold (a non-UTF-8 topic, a topic longer than
+/// `max_topic`, a payload above the chunk's limit) into dead letters —
+/// setting an MQTT 5 reason code on its acknowledgement when the client can
+/// be told — and routes the rest.
 pub fn plan_batch(
-    deliveries: &[Delivery],
+    chunks: &mut [Chunk],
     pipelines: usize,
-    max_payload: usize,
-    marks: &mut HashMap<u16, u64>,
+    max_topic: usize,
     mut route: impl FnMut(&str) -> Vec<usize>,
 ) -> BatchPlan {
     let mut plan = BatchPlan {
         per_pipeline: vec![Vec::new(); pipelines],
         ..BatchPlan::default()
     };
-    for d in deliveries {
-        let p = &d.publish;
-        let pkid = p.pkid;
-        if pkid != 0 {
-            let dg = digest(&p.topic, &p.payload);
-            if p.dup && marks.get(&pkid) == Some(&dg) {
-                plan.duplicates += 1;
+    for chunk in chunks.iter_mut() {
+        let tell = chunk.route.as_ref().is_some_and(|r| r.reports_refusals);
+        let max_payload = chunk.max_payload;
+        for item in &mut chunk.items {
+            let Some(Received {
+                topic,
+                payload,
+                received_ms: at,
+            }) = item.message.take()
+            else {
+                continue;
+            };
+            plan.messages += 1;
+            let mut refused = |code: u8, dead: DeadLetter, plan: &mut BatchPlan| {
+                metrics::counter!("fogline_ingest_refused_total", "check" => dead.function.clone())
+                    .increment(1);
+                tracing::warn!(stream = %dead.message.stream, error = %dead.error, "Message refused at ingest; kept as a dead letter.");
+                if tell {
+                    if let Some(a) = &mut item.ack {
+                        a.reason = code;
+                    }
+                }
+                plan.dead_letters.push(dead);
+            };
+            let topic = match String::from_utf8(topic) {
+                Ok(t) => t,
+                Err(e) => {
+                    let stream = truncated(&String::from_utf8_lossy(e.as_bytes()), max_topic);
+                    let dead = refuse("topic", "topic is not valid UTF-8".into(), stream, payload, at);
+                    refused(TOPIC_NAME_INVALID, dead, &mut plan);
+                    continue;
+                }
+            };
+            if topic.len() > max_topic {
+                let error = format!(
+                    "topic is {} bytes, the limit is {max_topic} (the replication protocol's stream-name limit)",
+                    topic.len()
+                );
+                let dead = refuse("max_topic_bytes", error, truncated(&topic, max_topic), payload, at);
+                refused(TOPIC_NAME_INVALID, dead, &mut plan);
                 continue;
             }
-            marks.insert(pkid, dg);
-            plan.delivered.push(DeliveryMark { pkid, digest: dg });
-        }
-        let topic = match std::str::from_utf8(&p.topic) {
-            Ok(t) => t.to_string(),
-            Err(_) => {
-                plan.dead_letters.push(DeadLetter {
-                    pipeline: "ingest".into(),
-                    function: "topic".into(),
-                    error: "topic is not valid UTF-8".into(),
-                    message: Message {
-                        stream: String::from_utf8_lossy(&p.topic).into_owned(),
-                        timestamp_ms: d.received_ms,
-                        payload: p.payload[..p.payload.len().min(DEAD_LETTER_KEEP)].to_vec(),
-                    },
-                    payload_size: p.payload.len(),
-                });
-                continue;
-            }
-        };
-        if p.payload.len() > max_payload {
-            metrics::counter!("fogline_ingest_oversized_total").increment(1);
-            tracing::warn!(topic = %topic, size = p.payload.len(), limit = max_payload, "Oversized payload dead-lettered.");
-            plan.dead_letters.push(DeadLetter {
-                pipeline: "ingest".into(),
-                function: "max_payload_bytes".into(),
-                error: format!(
-                    "payload is {}, limit is {} (topic {topic}); first {} bytes kept",
-                    human(p.payload.len()),
+            if payload.len() > max_payload {
+                let error = format!(
+                    "payload is {}, limit is {} (topic {topic}); first {DEAD_LETTER_KEEP} bytes kept",
+                    human(payload.len()),
                     human(max_payload),
-                    DEAD_LETTER_KEEP
-                ),
-                message: Message {
-                    stream: topic,
-                    timestamp_ms: d.received_ms,
-                    payload: p.payload[..DEAD_LETTER_KEEP.min(p.payload.len())].to_vec(),
-                },
-                payload_size: p.payload.len(),
-            });
-            continue;
+                );
+                let dead = refuse("max_payload_bytes", error, topic, payload, at);
+                refused(QUOTA_EXCEEDED, dead, &mut plan);
+                continue;
+            }
+            let routes = route(&topic);
+            let Some((&last, rest)) = routes.split_last() else {
+                plan.unrouted += 1;
+                continue;
+            };
+            let message = Message {
+                stream: topic,
+                timestamp_ms: at,
+                payload,
+            };
+            for &i in rest {
+                plan.per_pipeline[i].push(message.clone());
+            }
+            plan.per_pipeline[last].push(message);
         }
-        let routes = route(&topic);
-        if routes.is_empty() {
-            plan.unrouted += 1;
-            continue;
-        }
-        let message = Message {
-            stream: topic,
-            timestamp_ms: d.received_ms,
-            payload: p.payload.to_vec(),
-        };
-        let (last, rest) = routes
-            .split_last()
-            .map(|(l, r)| (*l, r.to_vec()))
-            .unwrap_or((0, vec![]));
-        for i in rest {
-            plan.per_pipeline[i].push(message.clone());
-        }
-        plan.per_pipeline[last].push(message);
     }
     plan
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::ingest::{Ack, AckKind, AckRoute, Item};
+
+    fn item(topic: &[u8], payload: usize, pkid: u16) -> Item {
+        Item {
+            message: Some(Received {
+                topic: topic.to_vec(),
+                payload: vec![b'x'; payload],
+                received_ms: 5,
+            }),
+            ack: Some(Ack {
+                kind: AckKind::PubAck,
+                pkid,
+                reason: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn what_the_protocol_cannot_carry_never_reaches_a_pipeline() {
+        let (route, _rx) = AckRoute::new(true);
+        let mut chunk = Chunk::new(Some(route), 100);
+        chunk.push(item(b"ok/1", 10, 1));
+        chunk.push(item(&[b'a'; 2000], 10, 2));
+        chunk.push(item(b"ok/2", 101, 3));
+        chunk.push(item(&[0xff, 0xfe], 1, 4));
+        chunk.push(item(b"nobody", 1, 5));
+        let mut chunks = vec![chunk];
+        let plan = plan_batch(&mut chunks, 1, 1024, |t| {
+            if t.starts_with("ok/") {
+                vec![0]
+            } else {
+                vec![]
+            }
+        });
+        assert_eq!(plan.per_pipeline[0].len(), 1);
+        assert_eq!(plan.dead_letters.len(), 3);
+        assert_eq!(plan.unrouted, 1);
+        let reasons: Vec<u8> = chunks[0]
+            .items
+            .iter()
+            .map(|i| i.ack.unwrap().reason)
+            .collect();
+        assert_eq!(reasons, vec![0, 0x90, 0x97, 0x90, 0]);
+        assert!(plan.dead_letters[0].error.contains("2000 bytes"));
+        assert!(plan.dead_letters[0].message.stream.len() <= 1024 + 3);
+        assert_eq!(plan.dead_letters[1].message.payload.len(), 101);
+    }
+
+    #[test]
+    fn a_broker_is_acknowledged_with_success_even_for_refusals() {
+        let (route, _rx) = AckRoute::new(false);
+        let mut chunk = Chunk::new(Some(route), 100);
+        chunk.push(item(&[b'a'; 2000], 10, 2));
+        let mut chunks = vec![chunk];
+        let plan = plan_batch(&mut chunks, 1, 1024, |_| vec![0]);
+        assert_eq!(plan.dead_letters.len(), 1);
+        assert_eq!(chunks[0].items[0].ack.unwrap().reason, 0);
+    }
 }

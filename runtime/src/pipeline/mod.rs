@@ -1,16 +1,20 @@
-//! The pipeline: takes MQTT deliveries in batches, routes them through the
-//! configured chains of WASM functions, commits what comes out to the outbox
-//! in one transaction (group commit), then acknowledges the deliveries.
+//! The pipeline: takes chunks from ingest in batches, refuses what the
+//! replication protocol cannot carry, routes the rest through the configured
+//! chains of WASM functions, commits what comes out — with the ingest
+//! sessions' redelivery state — to the outbox in one transaction (group
+//! commit), then hands each connection its acknowledgements.
 //!
-//! Invariants:
-//! - A delivery is acked only after the commit holding its outputs, its dead
-//!   letters and its delivery mark returned (durable with `sync = full`).
-//! - A redelivery (DUP, same packet id, same digest as a committed delivery)
-//!   is acked without being processed again.
+//! Invariants (ARCHITECTURE.md I-1, I-6):
+//! - An acknowledgement is released only after the commit holding its
+//!   item's outputs, dead letters and session changes returned (durable with
+//!   `sync = full`).
 //! - A failed commit (disk full, I/O error) is retried, never skipped: nothing
-//!   is acked until it succeeds.
+//!   is acknowledged until it succeeds.
+//! - Memory is bounded in bytes: a batch takes at most `max_batch_bytes`, and
+//!   its chunks' bytes return to the ingest budget only after its commit.
 //!
-//! The pipeline knows nothing about QUIC.
+//! The pipeline knows nothing about QUIC, and nothing about MQTT beyond the
+//! acknowledgements it hands back.
 
 mod batch;
 mod chain;
@@ -22,7 +26,7 @@ use std::collections::HashMap;
 pub use batch::{plan_batch, BatchPlan};
 pub use chain::{Chain, ChainResult};
 pub use route::Router;
-pub use worker::{spawn_worker, Worker, WorkerHandle, WorkerOptions};
+pub use worker::{spawn_worker, PipelineHealth, Worker, WorkerHandle, WorkerOptions};
 
 use crate::config::EdgeConfig;
 use crate::functions::{FunctionError, FunctionInstance, FunctionRuntime, Limits, Module};

@@ -1,28 +1,44 @@
 //! The pipeline worker: one OS thread that owns the function instances and
 //! the outbox writer. Batching is group commit: while one commit is being
-//! fsynced, deliveries queue up, and the next batch takes all of them.
+//! fsynced, chunks from every connection queue up, and the next batch takes
+//! all of them (up to `max_batch` messages and `max_batch_bytes`).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tracing::{error, info};
 
 use super::{plan_batch, Chain, ChainResult, Router};
-use crate::ingest::{AckSender, Delivery};
+use crate::ingest::session_store::Replica;
+use crate::ingest::{Ack, AckRoute, Chunk, ChunkReceiver};
 use crate::outbox::{Commit, Outbox};
 
 /// Batching and limits for the worker.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Most deliveries per batch.
+    /// Most messages per batch.
     pub max_batch: usize,
-    /// Larger payloads are dead-lettered.
-    pub max_payload: usize,
+    /// Most bytes per batch.
+    pub max_batch_bytes: usize,
+    /// Longest topic that may become a stream name.
+    pub max_topic: usize,
     /// How often functions tick.
     pub tick_interval: Duration,
+}
+
+/// Progress the health check reads.
+#[derive(Debug, Default)]
+pub struct PipelineHealth {
+    /// When the last commit finished (ms since epoch; 0: none yet).
+    pub last_commit_ms: AtomicU64,
+    /// When the commit in progress started (0: none in progress).
+    pub commit_started_ms: AtomicU64,
+    /// Commits that failed and are being retried right now.
+    pub failing: AtomicBool,
+    /// Commits done.
+    pub commits: AtomicU64,
 }
 
 /// The running worker.
@@ -32,16 +48,21 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Wait for the worker to finish: it ends when ingest closes the delivery
-    /// channel, after committing and acking what it took.
+    /// Wait for the worker to finish: it ends when every ingest sink is gone,
+    /// after committing and acknowledging what it took.
     pub fn join(self) {
         let _ = self.join.join();
     }
 
     /// Give up retrying a failing commit (shutdown while the disk is full):
-    /// the batch stays unacked, the broker redelivers it.
+    /// the batch stays unacknowledged and its senders resend it.
     pub fn abandon_retries(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
     }
 }
 
@@ -55,16 +76,16 @@ pub struct Worker {
     pub outbox: Outbox,
     /// Options.
     pub options: WorkerOptions,
-    /// Woken after each commit (the uplink waits on it).
+    /// Woken after each commit that wrote records (the uplink waits on it).
     pub committed: Arc<Notify>,
+    /// Durable state of the ingest sessions (for compaction).
+    pub sessions: Replica,
+    /// Progress for `/healthz`.
+    pub health: Arc<PipelineHealth>,
 }
 
 /// Start the worker thread.
-pub fn spawn_worker(
-    worker: Worker,
-    deliveries: mpsc::Receiver<Delivery>,
-    acks: AckSender,
-) -> std::io::Result<WorkerHandle> {
+pub fn spawn_worker(worker: Worker, chunks: ChunkReceiver) -> std::io::Result<WorkerHandle> {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let join = std::thread::Builder::new()
@@ -80,48 +101,43 @@ pub fn spawn_worker(
                     return;
                 }
             };
-            rt.block_on(run(worker, deliveries, acks, stop2));
+            rt.block_on(run(worker, chunks, stop2));
         })?;
     Ok(WorkerHandle { join, stop })
 }
 
-async fn run(
-    mut w: Worker,
-    mut rx: mpsc::Receiver<Delivery>,
-    acks: AckSender,
-    stop: Arc<AtomicBool>,
-) {
-    let mut marks: HashMap<u16, u64> = match w.outbox.delivery_marks() {
-        Ok(m) => m.into_iter().map(|m| (m.pkid, m.digest)).collect(),
-        Err(e) => {
-            error!(error = %e, "Cannot read delivery marks; duplicates after a crash will not be detected.");
-            HashMap::new()
-        }
-    };
+async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
     let mut next_tick = Instant::now() + w.options.tick_interval;
     let mut batches: u64 = 0;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         let first = tokio::select! {
-            d = rx.recv() => match d {
-                Some(d) => Some(d),
+            c = rx.recv() => match c {
+                Some(c) => Some(c),
                 None => break,
             },
             _ = tokio::time::sleep(wait) => None,
         };
         if let Some(first) = first {
-            let mut batch = Vec::with_capacity(64);
-            batch.push(first);
-            while batch.len() < w.options.max_batch {
+            let mut items = first.items.len();
+            let mut bytes = first.bytes();
+            let mut batch = vec![first];
+            while items < w.options.max_batch && bytes < w.options.max_batch_bytes {
                 match rx.try_recv() {
-                    Ok(d) => batch.push(d),
+                    Ok(c) => {
+                        items += c.items.len();
+                        bytes += c.bytes();
+                        batch.push(c);
+                    }
                     Err(_) => break,
                 }
             }
-            if !process_batch(&mut w, &batch, &mut marks, &stop).await {
+            if !process_batch(&mut w, &mut batch, &stop).await {
                 break;
             }
-            acks.ack(batch);
+            dispatch_acks(&batch);
+            // Dropping the chunks returns their bytes to the ingest budget.
+            drop(batch);
             batches += 1;
             if batches.is_multiple_of(1024) {
                 if let Err(e) = w.outbox.prune_dead_letters(100_000) {
@@ -139,7 +155,7 @@ async fn run(
             let commit = Commit {
                 records: result.outputs,
                 dead_letters: result.dead_letters,
-                delivered: Vec::new(),
+                sessions: Vec::new(),
             };
             if !commit.is_empty() && !commit_until_done(&mut w, &commit, &stop).await {
                 break;
@@ -149,21 +165,33 @@ async fn run(
     info!("Pipeline worker stopped.");
 }
 
+/// Sends each chunk's acknowledgements to its connection, in order; runs of
+/// chunks from the same connection go as one message.
+fn dispatch_acks(batch: &[Chunk]) {
+    let mut current: Option<&Arc<AckRoute>> = None;
+    let mut acks: Vec<Ack> = Vec::new();
+    for chunk in batch {
+        let Some(route) = &chunk.route else { continue };
+        if current.is_some_and(|c| !Arc::ptr_eq(c, route)) {
+            if let Some(c) = current {
+                c.send(std::mem::take(&mut acks));
+            }
+        }
+        current = Some(route);
+        acks.extend(chunk.items.iter().filter_map(|i| i.ack));
+    }
+    if let Some(c) = current {
+        c.send(acks);
+    }
+}
+
 /// Returns false when it gave up (shutdown during a failing commit).
-async fn process_batch(
-    w: &mut Worker,
-    batch: &[Delivery],
-    marks: &mut HashMap<u16, u64>,
-    stop: &AtomicBool,
-) -> bool {
+async fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool {
     let router = &mut w.router;
-    let plan = plan_batch(batch, w.chains.len(), w.options.max_payload, marks, |t| {
+    let plan = plan_batch(batch, w.chains.len(), w.options.max_topic, |t| {
         router.route(t).to_vec()
     });
-    metrics::counter!("fogline_pipeline_messages_in_total").increment(batch.len() as u64);
-    if plan.duplicates > 0 {
-        metrics::counter!("fogline_ingest_duplicates_total").increment(plan.duplicates as u64);
-    }
+    metrics::counter!("fogline_pipeline_messages_in_total").increment(plan.messages as u64);
     if plan.unrouted > 0 {
         metrics::counter!("fogline_ingest_unrouted_total").increment(plan.unrouted as u64);
     }
@@ -175,16 +203,28 @@ async fn process_batch(
     }
     let mut dead_letters = plan.dead_letters;
     dead_letters.append(&mut result.dead_letters);
+    let mut sessions = Vec::new();
+    for chunk in batch.iter_mut() {
+        if let Some(update) = chunk.session.take() {
+            w.sessions.apply(update, &mut sessions);
+        }
+    }
     let commit = Commit {
         records: result.outputs,
         dead_letters,
-        delivered: plan.delivered,
+        sessions,
     };
+    if commit.is_empty() {
+        return true;
+    }
     commit_until_done(w, &commit, stop).await
 }
 
 async fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool {
     let mut backoff = Duration::from_millis(50);
+    w.health
+        .commit_started_ms
+        .store(crate::clock::now_ms(), Ordering::Release);
     loop {
         let started = Instant::now();
         match w.outbox.commit(commit) {
@@ -198,9 +238,16 @@ async fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -
                 if done.records > 0 {
                     w.committed.notify_one();
                 }
+                w.health.commit_started_ms.store(0, Ordering::Release);
+                w.health
+                    .last_commit_ms
+                    .store(crate::clock::now_ms(), Ordering::Release);
+                w.health.commits.fetch_add(1, Ordering::AcqRel);
+                w.health.failing.store(false, Ordering::Release);
                 return true;
             }
             Err(e) => {
+                w.health.failing.store(true, Ordering::Release);
                 metrics::counter!("fogline_outbox_commit_failures_total").increment(1);
                 error!(error = %e, retry_in = ?backoff, "Outbox commit failed; nothing in this batch is acknowledged until it succeeds.");
                 if stop.load(Ordering::Acquire) {

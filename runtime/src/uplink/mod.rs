@@ -2,9 +2,14 @@
 //! outbox after the aggregator's cursor, keeps several in flight, and deletes
 //! what the aggregator acknowledged.
 //!
-//! Invariants:
+//! Invariants (ARCHITECTURE.md I-7, I-8, I-9):
 //! - Outbox rows are deleted only up to a sequence the aggregator acknowledged
-//!   (its acks follow its commit) or reported as its cursor on connect.
+//!   (its acks follow its commit) or reported as its cursor on connect *for
+//!   this outbox's incarnation*. A cursor recorded for another outbox (wiped,
+//!   replaced, cloned) or beyond anything this outbox numbered (an older
+//!   copy of it) deletes nothing: the outbox is renumbered above it instead.
+//! - A cursor below what the aggregator already acknowledged to this outbox
+//!   (its store was restored) raises an alarm; replication goes on after it.
 //! - On every (re)connect, sending resumes right after the aggregator's
 //!   cursor, whatever was in flight before.
 //! - A connection that makes no progress for `stall_timeout` while batches are
@@ -18,13 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fogline_cloud::protocol::client::{InFlight, SenderError, SenderState};
+use fogline_cloud::protocol::server::HelloInfo;
 use fogline_cloud::transport::client::{ClientTls, Link, UplinkClient};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{EdgeConfig, UplinkConfig};
-use crate::outbox::{OutboxError, OutboxReader, Record};
+use crate::outbox::{OutboxError, OutboxIdentity, OutboxReader, Record};
 
 /// No ack for this long while batches are in flight: reconnect.
 const STALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -38,6 +44,55 @@ pub struct UplinkState {
     pub acked_seq: AtomicU64,
     /// When the aggregator last acknowledged anything (ms since epoch).
     pub last_sync_ms: AtomicU64,
+    /// When the current session last made progress (connect or ack), ms
+    /// since epoch; 0 when not connected.
+    pub last_progress_ms: AtomicU64,
+    /// Batches in flight right now.
+    pub in_flight: AtomicU64,
+    /// Times the aggregator's cursor was behind what it had acknowledged.
+    pub cursor_regressions: AtomicU64,
+}
+
+/// How to resume, given this outbox and the aggregator's Welcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The cursor is this outbox's: delete through it, send after it.
+    Continue,
+    /// The cursor is this outbox's but below what was acknowledged: records
+    /// `from..=to` were lost by the aggregator (restored store). Alarm, then
+    /// continue: they were deleted here and cannot be resent.
+    Regressed {
+        /// First lost seq.
+        from: u64,
+        /// Last lost seq.
+        to: u64,
+    },
+    /// The cursor belongs to another outbox of this node: renumber every
+    /// buffered record above it, delete nothing.
+    Foreign,
+    /// The cursor claims this outbox's incarnation but is beyond anything it
+    /// numbered: this file is an older copy (a restored image, a clone).
+    /// Take a new incarnation and renumber above it; delete nothing.
+    Ahead,
+}
+
+/// Decides how to resume (the policy of ARCHITECTURE.md I-8 and I-9). An
+/// aggregator that recorded no incarnation (0, an older store) is taken at
+/// its word only if its cursor is within what this outbox numbered.
+pub fn reconcile(outbox: OutboxIdentity, cursor: u64, theirs: u64) -> Resume {
+    let ours = theirs == outbox.incarnation || (theirs == 0 && cursor < outbox.next_seq);
+    if !ours {
+        Resume::Foreign
+    } else if cursor >= outbox.next_seq {
+        Resume::Ahead
+    } else if cursor < outbox.acked_seq {
+        Resume::Regressed {
+            from: cursor + 1,
+            to: outbox.acked_seq,
+        }
+    } else {
+        Resume::Continue
+    }
 }
 
 /// Why a session with the aggregator ended.
@@ -128,6 +183,10 @@ impl Uplink {
     }
 
     async fn set_connected(&self, connected: bool) {
+        if !connected {
+            self.state.last_progress_ms.store(0, Ordering::Release);
+            self.state.in_flight.store(0, Ordering::Release);
+        }
         if self.state.connected.swap(connected, Ordering::AcqRel) != connected {
             metrics::gauge!("fogline_uplink_connected").set(if connected { 1.0 } else { 0.0 });
             let reader = self.reader.clone();
@@ -176,19 +235,29 @@ impl Uplink {
     ) -> Result<(), SessionEnd> {
         let addr = self.resolve().await?;
         let server_name = self.config.server_name();
+        let id = self.outbox(|r| r.identity()).await?;
+        let hello = HelloInfo {
+            incarnation: id.incarnation,
+            next_seq: id.next_seq,
+            acked: id.acked_seq,
+        };
         let Link {
             node_id,
             cursor,
+            incarnation: theirs,
             mut sender,
             mut receiver,
         } = tokio::select! {
             _ = shutdown.changed() => return Err(SessionEnd::Shutdown),
-            l = client.connect(addr, &server_name, self.config.connect_timeout) => l?,
+            l = client.connect(addr, &server_name, self.config.connect_timeout, hello) => l?,
         };
-        let removed = self.outbox(move |r| r.accept_cursor(cursor)).await?;
+        self.resume(&node_id, id, cursor, theirs).await?;
+        sender.resume_after(cursor);
         self.set_connected(true).await;
         self.note_ack(cursor);
-        info!(server = %addr, node = %node_id, cursor, removed, "Uplink connected; resuming after the aggregator's cursor.");
+        self.state
+            .last_progress_ms
+            .store(crate::clock::now_ms(), Ordering::Release);
 
         let max_records = self.config.batch_records;
         let max_bytes = self.config.batch_bytes;
@@ -227,6 +296,9 @@ impl Uplink {
                     records: sent.records,
                 })?;
             }
+            self.state
+                .in_flight
+                .store(window.in_flight().count() as u64, Ordering::Release);
             let stall_in = STALL_TIMEOUT.saturating_sub(last_progress.elapsed());
             tokio::select! {
                 _ = shutdown.changed() => return Err(SessionEnd::Shutdown),
@@ -234,6 +306,9 @@ impl Uplink {
                     let acked = ack?;
                     window.on_ack(acked)?;
                     last_progress = Instant::now();
+                    self.state
+                        .last_progress_ms
+                        .store(crate::clock::now_ms(), Ordering::Release);
                     let deleted = self.outbox(move |r| r.delete_through(acked)).await?;
                     metrics::counter!("fogline_uplink_records_acked_total").increment(deleted as u64);
                     self.note_ack(acked);
@@ -248,11 +323,100 @@ impl Uplink {
         }
     }
 
+    /// Applies the aggregator's cursor to the outbox according to [`reconcile`].
+    async fn resume(
+        &self,
+        node: &str,
+        id: OutboxIdentity,
+        cursor: u64,
+        theirs: u64,
+    ) -> Result<(), SessionEnd> {
+        match reconcile(id, cursor, theirs) {
+            Resume::Continue => {
+                let removed = self.outbox(move |r| r.accept_cursor(cursor)).await?;
+                info!(node, cursor, removed, incarnation = id.incarnation, "Uplink connected; resuming after the aggregator's cursor.");
+            }
+            Resume::Regressed { from, to } => {
+                let detail = format!(
+                    "the aggregator's cursor is {cursor} but it had acknowledged up to {to} to this outbox: records {from}..={to} were lost on its side (store restored from a backup?); they were deleted here after the acknowledgement and cannot be resent"
+                );
+                metrics::counter!("fogline_uplink_cursor_regressions_total").increment(1);
+                self.state.cursor_regressions.fetch_add(1, Ordering::AcqRel);
+                error!(node, cursor, acked = to, lost = to - from + 1, "{detail}");
+                let d = detail.clone();
+                self.outbox(move |r| r.raise_alarm("cursor_behind", &d)).await?;
+                let removed = self.outbox(move |r| r.accept_cursor(cursor)).await?;
+                info!(node, cursor, removed, "Uplink connected; resuming after the aggregator's cursor.");
+            }
+            r @ (Resume::Foreign | Resume::Ahead) => {
+                let ahead = r == Resume::Ahead;
+                let incarnation = if ahead {
+                    self.outbox(|r| r.rotate_incarnation()).await?
+                } else {
+                    id.incarnation
+                };
+                let (moved, offset) = self.outbox(move |r| r.renumber_above(cursor)).await?;
+                metrics::counter!("fogline_uplink_renumbered_total").increment(1);
+                let detail = if ahead {
+                    format!(
+                        "the aggregator's cursor {cursor} is beyond anything this outbox numbered (next seq {}): it is an older copy of the outbox (restored image or clone); new incarnation {incarnation:#x}, {moved} buffered records renumbered by +{offset} and resent, nothing deleted",
+                        id.next_seq
+                    )
+                } else {
+                    format!(
+                        "the aggregator's cursor {cursor} belongs to another outbox of this node (incarnation {theirs:#x}, this one is {:#x}: wiped or replaced); {moved} buffered records renumbered by +{offset}, nothing deleted",
+                        id.incarnation
+                    )
+                };
+                warn!(node, cursor, moved, offset, "{detail}");
+                let kind = if ahead { "cursor_ahead" } else { "new_outbox" };
+                self.outbox(move |r| r.raise_alarm(kind, &detail)).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn note_ack(&self, acked: u64) {
         self.state.acked_seq.fetch_max(acked, Ordering::AcqRel);
         self.state
             .last_sync_ms
             .store(crate::clock::now_ms(), Ordering::Release);
         metrics::gauge!("fogline_uplink_acked_seq").set(acked as f64);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn outbox(incarnation: u64, next_seq: u64, acked_seq: u64) -> OutboxIdentity {
+        OutboxIdentity {
+            incarnation,
+            next_seq,
+            acked_seq,
+            first_unsent: None,
+        }
+    }
+
+    #[test]
+    fn the_cursor_of_another_outbox_deletes_nothing() {
+        // 100 synced by an old outbox, this one is new with 50 buffered.
+        assert_eq!(reconcile(outbox(2, 51, 0), 100, 1), Resume::Foreign);
+        // An older aggregator store that recorded no incarnation.
+        assert_eq!(reconcile(outbox(2, 51, 0), 100, 0), Resume::Foreign);
+        assert_eq!(reconcile(outbox(2, 51, 0), 30, 0), Resume::Continue);
+    }
+
+    #[test]
+    fn same_outbox_continue_regressed_or_ahead() {
+        assert_eq!(reconcile(outbox(7, 301, 250), 250, 7), Resume::Continue);
+        assert_eq!(reconcile(outbox(7, 301, 250), 280, 7), Resume::Continue);
+        assert_eq!(
+            reconcile(outbox(7, 301, 250), 200, 7),
+            Resume::Regressed { from: 201, to: 250 }
+        );
+        assert_eq!(reconcile(outbox(7, 301, 250), 301, 7), Resume::Ahead);
+        assert_eq!(reconcile(outbox(7, 1, 0), 0, 0), Resume::Continue);
     }
 }

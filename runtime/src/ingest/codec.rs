@@ -1,0 +1,1062 @@
+//! MQTT 3.1.1 and 5 packets, through rumqttc's codec (`mqttbytes`), reduced
+//! to what ingest needs on both sides: the native endpoint (server side) and
+//! the client that subscribes to an external broker.
+//!
+//! No packet is parsed by hand here: framing, limits and fields come from
+//! `rumqttc::mqttbytes::v4` and `rumqttc::v5::mqttbytes::v5`. This module
+//! picks the version, normalises the two into one [`Inbound`], and encodes
+//! the few packets we send. Decoding never panics on hostile input: the codec
+//! is called under `catch_unwind`, so a bug in it costs one connection, not
+//! the daemon.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::mqttbytes::{Error as V4Error, QoS};
+use rumqttc::v5::mqttbytes::v5;
+use rumqttc::v5::mqttbytes::Error as V5Error;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+
+/// The MQTT protocol version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1.1 (protocol level 4).
+    V311,
+    /// MQTT 5 (protocol level 5).
+    V5,
+}
+
+impl Version {
+    /// As written in logs and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V311 => "3.1.1",
+            Version::V5 => "5",
+        }
+    }
+}
+
+/// A PUBLISH as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishIn {
+    /// Topic name bytes (may be empty when a v5 topic alias is used).
+    pub topic: Bytes,
+    /// Payload.
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// Packet identifier (0 at QoS 0).
+    pub pkid: u16,
+    /// DUP flag: the sender says it may have sent this before.
+    pub dup: bool,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// v5 Topic Alias property, if any.
+    pub topic_alias: Option<u16>,
+}
+
+/// A will message from CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// Topic name.
+    pub topic: Bytes,
+    /// Payload.
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// v5 Will Delay Interval, seconds (0 for v3.1.1).
+    pub delay_secs: u32,
+}
+
+/// A CONNECT, normalised across versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectIn {
+    /// Protocol version.
+    pub version: Version,
+    /// Client identifier (may be empty).
+    pub client_id: String,
+    /// v3 Clean Session / v5 Clean Start.
+    pub clean_start: bool,
+    /// Keep alive, seconds (0: none).
+    pub keep_alive: u16,
+    /// Session expiry, seconds: v5 property (absent = 0); for v3.1.1,
+    /// `u32::MAX` ("never") when clean session is 0, else 0.
+    pub session_expiry: u32,
+    /// v5 Receive Maximum the client accepts (we never publish to clients).
+    pub receive_maximum: Option<u16>,
+    /// v5 Maximum Packet Size the client accepts.
+    pub max_packet_size: Option<u32>,
+    /// v5 Authentication Method (enhanced auth is not supported).
+    pub auth_method: Option<String>,
+    /// User name, if given.
+    pub username: Option<String>,
+    /// Password, if given.
+    pub password: Option<String>,
+    /// Will message, if any.
+    pub will: Option<Will>,
+}
+
+/// A CONNACK, normalised (client side).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnAckIn {
+    /// Session present flag.
+    pub session_present: bool,
+    /// v3 return code or v5 reason code (0 = success).
+    pub code: u8,
+    /// v5 Receive Maximum of the broker.
+    pub receive_maximum: Option<u16>,
+    /// v5 Maximum Packet Size of the broker.
+    pub max_packet_size: Option<u32>,
+    /// v5 Server Keep Alive.
+    pub server_keep_alive: Option<u16>,
+    /// v5 Reason String.
+    pub reason_string: Option<String>,
+}
+
+/// Every packet, normalised across versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// CONNECT (boxed: it is much larger than the rest and rare).
+    Connect(Box<ConnectIn>),
+    /// CONNACK.
+    ConnAck(ConnAckIn),
+    /// PUBLISH.
+    Publish(PublishIn),
+    /// PUBACK with its reason code.
+    PubAck(u16, u8),
+    /// PUBREC with its reason code.
+    PubRec(u16, u8),
+    /// PUBREL.
+    PubRel(u16),
+    /// PUBCOMP.
+    PubComp(u16),
+    /// SUBSCRIBE: packet id and filters.
+    Subscribe(u16, Vec<String>),
+    /// SUBACK: packet id and one return/reason code per filter.
+    SubAck(u16, Vec<u8>),
+    /// UNSUBSCRIBE: packet id and the number of filters.
+    Unsubscribe(u16, usize),
+    /// UNSUBACK.
+    UnsubAck(u16),
+    /// PINGREQ.
+    PingReq,
+    /// PINGRESP.
+    PingResp,
+    /// DISCONNECT with its v5 reason code (0 for v3.1.1) and v5 session expiry.
+    Disconnect(u8, Option<u32>),
+    /// v5 AUTH.
+    Auth,
+}
+
+/// Why bytes could not be decoded into a packet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The packet is larger than allowed; nothing of it was buffered.
+    #[error("packet of {size} bytes exceeds the maximum packet size of {max} bytes")]
+    TooLarge {
+        /// Remaining length announced by the header.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A CONNECT for a protocol level other than 4 (3.1.1) or 5.
+    #[error("unsupported MQTT protocol level {0} (this endpoint speaks 3.1.1 and 5)")]
+    UnsupportedLevel(u8),
+    /// Anything else the codec refused.
+    #[error("malformed {version} packet: {reason}")]
+    Malformed {
+        /// The version being decoded.
+        version: &'static str,
+        /// What the codec said.
+        reason: String,
+    },
+}
+
+fn qos_u8(q: QoS) -> u8 {
+    q as u8
+}
+
+fn qos5_u8(q: QoS5) -> u8 {
+    q as u8
+}
+
+fn qos5_of(q: u8) -> QoS5 {
+    match q {
+        0 => QoS5::AtMostOnce,
+        1 => QoS5::AtLeastOnce,
+        _ => QoS5::ExactlyOnce,
+    }
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Runs a codec call, turning a panic inside it into an error.
+fn guarded<T>(version: &'static str, f: impl FnOnce() -> T) -> Result<T, CodecError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| CodecError::Malformed {
+        version,
+        reason: "the codec panicked on this input".into(),
+    })
+}
+
+fn v4_err(e: V4Error, max: usize) -> CodecError {
+    match e {
+        V4Error::PayloadSizeLimitExceeded(size) => CodecError::TooLarge { size, max },
+        V4Error::InvalidProtocolLevel(l) => CodecError::UnsupportedLevel(l),
+        other => CodecError::Malformed {
+            version: "MQTT 3.1.1",
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn v5_err(e: V5Error, max: usize) -> CodecError {
+    match e {
+        V5Error::PayloadSizeLimitExceeded { pkt_size, .. } => {
+            CodecError::TooLarge { size: pkt_size, max }
+        }
+        V5Error::InvalidProtocolLevel(l) => CodecError::UnsupportedLevel(l),
+        other => CodecError::Malformed {
+            version: "MQTT 5",
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Decodes the next packet from `buf`, consuming it. `Ok(None)`: more bytes
+/// are needed. `version` is `None` before CONNECT: the first packet is then
+/// decoded as whichever version it declares. Nothing beyond `max_packet`
+/// bytes is ever accepted, whatever the header claims.
+pub fn decode(
+    buf: &mut BytesMut,
+    version: Option<Version>,
+    max_packet: usize,
+) -> Result<Option<Inbound>, CodecError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    match version {
+        Some(Version::V311) => decode_v4(buf, max_packet),
+        Some(Version::V5) => decode_v5(buf, max_packet),
+        None => {
+            // Both codecs frame identically; the CONNECT's protocol level
+            // picks the version. Try v5 on a copy so a v3.1.1 CONNECT can be
+            // re-read from the untouched buffer.
+            let mut probe = buf.clone();
+            match decode_v5(&mut probe, max_packet) {
+                Ok(Some(p)) => {
+                    *buf = probe;
+                    Ok(Some(p))
+                }
+                Ok(None) => Ok(None),
+                Err(CodecError::UnsupportedLevel(4)) => decode_v4(buf, max_packet),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecError> {
+    let packet = match guarded("MQTT 3.1.1", || v4::Packet::read(buf, max))? {
+        Ok(p) => p,
+        Err(V4Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(v4_err(e, max)),
+    };
+    Ok(Some(match packet {
+        v4::Packet::Connect(c) => {
+            Inbound::Connect(Box::new(ConnectIn {
+                version: Version::V311,
+                client_id: c.client_id,
+                clean_start: c.clean_session,
+                keep_alive: c.keep_alive,
+                session_expiry: if c.clean_session { 0 } else { u32::MAX },
+                receive_maximum: None,
+                max_packet_size: None,
+                auth_method: None,
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| l.password),
+                will: c.last_will.map(|w| Will {
+                    topic: Bytes::from(w.topic.into_bytes()),
+                    payload: w.message,
+                    qos: qos_u8(w.qos),
+                    delay_secs: 0,
+                }),
+            }))
+        }
+        v4::Packet::ConnAck(a) => Inbound::ConnAck(ConnAckIn {
+            session_present: a.session_present,
+            code: a.code as u8,
+            receive_maximum: None,
+            max_packet_size: None,
+            server_keep_alive: None,
+            reason_string: None,
+        }),
+        v4::Packet::Publish(p) => Inbound::Publish(PublishIn {
+            topic: Bytes::from(p.topic.into_bytes()),
+            payload: p.payload,
+            qos: qos_u8(p.qos),
+            pkid: p.pkid,
+            dup: p.dup,
+            retain: p.retain,
+            topic_alias: None,
+        }),
+        v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid, 0),
+        v4::Packet::PubRec(a) => Inbound::PubRec(a.pkid, 0),
+        v4::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
+        v4::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
+        v4::Packet::Subscribe(s) => {
+            Inbound::Subscribe(s.pkid, s.filters.into_iter().map(|f| f.path).collect())
+        }
+        v4::Packet::SubAck(s) => Inbound::SubAck(
+            s.pkid,
+            s.return_codes
+                .iter()
+                .map(|c| match c {
+                    v4::SubscribeReasonCode::Success(q) => qos_u8(*q),
+                    v4::SubscribeReasonCode::Failure => 0x80,
+                })
+                .collect(),
+        ),
+        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.topics.len()),
+        v4::Packet::UnsubAck(u) => Inbound::UnsubAck(u.pkid),
+        v4::Packet::PingReq => Inbound::PingReq,
+        v4::Packet::PingResp => Inbound::PingResp,
+        v4::Packet::Disconnect => Inbound::Disconnect(0, None),
+    }))
+}
+
+fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecError> {
+    let limit = u32::try_from(max).unwrap_or(u32::MAX);
+    let packet = match guarded("MQTT 5", || v5::Packet::read(buf, Some(limit)))? {
+        Ok(p) => p,
+        Err(V5Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(v5_err(e, max)),
+    };
+    Ok(Some(match packet {
+        v5::Packet::Connect(c, will, login) => {
+            let props = c.properties.as_ref();
+            Inbound::Connect(Box::new(ConnectIn {
+                version: Version::V5,
+                client_id: c.client_id,
+                clean_start: c.clean_start,
+                keep_alive: c.keep_alive,
+                session_expiry: props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
+                receive_maximum: props.and_then(|p| p.receive_maximum),
+                max_packet_size: props.and_then(|p| p.max_packet_size),
+                auth_method: props.and_then(|p| p.authentication_method.clone()),
+                username: login.as_ref().map(|l| l.username.clone()),
+                password: login.map(|l| l.password),
+                will: will.map(|w| Will {
+                    delay_secs: w
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.delay_interval)
+                        .unwrap_or(0),
+                    topic: w.topic,
+                    payload: w.message,
+                    qos: qos5_u8(w.qos),
+                }),
+            }))
+        }
+        v5::Packet::ConnAck(a) => {
+            let props = a.properties.as_ref();
+            Inbound::ConnAck(ConnAckIn {
+                session_present: a.session_present,
+                code: connack_code_v5(a.code),
+                receive_maximum: props.and_then(|p| p.receive_max),
+                max_packet_size: props.and_then(|p| p.max_packet_size),
+                server_keep_alive: props.and_then(|p| p.server_keep_alive),
+                reason_string: props.and_then(|p| p.reason_string.clone()),
+            })
+        }
+        v5::Packet::Publish(p) => Inbound::Publish(PublishIn {
+            topic_alias: p.properties.as_ref().and_then(|pp| pp.topic_alias),
+            topic: p.topic,
+            payload: p.payload,
+            qos: qos5_u8(p.qos),
+            pkid: p.pkid,
+            dup: p.dup,
+            retain: p.retain,
+        }),
+        v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid, puback_code(a.reason)),
+        v5::Packet::PubRec(a) => Inbound::PubRec(a.pkid, pubrec_code(a.reason)),
+        v5::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
+        v5::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
+        v5::Packet::Subscribe(s) => {
+            Inbound::Subscribe(s.pkid, s.filters.into_iter().map(|f| f.path).collect())
+        }
+        v5::Packet::SubAck(s) => Inbound::SubAck(
+            s.pkid,
+            s.return_codes.iter().map(|c| suback_code_v5(*c)).collect(),
+        ),
+        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.filters.len()),
+        v5::Packet::UnsubAck(u) => Inbound::UnsubAck(u.pkid),
+        v5::Packet::PingReq(_) => Inbound::PingReq,
+        v5::Packet::PingResp(_) => Inbound::PingResp,
+        v5::Packet::Disconnect(d) => Inbound::Disconnect(
+            disconnect_code(d.reason_code),
+            d.properties.and_then(|p| p.session_expiry_interval),
+        ),
+        v5::Packet::Auth(_) => Inbound::Auth,
+    }))
+}
+
+fn connack_code_v5(c: v5::ConnectReturnCode) -> u8 {
+    use v5::ConnectReturnCode as C;
+    match c {
+        C::Success => 0x00,
+        C::RefusedProtocolVersion => 0x84,
+        C::BadClientId => 0x85,
+        C::ServiceUnavailable => 0x88,
+        C::UnspecifiedError => 0x80,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::ImplementationSpecificError => 0x83,
+        C::UnsupportedProtocolVersion => 0x84,
+        C::ClientIdentifierNotValid => 0x85,
+        C::BadUserNamePassword => 0x86,
+        C::NotAuthorized => 0x87,
+        C::ServerUnavailable => 0x88,
+        C::ServerBusy => 0x89,
+        C::Banned => 0x8A,
+        C::BadAuthenticationMethod => 0x8C,
+        C::TopicNameInvalid => 0x90,
+        C::PacketTooLarge => 0x95,
+        C::QuotaExceeded => 0x97,
+        C::PayloadFormatInvalid => 0x99,
+        C::RetainNotSupported => 0x9A,
+        C::QoSNotSupported => 0x9B,
+        C::UseAnotherServer => 0x9C,
+        C::ServerMoved => 0x9D,
+        C::ConnectionRateExceeded => 0x9F,
+    }
+}
+
+fn connack_reason_v5(code: u8) -> v5::ConnectReturnCode {
+    use v5::ConnectReturnCode as C;
+    match code {
+        0x00 => C::Success,
+        0x81 => C::MalformedPacket,
+        0x82 => C::ProtocolError,
+        0x84 => C::UnsupportedProtocolVersion,
+        0x85 => C::ClientIdentifierNotValid,
+        0x86 => C::BadUserNamePassword,
+        0x87 => C::NotAuthorized,
+        0x88 => C::ServerUnavailable,
+        0x89 => C::ServerBusy,
+        0x8C => C::BadAuthenticationMethod,
+        0x95 => C::PacketTooLarge,
+        0x97 => C::QuotaExceeded,
+        _ => C::UnspecifiedError,
+    }
+}
+
+fn puback_code(r: v5::PubAckReason) -> u8 {
+    use v5::PubAckReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+fn pubrec_code(r: v5::PubRecReason) -> u8 {
+    use v5::PubRecReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+fn puback_reason(code: u8) -> v5::PubAckReason {
+    use v5::PubAckReason as R;
+    match code {
+        0x00 => R::Success,
+        0x10 => R::NoMatchingSubscribers,
+        0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        0x99 => R::PayloadFormatInvalid,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn pubrec_reason(code: u8) -> v5::PubRecReason {
+    use v5::PubRecReason as R;
+    match code {
+        0x00 => R::Success,
+        0x10 => R::NoMatchingSubscribers,
+        0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        0x99 => R::PayloadFormatInvalid,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn suback_code_v5(c: v5::SubscribeReasonCode) -> u8 {
+    use v5::SubscribeReasonCode as S;
+    match c {
+        S::Success(q) => qos5_u8(q),
+        S::Failure | S::Unspecified => 0x80,
+        S::ImplementationSpecific => 0x83,
+        S::NotAuthorized => 0x87,
+        S::TopicFilterInvalid => 0x8F,
+        S::PkidInUse => 0x91,
+        S::QuotaExceeded => 0x97,
+        S::SharedSubscriptionsNotSupported => 0x9E,
+        S::SubscriptionIdNotSupported => 0xA1,
+        S::WildcardSubscriptionsNotSupported => 0xA2,
+    }
+}
+
+fn disconnect_code(c: v5::DisconnectReasonCode) -> u8 {
+    c as u8
+}
+
+fn disconnect_reason(code: u8) -> v5::DisconnectReasonCode {
+    use v5::DisconnectReasonCode as D;
+    match code {
+        0x00 => D::NormalDisconnection,
+        0x81 => D::MalformedPacket,
+        0x82 => D::ProtocolError,
+        0x87 => D::NotAuthorized,
+        0x89 => D::ServerBusy,
+        0x8B => D::ServerShuttingDown,
+        0x8D => D::KeepAliveTimeout,
+        0x8E => D::SessionTakenOver,
+        0x90 => D::TopicNameInvalid,
+        0x93 => D::ReceiveMaximumExceeded,
+        0x94 => D::TopicAliasInvalid,
+        0x95 => D::PacketTooLarge,
+        0x97 => D::QuotaExceeded,
+        0x98 => D::AdministrativeAction,
+        _ => D::UnspecifiedError,
+    }
+}
+
+/// Acknowledgement packets ingest sends once a message is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// QoS 1.
+    PubAck,
+    /// QoS 2, first step.
+    PubRec,
+    /// QoS 2, after PUBREL.
+    PubComp,
+}
+
+/// Encodes an acknowledgement. `reason` is only carried by MQTT 5 (≥ 0x80
+/// refuses the message); MQTT 3.1.1 acks carry none.
+pub fn encode_ack(buf: &mut BytesMut, version: Version, kind: AckKind, pkid: u16, reason: u8) {
+    // Encoding into a BytesMut cannot fail for these fixed-size packets.
+    let _ = match (version, kind) {
+        (Version::V311, AckKind::PubAck) => v4::PubAck::new(pkid).write(buf).map_err(drop),
+        (Version::V311, AckKind::PubRec) => v4::PubRec::new(pkid).write(buf).map_err(drop),
+        (Version::V311, AckKind::PubComp) => v4::PubComp::new(pkid).write(buf).map_err(drop),
+        (Version::V5, AckKind::PubAck) => v5::PubAck {
+            pkid,
+            reason: puback_reason(reason),
+            properties: None,
+        }
+        .write(buf)
+        .map_err(drop),
+        (Version::V5, AckKind::PubRec) => v5::PubRec {
+            pkid,
+            reason: pubrec_reason(reason),
+            properties: None,
+        }
+        .write(buf)
+        .map_err(drop),
+        (Version::V5, AckKind::PubComp) => v5::PubComp {
+            pkid,
+            reason: if reason == 0x92 {
+                v5::PubCompReason::PacketIdentifierNotFound
+            } else {
+                v5::PubCompReason::Success
+            },
+            properties: None,
+        }
+        .write(buf)
+        .map_err(drop),
+    };
+}
+
+/// What the endpoint tells a client in CONNACK.
+#[derive(Debug, Clone, Default)]
+pub struct ConnAckOut {
+    /// Session present flag.
+    pub session_present: bool,
+    /// v5 reason code (0 = accepted). For 3.1.1 it is mapped to the nearest
+    /// return code.
+    pub code: u8,
+    /// v5 properties (ignored for 3.1.1).
+    pub receive_maximum: Option<u16>,
+    /// v5 Maximum Packet Size.
+    pub max_packet_size: Option<u32>,
+    /// v5 Server Keep Alive (when we lower the client's).
+    pub server_keep_alive: Option<u16>,
+    /// v5 Session Expiry Interval (when we lower the client's).
+    pub session_expiry: Option<u32>,
+    /// v5 Assigned Client Identifier.
+    pub assigned_client_id: Option<String>,
+    /// v5 Reason String.
+    pub reason_string: Option<String>,
+}
+
+/// The 3.1.1 return code closest to a v5 CONNACK reason code.
+fn v3_connack_code(code: u8) -> v4::ConnectReturnCode {
+    use v4::ConnectReturnCode as C;
+    match code {
+        0x00 => C::Success,
+        0x84 => C::RefusedProtocolVersion,
+        0x85 => C::BadClientId,
+        0x86 => C::BadUserNamePassword,
+        0x87 | 0x8C => C::NotAuthorized,
+        _ => C::ServiceUnavailable,
+    }
+}
+
+/// Encodes a CONNACK.
+pub fn encode_connack(buf: &mut BytesMut, version: Version, c: &ConnAckOut) {
+    let _ = match version {
+        Version::V311 => v4::ConnAck::new(v3_connack_code(c.code), c.session_present)
+            .write(buf)
+            .map_err(drop),
+        Version::V5 => {
+            let accepted = c.code == 0;
+            v5::ConnAck {
+                session_present: c.session_present,
+                code: connack_reason_v5(c.code),
+                properties: Some(v5::ConnAckProperties {
+                    session_expiry_interval: c.session_expiry,
+                    receive_max: if accepted { c.receive_maximum } else { None },
+                    max_qos: None,
+                    retain_available: None,
+                    max_packet_size: if accepted { c.max_packet_size } else { None },
+                    assigned_client_identifier: c.assigned_client_id.clone(),
+                    // Topic aliases are not supported: 0 tells clients not to use them.
+                    topic_alias_max: Some(0),
+                    reason_string: c.reason_string.clone(),
+                    user_properties: Vec::new(),
+                    wildcard_subscription_available: Some(0),
+                    subscription_identifiers_available: Some(0),
+                    shared_subscription_available: Some(0),
+                    server_keep_alive: c.server_keep_alive,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                }),
+            }
+            .write(buf)
+            .map_err(drop)
+        }
+    };
+}
+
+/// Encodes a refusal of every filter of a SUBSCRIBE: this endpoint only
+/// ingests. v5 carries `reason` (e.g. 0x87 Not authorized) and a reason string.
+pub fn encode_suback_refused(
+    buf: &mut BytesMut,
+    version: Version,
+    pkid: u16,
+    filters: usize,
+    reason: &str,
+) {
+    let n = filters.max(1);
+    let _ = match version {
+        Version::V311 => {
+            v4::SubAck::new(pkid, vec![v4::SubscribeReasonCode::Failure; n]).write(buf)
+        }
+        Version::V5 => v5::SubAck {
+            pkid,
+            return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; n],
+            properties: Some(v5::SubAckProperties {
+                reason_string: Some(reason.to_string()),
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(buf)
+        .map_err(|_| V4Error::PayloadTooLong),
+    };
+}
+
+/// Encodes an UNSUBACK ("no subscription existed" for v5).
+pub fn encode_unsuback(buf: &mut BytesMut, version: Version, pkid: u16, filters: usize) {
+    let _ = match version {
+        Version::V311 => v4::UnsubAck::new(pkid).write(buf).map_err(drop),
+        Version::V5 => v5::UnsubAck {
+            pkid,
+            reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; filters.max(1)],
+            properties: None,
+        }
+        .write(buf)
+        .map_err(drop),
+    };
+}
+
+/// Encodes a PINGRESP.
+pub fn encode_pingresp(buf: &mut BytesMut, version: Version) {
+    let _ = match version {
+        Version::V311 => v4::PingResp.write(buf).map_err(drop),
+        Version::V5 => v5::PingResp::write(buf).map_err(drop),
+    };
+}
+
+/// Encodes a PINGREQ (client side).
+pub fn encode_pingreq(buf: &mut BytesMut, version: Version) {
+    let _ = match version {
+        Version::V311 => v4::PingReq.write(buf).map_err(drop),
+        Version::V5 => v5::PingReq::write(buf).map_err(drop),
+    };
+}
+
+/// Encodes a DISCONNECT. MQTT 3.1.1 servers send none: returns false then.
+pub fn encode_disconnect(
+    buf: &mut BytesMut,
+    version: Version,
+    reason: u8,
+    reason_string: Option<&str>,
+    server: bool,
+) -> bool {
+    match version {
+        Version::V311 if server => false,
+        Version::V311 => v4::Disconnect.write(buf).is_ok(),
+        Version::V5 => v5::Disconnect {
+            reason_code: disconnect_reason(reason),
+            properties: reason_string.map(|r| v5::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(r.to_string()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            }),
+        }
+        .write(buf)
+        .is_ok(),
+    }
+}
+
+/// What the broker client puts in its CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnectOut {
+    /// Version to speak.
+    pub version: Version,
+    /// Client id.
+    pub client_id: String,
+    /// Clean start / clean session.
+    pub clean_start: bool,
+    /// Keep alive, seconds.
+    pub keep_alive: u16,
+    /// v5 session expiry, seconds.
+    pub session_expiry: u32,
+    /// v5 receive maximum: how many QoS 1/2 deliveries the broker may have in flight to us.
+    pub receive_maximum: u16,
+    /// v5 maximum packet size we accept.
+    pub max_packet_size: u32,
+    /// Credentials.
+    pub username: Option<String>,
+    /// Credentials.
+    pub password: Option<String>,
+}
+
+/// Encodes a CONNECT (client side).
+pub fn encode_connect(buf: &mut BytesMut, c: &ConnectOut) -> Result<(), CodecError> {
+    let malformed = |e: String| CodecError::Malformed {
+        version: c.version.name(),
+        reason: e,
+    };
+    match c.version {
+        Version::V311 => {
+            let mut connect = v4::Connect::new(c.client_id.clone());
+            connect.keep_alive = c.keep_alive;
+            connect.clean_session = c.clean_start;
+            if let Some(u) = &c.username {
+                connect.set_login(u.clone(), c.password.clone().unwrap_or_default());
+            }
+            connect.write(buf).map_err(|e| malformed(e.to_string()))?;
+        }
+        Version::V5 => {
+            let connect = v5::Connect {
+                keep_alive: c.keep_alive,
+                client_id: c.client_id.clone(),
+                clean_start: c.clean_start,
+                properties: Some(v5::ConnectProperties {
+                    session_expiry_interval: Some(c.session_expiry),
+                    receive_maximum: Some(c.receive_maximum),
+                    max_packet_size: Some(c.max_packet_size),
+                    topic_alias_max: None,
+                    request_response_info: None,
+                    request_problem_info: None,
+                    user_properties: Vec::new(),
+                    authentication_method: None,
+                    authentication_data: None,
+                }),
+            };
+            let login = c.username.as_ref().map(|u| v5::Login {
+                username: u.clone(),
+                password: c.password.clone().unwrap_or_default(),
+            });
+            connect
+                .write(&None, &login, buf)
+                .map_err(|e| malformed(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a SUBSCRIBE of `filters`, each at `qos`.
+pub fn encode_subscribe(
+    buf: &mut BytesMut,
+    version: Version,
+    pkid: u16,
+    filters: &[String],
+    qos: u8,
+) -> Result<(), CodecError> {
+    let malformed = |e: String| CodecError::Malformed {
+        version: version.name(),
+        reason: e,
+    };
+    match version {
+        Version::V311 => {
+            let mut s = v4::Subscribe::new_many(
+                filters
+                    .iter()
+                    .map(|f| v4::SubscribeFilter::new(f.clone(), qos_of(qos))),
+            );
+            s.pkid = pkid;
+            s.write(buf).map_err(|e| malformed(e.to_string()))?;
+        }
+        Version::V5 => {
+            let mut s = v5::Subscribe::new_many(
+                filters.iter().map(|f| v5::Filter::new(f.clone(), qos5_of(qos))),
+                None,
+            );
+            s.pkid = pkid;
+            s.write(buf).map_err(|e| malformed(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes an UNSUBSCRIBE of `filters`.
+pub fn encode_unsubscribe(
+    buf: &mut BytesMut,
+    version: Version,
+    pkid: u16,
+    filters: &[String],
+) -> Result<(), CodecError> {
+    let malformed = |e: String| CodecError::Malformed {
+        version: version.name(),
+        reason: e,
+    };
+    match version {
+        Version::V311 => {
+            let u = v4::Unsubscribe {
+                pkid,
+                topics: filters.to_vec(),
+            };
+            u.write(buf).map_err(|e| malformed(e.to_string()))?;
+        }
+        Version::V5 => {
+            let u = v5::Unsubscribe {
+                pkid,
+                filters: filters.to_vec(),
+                properties: None,
+            };
+            u.write(buf).map_err(|e| malformed(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A stable 64-bit digest of topic and payload (xxh3, whose output is fixed
+/// by its specification): what identifies a message's content across
+/// restarts when recognising redeliveries.
+pub fn digest(topic: &[u8], payload: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(topic.len() as u64).to_le_bytes());
+    h.update(topic);
+    h.update(payload);
+    h.digest()
+}
+
+/// The meaning of a v5 reason code / v3 return code, for error messages.
+pub fn reason_name(code: u8) -> &'static str {
+    match code {
+        0x00 => "success",
+        0x01 => "unacceptable protocol version (3.1.1) / granted QoS 1",
+        0x02 => "identifier rejected (3.1.1) / granted QoS 2",
+        0x03 => "server unavailable (3.1.1)",
+        0x04 => "bad user name or password (3.1.1)",
+        0x05 => "not authorized (3.1.1)",
+        0x80 => "unspecified error",
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x83 => "implementation specific error",
+        0x84 => "unsupported protocol version",
+        0x85 => "client identifier not valid",
+        0x86 => "bad user name or password",
+        0x87 => "not authorized",
+        0x88 => "server unavailable",
+        0x89 => "server busy",
+        0x8A => "banned",
+        0x8C => "bad authentication method",
+        0x8D => "keep alive timeout",
+        0x8E => "session taken over",
+        0x8F => "topic filter invalid",
+        0x90 => "topic name invalid",
+        0x91 => "packet identifier in use",
+        0x92 => "packet identifier not found",
+        0x93 => "receive maximum exceeded",
+        0x94 => "topic alias invalid",
+        0x95 => "packet too large",
+        0x97 => "quota exceeded",
+        0x99 => "payload format invalid",
+        0x9A => "retain not supported",
+        0x9B => "QoS not supported",
+        0x9E => "shared subscriptions not supported",
+        0xA1 => "subscription identifiers not supported",
+        0xA2 => "wildcard subscriptions not supported",
+        _ => "unknown reason",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn v4_publish(topic: &str, payload: &[u8], qos: QoS, pkid: u16, dup: bool) -> BytesMut {
+        let mut p = v4::Publish::new(topic, qos, payload.to_vec());
+        p.pkid = pkid;
+        p.dup = dup;
+        let mut b = BytesMut::new();
+        p.write(&mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn connect_picks_the_version_it_declares() {
+        for version in [Version::V311, Version::V5] {
+            let mut b = BytesMut::new();
+            encode_connect(
+                &mut b,
+                &ConnectOut {
+                    version,
+                    client_id: "c1".into(),
+                    clean_start: false,
+                    keep_alive: 30,
+                    session_expiry: 60,
+                    receive_maximum: 100,
+                    max_packet_size: 1 << 20,
+                    username: Some("u".into()),
+                    password: Some("p".into()),
+                },
+            )
+            .unwrap();
+            let Some(Inbound::Connect(c)) = decode(&mut b, None, 1 << 20).unwrap() else {
+                panic!("not a connect");
+            };
+            assert_eq!(c.version, version);
+            assert_eq!(c.client_id, "c1");
+            assert!(!c.clean_start);
+            assert_eq!(c.username.as_deref(), Some("u"));
+            assert_eq!(c.password.as_deref(), Some("p"));
+            assert!(b.is_empty());
+        }
+    }
+
+    #[test]
+    fn partial_packets_wait_for_more_bytes() {
+        let full = v4_publish("a/b", b"hello", QoS::AtLeastOnce, 7, true);
+        let mut b = BytesMut::from(&full[..full.len() - 2]);
+        assert_eq!(decode(&mut b, Some(Version::V311), 1024).unwrap(), None);
+        b.extend_from_slice(&full[full.len() - 2..]);
+        let Some(Inbound::Publish(p)) = decode(&mut b, Some(Version::V311), 1024).unwrap() else {
+            panic!()
+        };
+        assert_eq!((p.pkid, p.dup, p.qos), (7, true, 1));
+        assert_eq!(&p.topic[..], b"a/b");
+        assert_eq!(&p.payload[..], b"hello");
+    }
+
+    #[test]
+    fn oversized_packets_are_refused_from_the_header_alone() {
+        let full = v4_publish("a", &[0u8; 5000], QoS::AtMostOnce, 0, false);
+        // Only the fixed header has arrived: the size is known, nothing is buffered.
+        let mut b = BytesMut::from(&full[..4]);
+        let e = decode(&mut b, Some(Version::V311), 1024).unwrap_err();
+        assert!(matches!(e, CodecError::TooLarge { max: 1024, .. }), "{e}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [
+            &[0x10u8, 0x02, 0x00, 0x04][..],
+            &[0xF0, 0x00],
+            &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F],
+            &[0x10, 0x0A, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03, 0x02, 0x00, 0x3C],
+        ] {
+            let mut b = BytesMut::from(bytes);
+            let _ = decode(&mut b, None, 1 << 20);
+            let mut b = BytesMut::from(bytes);
+            let _ = decode(&mut b, Some(Version::V5), 1 << 20);
+        }
+    }
+
+    #[test]
+    fn acks_round_trip_through_the_codec() {
+        for version in [Version::V311, Version::V5] {
+            let mut b = BytesMut::new();
+            encode_ack(&mut b, version, AckKind::PubAck, 9, 0);
+            encode_ack(&mut b, version, AckKind::PubRec, 10, 0);
+            encode_ack(&mut b, version, AckKind::PubComp, 11, 0);
+            assert_eq!(
+                decode(&mut b, Some(version), 64).unwrap(),
+                Some(Inbound::PubAck(9, 0))
+            );
+            assert_eq!(
+                decode(&mut b, Some(version), 64).unwrap(),
+                Some(Inbound::PubRec(10, 0))
+            );
+            assert_eq!(
+                decode(&mut b, Some(version), 64).unwrap(),
+                Some(Inbound::PubComp(11))
+            );
+        }
+        let mut b = BytesMut::new();
+        encode_ack(&mut b, Version::V5, AckKind::PubAck, 3, 0x97);
+        assert_eq!(
+            decode(&mut b, Some(Version::V5), 64).unwrap(),
+            Some(Inbound::PubAck(3, 0x97))
+        );
+    }
+
+    #[test]
+    fn the_digest_separates_topic_from_payload() {
+        assert_ne!(digest(b"a", b"bc"), digest(b"ab", b"c"));
+        assert_eq!(digest(b"t", b"1"), digest(b"t", b"1"));
+    }
+}

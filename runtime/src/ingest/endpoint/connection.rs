@@ -1,0 +1,515 @@
+//! One client connection of the native endpoint: CONNECT, authentication,
+//! session, then PUBLISHes into the pipeline and acknowledgements back once
+//! durable.
+//!
+//! Everything one read brings in becomes one [`Chunk`] (with the session
+//! changes it caused), so a pipelining client costs one queue operation per
+//! read, not per message; acknowledgements from one commit are written with
+//! one system call.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::sessions::{Lease, OpenRequest};
+use super::Shared;
+use crate::ingest::codec::{self, AckKind, ConnAckOut, ConnectIn, Inbound, Version, Will};
+use crate::ingest::redelivery::Verdict;
+use crate::ingest::session_store::SessionUpdate;
+use crate::ingest::{write_acks, Ack, AckRoute, Chunk, Item, Received};
+
+/// Most items one chunk carries (one read of a fast client is ~600).
+const CHUNK_ITEMS: usize = 4096;
+/// Read granularity.
+const READ_BYTES: usize = 64 * 1024;
+/// Longest client id accepted.
+const MAX_CLIENT_ID: usize = 256;
+/// What subscribers are told.
+const SUBSCRIBE_REFUSED: &str = "this endpoint only ingests (PUBLISH); to subscribe, use an MQTT broker and let Fogline subscribe to it too";
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT; `will` asks for the will anyway (v5 0x04).
+    Disconnect { will: bool, expiry: Option<u32> },
+    /// The socket closed or failed without DISCONNECT.
+    Lost(String),
+    /// We close it, telling a v5 client `code`.
+    Close { code: u8, reason: String },
+}
+
+impl End {
+    fn close(code: u8, reason: impl Into<String>) -> Self {
+        End::Close {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+struct Conn<R, W> {
+    rd: R,
+    wr: W,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            let out = self.wbuf.split();
+            self.wr.write_all(&out).await?;
+            self.wr.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads until a whole CONNECT is buffered.
+    async fn read_connect(&mut self) -> Result<Box<ConnectIn>, End> {
+        let max = self.shared.limits.max_packet;
+        loop {
+            match codec::decode(&mut self.rbuf, None, max) {
+                Ok(Some(Inbound::Connect(c))) => return Ok(c),
+                Ok(Some(other)) => {
+                    return Err(End::Lost(format!(
+                        "first packet is not CONNECT ({other:?})"
+                    )))
+                }
+                Ok(None) => {}
+                Err(codec::CodecError::UnsupportedLevel(level)) => {
+                    // Answer in 3.1.1, which every client understands.
+                    codec::encode_connack(
+                        &mut self.wbuf,
+                        Version::V311,
+                        &ConnAckOut {
+                            code: 0x84,
+                            ..ConnAckOut::default()
+                        },
+                    );
+                    let _ = self.flush().await;
+                    return Err(End::Lost(format!(
+                        "unsupported MQTT protocol level {level} (3.1.1 and 5 are)"
+                    )));
+                }
+                Err(e) => return Err(End::Lost(format!("bad CONNECT: {e}"))),
+            }
+            self.rbuf.reserve(READ_BYTES.min(max));
+            match self.rd.read_buf(&mut self.rbuf).await {
+                Ok(0) => return Err(End::Lost("closed before CONNECT".into())),
+                Ok(_) => {}
+                Err(e) => return Err(End::Lost(format!("read failed before CONNECT: {e}"))),
+            }
+        }
+    }
+
+    async fn refuse(&mut self, version: Version, code: u8, why: &str) {
+        metrics::counter!("fogline_ingest_connections_refused_total", "reason" => codec::reason_name(code)).increment(1);
+        warn!(peer = %self.peer, code = format!("{code:#04x}"), reason = %why, "Refused an MQTT connection.");
+        codec::encode_connack(
+            &mut self.wbuf,
+            version,
+            &ConnAckOut {
+                code,
+                ..ConnAckOut::default()
+            },
+        );
+        let _ = self.flush().await;
+    }
+}
+
+/// Serves one connection until it ends.
+pub(super) async fn serve<S>(io: S, peer: SocketAddr, certificate_cn: Option<String>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (rd, wr) = tokio::io::split(io);
+    let mut c = Conn {
+        rd,
+        wr,
+        rbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::with_capacity(4096),
+        peer,
+        shared: shared.clone(),
+    };
+    let connect = match tokio::time::timeout(shared.limits.connect_timeout, c.read_connect()).await {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(End::Lost(why))) => {
+            metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+            debug!(%peer, reason = %why, "Connection ended before a session started.");
+            return;
+        }
+        Ok(Err(_)) => return,
+        Err(_) => {
+            debug!(%peer, timeout = ?shared.limits.connect_timeout, "No CONNECT in time; closing.");
+            return;
+        }
+    };
+    let version = connect.version;
+    let Some(_slot) = shared.connections.clone().try_acquire_owned().ok() else {
+        c.refuse(version, 0x97, &format!("{} connections already (broker.max_connections)", shared.limits.max_connections)).await;
+        return;
+    };
+    if connect.auth_method.is_some() {
+        c.refuse(version, 0x8C, "enhanced authentication (AUTH) is not supported").await;
+        return;
+    }
+    let mut assigned = None;
+    let client_id = if connect.client_id.is_empty() {
+        if !connect.clean_start && version == Version::V311 {
+            c.refuse(version, 0x85, "empty client id with clean session 0").await;
+            return;
+        }
+        let id = format!("fogline-auto-{:016x}", rand::random::<u64>());
+        assigned = Some(id.clone());
+        id
+    } else {
+        connect.client_id.clone()
+    };
+    if client_id.len() > MAX_CLIENT_ID {
+        c.refuse(version, 0x85, &format!("client id is {} bytes, the limit is {MAX_CLIENT_ID}", client_id.len())).await;
+        return;
+    }
+    let owner = match shared
+        .auth
+        .check(connect.username.as_deref(), connect.password.as_deref(), certificate_cn.as_deref())
+        .await
+    {
+        Ok(o) => o,
+        Err(r) => {
+            metrics::counter!("fogline_ingest_auth_failures_total").increment(1);
+            c.refuse(version, r.code, &format!("client `{client_id}`: {}", r.reason)).await;
+            return;
+        }
+    };
+    let limits = &shared.limits;
+    let max_expiry = limits.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+    let expiry = match version {
+        Version::V311 if connect.clean_start => 0,
+        Version::V311 => max_expiry,
+        Version::V5 => connect.session_expiry.min(max_expiry),
+    };
+    let req = OpenRequest {
+        client_id: client_id.clone(),
+        owner,
+        clean_start: connect.clean_start,
+        expiry_secs: expiry,
+        protocol: if version == Version::V5 { 5 } else { 4 },
+    };
+    let mut lease = match shared.sessions.open(&req).await {
+        Ok(l) => l,
+        Err(r) => {
+            c.refuse(version, r.code, &r.reason).await;
+            return;
+        }
+    };
+    let max_keep_alive = limits.max_keep_alive.as_secs().clamp(1, u64::from(u16::MAX)) as u16;
+    let (keep_alive, server_keep_alive) = match version {
+        Version::V5 if connect.keep_alive == 0 || connect.keep_alive > max_keep_alive => {
+            (max_keep_alive, Some(max_keep_alive))
+        }
+        _ => (connect.keep_alive, None),
+    };
+    codec::encode_connack(
+        &mut c.wbuf,
+        version,
+        &ConnAckOut {
+            session_present: lease.session_present,
+            code: 0,
+            receive_maximum: Some(limits.receive_maximum),
+            max_packet_size: u32::try_from(limits.max_packet).ok(),
+            server_keep_alive,
+            session_expiry: (version == Version::V5 && expiry != connect.session_expiry)
+                .then_some(expiry),
+            assigned_client_id: assigned,
+            reason_string: None,
+        },
+    );
+    shared.state.clients.fetch_add(1, Ordering::AcqRel);
+    shared
+        .state
+        .sessions
+        .store(shared.sessions.len() as u64, Ordering::Release);
+    metrics::gauge!("fogline_ingest_clients").increment(1.0);
+    metrics::counter!("fogline_ingest_connections_total").increment(1);
+    info!(%peer, client = %client_id, version = version.name(), session_present = lease.session_present, keep_alive, "MQTT client connected.");
+
+    let will = connect.will.clone();
+    let mut session = SessionUpdate {
+        key: lease.key.clone(),
+        discard: lease.discard_stored,
+        meta: (expiry > 0).then(|| lease.meta.clone()),
+        ops: Vec::new(),
+    };
+    let end = run(&mut c, &mut lease, version, keep_alive, &mut session).await;
+    let mut expiry = expiry;
+    let (publish_will, why) = match &end {
+        End::Disconnect { will, expiry: e } => {
+            if let Some(e) = e {
+                expiry = (*e).min(max_expiry);
+            }
+            (*will, "client disconnected".to_string())
+        }
+        End::Lost(why) => (true, why.clone()),
+        End::Close { code, reason } => {
+            if codec::encode_disconnect(&mut c.wbuf, version, *code, Some(reason), true) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), c.flush()).await;
+            }
+            (true, format!("{reason} ({})", codec::reason_name(*code)))
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.wr.shutdown()).await;
+    shared.state.clients.fetch_sub(1, Ordering::AcqRel);
+    metrics::gauge!("fogline_ingest_clients").decrement(1.0);
+    info!(%peer, client = %client_id, reason = %why, "MQTT client disconnected.");
+
+    // Hand the session back and persist what changed.
+    let mut state = std::mem::replace(&mut lease.state, crate::ingest::redelivery::SenderState::new(false, 1));
+    if expiry > 0 && !state.is_persistent() {
+        state.make_persistent();
+    }
+    session.ops.extend(state.take_ops());
+    let (meta, discard) = shared.sessions.release(&lease, state, expiry, crate::clock::now_ms());
+    session.meta = meta;
+    session.discard |= discard;
+    if !session.is_empty() {
+        let mut chunk = Chunk::new(None, shared.limits.max_payload);
+        chunk.session = Some(session);
+        let _ = shared.sink.send(chunk).await;
+    }
+    shared
+        .state
+        .sessions
+        .store(shared.sessions.len() as u64, Ordering::Release);
+    if publish_will {
+        if let Some(w) = will {
+            publish_will_later(shared.clone(), client_id, lease.generation, w, expiry);
+        }
+    }
+}
+
+/// Publishes a will into the pipeline, after its delay unless the client's
+/// session was resumed meanwhile (MQTT 5 §3.1.3.2.2).
+fn publish_will_later(shared: Arc<Shared>, client_id: String, generation: u64, will: Will, expiry: u32) {
+    tokio::spawn(async move {
+        // Published when the will delay or the session ends, whichever is first.
+        let delay = will.delay_secs.min(expiry);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            let now = shared.sessions.generation(&client_id);
+            if now.is_some_and(|g| g != generation) {
+                return; // reconnected: no will
+            }
+        }
+        metrics::counter!("fogline_ingest_wills_total").increment(1);
+        debug!(client = %client_id, "Publishing the will message.");
+        let mut chunk = Chunk::new(None, shared.limits.max_payload);
+        chunk.push(Item {
+            message: Some(Received {
+                topic: will.topic.to_vec(),
+                payload: will.payload.to_vec(),
+                received_ms: crate::clock::now_ms(),
+            }),
+            ack: None,
+        });
+        let _ = shared.sink.send(chunk).await;
+    });
+}
+
+/// The connection's life after CONNACK.
+async fn run<R, W>(
+    c: &mut Conn<R, W>,
+    lease: &mut Lease,
+    version: Version,
+    keep_alive: u16,
+    session: &mut SessionUpdate,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let shared = c.shared.clone();
+    let limits = &shared.limits;
+    let rm = usize::from(limits.receive_maximum);
+    let (route, mut acks) = AckRoute::new(version == Version::V5);
+    lease
+        .state
+        .start_connection((version == Version::V5).then_some(limits.receive_maximum));
+    let received = metrics::counter!("fogline_ingest_received_total", "source" => "endpoint");
+    let resends = metrics::counter!("fogline_ingest_resends_total", "source" => "endpoint");
+    let evicted = metrics::counter!("fogline_ingest_marks_evicted_total", "source" => "endpoint");
+    let acks_sent = metrics::counter!("fogline_ingest_acks_sent_total", "source" => "endpoint");
+    // Packet ids of QoS 1/2 PUBLISHes whose final acknowledgement is not written yet.
+    let mut in_flight: HashSet<u16> = HashSet::new();
+    let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let mut last_rx = Instant::now();
+    let mut shutdown = shared.shutdown.clone();
+    let mut first = true;
+    if let Err(e) = c.flush().await {
+        return End::Lost(format!("write failed: {e}"));
+    }
+    loop {
+        // Everything buffered becomes one chunk.
+        let mut chunk = Chunk::new(Some(route.clone()), limits.max_payload);
+        let mut end = None;
+        while chunk.items.len() < CHUNK_ITEMS {
+            // MQTT 3.1.1 has no receive maximum: beyond ours, stop reading.
+            if version == Version::V311 && in_flight.len() >= rm {
+                break;
+            }
+            let packet = match codec::decode(&mut c.rbuf, Some(version), limits.max_packet) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(codec::CodecError::TooLarge { size, max }) => {
+                    metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+                    end = Some(End::close(0x95, format!("packet of {size} bytes, the maximum packet size is {max}")));
+                    break;
+                }
+                Err(e) => {
+                    metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+                    end = Some(End::close(0x81, e.to_string()));
+                    break;
+                }
+            };
+            match packet {
+                Inbound::Publish(p) => {
+                    if p.topic_alias.is_some() {
+                        end = Some(End::close(0x94, "topic aliases are not supported (Topic Alias Maximum is 0)"));
+                        break;
+                    }
+                    if p.topic.is_empty() || p.topic.iter().any(|b| matches!(b, b'+' | b'#')) {
+                        end = Some(End::close(0x90, format!("PUBLISH topic `{}` is empty or has wildcards", String::from_utf8_lossy(&p.topic))));
+                        break;
+                    }
+                    received.increment(1);
+                    let digest = if p.qos > 0 { codec::digest(&p.topic, &p.payload) } else { 0 };
+                    let message = Received {
+                        topic: p.topic.to_vec(),
+                        payload: p.payload.to_vec(),
+                        received_ms: crate::clock::now_ms(),
+                    };
+                    let (verdict, kind) = match p.qos {
+                        0 => {
+                            chunk.push(Item { message: Some(message), ack: None });
+                            continue;
+                        }
+                        1 => (lease.state.on_qos1(p.pkid, p.dup, digest), AckKind::PubAck),
+                        _ => (lease.state.on_qos2(p.pkid, p.dup, digest), AckKind::PubRec),
+                    };
+                    in_flight.insert(p.pkid);
+                    if version == Version::V5 && in_flight.len() > rm {
+                        end = Some(End::close(0x93, format!("more than {rm} QoS 1/2 messages unacknowledged (Receive Maximum)")));
+                        break;
+                    }
+                    let ack = Some(Ack { kind, pkid: p.pkid, reason: 0 });
+                    match verdict {
+                        Verdict::New => chunk.push(Item { message: Some(message), ack }),
+                        Verdict::Resend => {
+                            resends.increment(1);
+                            chunk.push(Item { message: None, ack });
+                        }
+                    }
+                }
+                Inbound::PubRel(pkid) => {
+                    let known = lease.state.on_pubrel(pkid);
+                    in_flight.insert(pkid);
+                    chunk.push(Item {
+                        message: None,
+                        ack: Some(Ack { kind: AckKind::PubComp, pkid, reason: if known { 0 } else { 0x92 } }),
+                    });
+                }
+                Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
+                Inbound::Subscribe(pkid, filters) => {
+                    metrics::counter!("fogline_ingest_subscribes_refused_total").increment(1);
+                    if first {
+                        info!(peer = %c.peer, client = %lease.client_id, ?filters, "Refused SUBSCRIBE: this endpoint only ingests.");
+                        first = false;
+                    }
+                    codec::encode_suback_refused(&mut c.wbuf, version, pkid, filters.len(), SUBSCRIBE_REFUSED);
+                }
+                Inbound::Unsubscribe(pkid, n) => codec::encode_unsuback(&mut c.wbuf, version, pkid, n),
+                Inbound::Disconnect(reason, expiry) => {
+                    if expiry.is_some_and(|e| e > 0) && lease.meta.expiry_secs == 0 {
+                        end = Some(End::close(0x82, "DISCONNECT raised a session expiry of 0 (MQTT 5 §3.14.2.2.2)"));
+                    } else {
+                        end = Some(End::Disconnect { will: reason == 0x04, expiry });
+                    }
+                    break;
+                }
+                Inbound::Auth => {
+                    end = Some(End::close(0x8C, "AUTH is not supported"));
+                    break;
+                }
+                other => {
+                    metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+                    end = Some(End::close(0x82, format!("unexpected packet from a client: {other:?}")));
+                    break;
+                }
+            }
+        }
+        let counters = lease.state.take_counters();
+        evicted.increment(counters.evicted);
+        if lease.state.is_persistent() {
+            session.ops.extend(lease.state.take_ops());
+        }
+        if !session.is_empty() {
+            chunk.session = Some(std::mem::take(session));
+            session.key = lease.key.clone();
+        }
+        if !chunk.is_empty() {
+            tokio::select! {
+                r = shared.sink.send(chunk) => if r.is_err() {
+                    return End::close(0x8B, "the daemon is shutting down");
+                },
+                _ = shutdown.changed() => return End::close(0x8B, "the daemon is shutting down"),
+                _ = lease.kick.notified() => return End::close(0x8E, "another connection took the client id over"),
+            }
+            // Waiting for room is our doing, not the client's silence.
+            last_rx = Instant::now();
+        }
+        if let Some(end) = end {
+            return end;
+        }
+        if let Err(e) = c.flush().await {
+            return End::Lost(format!("write failed: {e}"));
+        }
+        let can_read = !(version == Version::V311 && in_flight.len() >= rm);
+        let idle_at = idle_limit.map(|d| last_rx + d);
+        tokio::select! {
+            r = async {
+                c.rbuf.reserve(READ_BYTES);
+                c.rd.read_buf(&mut c.rbuf).await
+            }, if can_read => match r {
+                Ok(0) => return End::Lost("connection closed without DISCONNECT".into()),
+                Ok(_) => last_rx = Instant::now(),
+                Err(e) => return End::Lost(format!("read failed: {e}")),
+            },
+            batch = acks.recv() => {
+                let Some(batch) = batch else { return End::Lost("ack route closed".into()) };
+                let mut n = write_acks(&mut c.wbuf, version, batch, &mut in_flight);
+                // More may already be waiting: one write for all of them.
+                while let Ok(batch) = acks.try_recv() {
+                    n += write_acks(&mut c.wbuf, version, batch, &mut in_flight);
+                }
+                acks_sent.increment(n);
+            }
+            _ = async {
+                match idle_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => return End::close(0x8D, format!("nothing received for 1.5 × keep alive ({keep_alive} s)")),
+            _ = lease.kick.notified() => return End::close(0x8E, "another connection took the client id over"),
+            _ = shutdown.changed() => return End::close(0x8B, "the daemon is shutting down"),
+        }
+    }
+}
+

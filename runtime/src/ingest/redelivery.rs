@@ -1,0 +1,564 @@
+//! Recognising redeliveries, per sender: which QoS 1/2 PUBLISHes are resends
+//! of messages already accepted (acknowledge only) and which are new
+//! (process, then acknowledge).
+//!
+//! A *sender* is an MQTT session that publishes to us: a sensor on the
+//! native endpoint, or the external broker delivering to our subscription.
+//! [`SenderState`] is a plain state machine (no I/O, no clock), driven by the
+//! connection that currently owns the session.
+//!
+//! # QoS 2: exact
+//! A packet id is *received* from the commit holding the message's outputs
+//! (PUBREC is sent after it) until the commit that records its PUBREL (PUBCOMP
+//! is sent after that). Any PUBLISH with a received packet id is a resend.
+//!
+//! # QoS 1: marks and proofs (ARCHITECTURE.md, clause I-5)
+//! Each accepted QoS 1 message leaves a *mark* (packet id → digest of topic
+//! and payload) in the same commit as its outputs. A `DUP=1` PUBLISH whose
+//! packet id has a mark with the same digest is a resend: acknowledged, not
+//! processed. A mark is removed as soon as there is *proof* that the sender
+//! received its PUBACK, because from then on the sender may reuse the packet
+//! id for a new message — possibly with identical content:
+//!
+//! - **P1, reuse.** The sender used the packet id again for different content
+//!   or with `DUP=0`: it had the PUBACK. PUBACKs on one connection are written
+//!   in arrival order and TCP delivers them in order, so it also had every
+//!   earlier PUBACK of that connection, and (P3) everything older.
+//! - **P2, receive maximum.** A sender that honours a receive maximum `N` has
+//!   at most `N` unacknowledged messages when it sends one: at the arrival of
+//!   the `k`-th QoS 1 PUBLISH on a connection, the PUBACKs of the first
+//!   `k - N` have been received.
+//! - **P3, reconnection.** On a new connection a sender first resends what it
+//!   has not had acknowledged (MQTT requires it, in order); its first `DUP=0`
+//!   PUBLISH there proves that marks from older connections not resent were
+//!   acknowledged.
+//!
+//! What remains is MQTT's own blind spot, bounded by the proofs: a new
+//! message identical in topic and payload to the previous message on the
+//! same packet id, sent after that one's PUBACK reached the sender but before
+//! any proof reached us, whose first transmission was lost with its
+//! connection. It is taken for a resend. Senders that number packet ids
+//! sequentially (mosquitto and most brokers and clients) always prove a mark
+//! away long before they reuse its id; QoS 2 has no such window.
+
+use std::collections::{HashMap, VecDeque};
+
+/// What to do with a PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A new message: process it, acknowledge after its commit.
+    New,
+    /// A resend of a message already accepted: acknowledge only (after the
+    /// next commit, so acknowledgements keep their order).
+    Resend,
+}
+
+/// A durable change to a sender's state, committed with the outbox commit
+/// that carries the PUBLISH (or PUBREL) that caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Op {
+    /// A QoS 1 message with this packet id and digest was accepted.
+    Mark(u16, u64),
+    /// The mark for this packet id is proven acknowledged.
+    Unmark(u16),
+    /// A QoS 2 packet id is now received (PUBREC will follow the commit).
+    Received(u16, u64),
+    /// A QoS 2 packet id was released by PUBREL (PUBCOMP follows the commit).
+    Released(u16),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    digest: u64,
+    /// Connection it arrived on last (0: before this process started).
+    conn: u32,
+    /// Its QoS 1 arrival index on that connection (= the order of its PUBACK).
+    index: u64,
+}
+
+/// Counters a sender's owner reports as metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Resends recognised and acknowledged without processing.
+    pub resends: u64,
+    /// Marks dropped by the retention cap without proof (a later resend of
+    /// them would be processed again: a possible duplicate).
+    pub evicted: u64,
+}
+
+/// One sender's redelivery state.
+#[derive(Debug, Clone)]
+pub struct SenderState {
+    marks: HashMap<u16, Mark>,
+    /// (conn, index, pkid) in arrival order; may hold stale entries for
+    /// marks since replaced (checked on removal).
+    order: VecDeque<(u32, u64, u16)>,
+    qos2: HashMap<u16, u64>,
+    conn: u32,
+    q1_arrivals: u64,
+    seen_new: bool,
+    receive_maximum: Option<u16>,
+    retain: usize,
+    persistent: bool,
+    ops: Vec<Op>,
+    counters: Counters,
+}
+
+impl SenderState {
+    /// A fresh sender. `persistent`: record [`Op`]s for the outbox.
+    /// `retain`: most QoS 1 marks kept (at least the sender's in-flight window).
+    pub fn new(persistent: bool, retain: usize) -> Self {
+        Self {
+            marks: HashMap::new(),
+            order: VecDeque::new(),
+            qos2: HashMap::new(),
+            conn: 0,
+            q1_arrivals: 0,
+            seen_new: false,
+            receive_maximum: None,
+            retain: retain.max(1),
+            persistent,
+            ops: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// A sender restored from the outbox after a restart: its marks count as
+    /// coming from an older connection whose PUBACKs may or may not have been
+    /// written.
+    pub fn restore(
+        marks: impl IntoIterator<Item = (u16, u64)>,
+        received: impl IntoIterator<Item = (u16, u64)>,
+        retain: usize,
+    ) -> Self {
+        let mut s = Self::new(true, retain);
+        for (i, (pkid, digest)) in marks.into_iter().enumerate() {
+            s.marks.insert(
+                pkid,
+                Mark {
+                    digest,
+                    conn: 0,
+                    index: i as u64,
+                },
+            );
+            s.order.push_back((0, i as u64, pkid));
+        }
+        s.qos2.extend(received);
+        s
+    }
+
+    /// Whether changes are recorded for the outbox.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Make the state persistent (v5 session expiry raised on DISCONNECT):
+    /// record everything it holds so the outbox has it.
+    pub fn make_persistent(&mut self) {
+        if !self.persistent {
+            self.persistent = true;
+            let mut ops: Vec<Op> = self
+                .order
+                .iter()
+                .filter_map(|(c, i, p)| {
+                    self.marks
+                        .get(p)
+                        .filter(|m| m.conn == *c && m.index == *i)
+                        .map(|m| Op::Mark(*p, m.digest))
+                })
+                .collect();
+            ops.extend(self.qos2.iter().map(|(p, d)| Op::Received(*p, *d)));
+            self.ops.extend(ops);
+        }
+    }
+
+    /// A new connection of this sender begins. `receive_maximum`: the window
+    /// the sender must honour on it (MQTT 5), enabling proof P2.
+    pub fn start_connection(&mut self, receive_maximum: Option<u16>) {
+        self.conn = self.conn.saturating_add(1);
+        self.q1_arrivals = 0;
+        self.seen_new = false;
+        self.receive_maximum = receive_maximum.filter(|n| *n > 0);
+    }
+
+    fn unmark_front_while(&mut self, mut pred: impl FnMut(u32, u64) -> bool) {
+        while let Some(&(c, i, p)) = self.order.front() {
+            if !pred(c, i) {
+                break;
+            }
+            self.order.pop_front();
+            if self
+                .marks
+                .get(&p)
+                .is_some_and(|m| m.conn == c && m.index == i)
+            {
+                self.marks.remove(&p);
+                if self.persistent {
+                    self.ops.push(Op::Unmark(p));
+                }
+            }
+        }
+    }
+
+    /// Proofs that hold at any QoS 1/2 arrival: P2 and, for `DUP=0`, P3.
+    fn on_arrival(&mut self, dup: bool) {
+        let conn = self.conn;
+        if !dup && !self.seen_new {
+            self.seen_new = true;
+            self.unmark_front_while(|c, _| c < conn); // P3
+        }
+        if let Some(n) = self.receive_maximum {
+            let q1 = self.q1_arrivals;
+            self.unmark_front_while(|c, i| c == conn && i + u64::from(n) <= q1); // P2
+        }
+    }
+
+    /// The sender used `pkid` for another message: it had the PUBACK of the
+    /// mark on `pkid` and of everything acknowledged before it (P1).
+    fn on_reuse(&mut self, pkid: u16) {
+        if let Some(m) = self.marks.get(&pkid).copied() {
+            self.unmark_front_while(|c, i| c < m.conn || (c == m.conn && i <= m.index));
+        }
+    }
+
+    /// A QoS 1 PUBLISH arrived.
+    pub fn on_qos1(&mut self, pkid: u16, dup: bool, digest: u64) -> Verdict {
+        self.on_arrival(dup);
+        let index = self.q1_arrivals;
+        self.q1_arrivals += 1;
+        let conn = self.conn;
+        if let Some(m) = self.marks.get_mut(&pkid) {
+            if dup && m.digest == digest {
+                // Its PUBACK will be written on this connection, in this order.
+                m.conn = conn;
+                m.index = index;
+                self.order.push_back((conn, index, pkid));
+                self.counters.resends += 1;
+                return Verdict::Resend;
+            }
+        }
+        self.on_reuse(pkid);
+        self.marks.insert(
+            pkid,
+            Mark {
+                digest,
+                conn,
+                index,
+            },
+        );
+        self.order.push_back((conn, index, pkid));
+        if self.persistent {
+            self.ops.push(Op::Mark(pkid, digest));
+        }
+        while self.marks.len() > self.retain {
+            let before = self.marks.len();
+            if let Some((c, i, _)) = self.order.front().copied() {
+                self.unmark_front_while(|c2, i2| (c2, i2) <= (c, i));
+            }
+            if self.marks.len() < before {
+                self.counters.evicted += (before - self.marks.len()) as u64;
+            } else {
+                break;
+            }
+        }
+        Verdict::New
+    }
+
+    /// A QoS 2 PUBLISH arrived.
+    pub fn on_qos2(&mut self, pkid: u16, dup: bool, digest: u64) -> Verdict {
+        if self.qos2.contains_key(&pkid) {
+            self.counters.resends += 1;
+            return Verdict::Resend;
+        }
+        self.on_arrival(dup);
+        self.on_reuse(pkid);
+        self.qos2.insert(pkid, digest);
+        if self.persistent {
+            self.ops.push(Op::Received(pkid, digest));
+        }
+        Verdict::New
+    }
+
+    /// A PUBREL arrived. True if the packet id was received (PUBCOMP after
+    /// the commit that records the release); false if unknown (PUBCOMP with
+    /// "packet identifier not found").
+    pub fn on_pubrel(&mut self, pkid: u16) -> bool {
+        if self.qos2.remove(&pkid).is_some() {
+            if self.persistent {
+                self.ops.push(Op::Released(pkid));
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// QoS 2 packet ids awaiting PUBREL.
+    pub fn received(&self) -> usize {
+        self.qos2.len()
+    }
+
+    /// QoS 1 marks held.
+    pub fn marks(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// Durable changes since the last call, for the next outbox commit.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Counters since the last call.
+    pub fn take_counters(&mut self) -> Counters {
+        std::mem::take(&mut self.counters)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fresh() -> SenderState {
+        let mut s = SenderState::new(true, 10_000);
+        s.start_connection(None);
+        s
+    }
+
+    #[test]
+    fn a_resend_after_a_crash_is_recognised() {
+        let mut s = fresh();
+        assert_eq!(s.on_qos1(1, false, 11), Verdict::New);
+        assert_eq!(s.on_qos1(2, false, 22), Verdict::New);
+        let ops = s.take_ops();
+        assert_eq!(ops, vec![Op::Mark(1, 11), Op::Mark(2, 22)]);
+        // Restart: the outbox gives the marks back.
+        let mut r = SenderState::restore([(1, 11), (2, 22)], [], 10_000);
+        r.start_connection(None);
+        assert_eq!(r.on_qos1(1, true, 11), Verdict::Resend);
+        assert_eq!(r.on_qos1(2, true, 22), Verdict::Resend);
+        assert_eq!(r.on_qos1(3, false, 33), Verdict::New);
+    }
+
+    #[test]
+    fn identical_content_on_a_reused_id_is_new_once_the_ack_is_proven() {
+        // The bug this module fixes: "1" on pkid 5, acknowledged; later "1"
+        // again on pkid 5, first transmission lost, resent with DUP.
+        let mut s = fresh();
+        assert_eq!(s.on_qos1(5, false, 1), Verdict::New);
+        for p in 6..=70u16 {
+            s.on_qos1(p, false, u64::from(p));
+        }
+        // pkid 6 reused by a new message: PUBACK of 5 and 6 proven (P1).
+        assert_eq!(s.on_qos1(6, false, 999), Verdict::New);
+        s.start_connection(None);
+        assert_eq!(
+            s.on_qos1(5, true, 1),
+            Verdict::New,
+            "identical content, proven ack: a new message"
+        );
+    }
+
+    #[test]
+    fn receive_maximum_proves_old_acks() {
+        let mut s = SenderState::new(true, 100_000);
+        s.start_connection(Some(10));
+        s.on_qos1(1, false, 7);
+        for p in 2..=11u16 {
+            s.on_qos1(p, false, u64::from(p) * 100);
+        }
+        // 11th arrival: the sender can have at most 10 unacknowledged, so #1's
+        // PUBACK was received.
+        s.start_connection(Some(10));
+        assert_eq!(s.on_qos1(1, true, 7), Verdict::New);
+        assert_eq!(s.on_qos1(11, true, 1100), Verdict::Resend);
+    }
+
+    #[test]
+    fn a_new_message_after_reconnect_proves_older_connections() {
+        let mut s = fresh();
+        s.on_qos1(1, false, 7);
+        s.start_connection(None);
+        assert_eq!(s.on_qos1(2, false, 8), Verdict::New); // first DUP=0 (P3)
+        s.start_connection(None);
+        assert_eq!(s.on_qos1(1, true, 7), Verdict::New);
+        assert_eq!(s.on_qos1(2, true, 8), Verdict::Resend);
+    }
+
+    #[test]
+    fn qos2_is_exact_until_pubrel() {
+        let mut s = fresh();
+        assert_eq!(s.on_qos2(9, false, 1), Verdict::New);
+        assert_eq!(s.on_qos2(9, true, 1), Verdict::Resend);
+        assert_eq!(s.on_qos2(9, false, 2), Verdict::Resend, "id still received");
+        assert!(s.on_pubrel(9));
+        assert!(!s.on_pubrel(9));
+        assert_eq!(s.on_qos2(9, false, 1), Verdict::New, "released: a new message");
+        assert_eq!(
+            s.take_ops(),
+            vec![Op::Received(9, 1), Op::Released(9), Op::Received(9, 1)]
+        );
+    }
+
+    #[test]
+    fn the_retention_cap_evicts_oldest_and_counts() {
+        let mut s = SenderState::new(false, 3);
+        s.start_connection(None);
+        for p in 1..=5u16 {
+            s.on_qos1(p, false, u64::from(p));
+        }
+        assert_eq!(s.marks(), 3);
+        assert_eq!(s.take_counters().evicted, 2);
+        assert!(s.take_ops().is_empty(), "not persistent: no ops");
+    }
+
+    /// A model sender: packet ids numbered in a cycle (like small clients),
+    /// distinct content, a window, PUBLISHes and PUBACKs lost with their
+    /// connection, receiver crashes. Every message is accepted exactly once.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Send(u8),
+        SendLost,
+        Ack(u8),
+        Cut,
+        Crash,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (1u8..8).prop_map(Step::Send),
+            1 => Just(Step::SendLost),
+            6 => (1u8..8).prop_map(Step::Ack),
+            1 => Just(Step::Cut),
+            1 => Just(Step::Crash),
+        ]
+    }
+
+    struct Model {
+        rx: SenderState,
+        rm: Option<u16>,
+        retain: usize,
+        durable: Vec<Op>,
+        inflight: VecDeque<(u16, u64)>,
+        wire: VecDeque<u16>,
+        next_msg: u64,
+        next_pkid: u16,
+        space: u16,
+        window: u16,
+        accepted: HashMap<u64, u32>,
+        resend_pending: bool,
+    }
+
+    impl Model {
+        fn deliver(&mut self, p: u16, m: u64, dup: bool) {
+            if self.rx.on_qos1(p, dup, m) == Verdict::New {
+                *self.accepted.entry(m).or_default() += 1;
+            }
+            self.wire.push_back(p);
+        }
+
+        fn resend(&mut self) {
+            if self.resend_pending {
+                for (p, m) in self.inflight.clone() {
+                    self.deliver(p, m, true);
+                }
+                self.resend_pending = false;
+            }
+        }
+
+        fn new_message(&mut self) -> Option<(u16, u64)> {
+            if self.inflight.len() >= usize::from(self.window) {
+                return None;
+            }
+            while self.inflight.iter().any(|(p, _)| *p == self.next_pkid) {
+                self.next_pkid = self.next_pkid % self.space + 1;
+            }
+            let (p, m) = (self.next_pkid, self.next_msg);
+            self.next_pkid = self.next_pkid % self.space + 1;
+            self.next_msg += 1;
+            self.inflight.push_back((p, m));
+            Some((p, m))
+        }
+
+        fn cut(&mut self) {
+            self.wire.clear();
+            self.rx.start_connection(self.rm);
+            self.resend_pending = true;
+        }
+
+        fn step(&mut self, st: Step) {
+            match st {
+                Step::Send(n) => {
+                    self.resend();
+                    for _ in 0..n {
+                        let Some((p, m)) = self.new_message() else { break };
+                        self.deliver(p, m, false);
+                    }
+                    self.durable.extend(self.rx.take_ops());
+                }
+                Step::SendLost => {
+                    self.resend();
+                    if self.new_message().is_some() {
+                        self.cut();
+                    }
+                }
+                Step::Ack(n) => {
+                    for _ in 0..n {
+                        let Some(p) = self.wire.pop_front() else { break };
+                        self.inflight.retain(|(q, _)| *q != p);
+                    }
+                }
+                Step::Cut => self.cut(),
+                Step::Crash => {
+                    self.durable.extend(self.rx.take_ops());
+                    let mut marks: Vec<(u16, u64)> = Vec::new();
+                    for op in &self.durable {
+                        match op {
+                            Op::Mark(p, d) => {
+                                marks.retain(|(q, _)| q != p);
+                                marks.push((*p, *d));
+                            }
+                            Op::Unmark(p) => marks.retain(|(q, _)| q != p),
+                            _ => {}
+                        }
+                    }
+                    self.rx = SenderState::restore(marks, [], self.retain);
+                    self.cut();
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, .. ProptestConfig::default() })]
+        #[test]
+        fn distinct_messages_are_accepted_exactly_once(
+            steps in proptest::collection::vec(step(), 1..300),
+            window in 1u16..16,
+            extra in 0u16..48,
+            v5 in any::<bool>(),
+        ) {
+            let space = window + extra;
+            let retain = usize::from(space) + 16;
+            let rm = if v5 { Some(window) } else { None };
+            let mut rx = SenderState::new(true, retain);
+            rx.start_connection(rm);
+            let mut m = Model {
+                rx, rm, retain, durable: Vec::new(), inflight: VecDeque::new(),
+                wire: VecDeque::new(), next_msg: 0, next_pkid: 1, space, window,
+                accepted: HashMap::new(), resend_pending: false,
+            };
+            for st in steps {
+                m.step(st);
+            }
+            // Deliver whatever is still unacknowledged.
+            m.step(Step::Cut);
+            m.resend();
+            for (id, n) in &m.accepted {
+                prop_assert_eq!(*n, 1, "message {} accepted {} times", id, n);
+            }
+            prop_assert_eq!(m.accepted.len() as u64, m.next_msg, "every message was accepted");
+        }
+    }
+}
