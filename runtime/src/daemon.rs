@@ -117,6 +117,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
             options: WorkerOptions {
                 max_batch: config.outbox.max_batch,
                 max_batch_bytes: config.outbox.max_batch_bytes,
+                commit_linger: config.outbox.commit_linger,
                 max_topic: config
                     .broker
                     .max_topic_bytes

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Fault points for the fault tests (FAILPOINTS=...); nothing without the
+    // `failpoints` feature.
+    let _faults = fail::FailScenario::setup();
     let args = cli::Cli::parse();
     // `run` logs as its config says; a config that does not load is
     // reported by the command itself.

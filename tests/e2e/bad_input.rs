@@ -11,7 +11,7 @@ use crate::{cloud_config, edge_config, expected_hot, publish_raw, write_certs, C
 fn non_json_and_oversized_payloads_are_dead_lettered_and_the_daemon_goes_on() {
     let mut cluster = Cluster::start("gw-bad-payloads");
     publish_raw(
-        cluster.mosquitto.port,
+        cluster.mosquitto.port(),
         vec![
             ("sensors/s0/reading".into(), b"not json at all".to_vec()),
             ("sensors/s0/reading".into(), vec![b'x'; 300 * 1024]),
@@ -79,7 +79,7 @@ functions = ["crasher"]
         })
         .collect();
     faulty.insert(17, ("faulty/x".to_string(), b"boom".to_vec()));
-    publish_raw(cluster.mosquitto.port, faulty);
+    publish_raw(cluster.mosquitto.port(), faulty);
     cluster.publish(2, 300, None, |_| {});
     let expected = expected_hot(2, 300);
 

@@ -28,7 +28,7 @@ fn kill9_aggregator_and_edge_mid_stream_lose_and_duplicate_nothing() {
     // Publish in the background; the main thread kills at 30% and 60%.
     let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let finished = Arc::new(AtomicBool::new(false));
-    let port = cluster.mosquitto.port;
+    let port = cluster.mosquitto.port();
     let (p2, f2) = (published.clone(), finished.clone());
     let publisher = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -97,7 +97,7 @@ fn an_edge_restarted_while_its_old_connection_is_open_takes_over_and_nothing_is_
             (sensors::topic(s), payload.into_bytes())
         })
         .collect();
-    crate::publish_raw(cluster.mosquitto.port, second_round);
+    crate::publish_raw(cluster.mosquitto.port(), second_round);
     let expected = crate::expected_hot(8, 250);
     let verdict = cluster.settle(&expected, Duration::from_secs(60));
     assert!(

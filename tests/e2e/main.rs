@@ -4,6 +4,10 @@
 
 mod bad_input;
 mod crash;
+mod endpoint;
+mod external;
+mod outbox_identity;
+mod shutdown;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -202,7 +206,7 @@ impl Cluster {
             .unwrap();
         rt.block_on(sensors::publish(
             "127.0.0.1",
-            self.mosquitto.port,
+            self.mosquitto.port(),
             sensors_n,
             per_sensor,
             rate,

@@ -1,9 +1,12 @@
 //! Support for Fogline's end-to-end and fault tests: a private Mosquitto,
-//! the real binaries as child processes, sensors that publish readings with
-//! unique ids, and an oracle that reads the aggregator's store.
+//! the real binaries as child processes (`deploy`), a raw-socket MQTT client
+//! (`mqtt_raw`), sensors that publish readings with unique ids, and an
+//! oracle that reads the aggregator's store.
 #![allow(missing_docs)]
 
+pub mod deploy;
 pub mod mosquitto;
+pub mod mqtt_raw;
 pub mod oracle;
 pub mod process;
 pub mod sensors;

@@ -37,18 +37,26 @@ pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Extra environment (e.g. `FAILPOINTS`), applied at every (re)start.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     pub fn spawn(name: &'static str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
-        let mut d = Self {
+        let mut d = Self::spawn_idle(name, args, log);
+        d.start()?;
+        Ok(d)
+    }
+
+    /// The same, not started yet.
+    pub fn spawn_idle(name: &'static str, args: &[&str], log: &Path) -> Self {
+        Self {
             name,
             child: None,
             log: log.to_path_buf(),
             args: args.iter().map(|s| s.to_string()).collect(),
-        };
-        d.start()?;
-        Ok(d)
+            env: Vec::new(),
+        }
     }
 
     fn start(&mut self) -> anyhow::Result<()> {
@@ -59,12 +67,58 @@ impl Daemon {
         let child = Command::new(binary(self.name)?)
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("spawning {}", self.name))?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Start with `env` set (e.g. a fault point), replacing any process running.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.kill9();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.start()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM (an orderly shutdown request).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("not running")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.as_mut()?.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Some(status);
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return None,
+            }
+        }
     }
 
     /// `kill -9`.

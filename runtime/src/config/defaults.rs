@@ -126,6 +126,7 @@ impl Default for OutboxConfig {
             sync: SyncMode::Full,
             max_batch: 8192,
             max_batch_bytes: 4 << 20,
+            commit_linger: Duration::from_millis(1),
             tick_interval: Duration::from_secs(1),
         }
     }

@@ -330,6 +330,12 @@ pub struct OutboxConfig {
     pub max_batch: usize,
     /// Most bytes (topics + payloads) the pipeline takes into one batch.
     pub max_batch_bytes: usize,
+    /// When fewer than 512 messages are waiting, wait up to this long for
+    /// more before committing: fewer, larger commits when messages trickle in
+    /// (each commit costs an fsync and CPU), at the price of this much added
+    /// acknowledgement latency. 0 commits at once.
+    #[serde(with = "humantime_serde")]
+    pub commit_linger: Duration,
     /// How often functions' `tick` is called.
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,

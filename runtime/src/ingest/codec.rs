@@ -330,6 +330,27 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
 }
 
 fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecError> {
+    // rumqttc 0.25 cannot read an MQTT 5 DISCONNECT of remaining length 0
+    // (`E0 00`, what most clients send) or 1 (`E0 01 <reason>`, what
+    // mosquitto sends); both are valid (MQTT 5 §3.14.2.1). Only those two
+    // exact forms are read here; everything else goes to the codec.
+    if buf.first() == Some(&0xE0) {
+        match buf.get(1) {
+            None => return Ok(None),
+            Some(0) => {
+                let _ = buf.split_to(2);
+                return Ok(Some(Inbound::Disconnect(0, None)));
+            }
+            Some(1) => {
+                let Some(&reason) = buf.get(2) else {
+                    return Ok(None);
+                };
+                let _ = buf.split_to(3);
+                return Ok(Some(Inbound::Disconnect(reason, None)));
+            }
+            Some(_) => {}
+        }
+    }
     let limit = u32::try_from(max).unwrap_or(u32::MAX);
     let packet = match guarded("MQTT 5", || v5::Packet::read(buf, Some(limit)))? {
         Ok(p) => p,
@@ -744,13 +765,18 @@ pub fn encode_disconnect(
     match version {
         Version::V311 if server => false,
         Version::V311 => v4::Disconnect.write(buf).is_ok(),
+        // rumqttc 0.25 mis-encodes a reason code without properties (a stray
+        // byte) and with empty ones (it sends `E0 00`): give every non-normal
+        // DISCONNECT a reason string.
         Version::V5 => v5::Disconnect {
             reason_code: disconnect_reason(reason),
-            properties: reason_string.map(|r| v5::DisconnectProperties {
-                session_expiry_interval: None,
-                reason_string: Some(r.to_string()),
-                user_properties: Vec::new(),
-                server_reference: None,
+            properties: (reason != 0 || reason_string.is_some()).then(|| {
+                v5::DisconnectProperties {
+                    session_expiry_interval: None,
+                    reason_string: Some(reason_string.unwrap_or(reason_name(reason)).to_string()),
+                    user_properties: Vec::new(),
+                    server_reference: None,
+                }
             }),
         }
         .write(buf)
@@ -1052,6 +1078,28 @@ mod tests {
             decode(&mut b, Some(Version::V5), 64).unwrap(),
             Some(Inbound::PubAck(3, 0x97))
         );
+    }
+
+    #[test]
+    fn short_mqtt5_disconnects_decode_and_ours_are_well_formed() {
+        let mut b = BytesMut::from(&[0xE0u8, 0x00, 0xE0, 0x01, 0x95][..]);
+        assert_eq!(
+            decode(&mut b, Some(Version::V5), 64).unwrap(),
+            Some(Inbound::Disconnect(0, None))
+        );
+        assert_eq!(
+            decode(&mut b, Some(Version::V5), 64).unwrap(),
+            Some(Inbound::Disconnect(0x95, None))
+        );
+        for (reason, text) in [(0x8E, Some("taken over")), (0x8B, None), (0x00, None)] {
+            let mut b = BytesMut::new();
+            assert!(encode_disconnect(&mut b, Version::V5, reason, text, true));
+            assert_eq!(
+                decode(&mut b, Some(Version::V5), 64).unwrap(),
+                Some(Inbound::Disconnect(reason, None))
+            );
+            assert!(b.is_empty(), "no stray bytes after DISCONNECT {reason:#x}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! read instead of filling memory — and get acknowledgements back on the
 //! [`AckRoute`] of the connection the packets came in on.
 //!
-//! **Invariants** (ARCHITECTURE.md I-1, I-4, I-5):
+//! **Invariants** (ARCHITECTURE.md I-1, I-2, I-12):
 //! - A PUBACK or PUBREC is sent only after the pipeline's commit holding the
 //!   message's outputs (and the sender's redelivery state) is durable.
 //! - Acknowledgements go back on the connection the packet arrived on, in

@@ -368,6 +368,8 @@ impl Outbox {
                 }
             };
         }
+        // A crash in the middle of a commit: nothing of it may count.
+        fail::fail_point!("outbox::commit::before", |_| std::process::abort());
         tx.commit().map_err(sql("commit"))?;
         Ok(Committed {
             first_seq,

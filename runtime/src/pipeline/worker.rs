@@ -15,6 +15,9 @@ use crate::ingest::session_store::Replica;
 use crate::ingest::{Ack, AckRoute, Chunk, ChunkReceiver};
 use crate::outbox::{Commit, Outbox};
 
+/// A batch smaller than this waits up to `commit_linger` for more.
+const LINGER_BELOW: usize = 512;
+
 /// Batching and limits for the worker.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -22,6 +25,8 @@ pub struct WorkerOptions {
     pub max_batch: usize,
     /// Most bytes per batch.
     pub max_batch_bytes: usize,
+    /// How long a small batch waits for more (see `outbox.commit_linger`).
+    pub commit_linger: Duration,
     /// Longest topic that may become a stream name.
     pub max_topic: usize,
     /// How often functions tick.
@@ -122,7 +127,10 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
             let mut items = first.items.len();
             let mut bytes = first.bytes();
             let mut batch = vec![first];
-            while items < w.options.max_batch && bytes < w.options.max_batch_bytes {
+            let full = |items: usize, bytes: usize| {
+                items >= w.options.max_batch || bytes >= w.options.max_batch_bytes
+            };
+            while !full(items, bytes) {
                 match rx.try_recv() {
                     Ok(c) => {
                         items += c.items.len();
@@ -132,9 +140,29 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
                     Err(_) => break,
                 }
             }
+            // Messages trickling in one by one (a broker forwarding, many slow
+            // sensors): gather a little longer, one commit for many.
+            if items < LINGER_BELOW && !w.options.commit_linger.is_zero() {
+                let until = tokio::time::Instant::now() + w.options.commit_linger;
+                while items < LINGER_BELOW && !full(items, bytes) {
+                    tokio::select! {
+                        c = rx.recv() => match c {
+                            Some(c) => {
+                                items += c.items.len();
+                                bytes += c.bytes();
+                                batch.push(c);
+                            }
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(until) => break,
+                    }
+                }
+            }
             if !process_batch(&mut w, &mut batch, &stop).await {
                 break;
             }
+            // A crash between the durable commit and the acknowledgements.
+            fail::fail_point!("pipeline::after_commit_before_ack", |_| std::process::abort());
             dispatch_acks(&batch);
             // Dropping the chunks returns their bytes to the ingest budget.
             drop(batch);

@@ -1,0 +1,220 @@
+//! A deployment for tests and benchmarks, as real processes in a temp dir:
+//! a `fogline-cloud` aggregator and `fogline-edge` daemons with configs
+//! written here, plus small clients for their HTTP endpoints and the store.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::process::{self, Daemon};
+
+/// `GET path` on 127.0.0.1:`port`: status code and body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.take(16 << 20).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// The aggregator, as a child process.
+pub struct Cloud {
+    pub daemon: Daemon,
+    pub quic_port: u16,
+    pub http_port: u16,
+    pub store: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Cloud {
+    /// Writes `dir/cloud.toml` (store `dir/cloud.db`) and starts it.
+    pub fn start(dir: &Path, certs: &Path) -> anyhow::Result<Self> {
+        let quic_port = crate::free_udp_port()?;
+        let http_port = crate::free_tcp_port()?;
+        let store = dir.join("cloud.db");
+        let config = dir.join("cloud.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                c = certs.display(),
+                s = store.display()
+            ),
+        )?;
+        let daemon = Daemon::spawn(
+            "fogline-cloud",
+            &["run", "--config", &config.to_string_lossy()],
+            &dir.join("cloud.log"),
+        )?;
+        Ok(Self {
+            daemon,
+            quic_port,
+            http_port,
+            store,
+            config,
+        })
+    }
+
+    /// The node's cursor in the store (0 if unknown or unreadable).
+    pub fn cursor(&self, node: &str) -> u64 {
+        store_cursor(&self.store, node)
+    }
+
+    /// `/api/v1/nodes` as JSON.
+    pub fn nodes(&self) -> Option<serde_json::Value> {
+        let (code, body) = http_get(self.http_port, "/api/v1/nodes")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+}
+
+/// The cursor of `node` in an aggregator store file.
+pub fn store_cursor(store: &Path, node: &str) -> u64 {
+    let Ok(conn) = Connection::open_with_flags(store, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(2));
+    conn.query_row("SELECT seq FROM cursors WHERE node = ?1", [node], |r| {
+        r.get::<_, i64>(0)
+    })
+    .optional()
+    .ok()
+    .flatten()
+    .map(|v| v as u64)
+    .unwrap_or(0)
+}
+
+/// A polling reader of one node's cursor (keeps the store open).
+pub struct CursorWatch {
+    conn: Connection,
+    node: String,
+}
+
+impl CursorWatch {
+    pub fn open(store: &Path, node: &str) -> anyhow::Result<Self> {
+        let conn = Connection::open_with_flags(store, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {}", store.display()))?;
+        conn.busy_timeout(Duration::from_secs(2))?;
+        Ok(Self {
+            conn,
+            node: node.to_string(),
+        })
+    }
+
+    pub fn get(&self) -> u64 {
+        self.conn
+            .query_row("SELECT seq FROM cursors WHERE node = ?1", [&self.node], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .ok()
+            .flatten()
+            .map(|v| v as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// `[uplink]` for `node` to the aggregator on `quic_port`, certificates in `certs`.
+pub fn uplink_toml(node: &str, certs: &Path, quic_port: u16) -> String {
+    format!(
+        "[uplink]\nserver = \"127.0.0.1:{quic_port}\"\nserver_name = \"localhost\"\nca = \"{c}/ca.pem\"\ncert = \"{c}/node-{node}.pem\"\nkey = \"{c}/node-{node}.key\"\nreconnect_max = \"500ms\"\n",
+        c = certs.display()
+    )
+}
+
+/// An edge daemon, as a child process.
+pub struct Edge {
+    pub daemon: Daemon,
+    pub config: PathBuf,
+    pub http_port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl Edge {
+    /// Writes `dir/edge-<node>.toml` — `[node]` (data in
+    /// `dir/edge-<node>`), `[metrics]` on a free port, then `body` verbatim —
+    /// and starts it.
+    pub fn start(dir: &Path, node: &str, body: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(dir, node, body, &[])
+    }
+
+    /// [`Edge::start`] with extra environment (e.g. `FAILPOINTS`).
+    pub fn start_with_env(
+        dir: &Path,
+        node: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let http_port = crate::free_tcp_port()?;
+        let data_dir = dir.join(format!("edge-{node}"));
+        let config = dir.join(format!("edge-{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{node}\"\ndata_dir = \"{d}\"\n[metrics]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n",
+                d = data_dir.display()
+            ),
+        )?;
+        let mut daemon = Daemon::spawn_idle(
+            "fogline-edge",
+            &["run", "--config", &config.to_string_lossy()],
+            &dir.join(format!("edge-{node}.log")),
+        );
+        daemon.restart_with_env(env)?;
+        Ok(Self {
+            daemon,
+            config,
+            http_port,
+            data_dir,
+        })
+    }
+
+    /// `/status` as JSON, if the daemon answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let (code, body) = http_get(self.http_port, "/status")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    /// `/healthz`: status code and body.
+    pub fn healthz(&self) -> Option<(u16, String)> {
+        http_get(self.http_port, "/healthz")
+    }
+
+    /// The sum of every series of a Prometheus metric (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let Some((_, body)) = http_get(self.http_port, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until `/status` answers and `ready` holds for it.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<()> {
+        if process::wait_until(timeout, || self.status().is_some_and(|v| ready(&v))) {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "edge: {what} did not happen within {timeout:?}; log:\n{}",
+                self.daemon.log_text()
+            )
+        }
+    }
+}
