@@ -49,7 +49,9 @@ pub fn init_logging(default: &str, json: bool) {
     let _ = if json {
         builder.json().with_current_span(false).try_init()
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
     };
 }
 

@@ -49,7 +49,10 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
     let client = UplinkClient::new(&node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
     let records = sample_readings(3000, 3, 7);
 
-    let mut link = client.connect(agg.quic_addr, "localhost", T, OUTBOX).await.unwrap();
+    let mut link = client
+        .connect(agg.quic_addr, "localhost", T, OUTBOX)
+        .await
+        .unwrap();
     assert_eq!((link.node_id.as_str(), link.cursor), ("gw-1", 0));
     link.sender.send_batch(&records[..1000]).await.unwrap();
     link.sender.send_batch(&records[1000..2000]).await.unwrap();
@@ -61,7 +64,10 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
 
     // Reconnect while the old connection is still open: takeover, and the
     // new session resumes after the durable cursor.
-    let mut link2 = client.connect(agg.quic_addr, "localhost", T, OUTBOX).await.unwrap();
+    let mut link2 = client
+        .connect(agg.quic_addr, "localhost", T, OUTBOX)
+        .await
+        .unwrap();
     assert_eq!(
         link2.cursor, records[1999].seq,
         "resume from the durable cursor"

@@ -13,7 +13,10 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     // `run` logs as its config says; a config that does not load is
     // reported by the command itself.
-    match args.run_config().map(fogline_edge::config::EdgeConfig::load) {
+    match args
+        .run_config()
+        .map(fogline_edge::config::EdgeConfig::load)
+    {
         Some(Ok(c)) => fogline_cloud::telemetry::init_logging(
             &c.log.level,
             c.log.format == fogline_edge::config::LogFormat::Json,

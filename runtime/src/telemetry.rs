@@ -152,12 +152,7 @@ async fn status(State(s): State<AppState>) -> Response {
         .lock()
         .map(|r| {
             r.iter()
-                .map(|(f, c)| {
-                    format!(
-                        "{f} ({c:#04x} {})",
-                        crate::ingest::codec::reason_name(*c)
-                    )
-                })
+                .map(|(f, c)| format!("{f} ({c:#04x} {})", crate::ingest::codec::reason_name(*c)))
                 .collect()
         })
         .unwrap_or_default();

@@ -109,9 +109,21 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
         .skip_while(|a| a != "--perf")
         .nth(1)
         .map(|d| {
-            let out = format!("{d}/edge-{}.data", if external { "external" } else { "native" });
+            let out = format!(
+                "{d}/edge-{}.data",
+                if external { "external" } else { "native" }
+            );
             std::process::Command::new("perf")
-                .args(["record", "-F", "1999", "-g", "-o", &out, "-p", &edge_pid.to_string()])
+                .args([
+                    "record",
+                    "-F",
+                    "1999",
+                    "-g",
+                    "-o",
+                    &out,
+                    "-p",
+                    &edge_pid.to_string(),
+                ])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()

@@ -37,6 +37,15 @@ pub struct Cloud {
 impl Cloud {
     /// Writes `dir/cloud.toml` (store `dir/cloud.db`) and starts it.
     pub fn start(dir: &Path, certs: &Path) -> anyhow::Result<Self> {
+        let mut cloud = Self::configure(dir, certs)?;
+        cloud.daemon.restart()?;
+        Ok(cloud)
+    }
+
+    /// Writes the config as [`Cloud::start`] does (ports chosen now) without
+    /// starting it: `daemon.restart()` starts it later, e.g. once an edge has
+    /// built up a backlog it could not send.
+    pub fn configure(dir: &Path, certs: &Path) -> anyhow::Result<Self> {
         let quic_port = crate::free_udp_port()?;
         let http_port = crate::free_tcp_port()?;
         let store = dir.join("cloud.db");
@@ -49,11 +58,11 @@ impl Cloud {
                 s = store.display()
             ),
         )?;
-        let daemon = Daemon::spawn(
+        let daemon = Daemon::spawn_idle(
             "fogline-cloud",
             &["run", "--config", &config.to_string_lossy()],
             &dir.join("cloud.log"),
-        )?;
+        );
         Ok(Self {
             daemon,
             quic_port,
@@ -110,9 +119,11 @@ impl CursorWatch {
 
     pub fn get(&self) -> u64 {
         self.conn
-            .query_row("SELECT seq FROM cursors WHERE node = ?1", [&self.node], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT seq FROM cursors WHERE node = ?1",
+                [&self.node],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()
             .ok()
             .flatten()
@@ -173,6 +184,41 @@ impl Edge {
             config,
             http_port,
             data_dir,
+        })
+    }
+
+    /// [`Edge::start_with_env`] with the data in `data_dir` (say on a small
+    /// tmpfs) and more `[node]` keys (`node_keys` verbatim, e.g.
+    /// `shutdown_timeout = "2s"`). The config is still `dir/edge-<node>.toml`
+    /// and the log `dir/edge-<node>.log`.
+    pub fn start_in(
+        dir: &Path,
+        node: &str,
+        data_dir: &Path,
+        node_keys: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let http_port = crate::free_tcp_port()?;
+        let config = dir.join(format!("edge-{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{node}\"\ndata_dir = \"{d}\"\n{node_keys}\n[metrics]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n",
+                d = data_dir.display()
+            ),
+        )?;
+        let mut daemon = Daemon::spawn_idle(
+            "fogline-edge",
+            &["run", "--config", &config.to_string_lossy()],
+            &dir.join(format!("edge-{node}.log")),
+        );
+        daemon.restart_with_env(env)?;
+        Ok(Self {
+            daemon,
+            config,
+            http_port,
+            data_dir: data_dir.to_path_buf(),
         })
     }
 

@@ -1,7 +1,7 @@
 //! The aggregator's HTTP side: a JSON read API to script against, plus
 //! `/metrics` (Prometheus) and `/healthz`.
 //!
-//! - `GET /api/v1/nodes` → `[{"node","cursor","records","last_update_ms"}]`
+//! - `GET /api/v1/nodes` → `[{"node","cursor","records","last_update_ms","incarnation","lost_records"}]`
 //! - `GET /api/v1/records?node=N[&stream=S][&after_seq=K][&limit=L]` →
 //!   `{"node","records":[{"seq","stream","timestamp_ms","received_ms","payload"}],"next_after_seq"}`.
 //!   `payload` is the JSON value when the payload is JSON, otherwise the

@@ -420,15 +420,22 @@ pub(crate) mod tests {
 
     pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u32>(), ".{0,40}", any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-                |(protocol_version, agent, incarnation, next_seq, acked)| Frame::Hello {
-                    protocol_version,
-                    agent,
-                    incarnation,
-                    next_seq,
-                    acked,
-                }
-            ),
+            (
+                any::<u32>(),
+                ".{0,40}",
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(protocol_version, agent, incarnation, next_seq, acked)| {
+                    Frame::Hello {
+                        protocol_version,
+                        agent,
+                        incarnation,
+                        next_seq,
+                        acked,
+                    }
+                }),
             ("[A-Za-z0-9._-]{1,128}", any::<u64>(), any::<u64>()).prop_map(
                 |(node_id, cursor, incarnation)| Frame::Welcome {
                     node_id,

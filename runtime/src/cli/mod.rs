@@ -86,7 +86,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             memory_mib,
             timeout,
-        } => test_module::run(&module, &input, config.as_deref(), memory_mib, timeout.into()),
+        } => test_module::run(
+            &module,
+            &input,
+            config.as_deref(),
+            memory_mib,
+            timeout.into(),
+        ),
         Command::Passwd => passwd(),
     }
 }
@@ -108,7 +114,9 @@ fn passwd() -> anyhow::Result<ExitCode> {
     let hash = fogline_edge::ingest::endpoint::auth::hash_password(password)
         .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
     println!("{hash}");
-    eprintln!("Put it in edge.toml:\n  [[broker.users]]\n  name = \"...\"\n  password_hash = \"{hash}\"");
+    eprintln!(
+        "Put it in edge.toml:\n  [[broker.users]]\n  name = \"...\"\n  password_hash = \"{hash}\""
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -76,12 +76,19 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let uplink = live
         .as_ref()
         .map(|(_, v)| v["uplink_connected"].as_bool().unwrap_or(false));
+    let ingest = live.as_ref().map(|(_, v)| v["ingest"].clone());
+    let problems: Vec<String> = live
+        .as_ref()
+        .and_then(|(_, v)| serde_json::from_value(v["problems"].clone()).ok())
+        .unwrap_or_default();
     if json {
         let v = serde_json::json!({
             "node": config.node.id,
             "daemon_running": live.is_some(),
             "broker_connected": broker,
             "uplink_connected": uplink,
+            "ingest": ingest,
+            "problems": problems,
             "outbox": stats,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -101,7 +108,41 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             outbox_path.display()
         ),
     }
-    println!("broker            {}", yes_no(broker));
+    if config.broker.embedded {
+        let clients = ingest.as_ref().and_then(|i| i["clients"].as_u64());
+        let sessions = ingest.as_ref().and_then(|i| i["sessions"].as_u64());
+        match (clients, sessions) {
+            (Some(c), Some(s)) => println!(
+                "mqtt endpoint     {} — {c} clients, {s} sessions",
+                config.broker.listen
+            ),
+            _ => println!(
+                "mqtt endpoint     {} — unknown (daemon not running)",
+                config.broker.listen
+            ),
+        }
+    }
+    if config.external_broker_enabled() {
+        println!(
+            "external broker   {} — {}",
+            config.ingest_broker(),
+            yes_no(broker)
+        );
+        for r in ingest
+            .as_ref()
+            .and_then(|i| i["refused_subscriptions"].as_array().cloned())
+            .unwrap_or_default()
+        {
+            println!("  refused filter  {}", r.as_str().unwrap_or("?"));
+        }
+    }
+    if let Some(i) = &ingest {
+        println!(
+            "ingest pending    {} of {} bytes",
+            i["pending_bytes"].as_u64().unwrap_or(0),
+            i["budget_bytes"].as_u64().unwrap_or(0)
+        );
+    }
     println!("uplink            {}", yes_no(uplink));
     println!(
         "backlog           {} records, {} bytes",
@@ -119,5 +160,23 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     println!("acked through     seq {}", stats.acked_seq);
     println!("dead letters      {}", stats.dead_letters);
     println!("disk              {} bytes", stats.disk_bytes);
+    println!("outbox identity   incarnation {:#018x}", stats.incarnation);
+    for a in &stats.alarms {
+        println!(
+            "alarm             {} {}: {}",
+            ago(now, Some(a.at_ms)),
+            a.kind,
+            a.detail
+        );
+    }
+    if problems.is_empty() {
+        if live.is_some() {
+            println!("health            ok");
+        }
+    } else {
+        for p in &problems {
+            println!("health            WEDGED: {p}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

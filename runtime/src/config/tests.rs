@@ -79,7 +79,10 @@ fn the_embedded_keys_of_older_configs_still_work() {
     c.validate().unwrap();
     assert_eq!(c.broker.listen.port(), 18830);
     assert_eq!(c.broker.listen_v5.map(|a| a.port()), Some(18831));
-    assert!(c.pipelines[0].functions.is_empty(), "no functions: pass unchanged");
+    assert!(
+        c.pipelines[0].functions.is_empty(),
+        "no functions: pass unchanged"
+    );
     assert!(
         !c.external_broker_enabled(),
         "the endpoint feeds the pipeline directly; no broker to subscribe to"

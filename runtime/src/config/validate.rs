@@ -104,7 +104,10 @@ impl EdgeConfig {
                 p.push(format!("broker.users[{i}].name: must not be empty"));
             }
             if !users.insert(u.name.as_str()) {
-                p.push(format!("broker.users[{i}].name: `{}` is used twice", u.name));
+                p.push(format!(
+                    "broker.users[{i}].name: `{}` is used twice",
+                    u.name
+                ));
             }
             if let Err(e) = crate::ingest::endpoint::auth::check_hash(&u.password_hash) {
                 p.push(format!(

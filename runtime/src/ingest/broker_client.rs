@@ -133,7 +133,10 @@ pub fn spawn(
         max_payload: m.max_payload_bytes,
         // Oversized payloads are better received and dead-lettered (visible)
         // than dropped by the broker for exceeding our Maximum Packet Size.
-        max_packet: m.max_payload_bytes.saturating_mul(4).clamp(64 * 1024, 16 << 20),
+        max_packet: m
+            .max_payload_bytes
+            .saturating_mul(4)
+            .clamp(64 * 1024, 16 << 20),
         qos: m.qos,
         connect_timeout: m.connect_timeout,
         cover: topic::cover(&config.topic_filters()),
@@ -154,7 +157,7 @@ async fn run(
 ) {
     let (mut sender, mut subscribed) = match restored {
         Some(r) => (
-            SenderState::restore(r.marks, r.received, retain),
+            SenderState::restore(r.marks, r.received, r.shape, retain),
             r.meta.map(|m| m.subscriptions).unwrap_or_default(),
         ),
         None => (SenderState::new(true, retain), Vec::new()),
@@ -165,7 +168,17 @@ async fn run(
         if *shutdown.borrow() {
             break;
         }
-        let result = session(&s, &key, &mut sender, &mut subscribed, &sink, &state, &mut shutdown, &mut backoff).await;
+        let result = session(
+            &s,
+            &key,
+            &mut sender,
+            &mut subscribed,
+            &sink,
+            &state,
+            &mut shutdown,
+            &mut backoff,
+        )
+        .await;
         if state.broker_connected.swap(false, Ordering::AcqRel) {
             metrics::gauge!("fogline_ingest_broker_connected").set(0.0);
         }
@@ -199,7 +212,11 @@ async fn session(
 ) -> Result<(), BrokerError> {
     let io = |what: &'static str| {
         let broker = s.broker.clone();
-        move |source| BrokerError::Io { broker, what, source }
+        move |source| BrokerError::Io {
+            broker,
+            what,
+            source,
+        }
     };
     let proto = |reason: String| BrokerError::Protocol {
         broker: s.broker.clone(),
@@ -207,7 +224,12 @@ async fn session(
     };
     let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&s.broker))
         .await
-        .map_err(|_| io("connect")(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))?
+        .map_err(|_| {
+            io("connect")(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            ))
+        })?
         .map_err(io("connect"))?;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -245,13 +267,21 @@ async fn session(
         }
     })
     .await
-    .map_err(|_| io("wait for CONNACK")(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))??;
+    .map_err(|_| {
+        io("wait for CONNACK")(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "timed out",
+        ))
+    })??;
     if connack.code != 0 {
         return Err(BrokerError::Refused {
             broker: s.broker.clone(),
             code: connack.code,
             name: codec::reason_name(connack.code),
-            detail: connack.reason_string.map(|r| format!(": {r}")).unwrap_or_default(),
+            detail: connack
+                .reason_string
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default(),
         });
     }
     *backoff = Duration::from_millis(100);
@@ -296,6 +326,8 @@ async fn session(
     let received = metrics::counter!("fogline_ingest_received_total", "source" => "broker");
     let resends = metrics::counter!("fogline_ingest_resends_total", "source" => "broker");
     let evicted = metrics::counter!("fogline_ingest_marks_evicted_total", "source" => "broker");
+    let possible_duplicates =
+        metrics::counter!("fogline_ingest_possible_duplicates_total", "source" => "broker");
     let acks_sent = metrics::counter!("fogline_ingest_acks_sent_total", "source" => "broker");
     let keep_alive = connack
         .server_keep_alive
@@ -322,7 +354,10 @@ async fn session(
                     };
                     let (verdict, kind) = match p.qos {
                         0 => {
-                            chunk.push(Item { message: Some(message), ack: None });
+                            chunk.push(Item {
+                                message: Some(message),
+                                ack: None,
+                            });
                             continue;
                         }
                         1 => (
@@ -335,9 +370,16 @@ async fn session(
                         ),
                     };
                     in_flight.insert(p.pkid);
-                    let ack = Some(Ack { kind, pkid: p.pkid, reason: 0 });
+                    let ack = Some(Ack {
+                        kind,
+                        pkid: p.pkid,
+                        reason: 0,
+                    });
                     match verdict {
-                        Verdict::New => chunk.push(Item { message: Some(message), ack }),
+                        Verdict::New => chunk.push(Item {
+                            message: Some(message),
+                            ack,
+                        }),
                         Verdict::Resend => {
                             resends.increment(1);
                             chunk.push(Item { message: None, ack });
@@ -348,14 +390,23 @@ async fn session(
                     let known = sender.on_pubrel(pkid);
                     chunk.push(Item {
                         message: None,
-                        ack: Some(Ack { kind: AckKind::PubComp, pkid, reason: if known { 0 } else { 0x92 } }),
+                        ack: Some(Ack {
+                            kind: AckKind::PubComp,
+                            pkid,
+                            reason: if known { 0 } else { 0x92 },
+                        }),
                     });
                 }
                 Inbound::SubAck(pkid, codes) if pkid == SUBSCRIBE_PKID => {
                     let mut refused = Vec::new();
-                    for (filter, code) in s.cover.iter().zip(codes.iter().chain(std::iter::repeat(&0x80))) {
+                    for (filter, code) in s
+                        .cover
+                        .iter()
+                        .zip(codes.iter().chain(std::iter::repeat(&0x80)))
+                    {
                         if *code >= 0x80 {
-                            metrics::counter!("fogline_ingest_subscriptions_refused_total").increment(1);
+                            metrics::counter!("fogline_ingest_subscriptions_refused_total")
+                                .increment(1);
                             error!(broker = %s.broker, %filter, code = format!("{code:#04x}"), reason = codec::reason_name(*code), "The broker refused a subscription: nothing on this filter will arrive.");
                             refused.push((filter.clone(), *code));
                         } else if *code < s.qos {
@@ -380,11 +431,16 @@ async fn session(
                         codec::reason_name(code)
                     )));
                 }
-                other => return Err(proto(format!("unexpected packet from the broker: {other:?}"))),
+                other => {
+                    return Err(proto(format!(
+                        "unexpected packet from the broker: {other:?}"
+                    )))
+                }
             }
         }
         let counters = sender.take_counters();
         evicted.increment(counters.evicted);
+        possible_duplicates.increment(counters.possible_duplicates);
         update.ops.extend(sender.take_ops());
         if !update.is_empty() {
             chunk.session = Some(std::mem::replace(

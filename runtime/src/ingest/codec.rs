@@ -216,9 +216,10 @@ fn v4_err(e: V4Error, max: usize) -> CodecError {
 
 fn v5_err(e: V5Error, max: usize) -> CodecError {
     match e {
-        V5Error::PayloadSizeLimitExceeded { pkt_size, .. } => {
-            CodecError::TooLarge { size: pkt_size, max }
-        }
+        V5Error::PayloadSizeLimitExceeded { pkt_size, .. } => CodecError::TooLarge {
+            size: pkt_size,
+            max,
+        },
         V5Error::InvalidProtocolLevel(l) => CodecError::UnsupportedLevel(l),
         other => CodecError::Malformed {
             version: "MQTT 5",
@@ -267,26 +268,24 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
         Err(e) => return Err(v4_err(e, max)),
     };
     Ok(Some(match packet {
-        v4::Packet::Connect(c) => {
-            Inbound::Connect(Box::new(ConnectIn {
-                version: Version::V311,
-                client_id: c.client_id,
-                clean_start: c.clean_session,
-                keep_alive: c.keep_alive,
-                session_expiry: if c.clean_session { 0 } else { u32::MAX },
-                receive_maximum: None,
-                max_packet_size: None,
-                auth_method: None,
-                username: c.login.as_ref().map(|l| l.username.clone()),
-                password: c.login.map(|l| l.password),
-                will: c.last_will.map(|w| Will {
-                    topic: Bytes::from(w.topic.into_bytes()),
-                    payload: w.message,
-                    qos: qos_u8(w.qos),
-                    delay_secs: 0,
-                }),
-            }))
-        }
+        v4::Packet::Connect(c) => Inbound::Connect(Box::new(ConnectIn {
+            version: Version::V311,
+            client_id: c.client_id,
+            clean_start: c.clean_session,
+            keep_alive: c.keep_alive,
+            session_expiry: if c.clean_session { 0 } else { u32::MAX },
+            receive_maximum: None,
+            max_packet_size: None,
+            auth_method: None,
+            username: c.login.as_ref().map(|l| l.username.clone()),
+            password: c.login.map(|l| l.password),
+            will: c.last_will.map(|w| Will {
+                topic: Bytes::from(w.topic.into_bytes()),
+                payload: w.message,
+                qos: qos_u8(w.qos),
+                delay_secs: 0,
+            }),
+        })),
         v4::Packet::ConnAck(a) => Inbound::ConnAck(ConnAckIn {
             session_present: a.session_present,
             code: a.code as u8,
@@ -876,7 +875,9 @@ pub fn encode_subscribe(
         }
         Version::V5 => {
             let mut s = v5::Subscribe::new_many(
-                filters.iter().map(|f| v5::Filter::new(f.clone(), qos5_of(qos))),
+                filters
+                    .iter()
+                    .map(|f| v5::Filter::new(f.clone(), qos5_of(qos))),
                 None,
             );
             s.pkid = pkid;
@@ -1043,7 +1044,9 @@ mod tests {
             &[0x10u8, 0x02, 0x00, 0x04][..],
             &[0xF0, 0x00],
             &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F],
-            &[0x10, 0x0A, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03, 0x02, 0x00, 0x3C],
+            &[
+                0x10, 0x0A, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03, 0x02, 0x00, 0x3C,
+            ],
         ] {
             let mut b = BytesMut::from(bytes);
             let _ = decode(&mut b, None, 1 << 20);
@@ -1099,6 +1102,26 @@ mod tests {
                 Some(Inbound::Disconnect(reason, None))
             );
             assert!(b.is_empty(), "no stray bytes after DISCONNECT {reason:#x}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a peer sends: no panic, no packet larger than the
+        /// limit, and decoding only consumes what it was given.
+        #[test]
+        fn hostile_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            v in 0u8..3,
+        ) {
+            let version = match v { 0 => None, 1 => Some(Version::V311), _ => Some(Version::V5) };
+            let mut b = BytesMut::from(&bytes[..]);
+            for _ in 0..8 {
+                let before = b.len();
+                match decode(&mut b, version, 256) {
+                    Ok(Some(_)) => proptest::prop_assert!(before - b.len() <= 256 + 5),
+                    Ok(None) | Err(_) => break,
+                }
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::redelivery::Op;
+use super::redelivery::{Op, Shape};
 use crate::outbox::{SessionWrite, StoredSession};
 
 /// A session's log is compacted into one snapshot after this many rows.
@@ -41,6 +41,7 @@ enum LogEntry {
     Snapshot {
         marks: Vec<(u16, u64)>,
         received: Vec<(u16, u64)>,
+        shape: Shape,
     },
 }
 
@@ -77,6 +78,8 @@ pub struct RestoredSession {
     pub marks: Vec<(u16, u64)>,
     /// QoS 2 packet ids awaiting PUBREL.
     pub received: Vec<(u16, u64)>,
+    /// What was proven about the sender.
+    pub shape: Shape,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +88,7 @@ struct State {
     by_pkid: HashMap<u16, u64>,
     next: u64,
     received: HashMap<u16, u64>,
+    shape: Shape,
     rows: u32,
 }
 
@@ -109,6 +113,7 @@ impl State {
             Op::Released(p) => {
                 self.received.remove(&p);
             }
+            Op::Shape(sh) => self.shape = sh,
         }
     }
 
@@ -118,6 +123,7 @@ impl State {
         LogEntry::Snapshot {
             marks: self.marks.values().copied().collect(),
             received,
+            shape: self.shape,
         }
     }
 }
@@ -189,12 +195,17 @@ impl Replica {
             for entry in &s.entries {
                 match postcard::from_bytes::<LogEntry>(entry) {
                     Ok(LogEntry::Ops(ops)) => ops.into_iter().for_each(|op| state.apply(op)),
-                    Ok(LogEntry::Snapshot { marks, received }) => {
+                    Ok(LogEntry::Snapshot {
+                        marks,
+                        received,
+                        shape,
+                    }) => {
                         state = State::default();
                         for (p, d) in marks {
                             state.apply(Op::Mark(p, d));
                         }
                         state.received.extend(received);
+                        state.shape = shape;
                     }
                     Err(e) => {
                         tracing::error!(session = %s.key, error = %e, "A stored MQTT session entry is unreadable; skipping it (redeliveries of its messages may be processed twice).");
@@ -202,16 +213,20 @@ impl Replica {
                 }
                 state.rows += 1;
             }
-            let snapshot = match state.snapshot() {
-                LogEntry::Snapshot { marks, received } => (marks, received),
-                LogEntry::Ops(_) => (Vec::new(), Vec::new()),
-            };
-            restored.push(RestoredSession {
-                key: s.key.clone(),
-                meta,
-                marks: snapshot.0,
-                received: snapshot.1,
-            });
+            if let LogEntry::Snapshot {
+                marks,
+                received,
+                shape,
+            } = state.snapshot()
+            {
+                restored.push(RestoredSession {
+                    key: s.key.clone(),
+                    meta,
+                    marks,
+                    received,
+                    shape,
+                });
+            }
             replica.sessions.insert(Arc::from(s.key.as_str()), state);
         }
         (replica, restored)
@@ -297,7 +312,9 @@ mod tests {
                 );
             }
         }
-        assert!(writes.iter().any(|w| matches!(w, SessionWrite::Replace { .. })));
+        assert!(writes
+            .iter()
+            .any(|w| matches!(w, SessionWrite::Replace { .. })));
         let (_, restored) = Replica::load(stored(&writes));
         assert_eq!(restored.len(), 1);
         let s = &restored[0];

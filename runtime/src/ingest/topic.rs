@@ -115,9 +115,10 @@ pub fn cover(filters: &[String]) -> Vec<String> {
         // Drop filters another one subsumes.
         let mut kept: Vec<String> = Vec::with_capacity(set.len());
         for (i, f) in set.iter().enumerate() {
-            let covered = set.iter().enumerate().any(|(j, g)| {
-                j != i && subsumes(g, f) && (!subsumes(f, g) || j < i)
-            });
+            let covered = set
+                .iter()
+                .enumerate()
+                .any(|(j, g)| j != i && subsumes(g, f) && (!subsumes(f, g) || j < i));
             if !covered {
                 kept.push(f.clone());
             }

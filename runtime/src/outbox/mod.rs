@@ -243,7 +243,9 @@ impl Outbox {
             Err(e) => return Err(err(e)),
         };
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(self.sql("read ingest sessions"))?;
         for (key, meta) in rows {
@@ -261,7 +263,9 @@ impl Outbox {
             .prepare("SELECT key, entry FROM ingest_session_log ORDER BY id")
             .map_err(self.sql("read ingest session log"))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(self.sql("read ingest session log"))?;
         for (key, entry) in rows {

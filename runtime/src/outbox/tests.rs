@@ -207,9 +207,15 @@ fn renumbering_moves_every_record_above_a_foreign_cursor_in_order() {
     assert_eq!(got.len(), 50, "nothing deleted");
     assert_eq!(got.first().unwrap().seq, 101);
     assert_eq!(got.last().unwrap().seq, 150);
-    assert!(got.iter().enumerate().all(|(i, rec)| rec.payload == vec![i as u8]));
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, rec)| rec.payload == vec![i as u8]));
     let id = r.identity().unwrap();
-    assert_eq!((id.next_seq, id.acked_seq, id.incarnation), (151, 100, before.incarnation));
+    assert_eq!(
+        (id.next_seq, id.acked_seq, id.incarnation),
+        (151, 100, before.incarnation)
+    );
     // Already above: nothing moves.
     assert_eq!(r.renumber_above(100).unwrap(), (0, 0));
     let done = w

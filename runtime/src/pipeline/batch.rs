@@ -45,7 +45,13 @@ fn truncated(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-fn refuse(function: &str, error: String, stream: String, mut payload: Vec<u8>, at: u64) -> DeadLetter {
+fn refuse(
+    function: &str,
+    error: String,
+    stream: String,
+    mut payload: Vec<u8>,
+    at: u64,
+) -> DeadLetter {
     let size = payload.len();
     payload.truncate(DEAD_LETTER_KEEP);
     DeadLetter {
@@ -104,7 +110,13 @@ pub fn plan_batch(
                 Ok(t) => t,
                 Err(e) => {
                     let stream = truncated(&String::from_utf8_lossy(e.as_bytes()), max_topic);
-                    let dead = refuse("topic", "topic is not valid UTF-8".into(), stream, payload, at);
+                    let dead = refuse(
+                        "topic",
+                        "topic is not valid UTF-8".into(),
+                        stream,
+                        payload,
+                        at,
+                    );
                     refused(TOPIC_NAME_INVALID, dead, &mut plan);
                     continue;
                 }
@@ -114,7 +126,13 @@ pub fn plan_batch(
                     "topic is {} bytes, the limit is {max_topic} (the replication protocol's stream-name limit)",
                     topic.len()
                 );
-                let dead = refuse("max_topic_bytes", error, truncated(&topic, max_topic), payload, at);
+                let dead = refuse(
+                    "max_topic_bytes",
+                    error,
+                    truncated(&topic, max_topic),
+                    payload,
+                    at,
+                );
                 refused(TOPIC_NAME_INVALID, dead, &mut plan);
                 continue;
             }

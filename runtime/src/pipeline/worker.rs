@@ -162,7 +162,10 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
                 break;
             }
             // A crash between the durable commit and the acknowledgements.
-            fail::fail_point!("pipeline::after_commit_before_ack", |_| std::process::abort());
+            fail::fail_point!(
+                "pipeline::after_commit_before_ack",
+                |_| std::process::abort()
+            );
             dispatch_acks(&batch);
             // Dropping the chunks returns their bytes to the ingest budget.
             drop(batch);

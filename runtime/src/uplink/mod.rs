@@ -334,7 +334,13 @@ impl Uplink {
         match reconcile(id, cursor, theirs) {
             Resume::Continue => {
                 let removed = self.outbox(move |r| r.accept_cursor(cursor)).await?;
-                info!(node, cursor, removed, incarnation = id.incarnation, "Uplink connected; resuming after the aggregator's cursor.");
+                info!(
+                    node,
+                    cursor,
+                    removed,
+                    incarnation = id.incarnation,
+                    "Uplink connected; resuming after the aggregator's cursor."
+                );
             }
             Resume::Regressed { from, to } => {
                 let detail = format!(
@@ -344,9 +350,13 @@ impl Uplink {
                 self.state.cursor_regressions.fetch_add(1, Ordering::AcqRel);
                 error!(node, cursor, acked = to, lost = to - from + 1, "{detail}");
                 let d = detail.clone();
-                self.outbox(move |r| r.raise_alarm("cursor_behind", &d)).await?;
+                self.outbox(move |r| r.raise_alarm("cursor_behind", &d))
+                    .await?;
                 let removed = self.outbox(move |r| r.accept_cursor(cursor)).await?;
-                info!(node, cursor, removed, "Uplink connected; resuming after the aggregator's cursor.");
+                info!(
+                    node,
+                    cursor, removed, "Uplink connected; resuming after the aggregator's cursor."
+                );
             }
             r @ (Resume::Foreign | Resume::Ahead) => {
                 let ahead = r == Resume::Ahead;

@@ -93,12 +93,8 @@ impl Authenticator {
             };
             let password = password.unwrap_or("");
             let fingerprint: [u8; 32] = Sha256::digest(password.as_bytes()).into();
-            let cached = self
-                .verified
-                .lock()
-                .ok()
-                .and_then(|m| m.get(user).copied())
-                == Some(fingerprint);
+            let cached =
+                self.verified.lock().ok().and_then(|m| m.get(user).copied()) == Some(fingerprint);
             if !cached {
                 let _permit = self.argon.acquire().await.map_err(|_| Refusal {
                     code: 0x88,
@@ -150,7 +146,10 @@ mod tests {
     async fn users_certificates_and_anonymous() {
         let hash = hash_password("s3cret").unwrap();
         check_hash(&hash).unwrap();
-        assert!(check_hash("s3cret").is_err(), "a plaintext password is refused");
+        assert!(
+            check_hash("s3cret").is_err(),
+            "a plaintext password is refused"
+        );
         let users = vec![BrokerUser {
             name: "sensor".into(),
             password_hash: hash,
@@ -163,10 +162,19 @@ mod tests {
         // Cached the second time, same answer.
         assert!(a.check(Some("sensor"), Some("s3cret"), None).await.is_ok());
         assert_eq!(
-            a.check(Some("sensor"), Some("nope"), None).await.unwrap_err().code,
+            a.check(Some("sensor"), Some("nope"), None)
+                .await
+                .unwrap_err()
+                .code,
             0x86
         );
-        assert_eq!(a.check(Some("who"), Some("x"), None).await.unwrap_err().code, 0x86);
+        assert_eq!(
+            a.check(Some("who"), Some("x"), None)
+                .await
+                .unwrap_err()
+                .code,
+            0x86
+        );
         assert_eq!(a.check(None, None, None).await.unwrap_err().code, 0x86);
         assert_eq!(
             a.check(None, None, Some("s1")).await.unwrap(),

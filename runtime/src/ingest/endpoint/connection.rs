@@ -77,6 +77,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     async fn read_connect(&mut self) -> Result<Box<ConnectIn>, End> {
         let max = self.shared.limits.max_packet;
         loop {
+            // The first byte already tells: anything but CONNECT (HTTP,
+            // garbage, a port scan) is dropped without waiting for more.
+            if let Some(&first) = self.rbuf.first() {
+                if first != 0x10 {
+                    return Err(End::Lost(format!(
+                        "first packet is not CONNECT (first byte {first:#04x})"
+                    )));
+                }
+            }
             match codec::decode(&mut self.rbuf, None, max) {
                 Ok(Some(Inbound::Connect(c))) => return Ok(c),
                 Ok(Some(other)) => {
@@ -127,8 +136,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
 }
 
 /// Serves one connection until it ends.
-pub(super) async fn serve<S>(io: S, peer: SocketAddr, certificate_cn: Option<String>, shared: Arc<Shared>)
-where
+pub(super) async fn serve<S>(
+    io: S,
+    peer: SocketAddr,
+    certificate_cn: Option<String>,
+    shared: Arc<Shared>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (rd, wr) = tokio::io::split(io);
@@ -140,7 +153,8 @@ where
         peer,
         shared: shared.clone(),
     };
-    let connect = match tokio::time::timeout(shared.limits.connect_timeout, c.read_connect()).await {
+    let connect = match tokio::time::timeout(shared.limits.connect_timeout, c.read_connect()).await
+    {
         Ok(Ok(connect)) => connect,
         Ok(Err(End::Lost(why))) => {
             metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
@@ -155,17 +169,31 @@ where
     };
     let version = connect.version;
     let Some(_slot) = shared.connections.clone().try_acquire_owned().ok() else {
-        c.refuse(version, 0x97, &format!("{} connections already (broker.max_connections)", shared.limits.max_connections)).await;
+        c.refuse(
+            version,
+            0x97,
+            &format!(
+                "{} connections already (broker.max_connections)",
+                shared.limits.max_connections
+            ),
+        )
+        .await;
         return;
     };
     if connect.auth_method.is_some() {
-        c.refuse(version, 0x8C, "enhanced authentication (AUTH) is not supported").await;
+        c.refuse(
+            version,
+            0x8C,
+            "enhanced authentication (AUTH) is not supported",
+        )
+        .await;
         return;
     }
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if !connect.clean_start && version == Version::V311 {
-            c.refuse(version, 0x85, "empty client id with clean session 0").await;
+            c.refuse(version, 0x85, "empty client id with clean session 0")
+                .await;
             return;
         }
         let id = format!("fogline-auto-{:016x}", rand::random::<u64>());
@@ -175,23 +203,43 @@ where
         connect.client_id.clone()
     };
     if client_id.len() > MAX_CLIENT_ID {
-        c.refuse(version, 0x85, &format!("client id is {} bytes, the limit is {MAX_CLIENT_ID}", client_id.len())).await;
+        c.refuse(
+            version,
+            0x85,
+            &format!(
+                "client id is {} bytes, the limit is {MAX_CLIENT_ID}",
+                client_id.len()
+            ),
+        )
+        .await;
         return;
     }
     let owner = match shared
         .auth
-        .check(connect.username.as_deref(), connect.password.as_deref(), certificate_cn.as_deref())
+        .check(
+            connect.username.as_deref(),
+            connect.password.as_deref(),
+            certificate_cn.as_deref(),
+        )
         .await
     {
         Ok(o) => o,
         Err(r) => {
             metrics::counter!("fogline_ingest_auth_failures_total").increment(1);
-            c.refuse(version, r.code, &format!("client `{client_id}`: {}", r.reason)).await;
+            c.refuse(
+                version,
+                r.code,
+                &format!("client `{client_id}`: {}", r.reason),
+            )
+            .await;
             return;
         }
     };
     let limits = &shared.limits;
-    let max_expiry = limits.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+    let max_expiry = limits
+        .max_session_expiry
+        .as_secs()
+        .min(u64::from(u32::MAX - 1)) as u32;
     let expiry = match version {
         Version::V311 if connect.clean_start => 0,
         Version::V311 => max_expiry,
@@ -211,7 +259,10 @@ where
             return;
         }
     };
-    let max_keep_alive = limits.max_keep_alive.as_secs().clamp(1, u64::from(u16::MAX)) as u16;
+    let max_keep_alive = limits
+        .max_keep_alive
+        .as_secs()
+        .clamp(1, u64::from(u16::MAX)) as u16;
     let (keep_alive, server_keep_alive) = match version {
         Version::V5 if connect.keep_alive == 0 || connect.keep_alive > max_keep_alive => {
             (max_keep_alive, Some(max_keep_alive))
@@ -272,12 +323,17 @@ where
     info!(%peer, client = %client_id, reason = %why, "MQTT client disconnected.");
 
     // Hand the session back and persist what changed.
-    let mut state = std::mem::replace(&mut lease.state, crate::ingest::redelivery::SenderState::new(false, 1));
+    let mut state = std::mem::replace(
+        &mut lease.state,
+        crate::ingest::redelivery::SenderState::new(false, 1),
+    );
     if expiry > 0 && !state.is_persistent() {
         state.make_persistent();
     }
     session.ops.extend(state.take_ops());
-    let (meta, discard) = shared.sessions.release(&lease, state, expiry, crate::clock::now_ms());
+    let (meta, discard) = shared
+        .sessions
+        .release(&lease, state, expiry, crate::clock::now_ms());
     session.meta = meta;
     session.discard |= discard;
     if !session.is_empty() {
@@ -298,7 +354,13 @@ where
 
 /// Publishes a will into the pipeline, after its delay unless the client's
 /// session was resumed meanwhile (MQTT 5 §3.1.3.2.2).
-fn publish_will_later(shared: Arc<Shared>, client_id: String, generation: u64, will: Will, expiry: u32) {
+fn publish_will_later(
+    shared: Arc<Shared>,
+    client_id: String,
+    generation: u64,
+    will: Will,
+    expiry: u32,
+) {
     tokio::spawn(async move {
         // Published when the will delay or the session ends, whichever is first.
         let delay = will.delay_secs.min(expiry);
@@ -346,6 +408,8 @@ where
     let received = metrics::counter!("fogline_ingest_received_total", "source" => "endpoint");
     let resends = metrics::counter!("fogline_ingest_resends_total", "source" => "endpoint");
     let evicted = metrics::counter!("fogline_ingest_marks_evicted_total", "source" => "endpoint");
+    let possible_duplicates =
+        metrics::counter!("fogline_ingest_possible_duplicates_total", "source" => "endpoint");
     let acks_sent = metrics::counter!("fogline_ingest_acks_sent_total", "source" => "endpoint");
     // Packet ids of QoS 1/2 PUBLISHes whose final acknowledgement is not written yet.
     let mut in_flight: HashSet<u16> = HashSet::new();
@@ -370,7 +434,10 @@ where
                 Ok(None) => break,
                 Err(codec::CodecError::TooLarge { size, max }) => {
                     metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
-                    end = Some(End::close(0x95, format!("packet of {size} bytes, the maximum packet size is {max}")));
+                    end = Some(End::close(
+                        0x95,
+                        format!("packet of {size} bytes, the maximum packet size is {max}"),
+                    ));
                     break;
                 }
                 Err(e) => {
@@ -382,15 +449,28 @@ where
             match packet {
                 Inbound::Publish(p) => {
                     if p.topic_alias.is_some() {
-                        end = Some(End::close(0x94, "topic aliases are not supported (Topic Alias Maximum is 0)"));
+                        end = Some(End::close(
+                            0x94,
+                            "topic aliases are not supported (Topic Alias Maximum is 0)",
+                        ));
                         break;
                     }
                     if p.topic.is_empty() || p.topic.iter().any(|b| matches!(b, b'+' | b'#')) {
-                        end = Some(End::close(0x90, format!("PUBLISH topic `{}` is empty or has wildcards", String::from_utf8_lossy(&p.topic))));
+                        end = Some(End::close(
+                            0x90,
+                            format!(
+                                "PUBLISH topic `{}` is empty or has wildcards",
+                                String::from_utf8_lossy(&p.topic)
+                            ),
+                        ));
                         break;
                     }
                     received.increment(1);
-                    let digest = if p.qos > 0 { codec::digest(&p.topic, &p.payload) } else { 0 };
+                    let digest = if p.qos > 0 {
+                        codec::digest(&p.topic, &p.payload)
+                    } else {
+                        0
+                    };
                     let message = Received {
                         topic: p.topic.to_vec(),
                         payload: p.payload.to_vec(),
@@ -398,7 +478,10 @@ where
                     };
                     let (verdict, kind) = match p.qos {
                         0 => {
-                            chunk.push(Item { message: Some(message), ack: None });
+                            chunk.push(Item {
+                                message: Some(message),
+                                ack: None,
+                            });
                             continue;
                         }
                         1 => (lease.state.on_qos1(p.pkid, p.dup, digest), AckKind::PubAck),
@@ -406,12 +489,24 @@ where
                     };
                     in_flight.insert(p.pkid);
                     if version == Version::V5 && in_flight.len() > rm {
-                        end = Some(End::close(0x93, format!("more than {rm} QoS 1/2 messages unacknowledged (Receive Maximum)")));
+                        end = Some(End::close(
+                            0x93,
+                            format!(
+                                "more than {rm} QoS 1/2 messages unacknowledged (Receive Maximum)"
+                            ),
+                        ));
                         break;
                     }
-                    let ack = Some(Ack { kind, pkid: p.pkid, reason: 0 });
+                    let ack = Some(Ack {
+                        kind,
+                        pkid: p.pkid,
+                        reason: 0,
+                    });
                     match verdict {
-                        Verdict::New => chunk.push(Item { message: Some(message), ack }),
+                        Verdict::New => chunk.push(Item {
+                            message: Some(message),
+                            ack,
+                        }),
                         Verdict::Resend => {
                             resends.increment(1);
                             chunk.push(Item { message: None, ack });
@@ -423,7 +518,11 @@ where
                     in_flight.insert(pkid);
                     chunk.push(Item {
                         message: None,
-                        ack: Some(Ack { kind: AckKind::PubComp, pkid, reason: if known { 0 } else { 0x92 } }),
+                        ack: Some(Ack {
+                            kind: AckKind::PubComp,
+                            pkid,
+                            reason: if known { 0 } else { 0x92 },
+                        }),
                     });
                 }
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
@@ -433,14 +532,28 @@ where
                         info!(peer = %c.peer, client = %lease.client_id, ?filters, "Refused SUBSCRIBE: this endpoint only ingests.");
                         first = false;
                     }
-                    codec::encode_suback_refused(&mut c.wbuf, version, pkid, filters.len(), SUBSCRIBE_REFUSED);
+                    codec::encode_suback_refused(
+                        &mut c.wbuf,
+                        version,
+                        pkid,
+                        filters.len(),
+                        SUBSCRIBE_REFUSED,
+                    );
                 }
-                Inbound::Unsubscribe(pkid, n) => codec::encode_unsuback(&mut c.wbuf, version, pkid, n),
+                Inbound::Unsubscribe(pkid, n) => {
+                    codec::encode_unsuback(&mut c.wbuf, version, pkid, n)
+                }
                 Inbound::Disconnect(reason, expiry) => {
                     if expiry.is_some_and(|e| e > 0) && lease.meta.expiry_secs == 0 {
-                        end = Some(End::close(0x82, "DISCONNECT raised a session expiry of 0 (MQTT 5 §3.14.2.2.2)"));
+                        end = Some(End::close(
+                            0x82,
+                            "DISCONNECT raised a session expiry of 0 (MQTT 5 §3.14.2.2.2)",
+                        ));
                     } else {
-                        end = Some(End::Disconnect { will: reason == 0x04, expiry });
+                        end = Some(End::Disconnect {
+                            will: reason == 0x04,
+                            expiry,
+                        });
                     }
                     break;
                 }
@@ -450,13 +563,17 @@ where
                 }
                 other => {
                     metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
-                    end = Some(End::close(0x82, format!("unexpected packet from a client: {other:?}")));
+                    end = Some(End::close(
+                        0x82,
+                        format!("unexpected packet from a client: {other:?}"),
+                    ));
                     break;
                 }
             }
         }
         let counters = lease.state.take_counters();
         evicted.increment(counters.evicted);
+        possible_duplicates.increment(counters.possible_duplicates);
         if lease.state.is_persistent() {
             session.ops.extend(lease.state.take_ops());
         }
@@ -512,4 +629,3 @@ where
         }
     }
 }
-

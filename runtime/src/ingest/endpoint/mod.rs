@@ -137,7 +137,11 @@ impl Endpoint {
                 .map_err(|source| EndpointError::Bind { key, addr, source })?;
             let local = listener.local_addr().unwrap_or(addr);
             addrs.push((key, local));
-            tasks.push(tokio::spawn(accept_plain(listener, shared.clone(), shutdown.clone())));
+            tasks.push(tokio::spawn(accept_plain(
+                listener,
+                shared.clone(),
+                shutdown.clone(),
+            )));
         }
         if let Some(t) = &b.tls {
             let acceptor = tls::acceptor(
@@ -147,14 +151,18 @@ impl Endpoint {
                 t.require_client_cert,
             )
             .map_err(EndpointError::Tls)?;
-            let listener = TcpListener::bind(t.listen)
-                .await
-                .map_err(|source| EndpointError::Bind {
-                    key: "broker.tls.listen",
-                    addr: t.listen,
-                    source,
-                })?;
-            addrs.push(("broker.tls.listen", listener.local_addr().unwrap_or(t.listen)));
+            let listener =
+                TcpListener::bind(t.listen)
+                    .await
+                    .map_err(|source| EndpointError::Bind {
+                        key: "broker.tls.listen",
+                        addr: t.listen,
+                        source,
+                    })?;
+            addrs.push((
+                "broker.tls.listen",
+                listener.local_addr().unwrap_or(t.listen),
+            ));
             tasks.push(tokio::spawn(accept_tls(
                 listener,
                 acceptor,
@@ -185,7 +193,11 @@ impl Endpoint {
     }
 }
 
-async fn accept_plain(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_plain(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => return,

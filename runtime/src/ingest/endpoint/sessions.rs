@@ -107,7 +107,12 @@ impl Sessions {
                 client_id.to_string(),
                 Slot {
                     owner: meta.owner.clone(),
-                    state: Some(SenderState::restore(s.marks, s.received, self.retain)),
+                    state: Some(SenderState::restore(
+                        s.marks,
+                        s.received,
+                        s.shape,
+                        self.retain,
+                    )),
                     kick: None,
                     meta,
                     persisted: true,
@@ -157,12 +162,17 @@ impl Sessions {
                         }
                     }
                     Some(slot) => {
-                        let previous = slot.state.take().unwrap_or_else(|| {
-                            SenderState::new(false, self.retain)
-                        });
+                        let previous = slot
+                            .state
+                            .take()
+                            .unwrap_or_else(|| SenderState::new(false, self.retain));
                         let persistent = req.expiry_secs > 0;
                         let (mut state, present, discard) = if req.clean_start {
-                            (SenderState::new(persistent, self.retain), false, slot.persisted)
+                            (
+                                SenderState::new(persistent, self.retain),
+                                false,
+                                slot.persisted,
+                            )
                         } else {
                             (previous, true, false)
                         };
@@ -333,7 +343,11 @@ mod tests {
         let mut a = s.open(&req("c1", None, false, 60)).await.unwrap();
         assert!(!a.session_present);
         a.state.start_connection(None);
-        a.state.on_qos1(1, false, 42);
+        // Distinct content: resends become recognisable.
+        for p in 1..=20u16 {
+            a.state.on_qos1(p, false, 1000 + u64::from(p));
+        }
+        a.state.on_qos1(21, false, 42);
         let kick = a.kick.clone();
         let s2 = s.clone();
         let old = tokio::spawn(async move {
@@ -348,7 +362,7 @@ mod tests {
         assert!(b.session_present);
         b.state.start_connection(None);
         assert_eq!(
-            b.state.on_qos1(1, true, 42),
+            b.state.on_qos1(21, true, 42),
             crate::ingest::redelivery::Verdict::Resend
         );
     }
@@ -357,7 +371,10 @@ mod tests {
     async fn another_identity_cannot_take_a_client_id() {
         let s = Sessions::new(10, 100);
         let _a = s.open(&req("c1", Some("user:a"), false, 60)).await.unwrap();
-        let e = s.open(&req("c1", Some("user:b"), false, 60)).await.unwrap_err();
+        let e = s
+            .open(&req("c1", Some("user:b"), false, 60))
+            .await
+            .unwrap_err();
         assert_eq!(e.code, 0x87);
         let e = s.open(&req("c1", None, false, 60)).await.unwrap_err();
         assert_eq!(e.code, 0x87);
@@ -367,7 +384,10 @@ mod tests {
     async fn limits_expiry_and_clean_start() {
         let s = Sessions::new(1, 100);
         let a = s.open(&req("c1", None, false, 10)).await.unwrap();
-        assert_eq!(s.open(&req("c2", None, true, 0)).await.unwrap_err().code, 0x97);
+        assert_eq!(
+            s.open(&req("c2", None, true, 0)).await.unwrap_err().code,
+            0x97
+        );
         let st = SenderState::new(true, 100);
         s.release(&a, st, 10, 1_000);
         assert!(s.expire(5_000).is_empty());

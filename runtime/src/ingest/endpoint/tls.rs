@@ -24,7 +24,10 @@ pub fn acceptor(
             let mut roots = rustls::RootCertStore::empty();
             for c in load_certs(ca).map_err(|e| e.to_string())? {
                 roots.add(c).map_err(|e| {
-                    format!("broker.tls.client_ca {}: not a usable CA: {e}", ca.display())
+                    format!(
+                        "broker.tls.client_ca {}: not a usable CA: {e}",
+                        ca.display()
+                    )
                 })?;
             }
             let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
