@@ -209,9 +209,10 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
 }
 
 impl Daemon {
-    /// Stop within `node.shutdown_timeout`: ingest stops reading and closes
-    /// its connections, the worker commits and acknowledges what it took,
-    /// the uplink closes. A commit that cannot finish (full disk) is
+    /// Stop within `node.shutdown_timeout` (I-16): ingest stops reading; each
+    /// connection stays open until the pipeline has committed and
+    /// acknowledged what it took from it, then is closed (MQTT 5: DISCONNECT
+    /// 0x8B); the uplink closes. A commit that cannot finish (full disk) is
     /// abandoned when the time is up: nothing of it was acknowledged, its
     /// senders resend it to the next run.
     pub async fn shutdown(self) {
@@ -234,7 +235,10 @@ impl Daemon {
             worker.abandon_retries();
         }
         if let Some(u) = self.uplink {
-            let _ = tokio::time::timeout(Duration::from_secs(2), u).await;
+            // Within the same bound: the uplink may be waiting on a locked
+            // outbox (a stuck commit holds the write lock).
+            let at = deadline.max(tokio::time::Instant::now() + Duration::from_millis(200));
+            let _ = tokio::time::timeout_at(at, u).await;
         }
         info!("Fogline edge daemon stopped.");
     }

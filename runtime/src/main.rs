@@ -34,7 +34,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cli::dispatch(args)) {
+    let result = rt.block_on(cli::dispatch(args));
+    // The daemon stopped within its bound; a blocking task still waiting on
+    // the disk (a stuck commit, a locked outbox) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

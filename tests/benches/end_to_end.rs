@@ -131,7 +131,6 @@ fn idle_rss() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("edge.toml");
     let port = fogline_tests::free_tcp_port().unwrap();
-    let port5 = fogline_tests::free_tcp_port().unwrap();
     std::fs::write(
         &cfg,
         format!(
@@ -141,7 +140,6 @@ data_dir = "{d}/data"
 [broker]
 embedded = true
 listen = "127.0.0.1:{port}"
-listen_v5 = "127.0.0.1:{port5}"
 [functions.hot]
 module = "{t}"
 config = {{ field = "temp", above = 30.0 }}
@@ -184,7 +182,7 @@ enabled = false
             .unwrap_or("VmRSS: ? kB")
             .to_string();
         println!(
-            "idle edge daemon, 3 functions, embedded broker, {round}: {} (sampled {:.1}s after start)",
+            "idle edge daemon, 3 functions, MQTT endpoint, {round}: {} (sampled {:.1}s after start)",
             rss.trim_start_matches("VmRSS:").trim(),
             started.elapsed().as_secs_f64()
         );

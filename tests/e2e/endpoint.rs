@@ -144,14 +144,8 @@ fn wait_aborted(g: &mut Gateway, what: &str) {
 /// connection), I-3 (QoS 2 exact), I-4 (sessions survive restarts), I-5
 /// (resends recognised).
 fn power_cuts(version: Version, qos: QoS) {
-    let mut g = Gateway::start(
-        "",
-        &[(
-            "FAILPOINTS",
-            "pipeline::after_commit_before_ack=5*off->return",
-        )],
-    );
-    const N: usize = 20_000;
+    let mut g = Gateway::start("", &[]);
+    const N: usize = 30_000;
     let (msgs, ids) = readings(N);
     let mut publisher = Publisher::new(
         Options::new(
@@ -171,25 +165,40 @@ fn power_cuts(version: Version, qos: QoS) {
     publisher.deadline = Duration::from_secs(180);
     let (progress, handle) = publish_in_background(publisher, msgs);
 
-    wait_aborted(&mut g, "pipeline::after_commit_before_ack");
-    g.edge
-        .daemon
-        .restart_with_env(&[("FAILPOINTS", "outbox::commit::before=8*off->return")])
-        .unwrap();
-    wait_aborted(&mut g, "outbox::commit::before");
-    g.edge.daemon.restart_with_env(&[]).unwrap();
+    // kill -9 during publishing; then aborts at the two fault points, each a
+    // few commits into the restarted daemon's life, while publishing goes on.
     assert!(
         process::wait_until(Duration::from_secs(60), || progress.load(Ordering::Acquire)
-            >= N * 6 / 10),
-        "publisher stalled before 60%:\n{}",
+            >= N / 10),
+        "publisher stalled before 10%:\n{}",
         g.logs()
     );
     g.edge.daemon.kill9();
-    g.edge.daemon.restart().unwrap();
+    g.edge
+        .daemon
+        .restart_with_env(&[(
+            "FAILPOINTS",
+            "pipeline::after_commit_before_ack=5*off->return",
+        )])
+        .unwrap();
+    wait_aborted(&mut g, "pipeline::after_commit_before_ack");
+    g.edge
+        .daemon
+        .restart_with_env(&[("FAILPOINTS", "outbox::commit::before=5*off->return")])
+        .unwrap();
+    wait_aborted(&mut g, "outbox::commit::before");
+    g.edge.daemon.restart_with_env(&[]).unwrap();
     let report = handle.join().unwrap();
     assert_eq!(report.outcome, Outcome::Complete, "{}", g.logs());
     report.ensure_all_safe().unwrap();
-    assert!(report.reconnects >= 3, "the publisher saw every cut");
+    assert!(
+        report.reconnects >= 2,
+        "the publisher saw the cuts: {} reconnects, {} failed connects, {} resent\n{}",
+        report.reconnects,
+        report.failed_connects,
+        report.resent_publishes,
+        g.logs()
+    );
     // Right after the last PUBACK: nothing may be lost or applied twice.
     g.edge.daemon.kill9();
     g.edge.daemon.restart().unwrap();

@@ -1,1 +1,411 @@
-//! (being written)
+//! The outbox's identity against the aggregator's cursor (I-8, I-9): a wiped
+//! outbox, a restored aggregator store, an outbox restored from an older
+//! copy of itself. Each test drives real processes through the event and
+//! checks the aggregator's store with the oracle, the edge's alarms and
+//! metrics, and the aggregator's `/api/v1/nodes`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use fogline_tests::deploy::Edge;
+use fogline_tests::mqtt_raw::QoS;
+use fogline_tests::{oracle, process};
+
+use crate::external::{
+    alarm_kinds, assert_exact, debug_broker, ids_of, passthrough, publish, readings, status, stop,
+    Site,
+};
+
+fn readings_pipeline() -> String {
+    passthrough(&[("readings", &["sensors/+/reading"])])
+}
+
+/// Waits until the aggregator's cursor for `node` and the edge's
+/// acknowledged mark are both `seq`.
+fn wait_synced(site: &Site, edge: &Edge, node: &str, seq: u64) {
+    let ok = process::wait_until(Duration::from_secs(60), || {
+        site.cloud.cursor(node) == seq
+            && edge
+                .status()
+                .is_some_and(|s| s["outbox"]["acked_seq"].as_u64() == Some(seq))
+    });
+    assert!(
+        ok,
+        "not synced through {seq}: cursor {}\n{}",
+        site.cloud.cursor(node),
+        site.logs(edge)
+    );
+}
+
+/// `path` with `suffix` appended (`-wal`, `-shm`).
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    p.into()
+}
+
+/// Copies a stopped SQLite database (and its WAL, if any) to `to`.
+fn copy_db(from: &Path, to: &Path) {
+    std::fs::copy(from, to).unwrap();
+    let wal = sibling(from, "-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, sibling(to, "-wal")).unwrap();
+    }
+}
+
+/// Deletes a stopped SQLite database with its WAL and shared-memory files.
+fn remove_db(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let p = sibling(path, suffix);
+        if p.exists() {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
+/// Replaces the stopped database at `path` with the copy at `backup`.
+fn restore_db(backup: &Path, path: &Path) {
+    remove_db(path);
+    copy_db(backup, path);
+}
+
+/// The aggregator's `/api/v1/nodes` entry for `node`.
+fn node_summary(site: &Site, node: &str) -> Option<serde_json::Value> {
+    site.cloud
+        .nodes()?
+        .as_array()?
+        .iter()
+        .find(|n| n["node"].as_str() == Some(node))
+        .cloned()
+}
+
+/// How many sessions the aggregator has served so far (its log survives
+/// restarts).
+fn cloud_sessions(site: &Site) -> usize {
+    site.cloud
+        .daemon
+        .log_text()
+        .matches("Node connected.")
+        .count()
+}
+
+/// Kills the aggregator, starts it again, and waits until the edge has
+/// opened a session with the new process.
+fn bounce_aggregator(site: &mut Site, edge: &Edge) {
+    let before = cloud_sessions(site);
+    site.cloud.daemon.kill9();
+    site.cloud.daemon.restart().unwrap();
+    let ok = process::wait_until(Duration::from_secs(30), || cloud_sessions(site) > before);
+    assert!(ok, "the edge reconnected\n{}", site.logs(edge));
+    edge.wait_for(Duration::from_secs(30), "uplink connected", |s| {
+        s["uplink_connected"].as_bool() == Some(true)
+    })
+    .unwrap();
+}
+
+/// I-8: an outbox that was wiped (new incarnation) meets the aggregator's
+/// cursor of the old one: it deletes nothing, renumbers its 50 buffered
+/// records (numbered 1..=50, below the cursor 100) above the cursor, sends
+/// them, and keeps a `new_outbox` alarm. All 150 readings stored, once.
+#[test]
+fn a_wiped_outbox_meeting_an_existing_cursor_is_renumbered_above_it_and_loses_nothing() {
+    let node = "gw-id-wiped";
+    let mut site = Site::start(node, debug_broker());
+    let mut edge = site.start_edge(node, &readings_pipeline(), "", &[]);
+    site.wait_subscribed(&edge, node, 1);
+    let port = site.mosquitto.port();
+
+    let first = readings(0..2, 0..50);
+    publish(port, QoS::AtLeastOnce, &first);
+    wait_synced(&site, &edge, node, 100);
+
+    stop(&mut edge.daemon);
+    let outbox = edge.data_dir.join("outbox.db");
+    assert!(outbox.exists(), "{}", outbox.display());
+    remove_db(&outbox);
+    stop(&mut site.cloud.daemon);
+    edge.daemon.restart().unwrap();
+    site.wait_subscribed(&edge, node, 2);
+
+    let second = readings(0..2, 50..75);
+    publish(port, QoS::AtLeastOnce, &second);
+    edge.wait_for(Duration::from_secs(30), "buffer 50 readings", |s| {
+        s["outbox"]["backlog_records"].as_u64() == Some(50)
+    })
+    .unwrap();
+    let st = status(&edge);
+    assert_eq!(
+        st["outbox"]["next_seq"].as_u64(),
+        Some(51),
+        "the new outbox numbered its records 1..=50, at or below the old cursor: {st}"
+    );
+
+    site.cloud.daemon.restart().unwrap();
+    let expected: BTreeSet<String> = ids_of(&first).into_iter().chain(ids_of(&second)).collect();
+    assert_exact(
+        &site.cloud.store,
+        &expected,
+        Duration::from_secs(60),
+        || site.logs(&edge),
+    );
+    assert_eq!(oracle::count(&site.cloud.store), 150);
+    assert_eq!(site.cloud.cursor(node), 150);
+    edge.wait_for(Duration::from_secs(10), "alarm new_outbox", |s| {
+        alarm_kinds(s).iter().any(|k| k == "new_outbox")
+    })
+    .unwrap();
+    assert!(
+        edge.metric("fogline_uplink_renumbered_total") >= 1.0,
+        "{}",
+        site.logs(&edge)
+    );
+}
+
+/// Brings a node to the state of I-9: the aggregator acknowledged 100
+/// readings (seq 1..=100), then its store went back to a copy holding 60;
+/// it is running again and the edge has seen its cursor. Returns the
+/// site, the edge and the ids that are still stored.
+fn restored_store(node: &str) -> (Site, Edge, BTreeSet<String>) {
+    let mut site = Site::start(node, debug_broker());
+    let edge = site.start_edge(node, &readings_pipeline(), "", &[]);
+    site.wait_subscribed(&edge, node, 1);
+    let port = site.mosquitto.port();
+
+    let kept = readings(0..1, 0..60);
+    publish(port, QoS::AtLeastOnce, &kept);
+    wait_synced(&site, &edge, node, 60);
+    stop(&mut site.cloud.daemon);
+    let backup = site.dir.path().join("cloud-backup.db");
+    copy_db(&site.cloud.store, &backup);
+    site.cloud.daemon.restart().unwrap();
+
+    publish(port, QoS::AtLeastOnce, &readings(0..1, 60..100));
+    wait_synced(&site, &edge, node, 100);
+    stop(&mut site.cloud.daemon);
+    restore_db(&backup, &site.cloud.store);
+    assert_eq!(site.cloud.cursor(node), 60, "the restored store");
+    site.cloud.daemon.restart().unwrap();
+
+    edge.wait_for(Duration::from_secs(30), "alarm cursor_behind", |s| {
+        alarm_kinds(s).iter().any(|k| k == "cursor_behind")
+            && s["uplink_cursor_regressions"].as_u64().unwrap_or(0) >= 1
+    })
+    .unwrap();
+    (site, edge, ids_of(&kept))
+}
+
+/// I-9: a store restored from a backup (cursor 60) behind what it
+/// acknowledged (100): the edge logs an error, counts the regression and
+/// keeps a `cursor_behind` alarm; the aggregator records the gap
+/// (`lost_records` = 40); readings published afterwards still arrive.
+#[test]
+fn a_restored_aggregator_store_is_an_alarm_on_both_sides_and_replication_goes_on() {
+    let node = "gw-id-restored-store";
+    let (site, edge, kept) = restored_store(node);
+
+    assert!(
+        edge.metric("fogline_uplink_cursor_regressions_total") >= 1.0,
+        "{}",
+        site.logs(&edge)
+    );
+    let log = edge.daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("records 61..=100 were lost")),
+        "the edge logs an error naming the lost range\n{}",
+        site.logs(&edge)
+    );
+    let ok = process::wait_until(Duration::from_secs(10), || {
+        node_summary(&site, node).is_some_and(|n| n["lost_records"].as_u64() == Some(40))
+    });
+    assert!(
+        ok,
+        "lost_records: {:?}\n{}",
+        node_summary(&site, node),
+        site.logs(&edge)
+    );
+
+    let later = readings(0..1, 100..120);
+    publish(site.mosquitto.port(), QoS::AtLeastOnce, &later);
+    let expected: BTreeSet<String> = kept.into_iter().chain(ids_of(&later)).collect();
+    assert_exact(
+        &site.cloud.store,
+        &expected,
+        Duration::from_secs(60),
+        || site.logs(&edge),
+    );
+    let summary = node_summary(&site, node).unwrap();
+    assert_eq!(summary["cursor"].as_u64(), Some(120), "{summary}");
+    assert_eq!(summary["lost_records"].as_u64(), Some(40), "{summary}");
+    assert!(edge.status().is_some_and(|s| s["uplink_connected"] == true));
+}
+
+/// I-9, the gap is a fact recorded once: when the edge reconnects to the
+/// restored aggregator again before anything new was applied (an aggregator
+/// restart, a network flap), `lost_records` still says 40, not 40 per
+/// reconnection.
+#[test]
+fn a_restored_aggregator_store_counts_its_lost_records_once_across_reconnects() {
+    let node = "gw-id-gap-once";
+    let (mut site, edge, _) = restored_store(node);
+    let ok = process::wait_until(Duration::from_secs(10), || {
+        node_summary(&site, node).is_some_and(|n| n["lost_records"].as_u64() == Some(40))
+    });
+    assert!(ok, "lost_records: {:?}", node_summary(&site, node));
+
+    bounce_aggregator(&mut site, &edge);
+    std::thread::sleep(Duration::from_millis(500));
+    let summary = node_summary(&site, node).unwrap();
+    assert_eq!(
+        summary["lost_records"].as_u64(),
+        Some(40),
+        "records 61..=100 were lost once: {summary}\n{}",
+        site.logs(&edge)
+    );
+}
+
+/// What [`old_copy`] leaves behind.
+struct OldCopy {
+    site: Site,
+    edge: Edge,
+    /// Every reading published so far (all must be stored once).
+    expected: BTreeSet<String>,
+}
+
+/// Brings a node through I-8's "older copy" case: the outbox is copied
+/// aside after 50 readings were synced, 50 more are synced, then the edge
+/// comes back with the old copy (same incarnation, next seq 51) while the
+/// aggregator is down and buffers 30 new readings as seq 51..=80, all at
+/// or below the aggregator's cursor 100; then the aggregator comes back.
+/// Checks the recovery: nothing deleted (all 130 stored once), alarm
+/// `cursor_ahead`, a new incarnation.
+fn old_copy(node: &str) -> OldCopy {
+    let mut site = Site::start(node, debug_broker());
+    let mut edge = site.start_edge(node, &readings_pipeline(), "", &[]);
+    site.wait_subscribed(&edge, node, 1);
+    let port = site.mosquitto.port();
+
+    let mut published = readings(0..1, 0..50);
+    publish(port, QoS::AtLeastOnce, &published);
+    wait_synced(&site, &edge, node, 50);
+    let incarnation = status(&edge)["outbox"]["incarnation"].as_u64().unwrap();
+
+    stop(&mut edge.daemon);
+    let outbox = edge.data_dir.join("outbox.db");
+    let backup = site.dir.path().join("outbox-backup.db");
+    copy_db(&outbox, &backup);
+    edge.daemon.restart().unwrap();
+    site.wait_subscribed(&edge, node, 2);
+
+    let more = readings(0..1, 50..100);
+    publish(port, QoS::AtLeastOnce, &more);
+    published.extend(more);
+    wait_synced(&site, &edge, node, 100);
+
+    stop(&mut edge.daemon);
+    stop(&mut site.cloud.daemon);
+    restore_db(&backup, &outbox);
+    edge.daemon.restart().unwrap();
+    site.wait_subscribed(&edge, node, 3);
+
+    let buffered = readings(0..1, 100..130);
+    publish(port, QoS::AtLeastOnce, &buffered);
+    published.extend(buffered);
+    edge.wait_for(Duration::from_secs(30), "buffer 30 readings", |s| {
+        s["outbox"]["backlog_records"].as_u64() == Some(30)
+    })
+    .unwrap();
+    let st = status(&edge);
+    assert_eq!(
+        (
+            st["outbox"]["next_seq"].as_u64(),
+            st["outbox"]["incarnation"].as_u64()
+        ),
+        (Some(81), Some(incarnation)),
+        "the old copy numbered the new readings 51..=80 under its old incarnation: {st}"
+    );
+
+    site.cloud.daemon.restart().unwrap();
+    let expected = ids_of(&published);
+    assert_eq!(expected.len(), 130);
+    assert_exact(
+        &site.cloud.store,
+        &expected,
+        Duration::from_secs(60),
+        || site.logs(&edge),
+    );
+    edge.wait_for(Duration::from_secs(10), "alarm cursor_ahead", |s| {
+        alarm_kinds(s).iter().any(|k| k == "cursor_ahead")
+    })
+    .unwrap();
+    assert!(edge.metric("fogline_uplink_renumbered_total") >= 1.0);
+    let now = status(&edge)["outbox"]["incarnation"].as_u64().unwrap();
+    assert_ne!(now, incarnation, "the older copy took a new incarnation");
+    OldCopy {
+        site,
+        edge,
+        expected,
+    }
+}
+
+/// I-8: an outbox restored from an older copy of itself (same incarnation,
+/// the aggregator's cursor beyond its next seq) deletes none of the readings
+/// it buffered before its first connection: they are renumbered above the
+/// cursor and sent, and the edge keeps a `cursor_ahead` alarm.
+#[test]
+fn an_outbox_restored_from_an_older_copy_keeps_what_it_buffered_and_raises_cursor_ahead() {
+    let OldCopy {
+        site, edge: _edge, ..
+    } = old_copy("gw-id-old-copy");
+    assert_eq!(oracle::count(&site.cloud.store), 130);
+    assert_eq!(site.cloud.cursor("gw-id-old-copy"), 130);
+}
+
+/// I-8, after the recovery from an older copy: the new incarnation is the
+/// one the aggregator records with the cursor, so the next connection (here
+/// after an aggregator restart) simply continues — no second renumbering,
+/// no `new_outbox` alarm (which would also renumber, and so duplicate,
+/// records applied but not yet acknowledged) — and new readings arrive once.
+#[test]
+fn after_recovering_from_an_older_copy_the_next_connection_continues_under_the_new_incarnation() {
+    let node = "gw-id-old-copy-next";
+    let OldCopy {
+        mut site,
+        edge,
+        mut expected,
+    } = old_copy(node);
+    let recorded_before = node_summary(&site, node).map(|n| n["incarnation"].clone());
+    bounce_aggregator(&mut site, &edge);
+    let later = readings(0..1, 130..140);
+    publish(site.mosquitto.port(), QoS::AtLeastOnce, &later);
+    expected.extend(ids_of(&later));
+    assert_exact(
+        &site.cloud.store,
+        &expected,
+        Duration::from_secs(60),
+        || site.logs(&edge),
+    );
+
+    let st = status(&edge);
+    let edge_incarnation = st["outbox"]["incarnation"].as_u64();
+    let summary = node_summary(&site, node).unwrap();
+    assert_eq!(
+        summary["incarnation"].as_u64(),
+        edge_incarnation,
+        "the aggregator records the cursor for the outbox's current incarnation: {summary}\n{}",
+        site.logs(&edge)
+    );
+    assert!(
+        !alarm_kinds(&st).iter().any(|k| k == "new_outbox"),
+        "no `new_outbox` alarm for the edge's own outbox: {}\n(the aggregator had recorded incarnation {recorded_before:?} with its cursor before the restart; the edge's is {edge_incarnation:?})\n{}",
+        st["outbox"]["alarms"],
+        site.logs(&edge)
+    );
+    assert_eq!(
+        edge.metric("fogline_uplink_renumbered_total"),
+        1.0,
+        "renumbered once (the older copy), not again on the next connection\n{}",
+        site.logs(&edge)
+    );
+}

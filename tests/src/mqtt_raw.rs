@@ -2111,7 +2111,13 @@ pub async fn mosquitto_reference(
     payload_len: usize,
     window: usize,
 ) -> Result<ReferenceFigures> {
-    mosquitto_reference_with(crate::mosquitto::MosquittoConfig::default(), n, payload_len, window).await
+    mosquitto_reference_with(
+        crate::mosquitto::MosquittoConfig::default(),
+        n,
+        payload_len,
+        window,
+    )
+    .await
 }
 
 /// [`mosquitto_reference`] with a chosen broker configuration (e.g. extra

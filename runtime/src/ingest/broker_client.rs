@@ -14,7 +14,6 @@
 //! this one does not. A refused filter is logged with its reason code and
 //! shown by `fogline-edge status`.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +26,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::codec::{self, AckKind, ConnectOut, Inbound, Version};
-use super::redelivery::{SenderState, Verdict};
+use super::codec::{self, ConnectOut, Inbound, Version};
+use super::intake::Intake;
+use super::redelivery::SenderState;
 use super::session_store::{RestoredSession, SessionMeta, SessionUpdate};
 use super::topic;
-use super::{write_acks, Ack, AckRoute, Chunk, IngestSink, IngestState, Item, Received};
+use super::{AckRoute, Chunk, IngestSink, IngestState};
 use crate::config::{EdgeConfig, MqttProtocol};
 
 const READ_BYTES: usize = 64 * 1024;
@@ -101,6 +101,7 @@ struct Settings {
     max_packet: usize,
     qos: u8,
     connect_timeout: Duration,
+    drain_timeout: Duration,
     cover: Vec<String>,
 }
 
@@ -139,6 +140,7 @@ pub fn spawn(
             .clamp(64 * 1024, 16 << 20),
         qos: m.qos,
         connect_timeout: m.connect_timeout,
+        drain_timeout: super::endpoint::drain_timeout(config),
         cover: topic::cover(&config.topic_filters()),
     };
     let key: Arc<str> = Arc::from(session_key(config));
@@ -323,19 +325,13 @@ async fn session(
     wbuf.clear();
 
     let (route, mut acks) = AckRoute::new(false);
-    let received = metrics::counter!("fogline_ingest_received_total", "source" => "broker");
-    let resends = metrics::counter!("fogline_ingest_resends_total", "source" => "broker");
-    let evicted = metrics::counter!("fogline_ingest_marks_evicted_total", "source" => "broker");
-    let possible_duplicates =
-        metrics::counter!("fogline_ingest_possible_duplicates_total", "source" => "broker");
-    let acks_sent = metrics::counter!("fogline_ingest_acks_sent_total", "source" => "broker");
+    let mut intake = Intake::new("broker");
     let keep_alive = connack
         .server_keep_alive
         .map(|k| Duration::from_secs(u64::from(k.max(1))))
         .unwrap_or(s.keep_alive);
     let mut next_ping = Instant::now() + keep_alive;
     let mut ping_outstanding: Option<Instant> = None;
-    let mut in_flight: HashSet<u16> = HashSet::new();
     loop {
         let mut chunk = Chunk::new(Some(route.clone()), s.max_payload);
         while chunk.items.len() < CHUNK_ITEMS {
@@ -345,58 +341,8 @@ async fn session(
                 Err(e) => return Err(proto(e.to_string())),
             };
             match packet {
-                Inbound::Publish(p) => {
-                    received.increment(1);
-                    let message = Received {
-                        topic: p.topic.to_vec(),
-                        payload: p.payload.to_vec(),
-                        received_ms: crate::clock::now_ms(),
-                    };
-                    let (verdict, kind) = match p.qos {
-                        0 => {
-                            chunk.push(Item {
-                                message: Some(message),
-                                ack: None,
-                            });
-                            continue;
-                        }
-                        1 => (
-                            sender.on_qos1(p.pkid, p.dup, codec::digest(&p.topic, &p.payload)),
-                            AckKind::PubAck,
-                        ),
-                        _ => (
-                            sender.on_qos2(p.pkid, p.dup, codec::digest(&p.topic, &p.payload)),
-                            AckKind::PubRec,
-                        ),
-                    };
-                    in_flight.insert(p.pkid);
-                    let ack = Some(Ack {
-                        kind,
-                        pkid: p.pkid,
-                        reason: 0,
-                    });
-                    match verdict {
-                        Verdict::New => chunk.push(Item {
-                            message: Some(message),
-                            ack,
-                        }),
-                        Verdict::Resend => {
-                            resends.increment(1);
-                            chunk.push(Item { message: None, ack });
-                        }
-                    }
-                }
-                Inbound::PubRel(pkid) => {
-                    let known = sender.on_pubrel(pkid);
-                    chunk.push(Item {
-                        message: None,
-                        ack: Some(Ack {
-                            kind: AckKind::PubComp,
-                            pkid,
-                            reason: if known { 0 } else { 0x92 },
-                        }),
-                    });
-                }
+                Inbound::Publish(p) => intake.publish(sender, p, &mut chunk),
+                Inbound::PubRel(pkid) => intake.pubrel(sender, pkid, &mut chunk),
                 Inbound::SubAck(pkid, codes) if pkid == SUBSCRIBE_PKID => {
                     let mut refused = Vec::new();
                     for (filter, code) in s
@@ -438,9 +384,7 @@ async fn session(
                 }
             }
         }
-        let counters = sender.take_counters();
-        evicted.increment(counters.evicted);
-        possible_duplicates.increment(counters.possible_duplicates);
+        intake.report(sender);
         update.ops.extend(sender.take_ops());
         if !update.is_empty() {
             chunk.session = Some(std::mem::replace(
@@ -452,9 +396,17 @@ async fn session(
             ));
         }
         if !chunk.is_empty() {
+            let owed = Intake::acks_in(&chunk);
             tokio::select! {
-                r = sink.send(chunk) => r.map_err(|_| BrokerError::Shutdown)?,
-                _ = shutdown.changed() => return Err(BrokerError::Shutdown),
+                r = sink.send(chunk) => {
+                    r.map_err(|_| BrokerError::Shutdown)?;
+                    intake.took(owed);
+                }
+                _ = shutdown.changed() => {
+                    let deadline = Instant::now() + s.drain_timeout;
+                    intake.drain(&mut acks, &mut wr, &mut wbuf, s.version, deadline).await;
+                    return Err(BrokerError::Shutdown);
+                }
             }
         }
         if !wbuf.is_empty() {
@@ -472,11 +424,10 @@ async fn session(
             },
             batch = acks.recv() => {
                 let Some(batch) = batch else { return Err(BrokerError::Shutdown) };
-                let mut n = write_acks(&mut wbuf, s.version, batch, &mut in_flight);
+                intake.write_acks(&mut wbuf, s.version, batch);
                 while let Ok(batch) = acks.try_recv() {
-                    n += write_acks(&mut wbuf, s.version, batch, &mut in_flight);
+                    intake.write_acks(&mut wbuf, s.version, batch);
                 }
-                acks_sent.increment(n);
             }
             _ = tokio::time::sleep_until(next_ping) => {
                 if let Some(since) = ping_outstanding {
@@ -487,6 +438,13 @@ async fn session(
                 next_ping = Instant::now() + keep_alive;
             }
             _ = shutdown.changed() => {
+                // Acknowledge what the pipeline took as it commits (I-16),
+                // then leave cleanly (the session is kept).
+                let deadline = Instant::now() + s.drain_timeout;
+                if wr.write_all(&wbuf).await.is_ok() {
+                    wbuf.clear();
+                    intake.drain(&mut acks, &mut wr, &mut wbuf, s.version, deadline).await;
+                }
                 codec::encode_disconnect(&mut wbuf, s.version, 0, None, false);
                 let _ = tokio::time::timeout(Duration::from_millis(500), wr.write_all(&wbuf)).await;
                 return Err(BrokerError::Shutdown);

@@ -475,65 +475,43 @@ fn connack_reason_v5(code: u8) -> v5::ConnectReturnCode {
     }
 }
 
-fn puback_code(r: v5::PubAckReason) -> u8 {
-    use v5::PubAckReason as R;
-    match r {
-        R::Success => 0x00,
-        R::NoMatchingSubscribers => 0x10,
-        R::UnspecifiedError => 0x80,
-        R::ImplementationSpecificError => 0x83,
-        R::NotAuthorized => 0x87,
-        R::TopicNameInvalid => 0x90,
-        R::PacketIdentifierInUse => 0x91,
-        R::QuotaExceeded => 0x97,
-        R::PayloadFormatInvalid => 0x99,
-    }
+/// PUBACK and PUBREC reasons are the same list in rumqttc's two enums.
+macro_rules! ack_reasons {
+    ($code:ident, $reason:ident, $ty:ty) => {
+        fn $code(r: $ty) -> u8 {
+            use $ty as R;
+            match r {
+                R::Success => 0x00,
+                R::NoMatchingSubscribers => 0x10,
+                R::UnspecifiedError => 0x80,
+                R::ImplementationSpecificError => 0x83,
+                R::NotAuthorized => 0x87,
+                R::TopicNameInvalid => 0x90,
+                R::PacketIdentifierInUse => 0x91,
+                R::QuotaExceeded => 0x97,
+                R::PayloadFormatInvalid => 0x99,
+            }
+        }
+
+        fn $reason(code: u8) -> $ty {
+            use $ty as R;
+            match code {
+                0x00 => R::Success,
+                0x10 => R::NoMatchingSubscribers,
+                0x83 => R::ImplementationSpecificError,
+                0x87 => R::NotAuthorized,
+                0x90 => R::TopicNameInvalid,
+                0x91 => R::PacketIdentifierInUse,
+                0x97 => R::QuotaExceeded,
+                0x99 => R::PayloadFormatInvalid,
+                _ => R::UnspecifiedError,
+            }
+        }
+    };
 }
 
-fn pubrec_code(r: v5::PubRecReason) -> u8 {
-    use v5::PubRecReason as R;
-    match r {
-        R::Success => 0x00,
-        R::NoMatchingSubscribers => 0x10,
-        R::UnspecifiedError => 0x80,
-        R::ImplementationSpecificError => 0x83,
-        R::NotAuthorized => 0x87,
-        R::TopicNameInvalid => 0x90,
-        R::PacketIdentifierInUse => 0x91,
-        R::QuotaExceeded => 0x97,
-        R::PayloadFormatInvalid => 0x99,
-    }
-}
-
-fn puback_reason(code: u8) -> v5::PubAckReason {
-    use v5::PubAckReason as R;
-    match code {
-        0x00 => R::Success,
-        0x10 => R::NoMatchingSubscribers,
-        0x83 => R::ImplementationSpecificError,
-        0x87 => R::NotAuthorized,
-        0x90 => R::TopicNameInvalid,
-        0x91 => R::PacketIdentifierInUse,
-        0x97 => R::QuotaExceeded,
-        0x99 => R::PayloadFormatInvalid,
-        _ => R::UnspecifiedError,
-    }
-}
-
-fn pubrec_reason(code: u8) -> v5::PubRecReason {
-    use v5::PubRecReason as R;
-    match code {
-        0x00 => R::Success,
-        0x10 => R::NoMatchingSubscribers,
-        0x83 => R::ImplementationSpecificError,
-        0x87 => R::NotAuthorized,
-        0x90 => R::TopicNameInvalid,
-        0x91 => R::PacketIdentifierInUse,
-        0x97 => R::QuotaExceeded,
-        0x99 => R::PayloadFormatInvalid,
-        _ => R::UnspecifiedError,
-    }
-}
+ack_reasons!(puback_code, puback_reason, v5::PubAckReason);
+ack_reasons!(pubrec_code, pubrec_reason, v5::PubRecReason);
 
 fn suback_code_v5(c: v5::SubscribeReasonCode) -> u8 {
     use v5::SubscribeReasonCode as S;
@@ -949,6 +927,7 @@ pub fn reason_name(code: u8) -> &'static str {
         0x88 => "server unavailable",
         0x89 => "server busy",
         0x8A => "banned",
+        0x8B => "server shutting down",
         0x8C => "bad authentication method",
         0x8D => "keep alive timeout",
         0x8E => "session taken over",

@@ -21,15 +21,14 @@
 pub mod broker_client;
 pub mod codec;
 pub mod endpoint;
+mod intake;
 pub mod redelivery;
 pub mod session_store;
 pub mod topic;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 pub use codec::AckKind;
@@ -256,26 +255,4 @@ impl IngestState {
     pub fn broker_connected(&self) -> bool {
         self.broker_connected.load(Ordering::Acquire)
     }
-}
-
-/// Encodes acknowledgements; a QoS 1/2 exchange they finish leaves
-/// `in_flight`. Returns how many were written.
-pub(crate) fn write_acks(
-    wbuf: &mut BytesMut,
-    version: codec::Version,
-    batch: Vec<Ack>,
-    in_flight: &mut HashSet<u16>,
-) -> u64 {
-    let n = batch.len() as u64;
-    for a in batch {
-        codec::encode_ack(wbuf, version, a.kind, a.pkid, a.reason);
-        let done = match a.kind {
-            AckKind::PubAck | AckKind::PubComp => true,
-            AckKind::PubRec => a.reason >= 0x80,
-        };
-        if done {
-            in_flight.remove(&a.pkid);
-        }
-    }
-    n
 }

@@ -7,7 +7,6 @@
 //! read, not per message; acknowledgements from one commit are written with
 //! one system call.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,10 +19,10 @@ use tracing::{debug, info, warn};
 
 use super::sessions::{Lease, OpenRequest};
 use super::Shared;
-use crate::ingest::codec::{self, AckKind, ConnAckOut, ConnectIn, Inbound, Version, Will};
-use crate::ingest::redelivery::Verdict;
+use crate::ingest::codec::{self, ConnAckOut, ConnectIn, Inbound, Version, Will};
+use crate::ingest::intake::Intake;
 use crate::ingest::session_store::SessionUpdate;
-use crate::ingest::{write_acks, Ack, AckRoute, Chunk, Item, Received};
+use crate::ingest::{AckRoute, Chunk, Item, Received};
 
 /// Most items one chunk carries (one read of a fast client is ~600).
 const CHUNK_ITEMS: usize = 4096;
@@ -405,14 +404,7 @@ where
     lease
         .state
         .start_connection((version == Version::V5).then_some(limits.receive_maximum));
-    let received = metrics::counter!("fogline_ingest_received_total", "source" => "endpoint");
-    let resends = metrics::counter!("fogline_ingest_resends_total", "source" => "endpoint");
-    let evicted = metrics::counter!("fogline_ingest_marks_evicted_total", "source" => "endpoint");
-    let possible_duplicates =
-        metrics::counter!("fogline_ingest_possible_duplicates_total", "source" => "endpoint");
-    let acks_sent = metrics::counter!("fogline_ingest_acks_sent_total", "source" => "endpoint");
-    // Packet ids of QoS 1/2 PUBLISHes whose final acknowledgement is not written yet.
-    let mut in_flight: HashSet<u16> = HashSet::new();
+    let mut intake = Intake::new("endpoint");
     let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_rx = Instant::now();
     let mut shutdown = shared.shutdown.clone();
@@ -426,7 +418,7 @@ where
         let mut end = None;
         while chunk.items.len() < CHUNK_ITEMS {
             // MQTT 3.1.1 has no receive maximum: beyond ours, stop reading.
-            if version == Version::V311 && in_flight.len() >= rm {
+            if version == Version::V311 && intake.in_flight.len() >= rm {
                 break;
             }
             let packet = match codec::decode(&mut c.rbuf, Some(version), limits.max_packet) {
@@ -465,30 +457,9 @@ where
                         ));
                         break;
                     }
-                    received.increment(1);
-                    let digest = if p.qos > 0 {
-                        codec::digest(&p.topic, &p.payload)
-                    } else {
-                        0
-                    };
-                    let message = Received {
-                        topic: p.topic.to_vec(),
-                        payload: p.payload.to_vec(),
-                        received_ms: crate::clock::now_ms(),
-                    };
-                    let (verdict, kind) = match p.qos {
-                        0 => {
-                            chunk.push(Item {
-                                message: Some(message),
-                                ack: None,
-                            });
-                            continue;
-                        }
-                        1 => (lease.state.on_qos1(p.pkid, p.dup, digest), AckKind::PubAck),
-                        _ => (lease.state.on_qos2(p.pkid, p.dup, digest), AckKind::PubRec),
-                    };
-                    in_flight.insert(p.pkid);
-                    if version == Version::V5 && in_flight.len() > rm {
+                    let qos = p.qos;
+                    intake.publish(&mut lease.state, p, &mut chunk);
+                    if qos > 0 && version == Version::V5 && intake.in_flight.len() > rm {
                         end = Some(End::close(
                             0x93,
                             format!(
@@ -497,34 +468,8 @@ where
                         ));
                         break;
                     }
-                    let ack = Some(Ack {
-                        kind,
-                        pkid: p.pkid,
-                        reason: 0,
-                    });
-                    match verdict {
-                        Verdict::New => chunk.push(Item {
-                            message: Some(message),
-                            ack,
-                        }),
-                        Verdict::Resend => {
-                            resends.increment(1);
-                            chunk.push(Item { message: None, ack });
-                        }
-                    }
                 }
-                Inbound::PubRel(pkid) => {
-                    let known = lease.state.on_pubrel(pkid);
-                    in_flight.insert(pkid);
-                    chunk.push(Item {
-                        message: None,
-                        ack: Some(Ack {
-                            kind: AckKind::PubComp,
-                            pkid,
-                            reason: if known { 0 } else { 0x92 },
-                        }),
-                    });
-                }
+                Inbound::PubRel(pkid) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
                     metrics::counter!("fogline_ingest_subscribes_refused_total").increment(1);
@@ -571,9 +516,7 @@ where
                 }
             }
         }
-        let counters = lease.state.take_counters();
-        evicted.increment(counters.evicted);
-        possible_duplicates.increment(counters.possible_duplicates);
+        intake.report(&mut lease.state);
         if lease.state.is_persistent() {
             session.ops.extend(lease.state.take_ops());
         }
@@ -582,11 +525,15 @@ where
             session.key = lease.key.clone();
         }
         if !chunk.is_empty() {
+            let owed = Intake::acks_in(&chunk);
             tokio::select! {
-                r = shared.sink.send(chunk) => if r.is_err() {
-                    return End::close(0x8B, "the daemon is shutting down");
+                r = shared.sink.send(chunk) => match r {
+                    Ok(()) => intake.took(owed),
+                    Err(_) => return End::close(0x8B, "the daemon is shutting down"),
                 },
-                _ = shutdown.changed() => return End::close(0x8B, "the daemon is shutting down"),
+                _ = shutdown.changed() => {
+                    return shutting_down(c, &mut intake, &mut acks, version, limits).await;
+                }
                 _ = lease.kick.notified() => return End::close(0x8E, "another connection took the client id over"),
             }
             // Waiting for room is our doing, not the client's silence.
@@ -598,7 +545,7 @@ where
         if let Err(e) = c.flush().await {
             return End::Lost(format!("write failed: {e}"));
         }
-        let can_read = !(version == Version::V311 && in_flight.len() >= rm);
+        let can_read = !(version == Version::V311 && intake.in_flight.len() >= rm);
         let idle_at = idle_limit.map(|d| last_rx + d);
         tokio::select! {
             r = async {
@@ -611,12 +558,11 @@ where
             },
             batch = acks.recv() => {
                 let Some(batch) = batch else { return End::Lost("ack route closed".into()) };
-                let mut n = write_acks(&mut c.wbuf, version, batch, &mut in_flight);
+                intake.write_acks(&mut c.wbuf, version, batch);
                 // More may already be waiting: one write for all of them.
                 while let Ok(batch) = acks.try_recv() {
-                    n += write_acks(&mut c.wbuf, version, batch, &mut in_flight);
+                    intake.write_acks(&mut c.wbuf, version, batch);
                 }
-                acks_sent.increment(n);
             }
             _ = async {
                 match idle_at {
@@ -625,7 +571,31 @@ where
                 }
             } => return End::close(0x8D, format!("nothing received for 1.5 × keep alive ({keep_alive} s)")),
             _ = lease.kick.notified() => return End::close(0x8E, "another connection took the client id over"),
-            _ = shutdown.changed() => return End::close(0x8B, "the daemon is shutting down"),
+            _ = shutdown.changed() => {
+                return shutting_down(c, &mut intake, &mut acks, version, limits).await;
+            }
         }
     }
+}
+
+/// The daemon is stopping: read nothing more, but acknowledge what the
+/// pipeline took as its commits finish (I-16), then DISCONNECT 0x8B.
+async fn shutting_down<R, W>(
+    c: &mut Conn<R, W>,
+    intake: &mut Intake,
+    acks: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<crate::ingest::Ack>>,
+    version: Version,
+    limits: &super::Limits,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + limits.drain_timeout;
+    if c.flush().await.is_ok() {
+        intake
+            .drain(acks, &mut c.wr, &mut c.wbuf, version, deadline)
+            .await;
+    }
+    End::close(0x8B, "the daemon is shutting down")
 }

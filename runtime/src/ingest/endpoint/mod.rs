@@ -50,6 +50,18 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Simultaneous connections.
     pub max_connections: usize,
+    /// On shutdown, how long a connection waits for the acknowledgements of
+    /// what the pipeline took.
+    pub drain_timeout: Duration,
+}
+
+/// Most of `node.shutdown_timeout`, leaving the daemon time to close.
+pub(crate) fn drain_timeout(config: &EdgeConfig) -> Duration {
+    config
+        .node
+        .shutdown_timeout
+        .saturating_sub(Duration::from_millis(500))
+        .max(Duration::from_millis(100))
 }
 
 /// What every connection shares.
@@ -111,6 +123,7 @@ impl Endpoint {
             max_session_expiry: b.max_session_expiry,
             connect_timeout: b.connect_timeout,
             max_connections: b.max_connections,
+            drain_timeout: drain_timeout(config),
         };
         let shared = Arc::new(Shared {
             sink,
@@ -137,8 +150,9 @@ impl Endpoint {
                 .map_err(|source| EndpointError::Bind { key, addr, source })?;
             let local = listener.local_addr().unwrap_or(addr);
             addrs.push((key, local));
-            tasks.push(tokio::spawn(accept_plain(
+            tasks.push(tokio::spawn(accept(
                 listener,
+                None,
                 shared.clone(),
                 shutdown.clone(),
             )));
@@ -163,9 +177,9 @@ impl Endpoint {
                 "broker.tls.listen",
                 listener.local_addr().unwrap_or(t.listen),
             ));
-            tasks.push(tokio::spawn(accept_tls(
+            tasks.push(tokio::spawn(accept(
                 listener,
-                acceptor,
+                Some(acceptor),
                 shared.clone(),
                 shutdown.clone(),
             )));
@@ -193,8 +207,11 @@ impl Endpoint {
     }
 }
 
-async fn accept_plain(
+/// Accepts connections until shutdown; each is served on its own task,
+/// after a TLS handshake when `tls` is set.
+async fn accept(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -212,44 +229,31 @@ async fn accept_plain(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection::serve(stream, peer, None, shared.clone()));
+        let shared = shared.clone();
+        match tls.clone() {
+            None => tokio::spawn(connection::serve(stream, peer, None, shared)),
+            Some(acceptor) => tokio::spawn(serve_tls(acceptor, stream, peer, shared)),
+        };
     }
 }
 
-async fn accept_tls(
-    listener: TcpListener,
+async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "Accepting an MQTT/TLS connection failed.");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let (acceptor, shared) = (acceptor.clone(), shared.clone());
-        tokio::spawn(async move {
-            let timeout = shared.limits.connect_timeout;
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let cn = tls::client_cn(tls.get_ref().1.peer_certificates());
-                    connection::serve(tls, peer, cn, shared).await;
-                }
-                Ok(Err(e)) => {
-                    metrics::counter!("fogline_ingest_tls_handshake_failures_total").increment(1);
-                    warn!(%peer, error = %e, "TLS handshake failed (a client without TLS, or a certificate not from broker.tls.client_ca).");
-                }
-                Err(_) => debug!(%peer, "TLS handshake timed out."),
-            }
-        });
+    let timeout = shared.limits.connect_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let cn = tls::client_cn(tls.get_ref().1.peer_certificates());
+            connection::serve(tls, peer, cn, shared).await;
+        }
+        Ok(Err(e)) => {
+            metrics::counter!("fogline_ingest_tls_handshake_failures_total").increment(1);
+            warn!(%peer, error = %e, "TLS handshake failed (a client without TLS, or a certificate not from broker.tls.client_ca).");
+        }
+        Err(_) => debug!(%peer, "TLS handshake timed out."),
     }
 }
 
