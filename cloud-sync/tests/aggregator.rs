@@ -20,6 +20,8 @@ const OUTBOX: HelloInfo = HelloInfo {
     incarnation: 1,
     next_seq: 3001,
     acked: 0,
+    epoch: 1,
+    epoch_start: 1,
 };
 
 async fn start(dir: &Path) -> RunningAggregator {

@@ -91,7 +91,8 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     })?;
     let chains = pipeline::build_chains(&config, &runtime)?;
     let outbox_path = config.outbox_path();
-    let outbox = Outbox::open(&outbox_path, config.outbox.sync)?;
+    let mut outbox = Outbox::open(&outbox_path, config.outbox.sync)?;
+    let epoch = outbox.begin_epoch()?;
     let (replica, restored) = Replica::load(outbox.load_sessions()?);
     let broker_key = broker_client::session_key(&config);
     let (broker_session, endpoint_sessions): (Vec<_>, Vec<_>) =
@@ -192,6 +193,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         external_broker = config.external_broker_enabled().then(|| config.ingest_broker()),
         pipelines = config.pipelines.len(),
         outbox = %outbox_path.display(),
+        epoch,
         startup_ms = started.elapsed().as_millis() as u64,
         "Fogline edge daemon started."
     );

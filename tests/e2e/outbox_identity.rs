@@ -17,8 +17,29 @@ use crate::external::{
     Site,
 };
 
-fn readings_pipeline() -> String {
-    passthrough(&[("readings", &["sensors/+/reading"])])
+/// An edge passing readings unchanged, whose uplink gives up a connection
+/// attempt after 1 s (so an attempt made while the aggregator was down
+/// does not linger into the next step).
+fn start_edge(site: &Site, node: &str) -> Edge {
+    let pipelines = passthrough(&[("readings", &["sensors/+/reading"])]);
+    let body = site.edge_body(node, &pipelines, "") + "connect_timeout = \"1s\"\n";
+    Edge::start(site.dir.path(), node, &body).unwrap()
+}
+
+/// Failed uplink connection attempts so far.
+fn failed_attempts(edge: &Edge) -> usize {
+    edge.daemon
+        .log_text()
+        .matches("Uplink session ended")
+        .count()
+}
+
+/// Waits until the edge's uplink has failed one more connection attempt:
+/// the next one reads the outbox as it is now.
+fn wait_next_attempt(edge: &Edge) {
+    let before = failed_attempts(edge);
+    let ok = process::wait_until(Duration::from_secs(15), || failed_attempts(edge) > before);
+    assert!(ok, "the uplink kept retrying:\n{}", edge.daemon.log_text());
 }
 
 /// Waits until the aggregator's cursor for `node` and the edge's
@@ -90,11 +111,12 @@ fn cloud_sessions(site: &Site) -> usize {
         .count()
 }
 
-/// Kills the aggregator, starts it again, and waits until the edge has
-/// opened a session with the new process.
+/// Restarts the aggregator (SIGTERM: it closes the edge's connection, which
+/// reconnects at once) and waits until the edge has opened a session with
+/// the new process.
 fn bounce_aggregator(site: &mut Site, edge: &Edge) {
     let before = cloud_sessions(site);
-    site.cloud.daemon.kill9();
+    stop(&mut site.cloud.daemon);
     site.cloud.daemon.restart().unwrap();
     let ok = process::wait_until(Duration::from_secs(30), || cloud_sessions(site) > before);
     assert!(ok, "the edge reconnected\n{}", site.logs(edge));
@@ -112,7 +134,7 @@ fn bounce_aggregator(site: &mut Site, edge: &Edge) {
 fn a_wiped_outbox_meeting_an_existing_cursor_is_renumbered_above_it_and_loses_nothing() {
     let node = "gw-id-wiped";
     let mut site = Site::start(node, debug_broker());
-    let mut edge = site.start_edge(node, &readings_pipeline(), "", &[]);
+    let mut edge = start_edge(&site, node);
     site.wait_subscribed(&edge, node, 1);
     let port = site.mosquitto.port();
 
@@ -168,7 +190,7 @@ fn a_wiped_outbox_meeting_an_existing_cursor_is_renumbered_above_it_and_loses_no
 /// site, the edge and the ids that are still stored.
 fn restored_store(node: &str) -> (Site, Edge, BTreeSet<String>) {
     let mut site = Site::start(node, debug_broker());
-    let edge = site.start_edge(node, &readings_pipeline(), "", &[]);
+    let edge = start_edge(&site, node);
     site.wait_subscribed(&edge, node, 1);
     let port = site.mosquitto.port();
 
@@ -276,13 +298,13 @@ struct OldCopy {
 /// Brings a node through I-8's "older copy" case: the outbox is copied
 /// aside after 50 readings were synced, 50 more are synced, then the edge
 /// comes back with the old copy (same incarnation, next seq 51) while the
-/// aggregator is down and buffers 30 new readings as seq 51..=80, all at
-/// or below the aggregator's cursor 100; then the aggregator comes back.
-/// Checks the recovery: nothing deleted (all 130 stored once), alarm
-/// `cursor_ahead`, a new incarnation.
-fn old_copy(node: &str) -> OldCopy {
+/// aggregator is down and buffers `buffered` new readings as seq 51..; then
+/// the aggregator (cursor 100) comes back. Checks the recovery: nothing
+/// deleted (every reading stored once), alarm `cursor_ahead`, a new
+/// incarnation.
+fn old_copy(node: &str, buffered: usize) -> OldCopy {
     let mut site = Site::start(node, debug_broker());
-    let mut edge = site.start_edge(node, &readings_pipeline(), "", &[]);
+    let mut edge = start_edge(&site, node);
     site.wait_subscribed(&edge, node, 1);
     let port = site.mosquitto.port();
 
@@ -309,11 +331,11 @@ fn old_copy(node: &str) -> OldCopy {
     edge.daemon.restart().unwrap();
     site.wait_subscribed(&edge, node, 3);
 
-    let buffered = readings(0..1, 100..130);
-    publish(port, QoS::AtLeastOnce, &buffered);
-    published.extend(buffered);
-    edge.wait_for(Duration::from_secs(30), "buffer 30 readings", |s| {
-        s["outbox"]["backlog_records"].as_u64() == Some(30)
+    let new = readings(0..1, 100..100 + buffered);
+    publish(port, QoS::AtLeastOnce, &new);
+    published.extend(new);
+    edge.wait_for(Duration::from_secs(30), "buffer the new readings", |s| {
+        s["outbox"]["backlog_records"].as_u64() == Some(buffered as u64)
     })
     .unwrap();
     let st = status(&edge);
@@ -322,19 +344,23 @@ fn old_copy(node: &str) -> OldCopy {
             st["outbox"]["next_seq"].as_u64(),
             st["outbox"]["incarnation"].as_u64()
         ),
-        (Some(81), Some(incarnation)),
-        "the old copy numbered the new readings 51..=80 under its old incarnation: {st}"
+        (Some(51 + buffered as u64), Some(incarnation)),
+        "the old copy numbered the new readings from 51 under its old incarnation: {st}"
     );
+    // The uplink's next Hello describes the outbox with these readings.
+    wait_next_attempt(&edge);
 
     site.cloud.daemon.restart().unwrap();
     let expected = ids_of(&published);
-    assert_eq!(expected.len(), 130);
-    assert_exact(
-        &site.cloud.store,
-        &expected,
-        Duration::from_secs(60),
-        || site.logs(&edge),
-    );
+    assert_eq!(expected.len(), 100 + buffered);
+    edge.wait_for(Duration::from_secs(60), "drain its backlog", |s| {
+        s["outbox"]["backlog_records"].as_u64() == Some(0)
+            && s["outbox"]["acked_seq"].as_u64().unwrap_or(0) > 100
+    })
+    .unwrap();
+    assert_exact(&site.cloud.store, &expected, Duration::from_secs(5), || {
+        site.logs(&edge)
+    });
     edge.wait_for(Duration::from_secs(10), "alarm cursor_ahead", |s| {
         alarm_kinds(s).iter().any(|k| k == "cursor_ahead")
     })
@@ -357,7 +383,7 @@ fn old_copy(node: &str) -> OldCopy {
 fn an_outbox_restored_from_an_older_copy_keeps_what_it_buffered_and_raises_cursor_ahead() {
     let OldCopy {
         site, edge: _edge, ..
-    } = old_copy("gw-id-old-copy");
+    } = old_copy("gw-id-old-copy", 30);
     assert_eq!(oracle::count(&site.cloud.store), 130);
     assert_eq!(site.cloud.cursor("gw-id-old-copy"), 130);
 }
@@ -374,7 +400,7 @@ fn after_recovering_from_an_older_copy_the_next_connection_continues_under_the_n
         mut site,
         edge,
         mut expected,
-    } = old_copy(node);
+    } = old_copy(node, 30);
     let recorded_before = node_summary(&site, node).map(|n| n["incarnation"].clone());
     bounce_aggregator(&mut site, &edge);
     let later = readings(0..1, 130..140);
@@ -408,4 +434,17 @@ fn after_recovering_from_an_older_copy_the_next_connection_continues_under_the_n
         "renumbered once (the older copy), not again on the next connection\n{}",
         site.logs(&edge)
     );
+}
+
+/// I-8 ("deleted only after acknowledged"), the older copy that buffered
+/// more than the aggregator moved on: the copy (next seq 51) buffers 60
+/// readings as seq 51..=110 while the aggregator's cursor for its
+/// incarnation is 100. Seq 51..=100 of this file were never sent, yet the
+/// cursor "covers" them; none may be deleted: all 160 readings stored once.
+#[test]
+fn an_outbox_restored_from_an_older_copy_loses_nothing_when_it_buffered_past_the_cursor() {
+    let OldCopy {
+        site, edge: _edge, ..
+    } = old_copy("gw-id-old-copy-past", 60);
+    assert_eq!(oracle::count(&site.cloud.store), 160);
 }

@@ -5,7 +5,8 @@
 //! ```text
 //! frame   := len:u32-LE  type:u8  body          (len counts type + body, ≤ MAX_FRAME_BYTES)
 //! Hello   (0x01) := protocol_version:varint  agent:str  incarnation:varint  next_seq:varint  acked:varint
-//! Welcome (0x02) := node_id:str  cursor:varint  incarnation:varint (0: none recorded)
+//!                   epoch:varint  epoch_start:varint
+//! Welcome (0x02) := node_id:str  cursor:varint  incarnation:varint (0: none recorded)  epoch:varint
 //! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint  block:rest
 //! Ack     (0x04) := up_to:varint
 //! Error   (0x05) := code:varint  message:str
@@ -134,6 +135,10 @@ pub enum Frame {
         /// The highest seq this outbox was told is applied (what the
         /// aggregator must not have forgotten).
         acked: u64,
+        /// This start of the outbox (a random id per daemon start).
+        epoch: u64,
+        /// The seq this epoch's numbering started from.
+        epoch_start: u64,
     },
     /// Aggregator → edge: who the aggregator thinks the node is (from its
     /// certificate), the highest seq it has durably applied, and which
@@ -145,6 +150,8 @@ pub enum Frame {
         cursor: u64,
         /// Incarnation recorded with the cursor (0: none recorded yet).
         incarnation: u64,
+        /// The outbox epoch recorded with the cursor (0: none).
+        epoch: u64,
     },
     /// Edge → aggregator: records to apply.
     Batch(BatchFrame),
@@ -220,25 +227,29 @@ impl Frame {
                 incarnation,
                 next_seq,
                 acked,
+                epoch,
+                epoch_start,
             } => {
                 check_text("Hello.agent", agent)?;
                 out.push(T_HELLO);
                 put_varint(out, u64::from(*protocol_version));
                 put_str(out, agent);
-                put_varint(out, *incarnation);
-                put_varint(out, *next_seq);
-                put_varint(out, *acked);
+                for v in [incarnation, next_seq, acked, epoch, epoch_start] {
+                    put_varint(out, *v);
+                }
             }
             Frame::Welcome {
                 node_id,
                 cursor,
                 incarnation,
+                epoch,
             } => {
                 check_text("Welcome.node_id", node_id)?;
                 out.push(T_WELCOME);
                 put_str(out, node_id);
                 put_varint(out, *cursor);
                 put_varint(out, *incarnation);
+                put_varint(out, *epoch);
             }
             Frame::Batch(b) => {
                 out.push(T_BATCH);
@@ -301,6 +312,8 @@ impl Frame {
                     incarnation: more("Hello.incarnation")?,
                     next_seq: more("Hello.next_seq")?,
                     acked: more("Hello.acked")?,
+                    epoch: more("Hello.epoch")?,
+                    epoch_start: more("Hello.epoch_start")?,
                     protocol_version,
                     agent,
                 }
@@ -309,6 +322,7 @@ impl Frame {
                 node_id: r.string("Welcome.node_id", MAX_TEXT_BYTES)?,
                 cursor: r.varint("Welcome.cursor")?,
                 incarnation: r.varint("Welcome.incarnation")?,
+                epoch: r.varint("Welcome.epoch")?,
             },
             T_BATCH => {
                 let first_seq = r.varint("Batch.first_seq")?;
@@ -420,27 +434,25 @@ pub(crate) mod tests {
 
     pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (
-                any::<u32>(),
-                ".{0,40}",
-                any::<u64>(),
-                any::<u64>(),
-                any::<u64>()
-            )
-                .prop_map(|(protocol_version, agent, incarnation, next_seq, acked)| {
+            (any::<u32>(), ".{0,40}", any::<[u64; 5]>()).prop_map(
+                |(protocol_version, agent, [incarnation, next_seq, acked, epoch, epoch_start])| {
                     Frame::Hello {
                         protocol_version,
                         agent,
                         incarnation,
                         next_seq,
                         acked,
+                        epoch,
+                        epoch_start,
                     }
-                }),
-            ("[A-Za-z0-9._-]{1,128}", any::<u64>(), any::<u64>()).prop_map(
-                |(node_id, cursor, incarnation)| Frame::Welcome {
+                }
+            ),
+            ("[A-Za-z0-9._-]{1,128}", any::<[u64; 3]>()).prop_map(
+                |(node_id, [cursor, incarnation, epoch])| Frame::Welcome {
                     node_id,
                     cursor,
-                    incarnation
+                    incarnation,
+                    epoch,
                 }
             ),
             (

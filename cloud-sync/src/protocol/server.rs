@@ -65,6 +65,7 @@ enum State {
     Active {
         cursor: u64,
         incarnation: u64,
+        epoch: u64,
         prev_last: Option<u64>,
     },
 }
@@ -76,6 +77,8 @@ pub struct StoredCursor {
     pub seq: u64,
     /// The outbox incarnation that cursor belongs to (`None`: not recorded).
     pub incarnation: Option<u64>,
+    /// The outbox epoch last recorded with it (0: none).
+    pub epoch: u64,
 }
 
 /// The edge's outbox, as its `Hello` describes it.
@@ -87,6 +90,10 @@ pub struct HelloInfo {
     pub next_seq: u64,
     /// Highest seq it was told is applied.
     pub acked: u64,
+    /// This start of the outbox (a random id per daemon start).
+    pub epoch: u64,
+    /// The seq this epoch's numbering started from.
+    pub epoch_start: u64,
 }
 
 /// The store is behind what it acknowledged to this very outbox (restored
@@ -166,21 +173,25 @@ impl ReceiverSession {
         self.state = State::Active {
             cursor: stored.seq,
             incarnation: hello.incarnation,
+            epoch: hello.epoch,
             prev_last: None,
         };
         Ok(Frame::Welcome {
             node_id: self.node_id.clone(),
             cursor: stored.seq,
             incarnation: stored.incarnation.unwrap_or(0),
+            epoch: stored.epoch,
         })
     }
 
-    /// The outbox incarnation this session applies for (recorded with the
-    /// cursor by every apply). 0 before Hello.
-    pub fn incarnation(&self) -> u64 {
+    /// The outbox incarnation and epoch this session applies for (recorded
+    /// with the cursor by every apply). 0 before Hello.
+    pub fn outbox(&self) -> (u64, u64) {
         match self.state {
-            State::Active { incarnation, .. } => incarnation,
-            State::AwaitHello => 0,
+            State::Active {
+                incarnation, epoch, ..
+            } => (incarnation, epoch),
+            State::AwaitHello => (0, 0),
         }
     }
 
@@ -263,11 +274,14 @@ mod tests {
         let stored = StoredCursor {
             seq: 5,
             incarnation: Some(77),
+            epoch: 3,
         };
         let hello = HelloInfo {
             incarnation: 77,
             next_seq: 21,
             acked: 5,
+            epoch: 4,
+            epoch_start: 6,
         };
         assert_eq!(
             s.on_hello(PROTOCOL_VERSION, hello, stored).unwrap(),
@@ -275,9 +289,10 @@ mod tests {
                 node_id: "n1".into(),
                 cursor: 5,
                 incarnation: 77,
+                epoch: 3,
             }
         );
-        assert_eq!(s.incarnation(), 77);
+        assert_eq!(s.outbox(), (77, 4));
         let a = s.on_batch(&f1, records[..10].to_vec()).unwrap();
         assert_eq!((a.skipped, a.to_apply.len(), a.last_seq), (5, 5, 10));
         assert_eq!(a.to_apply[0].seq, 6);
@@ -306,10 +321,12 @@ mod tests {
             incarnation: 7,
             next_seq: 300,
             acked: 250,
+            ..HelloInfo::default()
         };
         let behind = StoredCursor {
             seq: 200,
             incarnation: Some(7),
+            epoch: 0,
         };
         assert_eq!(
             regression(behind, hello),
@@ -319,11 +336,13 @@ mod tests {
         let other = StoredCursor {
             seq: 200,
             incarnation: Some(8),
+            epoch: 0,
         };
         assert_eq!(regression(other, hello), None);
         let fine = StoredCursor {
             seq: 250,
             incarnation: Some(7),
+            epoch: 0,
         };
         assert_eq!(regression(fine, hello), None);
     }

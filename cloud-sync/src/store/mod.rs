@@ -108,11 +108,12 @@ pub trait Store: Send + Sync + 'static {
     /// Applies records (ascending by seq) for `node` in one transaction:
     /// inserts those above the cursor, advances the cursor to
     /// `max(cursor, last_seq)`, commits. `now_ms` stamps `received_ms`.
-    /// `incarnation` (the edge outbox's) is recorded with the cursor.
+    /// `outbox` (the edge outbox's incarnation and epoch) is recorded with
+    /// the cursor.
     fn apply(
         &self,
         node: &str,
-        incarnation: u64,
+        outbox: (u64, u64),
         records: &[Record],
         last_seq: u64,
         now_ms: u64,
@@ -121,6 +122,7 @@ pub trait Store: Send + Sync + 'static {
     fn cursor(&self, node: &str) -> Result<StoredCursor, StoreError>;
     /// Records that `from..=to` of `node` were acknowledged and are gone
     /// (the store was restored from a backup): the loss is kept, not hidden.
+    /// A range already recorded is not recorded again.
     fn record_gap(&self, node: &str, from: u64, to: u64, now_ms: u64) -> Result<(), StoreError>;
     /// Records matching `query`, ascending by seq.
     fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError>;

@@ -43,6 +43,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_incarnation {
         conn.execute_batch("ALTER TABLE cursors ADD COLUMN incarnation INTEGER")?;
     }
+    let has_epoch: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'epoch'")?
+        .exists([])?;
+    if !has_epoch {
+        conn.execute_batch("ALTER TABLE cursors ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")?;
+    }
     Ok(())
 }
 
@@ -121,12 +127,13 @@ fn q_err<'a>(
 }
 
 fn read_cursor(conn: &Connection, node: &str) -> Result<StoredCursor, StoreError> {
-    conn.prepare_cached("SELECT seq, incarnation FROM cursors WHERE node = ?1")
+    conn.prepare_cached("SELECT seq, incarnation, epoch FROM cursors WHERE node = ?1")
         .and_then(|mut st| {
             st.query_row([node], |r| {
                 Ok(StoredCursor {
                     seq: from_sql(r.get(0)?),
                     incarnation: r.get::<_, Option<i64>>(1)?.map(from_sql),
+                    epoch: from_sql(r.get(2)?),
                 })
             })
             .optional()
@@ -139,7 +146,7 @@ impl Store for SqliteStore {
     fn apply(
         &self,
         node: &str,
-        incarnation: u64,
+        (incarnation, epoch): (u64, u64),
         records: &[Record],
         last_seq: u64,
         now_ms: u64,
@@ -181,18 +188,23 @@ impl Store for SqliteStore {
             }
         }
         let new_cursor = cursor.max(last_seq);
-        if new_cursor != cursor || inserted > 0 || stored.incarnation != Some(incarnation) {
+        if new_cursor != cursor
+            || inserted > 0
+            || stored.incarnation != Some(incarnation)
+            || stored.epoch != epoch
+        {
             tx.prepare_cached(
-                "INSERT INTO cursors (node, seq, updated_ms, incarnation) VALUES (?1, ?2, ?3, ?4) \
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch) VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT(node) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms, \
-                 incarnation = excluded.incarnation",
+                 incarnation = excluded.incarnation, epoch = excluded.epoch",
             )
             .and_then(|mut st| {
                 st.execute(params![
                     node,
                     to_sql(new_cursor),
                     to_sql(now_ms),
-                    to_sql(incarnation)
+                    to_sql(incarnation),
+                    to_sql(epoch)
                 ])
             })
             .map_err(err("advance cursor"))?;
@@ -213,7 +225,9 @@ impl Store for SqliteStore {
     fn record_gap(&self, node: &str, from: u64, to: u64, now_ms: u64) -> Result<(), StoreError> {
         let conn = lock(&self.writer)?;
         conn.execute(
-            "INSERT INTO gaps (node, first_seq, last_seq, detected_ms) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO gaps (node, first_seq, last_seq, detected_ms) \
+             SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS \
+             (SELECT 1 FROM gaps WHERE node = ?1 AND first_seq <= ?2 AND last_seq >= ?3)",
             params![node, to_sql(from), to_sql(to), to_sql(now_ms)],
         )
         .map(drop)
@@ -310,18 +324,18 @@ mod tests {
         let (_d, s) = store();
         let recs = sample_readings(30, 3, 7);
         assert_eq!(s.cursor("n1").unwrap().seq, 0);
-        let a = s.apply("n1", 9, &recs[..10], 10, 1).unwrap();
+        let a = s.apply("n1", (9, 1), &recs[..10], 10, 1).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (10, 10, 0));
         // Same batch again: nothing inserted.
-        let a = s.apply("n1", 9, &recs[..10], 10, 2).unwrap();
+        let a = s.apply("n1", (9, 1), &recs[..10], 10, 2).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (10, 0, 10));
         // Overlapping batch 6..=20: only 11..=20 inserted.
-        let a = s.apply("n1", 9, &recs[5..20], 20, 3).unwrap();
+        let a = s.apply("n1", (9, 1), &recs[5..20], 20, 3).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (20, 10, 5));
         assert_eq!(all(&s, "n1"), (1..=20).collect::<Vec<_>>());
         // Other nodes are independent.
         assert_eq!(s.cursor("n2").unwrap().seq, 0);
-        assert_eq!(s.apply("n2", 9, &recs[..3], 3, 4).unwrap().inserted, 3);
+        assert_eq!(s.apply("n2", (9, 1), &recs[..3], 3, 4).unwrap().inserted, 3);
         let nodes = s.nodes().unwrap();
         assert_eq!(nodes.len(), 2);
         assert_eq!(
@@ -333,11 +347,14 @@ mod tests {
             s.cursor("n1").unwrap(),
             StoredCursor {
                 seq: 20,
-                incarnation: Some(9)
+                incarnation: Some(9),
+                epoch: 1,
             }
         );
         s.record_gap("n1", 11, 20, 5).unwrap();
-        assert_eq!(s.nodes().unwrap()[0].lost_records, 10);
+        s.record_gap("n1", 11, 20, 6).unwrap();
+        s.record_gap("n1", 12, 15, 7).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].lost_records, 10, "each gap once");
     }
 
     #[test]
@@ -347,7 +364,7 @@ mod tests {
         let recs = sample_readings(10, 2, 1);
         {
             let s = SqliteStore::open(&path).unwrap();
-            s.apply("n1", 9, &recs[..4], 4, 1).unwrap();
+            s.apply("n1", (9, 1), &recs[..4], 4, 1).unwrap();
             assert_eq!(s.cursor("n1").unwrap().seq, 4);
             // Reading does not move it.
             let _ = s.records(&RecordQuery {
@@ -362,9 +379,9 @@ mod tests {
         assert_eq!(s.cursor("n1").unwrap().seq, 4);
         // A batch whose records were all skipped can still advance the cursor
         // over a gap (seqs are not dense).
-        let a = s.apply("n1", 9, &[], 7, 2).unwrap();
+        let a = s.apply("n1", (9, 1), &[], 7, 2).unwrap();
         assert_eq!(a.cursor, 7);
-        let a = s.apply("n1", 9, &recs[4..], 10, 3).unwrap();
+        let a = s.apply("n1", (9, 1), &recs[4..], 10, 3).unwrap();
         assert_eq!((a.inserted, a.skipped), (3, 3));
     }
 
@@ -372,7 +389,7 @@ mod tests {
     fn records_query_filters_by_stream_after_and_limit() {
         let (_d, s) = store();
         let recs = sample_readings(20, 2, 3); // streams sensors/s0, sensors/s1 alternating
-        s.apply("n1", 9, &recs, 20, 9).unwrap();
+        s.apply("n1", (9, 1), &recs, 20, 9).unwrap();
         let q = |stream: Option<&str>, after_seq, limit| {
             s.records(&RecordQuery {
                 node: "n1".into(),

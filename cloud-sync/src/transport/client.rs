@@ -38,6 +38,8 @@ pub struct Link {
     pub cursor: u64,
     /// The outbox incarnation that cursor belongs to (0: none recorded).
     pub incarnation: u64,
+    /// The outbox epoch recorded with it (0: none).
+    pub epoch: u64,
     /// Sends batches.
     pub sender: LinkSender,
     /// Reads acknowledgements.
@@ -116,6 +118,8 @@ impl UplinkClient {
                     incarnation: outbox.incarnation,
                     next_seq: outbox.next_seq,
                     acked: outbox.acked,
+                    epoch: outbox.epoch,
+                    epoch_start: outbox.epoch_start,
                 },
             )
             .await?;
@@ -125,10 +129,12 @@ impl UplinkClient {
                     node_id,
                     cursor,
                     incarnation,
+                    epoch,
                 } => Ok(Link {
                     node_id,
                     cursor,
                     incarnation,
+                    epoch,
                     sender: LinkSender {
                         conn,
                         send,

@@ -240,6 +240,8 @@ async fn run_session(
         incarnation,
         next_seq,
         acked,
+        epoch,
+        epoch_start,
     } = hello
     else {
         session.on_other(&hello)?;
@@ -249,6 +251,8 @@ async fn run_session(
         incarnation,
         next_seq,
         acked,
+        epoch,
+        epoch_start,
     };
     let stored = {
         let (store, node) = (store.clone(), node.to_string());
@@ -294,11 +298,9 @@ async fn run_session(
         let outcome = {
             let (store, node) = (store.clone(), node.to_string());
             let now = crate::clock::now_ms();
-            let incarnation = session.incarnation();
-            tokio::task::spawn_blocking(move || {
-                store.apply(&node, incarnation, &group, last_seq, now)
-            })
-            .await??
+            let outbox = session.outbox();
+            tokio::task::spawn_blocking(move || store.apply(&node, outbox, &group, last_seq, now))
+                .await??
         };
         metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fogline_cloud_records_applied_total").increment(outcome.inserted as u64);

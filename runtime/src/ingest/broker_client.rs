@@ -325,7 +325,10 @@ async fn session(
     wbuf.clear();
 
     let (route, mut acks) = AckRoute::new(false);
-    let mut intake = Intake::new("broker");
+    let mut intake = Intake::new(
+        "broker",
+        (s.version == Version::V5).then_some(s.receive_maximum),
+    );
     let keep_alive = connack
         .server_keep_alive
         .map(|k| Duration::from_secs(u64::from(k.max(1))))

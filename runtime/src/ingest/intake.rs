@@ -21,6 +21,8 @@ pub(crate) struct Intake {
     pub in_flight: HashSet<u16>,
     /// Acknowledgements the pipeline owes for chunks it took.
     owed: usize,
+    /// The receive maximum the sender must honour on this connection.
+    receive_maximum: Option<u16>,
     received: metrics::Counter,
     resends: metrics::Counter,
     evicted: metrics::Counter,
@@ -30,10 +32,11 @@ pub(crate) struct Intake {
 
 impl Intake {
     /// Metrics are labelled with `source` (`endpoint` or `broker`).
-    pub fn new(source: &'static str) -> Self {
+    pub fn new(source: &'static str, receive_maximum: Option<u16>) -> Self {
         Self {
             in_flight: HashSet::new(),
             owed: 0,
+            receive_maximum,
             received: metrics::counter!("fogline_ingest_received_total", "source" => source),
             resends: metrics::counter!("fogline_ingest_resends_total", "source" => source),
             evicted: metrics::counter!("fogline_ingest_marks_evicted_total", "source" => source),
@@ -69,6 +72,14 @@ impl Intake {
             ),
         };
         self.in_flight.insert(p.pkid);
+        if self
+            .receive_maximum
+            .is_some_and(|rm| self.in_flight.len() > usize::from(rm))
+        {
+            // More in flight than allowed: P2 would take unwritten acks for
+            // received ones. Keep the marks instead.
+            state.receive_maximum_broken();
+        }
         let ack = Some(Ack {
             kind,
             pkid: p.pkid,

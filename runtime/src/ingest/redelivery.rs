@@ -38,8 +38,8 @@
 //! - the sender is *proven sequential*: it has issued more consecutive packet
 //!   ids than marks are kept (`retain`) without ever reusing one out of
 //!   order, so it cannot come back to an id while its mark exists; or
-//! - the sender's content is *evidently distinct*: its last 16+ new messages
-//!   were all different, and no other mark holds this content.
+//! - this content is *evidently unique*: after 16+ new messages from the
+//!   sender, it occurs once among its last 64 and in no other mark.
 //!
 //! Otherwise it is a **possible duplicate**: kept, processed and counted —
 //! MQTT 3.1.1/5 at QoS 1 cannot tell, and a message is never dropped on a
@@ -47,10 +47,10 @@
 //! reuse packet ids, and every sender until one of the two proofs holds.
 //!
 //! The residual window, where a legitimate message is taken for a resend:
-//! a sender that is not proven sequential, whose recent messages were all
-//! distinct, repeats the content of an unproven mark on that mark's packet
-//! id, and that repeat's first transmission is lost with its connection.
-//! QoS 2 has no window.
+//! a sender that is not proven sequential repeats, on an unproven mark's
+//! packet id, content seen only in that mark among its last 64 messages,
+//! and the repeat's first transmission is lost with its connection. QoS 2
+//! has no window.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -88,14 +88,14 @@ pub struct Shape {
     pub sequential: bool,
     /// Seen reusing an id out of order: never sequential again.
     pub unordered: bool,
-    /// Its recent new messages were all distinct.
-    pub distinct: bool,
+    /// Enough new messages seen to judge whether content repeats.
+    pub warm: bool,
 }
 
-/// New messages remembered to judge whether a sender's content repeats.
-const HISTORY: usize = 32;
-/// Fewest remembered messages before content counts as evidently distinct.
-const DISTINCT_AFTER: usize = 16;
+/// New messages remembered to judge whether content repeats.
+const HISTORY: usize = 64;
+/// Fewest new messages seen before content can count as evidently unique.
+const WARM_AFTER: usize = 16;
 
 #[derive(Debug, Clone, Copy)]
 struct Mark {
@@ -140,7 +140,6 @@ pub struct SenderState {
     /// Digests of the last new messages, and how many times each occurs.
     history: VecDeque<u64>,
     history_counts: HashMap<u64, u32>,
-    repeats: usize,
     conn: u32,
     q1_arrivals: u64,
     seen_new: bool,
@@ -165,7 +164,6 @@ impl SenderState {
             last_new: None,
             history: VecDeque::new(),
             history_counts: HashMap::new(),
-            repeats: 0,
             conn: 0,
             q1_arrivals: 0,
             seen_new: false,
@@ -256,27 +254,21 @@ impl SenderState {
 
     /// A new message's content, for the distinct-content proof.
     fn observe_content(&mut self, digest: u64) {
-        let n = self.history_counts.entry(digest).or_default();
-        *n += 1;
-        if *n == 2 {
-            self.repeats += 1;
-        }
+        *self.history_counts.entry(digest).or_default() += 1;
         self.history.push_back(digest);
         if self.history.len() > HISTORY {
             if let Some(old) = self.history.pop_front() {
                 if let Some(n) = self.history_counts.get_mut(&old) {
                     *n -= 1;
-                    if *n == 1 {
-                        self.repeats -= 1;
-                    } else if *n == 0 {
+                    if *n == 0 {
                         self.history_counts.remove(&old);
                     }
                 }
             }
         }
-        if self.history.len() >= DISTINCT_AFTER {
+        if self.history.len() >= WARM_AFTER && !self.shape.warm {
             let shape = Shape {
-                distinct: self.repeats == 0,
+                warm: true,
                 ..self.shape
             };
             self.set_shape(shape);
@@ -370,6 +362,12 @@ impl SenderState {
         }
     }
 
+    /// The sender sent more than its receive maximum: proof P2 does not
+    /// hold on this connection.
+    pub fn receive_maximum_broken(&mut self) {
+        self.receive_maximum = None;
+    }
+
     /// A QoS 1 PUBLISH arrived.
     pub fn on_qos1(&mut self, pkid: u16, dup: bool, digest: u64) -> Verdict {
         self.on_arrival(pkid, dup);
@@ -378,8 +376,9 @@ impl SenderState {
         let conn = self.conn;
         if let Some(m) = self.marks.get(&pkid).copied() {
             if dup && m.digest == digest {
-                let alone = self.contents.get(&digest).is_none_or(|n| *n <= 1);
-                if self.shape.sequential || (self.shape.distinct && alone) {
+                let in_marks = self.contents.get(&digest).is_none_or(|n| *n <= 1);
+                let in_history = self.history_counts.get(&digest).is_none_or(|n| *n <= 1);
+                if self.shape.sequential || (self.shape.warm && in_marks && in_history) {
                     // Its PUBACK will be written on this connection, in this order.
                     if let Some(m) = self.marks.get_mut(&pkid) {
                         m.conn = conn;
@@ -494,7 +493,7 @@ mod tests {
     fn a_resend_after_a_crash_is_recognised() {
         let mut s = fresh();
         warm(&mut s, 20);
-        assert!(s.shape().distinct);
+        assert!(s.shape().warm);
         assert_eq!(s.on_qos1(1, false, 11), Verdict::New);
         assert_eq!(s.on_qos1(2, false, 22), Verdict::New);
         let ops = s.take_ops();

@@ -148,6 +148,10 @@ pub struct OutboxIdentity {
     pub acked_seq: u64,
     /// Lowest sequence still buffered, if any.
     pub first_unsent: Option<u64>,
+    /// This daemon start's random id (0: never started).
+    pub epoch: u64,
+    /// The next seq when this epoch began.
+    pub epoch_start: u64,
 }
 
 /// An alarm kept for `fogline-edge status`.
@@ -231,6 +235,35 @@ impl Outbox {
             op,
             source,
         }
+    }
+
+    /// A daemon starts on this outbox: a new epoch (a random id: two copies
+    /// of one file restarting never share one), numbering from the current
+    /// `next_seq`. Call once per start, before anything is numbered.
+    pub fn begin_epoch(&mut self) -> Result<u64, OutboxError> {
+        let path = self.path.clone();
+        let err = move |source| OutboxError::Sql {
+            path: path.clone(),
+            op: "begin epoch",
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        tx.execute_batch(
+            "UPDATE meta SET value = (abs(random()) % 9223372036854775806) + 1 WHERE key = 'epoch';
+             INSERT OR REPLACE INTO meta (key, value)
+                 VALUES ('epoch_start', (SELECT value FROM meta WHERE key = 'next_seq'));",
+        )
+        .map_err(&err)?;
+        let epoch: i64 = tx
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(epoch as u64)
     }
 
     /// Every stored ingest session with its log, for the restart of ingest.
@@ -501,7 +534,21 @@ impl OutboxReader {
             next_seq: meta("next_seq")?.unwrap_or(1) as u64,
             acked_seq: meta("acked_seq")?.unwrap_or(0) as u64,
             first_unsent: first.map(|v| v as u64),
+            epoch: meta("epoch")?.unwrap_or(0) as u64,
+            epoch_start: meta("epoch_start")?.unwrap_or(1) as u64,
         })
+    }
+
+    /// The aggregator lost what it acknowledged above `cursor` (its store was
+    /// restored): the alarm is raised, so this outbox stops claiming more.
+    pub fn lower_acked(&self, cursor: u64) -> Result<(), OutboxError> {
+        self.conn
+            .execute(
+                "UPDATE meta SET value = MIN(value, ?1) WHERE key = 'acked_seq'",
+                [cursor as i64],
+            )
+            .map_err(self.sql("lower acked seq"))?;
+        Ok(())
     }
 
     /// Moves every buffered record above `cursor`, keeping their order, and
@@ -542,6 +589,12 @@ impl OutboxReader {
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('acked_seq', ?1)",
             [cursor as i64],
+        )
+        .map_err(self.sql("renumber"))?;
+        // The numbering of this epoch now starts above the cursor.
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch_start', ?1)",
+            [(cursor + 1) as i64],
         )
         .map_err(self.sql("renumber"))?;
         tx.commit().map_err(self.sql("commit renumber"))?;

@@ -51,6 +51,11 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
          -- Identifies this outbox file: a wiped or replaced outbox gets a new
          -- one, so the aggregator's cursor for an older file is never taken
          -- as a statement about this one's records.
-         INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', random());",
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', random());
+         -- A random id made at every daemon start, with the seq numbering
+         -- starts from: an older copy of this file restarting is told apart
+         -- from the file that moved on (its numbering would silently fork).
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0);
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch_start', 1);",
     )
 }

@@ -76,14 +76,37 @@ pub enum Resume {
     Ahead,
 }
 
+/// What the aggregator's Welcome said about this node's outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Welcomed {
+    /// Highest seq applied.
+    pub cursor: u64,
+    /// The incarnation that cursor belongs to (0: none recorded).
+    pub incarnation: u64,
+    /// The epoch last recorded with it (0: none).
+    pub epoch: u64,
+}
+
 /// Decides how to resume (the policy of ARCHITECTURE.md I-8 and I-9). An
 /// aggregator that recorded no incarnation (0, an older store) is taken at
 /// its word only if its cursor is within what this outbox numbered.
-pub fn reconcile(outbox: OutboxIdentity, cursor: u64, theirs: u64) -> Resume {
-    let ours = theirs == outbox.incarnation || (theirs == 0 && cursor < outbox.next_seq);
+///
+/// Same incarnation, but this file is an older copy of itself when the
+/// aggregator last saw another start (epoch) of it and this start numbered
+/// from at or below the cursor — a genuine restart numbers above everything
+/// applied: its numbering forked, and nothing of it may be deleted by the
+/// cursor.
+pub fn reconcile(outbox: OutboxIdentity, w: Welcomed) -> Resume {
+    let cursor = w.cursor;
+    let ours =
+        w.incarnation == outbox.incarnation || (w.incarnation == 0 && cursor < outbox.next_seq);
+    let forked = w.incarnation != 0
+        && w.epoch != 0
+        && w.epoch != outbox.epoch
+        && outbox.epoch_start <= cursor;
     if !ours {
         Resume::Foreign
-    } else if cursor >= outbox.next_seq {
+    } else if cursor >= outbox.next_seq || forked {
         Resume::Ahead
     } else if cursor < outbox.acked_seq {
         Resume::Regressed {
@@ -110,6 +133,8 @@ enum SessionEnd {
     Join(#[from] tokio::task::JoinError),
     #[error("shutting down")]
     Shutdown,
+    #[error("the outbox took a new incarnation; reconnecting to announce it")]
+    Renewed,
 }
 
 /// Everything the uplink needs.
@@ -162,6 +187,10 @@ impl Uplink {
             self.set_connected(false).await;
             match result {
                 Err(SessionEnd::Shutdown) => break,
+                Err(SessionEnd::Renewed) => {
+                    info!("Reconnecting at once to announce the outbox's new incarnation.");
+                    continue;
+                }
                 Err(e) => {
                     metrics::counter!("fogline_uplink_disconnects_total").increment(1);
                     warn!(server = %self.config.server, error = %e, retry_in = ?backoff, "Uplink session ended.");
@@ -240,18 +269,29 @@ impl Uplink {
             incarnation: id.incarnation,
             next_seq: id.next_seq,
             acked: id.acked_seq,
+            epoch: id.epoch,
+            epoch_start: id.epoch_start,
         };
         let Link {
             node_id,
             cursor,
-            incarnation: theirs,
+            incarnation,
+            epoch,
             mut sender,
             mut receiver,
         } = tokio::select! {
             _ = shutdown.changed() => return Err(SessionEnd::Shutdown),
             l = client.connect(addr, &server_name, self.config.connect_timeout, hello) => l?,
         };
-        self.resume(&node_id, id, cursor, theirs).await?;
+        let welcomed = Welcomed {
+            cursor,
+            incarnation,
+            epoch,
+        };
+        if let Err(e) = self.resume(&node_id, id, welcomed).await {
+            sender.close(fogline_cloud::protocol::ErrorCode::Ok, "reconnecting");
+            return Err(e);
+        }
         sender.resume_after(cursor);
         self.set_connected(true).await;
         self.note_ack(cursor);
@@ -324,14 +364,9 @@ impl Uplink {
     }
 
     /// Applies the aggregator's cursor to the outbox according to [`reconcile`].
-    async fn resume(
-        &self,
-        node: &str,
-        id: OutboxIdentity,
-        cursor: u64,
-        theirs: u64,
-    ) -> Result<(), SessionEnd> {
-        match reconcile(id, cursor, theirs) {
+    async fn resume(&self, node: &str, id: OutboxIdentity, w: Welcomed) -> Result<(), SessionEnd> {
+        let (cursor, theirs) = (w.cursor, w.incarnation);
+        match reconcile(id, w) {
             Resume::Continue => {
                 let removed = self.outbox(move |r| r.accept_cursor(cursor)).await?;
                 info!(
@@ -366,11 +401,13 @@ impl Uplink {
                     id.incarnation
                 };
                 let (moved, offset) = self.outbox(move |r| r.renumber_above(cursor)).await?;
-                metrics::counter!("fogline_uplink_renumbered_total").increment(1);
+                if ahead || moved > 0 {
+                    metrics::counter!("fogline_uplink_renumbered_total").increment(1);
+                }
                 let detail = if ahead {
                     format!(
-                        "the aggregator's cursor {cursor} is beyond anything this outbox numbered (next seq {}): it is an older copy of the outbox (restored image or clone); new incarnation {incarnation:#x}, {moved} buffered records renumbered by +{offset} and resent, nothing deleted",
-                        id.next_seq
+                        "the aggregator has seen this outbox further (cursor {cursor}, epoch {}; this file: next seq {}, epoch {} from seq {}): it is an older copy of the outbox (restored image or clone); new incarnation {incarnation:#x}, {moved} buffered records renumbered by +{offset} and resent, nothing deleted",
+                        w.epoch, id.next_seq, id.epoch, id.epoch_start
                     )
                 } else {
                     format!(
@@ -378,9 +415,18 @@ impl Uplink {
                         id.incarnation
                     )
                 };
-                warn!(node, cursor, moved, offset, "{detail}");
-                let kind = if ahead { "cursor_ahead" } else { "new_outbox" };
-                self.outbox(move |r| r.raise_alarm(kind, &detail)).await?;
+                if ahead || moved > 0 {
+                    warn!(node, cursor, moved, offset, "{detail}");
+                    let kind = if ahead { "cursor_ahead" } else { "new_outbox" };
+                    self.outbox(move |r| r.raise_alarm(kind, &detail)).await?;
+                } else {
+                    info!(node, cursor, incarnation = id.incarnation, "The aggregator's cursor belongs to an earlier outbox of this node; this one's records are already above it.");
+                }
+                if ahead {
+                    // The Hello carried the old incarnation: announce the new
+                    // one before anything is applied under it.
+                    return Err(SessionEnd::Renewed);
+                }
             }
         }
         Ok(())
@@ -406,27 +452,76 @@ mod tests {
             next_seq,
             acked_seq,
             first_unsent: None,
+            epoch: 5,
+            epoch_start: 1,
+        }
+    }
+
+    fn w(cursor: u64, incarnation: u64) -> Welcomed {
+        Welcomed {
+            cursor,
+            incarnation,
+            epoch: 0,
         }
     }
 
     #[test]
     fn the_cursor_of_another_outbox_deletes_nothing() {
         // 100 synced by an old outbox, this one is new with 50 buffered.
-        assert_eq!(reconcile(outbox(2, 51, 0), 100, 1), Resume::Foreign);
+        assert_eq!(reconcile(outbox(2, 51, 0), w(100, 1)), Resume::Foreign);
         // An older aggregator store that recorded no incarnation.
-        assert_eq!(reconcile(outbox(2, 51, 0), 100, 0), Resume::Foreign);
-        assert_eq!(reconcile(outbox(2, 51, 0), 30, 0), Resume::Continue);
+        assert_eq!(reconcile(outbox(2, 51, 0), w(100, 0)), Resume::Foreign);
+        assert_eq!(reconcile(outbox(2, 51, 0), w(30, 0)), Resume::Continue);
     }
 
     #[test]
     fn same_outbox_continue_regressed_or_ahead() {
-        assert_eq!(reconcile(outbox(7, 301, 250), 250, 7), Resume::Continue);
-        assert_eq!(reconcile(outbox(7, 301, 250), 280, 7), Resume::Continue);
+        assert_eq!(reconcile(outbox(7, 301, 250), w(250, 7)), Resume::Continue);
+        assert_eq!(reconcile(outbox(7, 301, 250), w(280, 7)), Resume::Continue);
         assert_eq!(
-            reconcile(outbox(7, 301, 250), 200, 7),
+            reconcile(outbox(7, 301, 250), w(200, 7)),
             Resume::Regressed { from: 201, to: 250 }
         );
-        assert_eq!(reconcile(outbox(7, 301, 250), 301, 7), Resume::Ahead);
-        assert_eq!(reconcile(outbox(7, 1, 0), 0, 0), Resume::Continue);
+        assert_eq!(reconcile(outbox(7, 301, 250), w(301, 7)), Resume::Ahead);
+        assert_eq!(reconcile(outbox(7, 1, 0), w(0, 0)), Resume::Continue);
+    }
+
+    #[test]
+    fn an_older_copy_whose_numbering_forked_is_told_by_its_epoch() {
+        // The file restarted (epoch 6) numbering from seq 51, but the
+        // aggregator applied up to 100 under epoch 5: a restored copy.
+        let copy = OutboxIdentity {
+            epoch: 6,
+            epoch_start: 51,
+            ..outbox(7, 111, 50)
+        };
+        let seen = Welcomed {
+            cursor: 100,
+            incarnation: 7,
+            epoch: 5,
+        };
+        assert_eq!(reconcile(copy, seen), Resume::Ahead);
+        // A genuine restart numbers above everything applied.
+        let genuine = OutboxIdentity {
+            epoch: 6,
+            epoch_start: 111,
+            ..outbox(7, 130, 100)
+        };
+        assert_eq!(reconcile(genuine, seen), Resume::Continue);
+        // A copy whose restart numbered above the cursor collides with
+        // nothing applied: it goes on.
+        let above = OutboxIdentity {
+            epoch: 4,
+            epoch_start: 101,
+            ..outbox(7, 130, 100)
+        };
+        assert_eq!(reconcile(above, seen), Resume::Continue);
+        // Same start, a reconnect within it.
+        let same = OutboxIdentity {
+            epoch: 5,
+            epoch_start: 1,
+            ..outbox(7, 130, 100)
+        };
+        assert_eq!(reconcile(same, seen), Resume::Continue);
     }
 }

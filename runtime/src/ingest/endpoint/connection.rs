@@ -404,7 +404,10 @@ where
     lease
         .state
         .start_connection((version == Version::V5).then_some(limits.receive_maximum));
-    let mut intake = Intake::new("endpoint");
+    let mut intake = Intake::new(
+        "endpoint",
+        (version == Version::V5).then_some(limits.receive_maximum),
+    );
     let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_rx = Instant::now();
     let mut shutdown = shared.shutdown.clone();
