@@ -154,7 +154,14 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let uplink = match &config.uplink {
         Some(u) => {
             let reader = OutboxReader::open(&outbox_path, config.outbox.sync)?;
-            let up = Uplink::new(&config, u, reader, state.uplink.clone(), committed.clone());
+            let up = Uplink::new(
+                &config,
+                u,
+                reader,
+                state.uplink.clone(),
+                committed.clone(),
+                state.pipeline.committed_seq.clone(),
+            );
             Some(tokio::spawn(up.run(shutdown_rx.clone())))
         }
         None => None,

@@ -99,6 +99,7 @@ async fn drain(total: usize) {
         reader,
         state.clone(),
         Arc::new(tokio::sync::Notify::new()),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
     );
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();

@@ -41,6 +41,7 @@ struct Figures {
     commits: f64,
     msgs_per_sec: f64,
     edge_cpu_us: f64,
+    cloud_cpu_us: f64,
     broker_cpu_us: Option<f64>,
     edge_peak_rss: u64,
     elapsed: Duration,
@@ -73,14 +74,16 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
         Some(b) => format!("[mqtt]\nbroker = \"{}\"\n", b.addr()),
         None => format!("[broker]\nembedded = true\nlisten = \"127.0.0.1:{mqtt_port}\"\n"),
     };
-    let edge = Edge::start(
-        dir.path(),
-        NODE,
-        &format!(
-            "{ingest}[[pipelines]]\nname = \"all\"\ntopics = [\"bench/#\"]\nfunctions = []\n{}",
-            uplink_toml(NODE, &certs, cloud.quic_port)
+    let edge =
+        Edge::start(
+            dir.path(),
+            NODE,
+            &format!(
+            "{ingest}[[pipelines]]\nname = \"all\"\ntopics = [\"bench/#\"]\nfunctions = []\n{}{}",
+            uplink_toml(NODE, &certs, cloud.quic_port),
+            std::env::var("FOGLINE_BENCH_EXTRA").unwrap_or_default().replace("\\n", "\n")
         ),
-    )?;
+        )?;
     edge.wait_for(Duration::from_secs(60), "uplink connected", |s| {
         s["uplink_connected"].as_bool() == Some(true)
             && (!external || s["broker_connected"].as_bool() == Some(true))
@@ -98,6 +101,7 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
     publisher.deadline = Duration::from_secs(600);
     let edge_pid = edge.daemon.pid().context("edge not running")?;
     let broker_pid = broker.as_ref().and_then(Mosquitto::pid);
+    let cloud_pid = cloud.daemon.pid().context("cloud not running")?;
     let watch = loop {
         // The store file appears with the aggregator's first start.
         if let Ok(w) = CursorWatch::open(&cloud.store, NODE) {
@@ -133,6 +137,7 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let edge_before = cpu::sample(edge_pid)?;
+    let cloud_before = cpu::sample(cloud_pid)?;
     let broker_before = broker_pid.map(cpu::sample).transpose()?;
     let started = Instant::now();
     let task = tokio::spawn(async move { publisher.run(&msgs).await });
@@ -149,6 +154,7 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
     }
     let done = Instant::now();
     let edge_after = cpu::sample(edge_pid)?;
+    let cloud_after = cpu::sample(cloud_pid)?;
     let broker_after = broker_pid.map(cpu::sample).transpose()?;
     if let Some(mut p) = perf {
         let _ = std::process::Command::new("kill")
@@ -171,6 +177,7 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
         commits,
         msgs_per_sec: n as f64 / elapsed.as_secs_f64(),
         edge_cpu_us: per(edge_after.cpu_since(&edge_before)),
+        cloud_cpu_us: per(cloud_after.cpu_since(&cloud_before)),
         broker_cpu_us: broker_after
             .zip(broker_before)
             .map(|(a, b)| per(a.cpu_since(&b))),
@@ -208,9 +215,10 @@ fn main() {
             native.msgs_per_sec / r
         );
         println!(
-            "             edge CPU {:.2} µs/reading = {:.2}× mosquitto's (target ≤ 0.4); edge peak RSS {:.1} MB (target ≤ 48); {:.0} commits, {:.0} readings/commit",
+            "             edge CPU {:.2} µs/reading = {:.2}× mosquitto's (target ≤ 0.4); aggregator {:.2} µs/reading; edge peak RSS {:.1} MB (target ≤ 48); {:.0} commits, {:.0} readings/commit",
             native.edge_cpu_us,
             native.edge_cpu_us / m,
+            native.cloud_cpu_us,
             native.edge_peak_rss as f64 / 1e6,
             native.commits,
             n as f64 / native.commits.max(1.0)
@@ -222,9 +230,10 @@ fn main() {
             external.msgs_per_sec / r
         );
         println!(
-            "             edge CPU {:.2} µs/reading = {:.2}× mosquitto's reference; mosquitto {:.2} µs/reading; edge peak RSS {:.1} MB; {:.0} commits, {:.0} readings/commit",
+            "             edge CPU {:.2} µs/reading = {:.2}× mosquitto's reference; aggregator {:.2} µs/reading; mosquitto {:.2} µs/reading; edge peak RSS {:.1} MB; {:.0} commits, {:.0} readings/commit",
             external.edge_cpu_us,
             external.edge_cpu_us / m,
+            external.cloud_cpu_us,
             external.broker_cpu_us.unwrap_or(0.0),
             external.edge_peak_rss as f64 / 1e6,
             external.commits,

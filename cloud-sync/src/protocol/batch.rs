@@ -205,7 +205,22 @@ pub fn encode_batch(records: &[Record], zstd_level: i32) -> Result<BatchFrame, B
             max: MAX_BATCH_RAW_BYTES,
         });
     }
-    let block = zstd::bulk::compress(&raw, zstd_level)?;
+    // One compression context per thread, reused: creating one per batch
+    // costs more than compressing a small batch.
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let block = COMPRESSOR.with(|c| -> std::io::Result<Vec<u8>> {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(level, _)| *level != zstd_level) {
+            *c = Some((zstd_level, zstd::bulk::Compressor::new(zstd_level)?));
+        }
+        match c.as_mut() {
+            Some((_, compressor)) => compressor.compress(&raw),
+            None => zstd::bulk::compress(&raw, zstd_level),
+        }
+    })?;
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Err(BatchError::Empty);
     };
@@ -245,9 +260,25 @@ pub fn decode_batch(frame: &BatchFrame) -> Result<Vec<Record>, DecodeError> {
     }
     // Bounded: the output buffer is exactly `raw_len` bytes; a block that
     // inflates beyond it fails instead of growing the buffer.
-    let raw = zstd::bulk::decompress(&frame.block, raw_len).map_err(|e| {
-        DecodeError::Decompress(format!("{e} (declared uncompressed size {raw_len} bytes)"))
-    })?;
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let raw = DECOMPRESSOR
+        .with(|d| -> std::io::Result<Vec<u8>> {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                // Bounded by the declared size, checked before (a bomb is refused).
+                Some(dec) => dec.decompress(&frame.block, raw_len),
+                None => zstd::bulk::decompress(&frame.block, raw_len),
+            }
+        })
+        .map_err(|e| {
+            DecodeError::Decompress(format!("{e} (declared uncompressed size {raw_len} bytes)"))
+        })?;
     if raw.len() != raw_len {
         return Err(DecodeError::Decompress(format!(
             "block inflated to {} bytes, header declared {raw_len}",

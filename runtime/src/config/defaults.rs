@@ -67,6 +67,7 @@ impl Default for MqttConfig {
             max_payload_bytes: 256 * 1024,
             session_expiry: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
+            commit_linger: Duration::from_millis(5),
         }
     }
 }

@@ -193,11 +193,15 @@ impl EdgeConfig {
                 self.outbox.max_batch_bytes
             ));
         }
-        if self.outbox.commit_linger > std::time::Duration::from_millis(100) {
-            p.push(format!(
-                "outbox.commit_linger: {:?} is above 100ms: every acknowledgement would wait that long",
-                self.outbox.commit_linger
-            ));
+        for (key, linger) in [
+            ("outbox.commit_linger", self.outbox.commit_linger),
+            ("mqtt.commit_linger", self.mqtt.commit_linger),
+        ] {
+            if linger > std::time::Duration::from_millis(100) {
+                p.push(format!(
+                    "{key}: {linger:?} is above 100ms: acknowledgements would wait that long"
+                ));
+            }
         }
         if self.health.stall_after < std::time::Duration::from_secs(1) {
             p.push("health.stall_after: must be at least 1s".to_string());

@@ -102,6 +102,7 @@ struct Settings {
     qos: u8,
     connect_timeout: Duration,
     drain_timeout: Duration,
+    commit_linger: Duration,
     cover: Vec<String>,
 }
 
@@ -141,6 +142,7 @@ pub fn spawn(
         qos: m.qos,
         connect_timeout: m.connect_timeout,
         drain_timeout: super::endpoint::drain_timeout(config),
+        commit_linger: m.commit_linger,
         cover: topic::cover(&config.topic_filters()),
     };
     let key: Arc<str> = Arc::from(session_key(config));
@@ -337,6 +339,7 @@ async fn session(
     let mut ping_outstanding: Option<Instant> = None;
     loop {
         let mut chunk = Chunk::new(Some(route.clone()), s.max_payload);
+        chunk.linger = Some(s.commit_linger);
         while chunk.items.len() < CHUNK_ITEMS {
             let packet = match codec::decode(&mut rbuf, Some(s.version), s.max_packet) {
                 Ok(Some(p)) => p,

@@ -110,6 +110,10 @@ pub struct Chunk {
     pub session: Option<SessionUpdate>,
     /// Payloads above this are refused and dead-lettered.
     pub max_payload: usize,
+    /// How long a small batch holding this chunk may wait for more before
+    /// its commit (`None`: `outbox.commit_linger`). A broker does not wait
+    /// for each acknowledgement, so its chunks can wait longer.
+    pub linger: Option<std::time::Duration>,
     bytes: usize,
     permit: Option<OwnedSemaphorePermit>,
 }

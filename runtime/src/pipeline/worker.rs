@@ -44,6 +44,8 @@ pub struct PipelineHealth {
     pub failing: AtomicBool,
     /// Commits done.
     pub commits: AtomicU64,
+    /// The highest sequence number committed (the uplink sizes its batches by it).
+    pub committed_seq: Arc<AtomicU64>,
 }
 
 /// The running worker.
@@ -141,16 +143,26 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
                 }
             }
             // Messages trickling in one by one (a broker forwarding, many slow
-            // sensors): gather a little longer, one commit for many.
-            if items < LINGER_BELOW && !w.options.commit_linger.is_zero() {
-                let until = tokio::time::Instant::now() + w.options.commit_linger;
+            // sensors): gather a little longer, one commit for many. The
+            // least patient chunk decides how long.
+            let linger = batch
+                .iter()
+                .map(|c| c.linger.unwrap_or(w.options.commit_linger))
+                .min()
+                .unwrap_or(w.options.commit_linger);
+            if items < LINGER_BELOW && !linger.is_zero() {
+                let until = tokio::time::Instant::now() + linger;
                 while items < LINGER_BELOW && !full(items, bytes) {
                     tokio::select! {
                         c = rx.recv() => match c {
                             Some(c) => {
                                 items += c.items.len();
                                 bytes += c.bytes();
+                                let impatient = c.linger.is_some_and(|l| l < linger);
                                 batch.push(c);
+                                if impatient {
+                                    break;
+                                }
                             }
                             None => break,
                         },
@@ -267,6 +279,9 @@ async fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -
                 metrics::counter!("fogline_outbox_dead_letters_written_total")
                     .increment(commit.dead_letters.len() as u64);
                 if done.records > 0 {
+                    w.health
+                        .committed_seq
+                        .fetch_max(done.first_seq + done.records as u64 - 1, Ordering::AcqRel);
                     w.committed.notify_one();
                 }
                 w.health.commit_started_ms.store(0, Ordering::Release);

@@ -35,6 +35,19 @@ use crate::outbox::{OutboxError, OutboxIdentity, OutboxReader, Record};
 /// No ack for this long while batches are in flight: reconnect.
 const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// While batches are in flight, a batch smaller than a quarter of
+/// `batch_records` waits up to this long for more records: fewer, larger
+/// batches (each costs the aggregator a transaction) when records trickle
+/// in. Nothing waits when nothing is in flight.
+const COALESCE_WAIT: Duration = Duration::from_millis(5);
+
+/// Acknowledged rows are deleted in bulk: when this many are pending, when
+/// nothing is in flight, or `DELETE_EVERY` after the first one. Deleting is
+/// bookkeeping (the cursor protects against resends), it need not follow
+/// every ack.
+const DELETE_BATCH: u64 = 16_384;
+const DELETE_EVERY: Duration = Duration::from_millis(200);
+
 /// Live uplink state for status and metrics.
 #[derive(Debug, Default)]
 pub struct UplinkState {
@@ -144,6 +157,7 @@ pub struct Uplink {
     reader: Arc<Mutex<OutboxReader>>,
     state: Arc<UplinkState>,
     committed: Arc<Notify>,
+    committed_seq: Arc<AtomicU64>,
 }
 
 impl Uplink {
@@ -154,6 +168,7 @@ impl Uplink {
         reader: OutboxReader,
         state: Arc<UplinkState>,
         committed: Arc<Notify>,
+        committed_seq: Arc<AtomicU64>,
     ) -> Self {
         Self {
             tls: ClientTls {
@@ -165,6 +180,7 @@ impl Uplink {
             reader: Arc::new(Mutex::new(reader)),
             state,
             committed,
+            committed_seq,
         }
     }
 
@@ -305,10 +321,29 @@ impl Uplink {
         let mut window = SenderState::new(cursor, self.config.max_in_flight);
         let mut last_progress = Instant::now();
         let mut drained = false;
+        // Records committed so far (at least what the outbox held at connect).
+        let known_seq = id.next_seq.saturating_sub(1);
+        let mut coalescing: Option<Instant> = None;
+        let coalesce_min = (max_records / 4).max(1) as u64;
+        // Acknowledged but not deleted yet: (through, since).
+        let mut to_delete: Option<(u64, Instant)> = None;
+        let mut deleted_through = cursor;
         loop {
             // Keep the window full.
             while window.has_room() && !drained {
                 let after = window.last_sent();
+                let available = self
+                    .committed_seq
+                    .load(Ordering::Acquire)
+                    .max(known_seq)
+                    .saturating_sub(after);
+                if window.in_flight().next().is_some() && available < coalesce_min {
+                    let since = *coalescing.get_or_insert_with(Instant::now);
+                    if since.elapsed() < COALESCE_WAIT {
+                        break;
+                    }
+                }
+                coalescing = None;
                 let batch: Vec<Record> = self
                     .outbox(move |r| r.read_after(after, max_records, max_bytes))
                     .await?;
@@ -349,11 +384,30 @@ impl Uplink {
                     self.state
                         .last_progress_ms
                         .store(crate::clock::now_ms(), Ordering::Release);
-                    let deleted = self.outbox(move |r| r.delete_through(acked)).await?;
-                    metrics::counter!("fogline_uplink_records_acked_total").increment(deleted as u64);
                     self.note_ack(acked);
+                    let since = to_delete.map_or_else(Instant::now, |(_, t)| t);
+                    to_delete = Some((acked, since));
+                    if acked.saturating_sub(deleted_through) >= DELETE_BATCH
+                        || window.in_flight().next().is_none()
+                    {
+                        deleted_through = self.delete_acknowledged(&mut to_delete).await?;
+                    }
                 }
-                _ = self.committed.notified(), if drained => { drained = false; }
+                _ = async {
+                    match to_delete {
+                        Some((_, since)) => tokio::time::sleep_until((since + DELETE_EVERY).into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    deleted_through = self.delete_acknowledged(&mut to_delete).await?;
+                }
+                _ = self.committed.notified(), if drained || coalescing.is_some() => { drained = false; }
+                _ = async {
+                    match coalescing {
+                        Some(since) => tokio::time::sleep_until((since + COALESCE_WAIT).into()).await,
+                        None => std::future::pending().await,
+                    }
+                }, if !drained => {}
                 // New records may also come from another writer; poll now and then.
                 _ = tokio::time::sleep(Duration::from_millis(250)), if drained => { drained = false; }
                 _ = tokio::time::sleep(stall_in), if window.in_flight().next().is_some() => {
@@ -430,6 +484,19 @@ impl Uplink {
             }
         }
         Ok(())
+    }
+
+    /// Deletes what is acknowledged; returns how far.
+    async fn delete_acknowledged(
+        &self,
+        to_delete: &mut Option<(u64, Instant)>,
+    ) -> Result<u64, SessionEnd> {
+        let Some((through, _)) = to_delete.take() else {
+            return Ok(0);
+        };
+        let deleted = self.outbox(move |r| r.delete_through(through)).await?;
+        metrics::counter!("fogline_uplink_records_acked_total").increment(deleted as u64);
+        Ok(through)
     }
 
     fn note_ack(&self, acked: u64) {
