@@ -313,7 +313,12 @@ pub(super) async fn serve<S>(
             if codec::encode_disconnect(&mut c.wbuf, version, *code, Some(reason), true) {
                 let _ = tokio::time::timeout(Duration::from_secs(1), c.flush()).await;
             }
-            (true, format!("{reason} ({})", codec::reason_name(*code)))
+            // Our own shutdown is no news about the client: its session is
+            // kept and it will reconnect, so its will is not published.
+            (
+                *code != 0x8B,
+                format!("{reason} ({})", codec::reason_name(*code)),
+            )
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), c.wr.shutdown()).await;
