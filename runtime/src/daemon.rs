@@ -122,7 +122,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                 max_topic: config
                     .broker
                     .max_topic_bytes
-                    .min(fogline_cloud::protocol::MAX_STREAM_NAME_BYTES),
+                    .min(fogline_protocol::MAX_STREAM_NAME_BYTES),
                 tick_interval: config.outbox.tick_interval,
             },
             committed: committed.clone(),

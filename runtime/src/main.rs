@@ -17,11 +17,11 @@ fn main() -> ExitCode {
         .run_config()
         .map(fogline_edge::config::EdgeConfig::load)
     {
-        Some(Ok(c)) => fogline_cloud::telemetry::init_logging(
+        Some(Ok(c)) => fogline_telemetry::init_logging(
             &c.log.level,
             c.log.format == fogline_edge::config::LogFormat::Json,
         ),
-        _ => fogline_cloud::telemetry::init_tracing("info"),
+        _ => fogline_telemetry::init_tracing("info"),
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

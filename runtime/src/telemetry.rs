@@ -63,7 +63,7 @@ pub async fn serve(
     live: Arc<LiveState>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
-    let handle = fogline_cloud::telemetry::prometheus_handle();
+    let handle = fogline_telemetry::prometheus_handle();
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
         .route("/status", get(status))

@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogline_cloud::transport::relay::UdpRelay;
 use fogline_edge::config::{EdgeConfig, SyncMode};
 use fogline_edge::outbox::{Commit, Outbox, OutboxReader};
 use fogline_edge::uplink::{Uplink, UplinkState};
+use fogline_testkit::relay::UdpRelay;
 use fogline_tests::sensors;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -39,7 +39,7 @@ fn main() {
 async fn drain(total: usize) {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &["gw-bench"]).unwrap();
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-bench"]).unwrap();
 
     // Fill the outbox: ~100-byte JSON readings from 10 sensors.
     let outbox_path = dir.path().join("edge/outbox.db");
@@ -78,8 +78,8 @@ async fn drain(total: usize) {
         c = certs.display(),
         s = dir.path().join("cloud.db").display()
     );
-    let cloud = fogline_cloud::aggregator::start(
-        fogline_cloud::aggregator::config::CloudConfig::parse(&cloud_toml).unwrap(),
+    let cloud = fogline_aggregator::start(
+        fogline_aggregator::config::CloudConfig::parse(&cloud_toml).unwrap(),
     )
     .await
     .unwrap();

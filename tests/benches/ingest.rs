@@ -62,7 +62,7 @@ fn messages(n: usize) -> Vec<(String, Bytes)> {
 async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &[NODE])?;
+    fogline_testkit::certs::dev_bundle(&certs, &[NODE])?;
     let cloud = Cloud::start(dir.path(), &certs)?;
     let broker = if external {
         Some(Mosquitto::start()?)
@@ -191,7 +191,7 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
 async fn backlog_rss(n: usize) -> anyhow::Result<(f64, u64, u64)> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &[NODE])?;
+    fogline_testkit::certs::dev_bundle(&certs, &[NODE])?;
     let quic_port = fogline_tests::free_udp_port()?;
     let mqtt_port = fogline_tests::free_tcp_port()?;
     let edge = Edge::start(

@@ -31,7 +31,7 @@ impl Gateway {
     fn start(broker_extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        fogline_cloud::certs::dev_bundle(&certs, &[NODE, "sensor-a", "sensor-b"]).unwrap();
+        fogline_testkit::certs::dev_bundle(&certs, &[NODE, "sensor-a", "sensor-b"]).unwrap();
         let cloud = Cloud::start(dir.path(), &certs).unwrap();
         let port = fogline_tests::free_tcp_port().unwrap();
         let body = format!(
@@ -724,7 +724,7 @@ fn tls_client_certificates_are_required_and_foreign_ones_refused() {
     let tls_port = fogline_tests::free_tcp_port().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rogue = dir.path().join("rogue");
-    fogline_cloud::certs::dev_bundle(&rogue, &["sensor-a"]).unwrap();
+    fogline_testkit::certs::dev_bundle(&rogue, &["sensor-a"]).unwrap();
     // Relative paths resolve against the edge config's dir, where Gateway
     // made the certificates.
     let g = Gateway::start(

@@ -33,7 +33,7 @@ pub struct Cluster {
 }
 
 pub fn write_certs(dir: &Path, nodes: &[&str]) {
-    fogline_cloud::certs::dev_bundle(dir, nodes).expect("dev certs");
+    fogline_testkit::certs::dev_bundle(dir, nodes).expect("dev certs");
 }
 
 pub fn cloud_config(dir: &Path, certs: &Path, quic_port: u16, http_port: u16) -> PathBuf {

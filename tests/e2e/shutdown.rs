@@ -46,7 +46,7 @@ fn sigterm_with_a_full_disk_exits_in_time_and_loses_no_acknowledged_reading() {
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "1m");
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &["gw-full"]).unwrap();
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-full"]).unwrap();
     // The aggregator starts only after the restart, so nothing drains the
     // outbox while the disk fills.
     let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
@@ -140,7 +140,7 @@ fn healthz_recovers_when_the_disk_has_room_again() {
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "1m");
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &["gw-heal"]).unwrap();
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-heal"]).unwrap();
     let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
     let mqtt_port = fogline_tests::free_tcp_port().unwrap();
     let edge = start_edge(
@@ -204,7 +204,7 @@ fn sigterm_with_a_hung_commit_and_a_connected_uplink_exits_in_time() {
     const N: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &["gw-hung"]).unwrap();
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-hung"]).unwrap();
     let cloud = Cloud::start(dir.path(), &certs).unwrap();
     let mqtt_port = fogline_tests::free_tcp_port().unwrap();
     let mut edge = start_edge(
@@ -764,7 +764,7 @@ struct MidStreamTerm {
 fn sigterm_mid_stream(node: &str) -> MidStreamTerm {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &[node]).unwrap();
+    fogline_testkit::certs::dev_bundle(&certs, &[node]).unwrap();
     let cloud = Cloud::start(dir.path(), &certs).unwrap();
     let mqtt_port = fogline_tests::free_tcp_port().unwrap();
     let mut edge = start_edge(

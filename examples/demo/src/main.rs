@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use fogline_cloud::transport::relay::UdpRelay;
 use fogline_edge::config::EdgeConfig;
+use fogline_testkit::relay::UdpRelay;
 use fogline_tests::{oracle, sensors};
 
 /// Run the Fogline demo.
@@ -39,7 +39,7 @@ struct Args {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    fogline_cloud::telemetry::init_tracing("warn");
+    fogline_telemetry::init_tracing("warn");
     match run(Args::parse()).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
@@ -67,7 +67,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // 1. Certificates: a fleet CA, the aggregator's and the gateway's.
     let certs = dir.join("certs");
-    fogline_cloud::certs::dev_bundle(&certs, &["gw-demo"]).context("creating demo certificates")?;
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-demo"])
+        .context("creating demo certificates")?;
 
     // 2. The aggregator, on loopback ports chosen now.
     let store = dir.join("cloud.db");
@@ -76,9 +77,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         c = certs.display(),
         s = store.display()
     );
-    let cloud_config = fogline_cloud::aggregator::config::CloudConfig::parse(&cloud_toml)
+    let cloud_config = fogline_aggregator::config::CloudConfig::parse(&cloud_toml)
         .context("demo aggregator config")?;
-    let aggregator = fogline_cloud::aggregator::start(cloud_config).await?;
+    let aggregator = fogline_aggregator::start(cloud_config).await?;
     println!(
         "aggregator      QUIC {}  HTTP http://{}/api/v1/records?node=gw-demo",
         aggregator.quic_addr, aggregator.http_addr

@@ -128,7 +128,7 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     if let Some(addr) = daemon.http_addr {
         tracing::info!(%addr, "Serving /metrics and /status.");
     }
-    fogline_cloud::telemetry::shutdown_signal().await;
+    fogline_telemetry::shutdown_signal().await;
     tracing::info!("Shutting down.");
     daemon.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -81,7 +81,7 @@ impl Default for BrokerConfig {
             plaintext: true,
             max_payload_bytes: 256 * 1024,
             max_packet_bytes: None,
-            max_topic_bytes: fogline_cloud::protocol::MAX_STREAM_NAME_BYTES,
+            max_topic_bytes: fogline_protocol::MAX_STREAM_NAME_BYTES,
             receive_maximum: 1024,
             max_connections: 1000,
             max_sessions: 10_000,

@@ -5,7 +5,7 @@ use std::fmt;
 
 use super::EdgeConfig;
 use crate::ingest::topic::validate_filter;
-use fogline_cloud::protocol::{MAX_RECORD_PAYLOAD_BYTES, MAX_STREAM_NAME_BYTES};
+use fogline_protocol::{MAX_RECORD_PAYLOAD_BYTES, MAX_STREAM_NAME_BYTES};
 
 /// Every problem found in a config, one per line.
 #[derive(Debug, Clone, Default)]
@@ -224,18 +224,18 @@ impl EdgeConfig {
             }
             if u.batch_records == 0 {
                 p.push("uplink.batch_records: must be at least 1".to_string());
-            } else if u.batch_records > fogline_cloud::protocol::MAX_BATCH_RECORDS {
+            } else if u.batch_records > fogline_protocol::MAX_BATCH_RECORDS {
                 p.push(format!(
                     "uplink.batch_records: {} is above the protocol's {} records per batch",
                     u.batch_records,
-                    fogline_cloud::protocol::MAX_BATCH_RECORDS
+                    fogline_protocol::MAX_BATCH_RECORDS
                 ));
             }
-            if u.batch_bytes > fogline_cloud::protocol::MAX_BATCH_RAW_BYTES / 2 {
+            if u.batch_bytes > fogline_protocol::MAX_BATCH_RAW_BYTES / 2 {
                 p.push(format!(
                     "uplink.batch_bytes: {} is above {}, half the protocol's batch limit",
                     u.batch_bytes,
-                    fogline_cloud::protocol::MAX_BATCH_RAW_BYTES / 2
+                    fogline_protocol::MAX_BATCH_RAW_BYTES / 2
                 ));
             }
             if u.max_in_flight == 0 {

@@ -58,7 +58,7 @@ pub enum OutboxError {
 }
 
 /// A record as the uplink sends it.
-pub type Record = fogline_cloud::protocol::Record;
+pub type Record = fogline_protocol::Record;
 
 /// An input a function (or ingest) refused, kept with the reason.
 #[derive(Debug, Clone, PartialEq)]

@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fogline_cloud::protocol::client::{InFlight, SenderError, SenderState};
-use fogline_cloud::protocol::server::HelloInfo;
-use fogline_cloud::transport::client::{ClientTls, Link, UplinkClient};
+use fogline_protocol::client::{InFlight, SenderError, SenderState};
+use fogline_protocol::server::HelloInfo;
+use fogline_transport::client::{ClientTls, Link, UplinkClient};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
@@ -135,7 +135,7 @@ pub fn reconcile(outbox: OutboxIdentity, w: Welcomed) -> Resume {
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
     #[error("{0}")]
-    Transport(#[from] fogline_cloud::transport::TransportError),
+    Transport(#[from] fogline_transport::TransportError),
     #[error("{0}")]
     Outbox(#[from] OutboxError),
     #[error("aggregator broke the protocol: {0}")]
@@ -258,12 +258,12 @@ impl Uplink {
     async fn resolve(&self) -> Result<SocketAddr, SessionEnd> {
         let addrs = tokio::net::lookup_host(self.config.server.as_str())
             .await
-            .map_err(|e| fogline_cloud::transport::TransportError::Resolve {
+            .map_err(|e| fogline_transport::TransportError::Resolve {
                 server: self.config.server.clone(),
                 reason: e.to_string(),
             })?;
         addrs.into_iter().next().ok_or_else(|| {
-            fogline_cloud::transport::TransportError::Resolve {
+            fogline_transport::TransportError::Resolve {
                 server: self.config.server.clone(),
                 reason: "no address".into(),
             }
@@ -305,7 +305,7 @@ impl Uplink {
             epoch,
         };
         if let Err(e) = self.resume(&node_id, id, welcomed).await {
-            sender.close(fogline_cloud::protocol::ErrorCode::Ok, "reconnecting");
+            sender.close(fogline_protocol::ErrorCode::Ok, "reconnecting");
             return Err(e);
         }
         sender.resume_after(cursor);

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fogline_cloud::transport::tls::{load_certs, load_key};
+use fogline_transport::tls::{load_certs, load_key};
 use rustls::pki_types::CertificateDer;
 
 /// Builds the acceptor for `[broker.tls]`.
@@ -64,5 +64,5 @@ pub fn acceptor(
 /// The CN of a verified client certificate, if one was presented.
 pub fn client_cn(certs: Option<&[CertificateDer<'static>]>) -> Option<String> {
     let leaf = certs?.first()?;
-    fogline_cloud::certs::node_id_from_der(leaf).ok()
+    fogline_transport::identity::node_id_from_der(leaf).ok()
 }

@@ -1,0 +1,123 @@
+//! The aggregator's HTTP side: a JSON read API to script against, plus
+//! `/metrics` (Prometheus) and `/healthz`.
+//!
+//! - `GET /api/v1/nodes` → `[{"node","cursor","records","last_update_ms","incarnation","lost_records"}]`
+//! - `GET /api/v1/records?node=N[&stream=S][&after_seq=K][&limit=L]` →
+//!   `{"node","records":[{"seq","stream","timestamp_ms","received_ms","payload"}],"next_after_seq"}`.
+//!   `payload` is the JSON value when the payload is JSON, otherwise the
+//!   record has `payload_hex` instead. Page with `after_seq=next_after_seq`.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::store::{RecordQuery, Store, StoredRecord, MAX_QUERY_LIMIT};
+
+/// Default page size of `/api/v1/records`.
+const DEFAULT_LIMIT: usize = 1000;
+
+#[derive(Clone)]
+struct AppState {
+    store: Arc<dyn Store>,
+}
+
+/// The router.
+pub fn router(store: Arc<dyn Store>) -> Router {
+    let metrics = fogline_telemetry::prometheus_handle();
+    Router::new()
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/records", get(records))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .with_state(AppState { store })
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn nodes(State(state): State<AppState>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.nodes()).await {
+        Ok(Ok(nodes)) => Json(nodes).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordsParams {
+    node: Option<String>,
+    stream: Option<String>,
+    after_seq: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn record_json(r: StoredRecord) -> Value {
+    let mut v = json!({
+        "seq": r.seq,
+        "stream": r.stream,
+        "timestamp_ms": r.timestamp_ms,
+        "received_ms": r.received_ms,
+    });
+    match serde_json::from_slice::<Value>(&r.payload) {
+        Ok(p) => v["payload"] = p,
+        Err(_) => {
+            let hex: String = r.payload.iter().map(|b| format!("{b:02x}")).collect();
+            v["payload_hex"] = Value::String(hex);
+        }
+    }
+    v
+}
+
+async fn records(
+    State(state): State<AppState>,
+    params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(p)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad query: expected node=<id>[&stream=<topic>][&after_seq=<u64>][&limit=<1..10000>]",
+        );
+    };
+    let Some(node) = p.node.filter(|n| !n.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing required query parameter `node`",
+        );
+    };
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_QUERY_LIMIT {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"),
+        );
+    }
+    let after_seq = p.after_seq.unwrap_or(0);
+    let query = RecordQuery {
+        node: node.clone(),
+        stream: p.stream,
+        after_seq,
+        limit,
+    };
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.records(&query)).await {
+        Ok(Ok(rows)) => {
+            let next = rows.last().map(|r| r.seq).unwrap_or(after_seq);
+            let records: Vec<Value> = rows.into_iter().map(record_json).collect();
+            Json(json!({ "node": node, "records": records, "next_after_seq": next }))
+                .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

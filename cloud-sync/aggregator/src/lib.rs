@@ -1,0 +1,121 @@
+//! `fogline-aggregator`: the cloud aggregator service (QUIC listener, store
+//! and HTTP read API, started together by [`start`]) and the fleet
+//! certificate tool behind `fogline-cloud certs`.
+#![warn(missing_docs)]
+
+pub mod certs;
+pub mod config;
+pub mod http;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::service::QuicServer;
+use crate::store::{SqliteStore, Store, StoreError};
+use config::CloudConfig;
+use fogline_transport::{tls, TransportError};
+
+/// The aggregator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Opening the store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// TLS material or the QUIC socket failed.
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    /// The store's directory could not be created.
+    #[error("creating store directory {path}: {source}")]
+    DataDir {
+        /// Directory.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The store task panicked or was cancelled.
+    #[error("opening the store: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    /// The HTTP listener could not be bound.
+    #[error("binding HTTP {addr}: {source}")]
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running aggregator.
+pub struct RunningAggregator {
+    /// Bound QUIC (UDP) address.
+    pub quic_addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The store, for in-process readers (demo, tests).
+    pub store: Arc<SqliteStore>,
+    shutdown: watch::Sender<bool>,
+    quic: JoinHandle<()>,
+    http: JoinHandle<()>,
+}
+
+/// Opens the store, loads TLS material and binds both listeners.
+pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError> {
+    let path = config.store.path.clone();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let store = Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??);
+    let server_config = tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let server = QuicServer::bind(config.quic.listen, server_config, dyn_store.clone())?;
+    let quic_addr = server.local_addr()?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| StartError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Http {
+        addr: config.http.listen,
+        source,
+    })?;
+    let (shutdown, rx) = watch::channel(false);
+    let quic = tokio::spawn(server.run(rx.clone()));
+    let mut http_rx = rx;
+    let app = http::router(dyn_store);
+    let http = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = http_rx.changed().await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed.");
+        }
+    });
+    info!(%quic_addr, %http_addr, store = %config.store.path.display(), "Aggregator listening.");
+    Ok(RunningAggregator {
+        quic_addr,
+        http_addr,
+        store,
+        shutdown,
+        quic,
+        http,
+    })
+}
+
+impl RunningAggregator {
+    /// Stops accepting, closes node connections and waits for both listeners.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.quic.await;
+        let _ = self.http.await;
+    }
+}

@@ -1,0 +1,426 @@
+//! Embedded SQLite store (WAL, synchronous=FULL: an acked batch survives power loss).
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{
+    ApplyOutcome, NodeSummary, RecordQuery, Store, StoreError, StoredRecord, MAX_QUERY_LIMIT,
+};
+use fogline_protocol::server::StoredCursor;
+use fogline_protocol::Record;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (node, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cursors (
+    node TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+-- Acknowledged records a node's store lost (a restore from backup).
+CREATE TABLE IF NOT EXISTS gaps (
+    node TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    detected_ms INTEGER NOT NULL
+);
+";
+
+/// Additive migrations for files made by older versions.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_incarnation: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'incarnation'")?
+        .exists([])?;
+    if !has_incarnation {
+        conn.execute_batch("ALTER TABLE cursors ADD COLUMN incarnation INTEGER")?;
+    }
+    let has_epoch: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'epoch'")?
+        .exists([])?;
+    if !has_epoch {
+        conn.execute_batch("ALTER TABLE cursors ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
+
+/// SQLite-backed [`Store`]. One writer connection and one reader connection
+/// (WAL lets queries run while a batch is being applied).
+pub struct SqliteStore {
+    path: String,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+// SQLite stores INTEGER as i64; seqs and times are u64 on our side. Values
+// above i64::MAX are stored as their two's-complement bit pattern and read back
+// identically; ordering in SQL is only relied on below 2^63.
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+fn from_sql(v: i64) -> u64 {
+    v as u64
+}
+
+fn lock(m: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, StoreError> {
+    m.lock().map_err(|_| StoreError::Poisoned)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path_str = path.as_ref().display().to_string();
+        let open_err = |source| StoreError::Open {
+            path: path_str.clone(),
+            source,
+        };
+        let writer = Connection::open(path.as_ref()).map_err(open_err)?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
+            )
+            .map_err(open_err)?;
+        writer.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&writer).map_err(open_err)?;
+        let reader = Connection::open(path.as_ref()).map_err(open_err)?;
+        reader
+            .execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
+            .map_err(open_err)?;
+        Ok(Self {
+            path: path_str,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+fn q_err<'a>(
+    op: &'static str,
+    node: Option<&'a str>,
+) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+    move |source| StoreError::Query {
+        op,
+        node: node.map(str::to_owned),
+        source,
+    }
+}
+
+fn read_cursor(conn: &Connection, node: &str) -> Result<StoredCursor, StoreError> {
+    conn.prepare_cached("SELECT seq, incarnation, epoch FROM cursors WHERE node = ?1")
+        .and_then(|mut st| {
+            st.query_row([node], |r| {
+                Ok(StoredCursor {
+                    seq: from_sql(r.get(0)?),
+                    incarnation: r.get::<_, Option<i64>>(1)?.map(from_sql),
+                    epoch: from_sql(r.get(2)?),
+                })
+            })
+            .optional()
+        })
+        .map(Option::unwrap_or_default)
+        .map_err(q_err("read cursor", Some(node)))
+}
+
+impl Store for SqliteStore {
+    fn apply(
+        &self,
+        node: &str,
+        (incarnation, epoch): (u64, u64),
+        records: &[Record],
+        last_seq: u64,
+        now_ms: u64,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let mut conn = lock(&self.writer)?;
+        let err = |op| q_err(op, Some(node));
+        let tx = conn.transaction().map_err(err("begin"))?;
+        let stored = read_cursor(&tx, node)?;
+        let cursor = stored.seq;
+        let mut inserted = 0;
+        let mut skipped = 0;
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO records (node, seq, stream, timestamp_ms, payload, received_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err("prepare insert"))?;
+            for r in records {
+                if r.seq <= cursor {
+                    skipped += 1;
+                    continue;
+                }
+                let n = ins
+                    .execute(params![
+                        node,
+                        to_sql(r.seq),
+                        r.stream,
+                        to_sql(r.timestamp_ms),
+                        r.payload,
+                        to_sql(now_ms)
+                    ])
+                    .map_err(err("insert record"))?;
+                if n == 1 {
+                    inserted += 1;
+                } else {
+                    skipped += 1;
+                }
+            }
+        }
+        let new_cursor = cursor.max(last_seq);
+        if new_cursor != cursor
+            || inserted > 0
+            || stored.incarnation != Some(incarnation)
+            || stored.epoch != epoch
+        {
+            tx.prepare_cached(
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT(node) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms, \
+                 incarnation = excluded.incarnation, epoch = excluded.epoch",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    node,
+                    to_sql(new_cursor),
+                    to_sql(now_ms),
+                    to_sql(incarnation),
+                    to_sql(epoch)
+                ])
+            })
+            .map_err(err("advance cursor"))?;
+        }
+        tx.commit().map_err(err("commit"))?;
+        Ok(ApplyOutcome {
+            cursor: new_cursor,
+            inserted,
+            skipped,
+        })
+    }
+
+    fn cursor(&self, node: &str) -> Result<StoredCursor, StoreError> {
+        let conn = lock(&self.writer)?;
+        read_cursor(&conn, node)
+    }
+
+    fn record_gap(&self, node: &str, from: u64, to: u64, now_ms: u64) -> Result<(), StoreError> {
+        let conn = lock(&self.writer)?;
+        conn.execute(
+            "INSERT INTO gaps (node, first_seq, last_seq, detected_ms) \
+             SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS \
+             (SELECT 1 FROM gaps WHERE node = ?1 AND first_seq <= ?2 AND last_seq >= ?3)",
+            params![node, to_sql(from), to_sql(to), to_sql(now_ms)],
+        )
+        .map(drop)
+        .map_err(q_err("record gap", Some(node)))
+    }
+
+    fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError> {
+        let conn = lock(&self.reader)?;
+        let limit = query.limit.min(MAX_QUERY_LIMIT) as i64;
+        let node = query.node.as_str();
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok(StoredRecord {
+                node: query.node.clone(),
+                seq: from_sql(r.get(0)?),
+                stream: r.get(1)?,
+                timestamp_ms: from_sql(r.get(2)?),
+                payload: r.get(3)?,
+                received_ms: from_sql(r.get(4)?),
+            })
+        };
+        let cols = "SELECT seq, stream, timestamp_ms, payload, received_ms FROM records";
+        let result = match &query.stream {
+            Some(stream) => conn
+                .prepare_cached(&format!(
+                    "{cols} WHERE node = ?1 AND seq > ?2 AND stream = ?3 ORDER BY seq LIMIT ?4"
+                ))
+                .and_then(|mut st| {
+                    st.query_map(params![node, to_sql(query.after_seq), stream, limit], map)?
+                        .collect::<Result<Vec<_>, _>>()
+                }),
+            None => conn
+                .prepare_cached(&format!(
+                    "{cols} WHERE node = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ))
+                .and_then(|mut st| {
+                    st.query_map(params![node, to_sql(query.after_seq), limit], map)?
+                        .collect::<Result<Vec<_>, _>>()
+                }),
+        };
+        result.map_err(q_err("query records", Some(node)))
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError> {
+        let conn = lock(&self.reader)?;
+        conn.prepare_cached(
+            "SELECT c.node, c.seq, c.updated_ms, (SELECT COUNT(*) FROM records r WHERE r.node = c.node), \
+             c.incarnation, (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0) FROM gaps g WHERE g.node = c.node) \
+             FROM cursors c ORDER BY c.node",
+        )
+        .and_then(|mut st| {
+            st.query_map([], |r| {
+                Ok(NodeSummary {
+                    node: r.get(0)?,
+                    cursor: from_sql(r.get(1)?),
+                    last_update_ms: from_sql(r.get(2)?),
+                    records: from_sql(r.get(3)?),
+                    incarnation: r.get::<_, Option<i64>>(4)?.map(from_sql),
+                    lost_records: from_sql(r.get(5)?),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(q_err("list nodes", None))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use fogline_testkit::samples::sample_readings;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("t.db")).unwrap();
+        (dir, s)
+    }
+
+    fn all(s: &SqliteStore, node: &str) -> Vec<u64> {
+        s.records(&RecordQuery {
+            node: node.into(),
+            stream: None,
+            after_seq: 0,
+            limit: MAX_QUERY_LIMIT,
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.seq)
+        .collect()
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_overlaps_are_skipped() {
+        let (_d, s) = store();
+        let recs = sample_readings(30, 3, 7);
+        assert_eq!(s.cursor("n1").unwrap().seq, 0);
+        let a = s.apply("n1", (9, 1), &recs[..10], 10, 1).unwrap();
+        assert_eq!((a.cursor, a.inserted, a.skipped), (10, 10, 0));
+        // Same batch again: nothing inserted.
+        let a = s.apply("n1", (9, 1), &recs[..10], 10, 2).unwrap();
+        assert_eq!((a.cursor, a.inserted, a.skipped), (10, 0, 10));
+        // Overlapping batch 6..=20: only 11..=20 inserted.
+        let a = s.apply("n1", (9, 1), &recs[5..20], 20, 3).unwrap();
+        assert_eq!((a.cursor, a.inserted, a.skipped), (20, 10, 5));
+        assert_eq!(all(&s, "n1"), (1..=20).collect::<Vec<_>>());
+        // Other nodes are independent.
+        assert_eq!(s.cursor("n2").unwrap().seq, 0);
+        assert_eq!(s.apply("n2", (9, 1), &recs[..3], 3, 4).unwrap().inserted, 3);
+        let nodes = s.nodes().unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(
+            (nodes[0].node.as_str(), nodes[0].cursor, nodes[0].records),
+            ("n1", 20, 20)
+        );
+        assert_eq!(nodes[0].incarnation, Some(9));
+        assert_eq!(
+            s.cursor("n1").unwrap(),
+            StoredCursor {
+                seq: 20,
+                incarnation: Some(9),
+                epoch: 1,
+            }
+        );
+        s.record_gap("n1", 11, 20, 5).unwrap();
+        s.record_gap("n1", 11, 20, 6).unwrap();
+        s.record_gap("n1", 12, 15, 7).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].lost_records, 10, "each gap once");
+    }
+
+    #[test]
+    fn cursor_only_moves_with_apply_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let recs = sample_readings(10, 2, 1);
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.apply("n1", (9, 1), &recs[..4], 4, 1).unwrap();
+            assert_eq!(s.cursor("n1").unwrap().seq, 4);
+            // Reading does not move it.
+            let _ = s.records(&RecordQuery {
+                node: "n1".into(),
+                stream: None,
+                after_seq: 0,
+                limit: 10,
+            });
+            assert_eq!(s.cursor("n1").unwrap().seq, 4);
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.cursor("n1").unwrap().seq, 4);
+        // A batch whose records were all skipped can still advance the cursor
+        // over a gap (seqs are not dense).
+        let a = s.apply("n1", (9, 1), &[], 7, 2).unwrap();
+        assert_eq!(a.cursor, 7);
+        let a = s.apply("n1", (9, 1), &recs[4..], 10, 3).unwrap();
+        assert_eq!((a.inserted, a.skipped), (3, 3));
+    }
+
+    #[test]
+    fn records_query_filters_by_stream_after_and_limit() {
+        let (_d, s) = store();
+        let recs = sample_readings(20, 2, 3); // streams sensors/s0, sensors/s1 alternating
+        s.apply("n1", (9, 1), &recs, 20, 9).unwrap();
+        let q = |stream: Option<&str>, after_seq, limit| {
+            s.records(&RecordQuery {
+                node: "n1".into(),
+                stream: stream.map(str::to_owned),
+                after_seq,
+                limit,
+            })
+            .unwrap()
+        };
+        let r = q(Some("sensors/s1"), 0, 100);
+        assert_eq!(
+            r.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+        );
+        assert_eq!(r[0].payload, recs[1].payload);
+        assert_eq!(r[0].timestamp_ms, recs[1].timestamp_ms);
+        assert_eq!(r[0].received_ms, 9);
+        let r = q(None, 15, 3);
+        assert_eq!(
+            r.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![16, 17, 18]
+        );
+        assert!(q(None, 0, 0).is_empty());
+        assert!(s
+            .records(&RecordQuery {
+                node: "nobody".into(),
+                stream: None,
+                after_seq: 0,
+                limit: 5
+            })
+            .unwrap()
+            .is_empty());
+    }
+}

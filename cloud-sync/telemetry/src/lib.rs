@@ -1,0 +1,80 @@
+//! `fogline-telemetry`: process-wide telemetry shared by every Fogline binary: the Prometheus
+//! recorder (one per process: the demo runs edge and aggregator in one),
+//! log setup and the shutdown signal.
+
+#![warn(missing_docs)]
+
+pub mod clock;
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the recorder on first use and return a handle that renders the
+/// Prometheus text format.
+pub fn prometheus_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then ours just
+            // renders nothing, which is visible and harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (else `default`,
+/// e.g. `"info"`), as text. For binaries; call once.
+pub fn init_tracing(default: &str) {
+    init_logging(default, false);
+}
+
+/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (else `default`).
+/// `json`: one JSON object per line (for Loki, Elasticsearch, journald
+/// tooling); `FOGLINE_LOG_FORMAT=json|text` overrides it. Text carries
+/// colour codes only when stderr is a terminal, so files and the journal
+/// get plain lines.
+pub fn init_logging(default: &str, json: bool) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let json = match std::env::var("FOGLINE_LOG_FORMAT") {
+        Ok(v) if v.eq_ignore_ascii_case("json") => true,
+        Ok(v) if v.eq_ignore_ascii_case("text") => false,
+        _ => json,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the daemons' cue for an orderly shutdown.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
