@@ -44,6 +44,8 @@ pub struct Status {
     pub ingest: IngestStatus,
     /// Times the aggregator's cursor was found behind its acknowledgements.
     pub uplink_cursor_regressions: u64,
+    /// The link in use and what happened to earlier ones.
+    pub uplink: crate::uplink::UplinkStatus,
     /// Buffer statistics.
     pub outbox: OutboxStats,
     /// `/healthz`'s verdict: empty when healthy.
@@ -167,6 +169,7 @@ async fn status(State(s): State<AppState>) -> Response {
             refused_subscriptions: refused,
         },
         uplink_cursor_regressions: live.uplink.cursor_regressions.load(Ordering::Acquire),
+        uplink: live.uplink.status(),
         outbox: stats,
         problems: problems(live, crate::clock::now_ms()),
     })

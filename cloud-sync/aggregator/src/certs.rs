@@ -4,15 +4,26 @@
 //! The node id *is* the node certificate's subject common name; the
 //! aggregator trusts nothing else a node says about itself. Files written to
 //! a directory: `ca.pem`/`ca.key`, `server.pem`/`server.key`,
-//! `node-<id>.pem`/`node-<id>.key`. Keys are created with mode 0600.
+//! `node-<id>.pem`/`node-<id>.key`, `crl.pem`. Keys are created with mode
+//! 0600; every file is written to a temporary name and renamed, so a reader
+//! (the edge watching its certificate, the aggregator watching its CRL)
+//! never sees half a file.
+//!
+//! Lifetimes: CA 10 years, server and node certificates 1 year (see
+//! [`Validity`]); every certificate has a random 127-bit serial, the handle
+//! a CRL revokes it by.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use time::{Duration, OffsetDateTime};
 
 pub use fogline_transport::identity::{node_id_from_der, validate_node_id, MAX_NODE_ID_BYTES};
 
@@ -44,6 +55,68 @@ pub enum CertError {
     /// A node id that cannot be used, or a certificate without one.
     #[error("{0}")]
     Identity(#[from] fogline_transport::identity::IdentityError),
+    /// A certificate or CRL file that cannot be parsed.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A validity period that makes no sense.
+    #[error("validity: {0}")]
+    Validity(String),
+}
+
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Start (a minute in the past by default, for clocks slightly behind).
+    pub not_before: OffsetDateTime,
+    /// End.
+    pub not_after: OffsetDateTime,
+}
+
+/// Default lifetime of the fleet CA.
+pub const CA_DAYS: u32 = 3650;
+/// Default lifetime of server and node certificates.
+pub const LEAF_DAYS: u32 = 365;
+
+impl Validity {
+    /// From a minute ago for `days` days.
+    pub fn days(days: u32) -> Result<Self, CertError> {
+        if days == 0 {
+            return Err(CertError::Validity("--days must be at least 1".into()));
+        }
+        let now = OffsetDateTime::now_utc();
+        Ok(Self {
+            not_before: now - Duration::minutes(1),
+            not_after: now + Duration::days(i64::from(days)),
+        })
+    }
+
+    /// An explicit window (tests: expired, not yet valid).
+    pub fn between(
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Self, CertError> {
+        if not_after <= not_before {
+            return Err(CertError::Validity(format!(
+                "not_after {not_after} is not after not_before {not_before}"
+            )));
+        }
+        Ok(Self {
+            not_before,
+            not_after,
+        })
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and without a leading zero byte: DER-canonical as is.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
 }
 
 fn rc(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CertError {
@@ -70,9 +143,16 @@ fn write_file(path: &Path, contents: &str, private: bool, force: bool) -> Result
     }
     #[cfg(not(unix))]
     let _ = private;
-    let mut f = opts.open(path).map_err(io)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = opts.open(&tmp).map_err(io)?;
     f.write_all(contents.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 fn read_file(path: &Path) -> Result<String, CertError> {
@@ -82,8 +162,13 @@ fn read_file(path: &Path) -> Result<String, CertError> {
     })
 }
 
-/// Creates a fleet CA (`ca.pem`, `ca.key`) in `dir`.
-pub fn init_ca(dir: &Path, fleet_name: &str, force: bool) -> Result<(), CertError> {
+/// Creates a fleet CA (`ca.pem`, `ca.key`) in `dir`, valid for `validity`.
+pub fn init_ca(
+    dir: &Path,
+    fleet_name: &str,
+    validity: Validity,
+    force: bool,
+) -> Result<(), CertError> {
     std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
         path: dir.to_path_buf(),
         source,
@@ -95,6 +180,9 @@ pub fn init_ca(dir: &Path, fleet_name: &str, force: bool) -> Result<(), CertErro
         .distinguished_name
         .push(DnType::CommonName, format!("{fleet_name} fleet CA"));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(random_serial());
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -122,6 +210,7 @@ fn issue(
     common_name: &str,
     names: Vec<String>,
     usage: ExtendedKeyUsagePurpose,
+    validity: Validity,
     force: bool,
 ) -> Result<(), CertError> {
     let issuer = load_issuer(dir)?;
@@ -134,6 +223,9 @@ fn issue(
         .push(DnType::CommonName, common_name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![usage];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(random_serial());
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(rc(format!("signing the certificate for {common_name}")))?;
@@ -148,7 +240,12 @@ fn issue(
 
 /// Issues the aggregator's certificate (`server.pem`, `server.key`) for the
 /// given DNS names and IP addresses, signed by the CA in `dir`.
-pub fn issue_server(dir: &Path, names: &[String], force: bool) -> Result<(), CertError> {
+pub fn issue_server(
+    dir: &Path,
+    names: &[String],
+    validity: Validity,
+    force: bool,
+) -> Result<(), CertError> {
     let cn = names
         .first()
         .map(String::as_str)
@@ -159,13 +256,19 @@ pub fn issue_server(dir: &Path, names: &[String], force: bool) -> Result<(), Cer
         cn,
         names.to_vec(),
         ExtendedKeyUsagePurpose::ServerAuth,
+        validity,
         force,
     )
 }
 
 /// Issues a node certificate (`node-<id>.pem`, `node-<id>.key`) whose CN is
 /// the node id, signed by the CA in `dir`.
-pub fn issue_node(dir: &Path, node_id: &str, force: bool) -> Result<(), CertError> {
+pub fn issue_node(
+    dir: &Path,
+    node_id: &str,
+    validity: Validity,
+    force: bool,
+) -> Result<(), CertError> {
     validate_node_id(node_id)?;
     issue(
         dir,
@@ -173,6 +276,7 @@ pub fn issue_node(dir: &Path, node_id: &str, force: bool) -> Result<(), CertErro
         node_id,
         vec![node_id.to_string()],
         ExtendedKeyUsagePurpose::ClientAuth,
+        validity,
         force,
     )
 }
@@ -180,20 +284,164 @@ pub fn issue_node(dir: &Path, node_id: &str, force: bool) -> Result<(), CertErro
 /// Everything a local deployment needs: a CA, a server certificate for
 /// `localhost` and `127.0.0.1`, and one certificate per node. Overwrites.
 pub fn dev_bundle(dir: &Path, nodes: &[&str]) -> Result<(), CertError> {
-    init_ca(dir, "fogline-dev", true)?;
-    issue_server(dir, &["localhost".into(), "127.0.0.1".into()], true)?;
+    init_ca(dir, "fogline-dev", Validity::days(CA_DAYS)?, true)?;
+    let leaf = Validity::days(LEAF_DAYS)?;
+    issue_server(dir, &["localhost".into(), "127.0.0.1".into()], leaf, true)?;
     for node in nodes {
-        issue_node(dir, node, true)?;
+        issue_node(dir, node, leaf, true)?;
     }
     Ok(())
+}
+
+/// Issues a fresh key and certificate for `node_id` in place of the current
+/// ones (the edge picks them up without a restart). The old certificate
+/// stays valid until it expires unless revoked.
+pub fn renew_node(dir: &Path, node_id: &str, validity: Validity) -> Result<(), CertError> {
+    let cert = dir.join(format!("node-{node_id}.pem"));
+    if !cert.exists() {
+        return Err(CertError::Io {
+            path: cert,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no certificate to renew (issue one with `certs node`)",
+            ),
+        });
+    }
+    issue_node(dir, node_id, validity, true)
+}
+
+/// The serial (hex, as the aggregator logs it) and node id of a
+/// certificate file.
+pub fn certificate_serial(path: &Path) -> Result<(String, String), CertError> {
+    let der = CertificateDer::from_pem_file(path).map_err(|e| CertError::Parse {
+        path: path.to_path_buf(),
+        reason: format!("not a PEM certificate: {e}"),
+    })?;
+    let id = fogline_transport::identity::peer_identity(&der)?;
+    Ok((id.serial, id.node_id))
+}
+
+/// Where the fleet's CRL lives in `dir`.
+pub fn crl_path(dir: &Path) -> PathBuf {
+    dir.join("crl.pem")
+}
+
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.trim_start_matches("0x");
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Adds `serials` (hex) to the fleet CRL in `dir` (`crl.pem`, created if
+/// missing), signed by the CA, with the next CRL number. Serials already
+/// revoked stay revoked. Returns how many serials the CRL now holds.
+pub fn revoke(dir: &Path, serials: &[String]) -> Result<usize, CertError> {
+    let issuer = load_issuer(dir)?;
+    let path = crl_path(dir);
+    let now = OffsetDateTime::now_utc();
+    let mut revoked: Vec<RevokedCertParams> = Vec::new();
+    let mut number: u64 = 1;
+    if path.exists() {
+        let der =
+            CertificateRevocationListDer::from_pem_file(&path).map_err(|e| CertError::Parse {
+                path: path.clone(),
+                reason: format!("not a PEM CRL: {e}"),
+            })?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| CertError::Parse {
+            path: path.clone(),
+            reason: format!("unparseable CRL: {e}"),
+        })?;
+        if let Some(n) = crl.crl_number() {
+            number = u64::try_from(n.clone())
+                .unwrap_or(u64::MAX - 1)
+                .saturating_add(1);
+        }
+        for r in crl.iter_revoked_certificates() {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                    .unwrap_or(now),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    let known: std::collections::HashSet<String> = revoked
+        .iter()
+        .map(|r| fogline_transport::identity::serial_hex(r.serial_number.as_ref()))
+        .collect();
+    for s in serials {
+        let bytes = hex_bytes(s).ok_or_else(|| CertError::Parse {
+            path: PathBuf::from(s),
+            reason: "a serial is an even number of hex digits".into(),
+        })?;
+        if known.contains(&fogline_transport::identity::serial_hex(&bytes)) {
+            continue;
+        }
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: now,
+            reason_code: Some(RevocationReason::Unspecified),
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(i64::from(LEAF_DAYS)),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let count = params.revoked_certs.len();
+    let crl = params
+        .signed_by(&issuer)
+        .map_err(rc(format!("signing {}", path.display())))?;
+    let pem = crl
+        .pem()
+        .map_err(rc(format!("encoding {}", path.display())))?;
+    write_file(&path, &pem, false, true)?;
+    Ok(count)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
+
+    #[test]
+    fn lifetimes_serials_and_a_crl_that_accumulates() {
+        let dir = tempfile::tempdir().unwrap();
+        dev_bundle(dir.path(), &["gw-1", "gw-2"]).unwrap();
+        let der = CertificateDer::from_pem_file(dir.path().join("node-gw-1.pem")).unwrap();
+        let id = fogline_transport::identity::peer_identity(&der).unwrap();
+        let days = (id.not_after - id.not_before) / 86_400;
+        assert_eq!(days, i64::from(LEAF_DAYS), "node certificates live a year");
+        let (s1, node) = certificate_serial(&dir.path().join("node-gw-1.pem")).unwrap();
+        assert_eq!(node, "gw-1");
+        let (s2, _) = certificate_serial(&dir.path().join("node-gw-2.pem")).unwrap();
+        assert_ne!(s1, s2, "serials are random");
+        assert_eq!(revoke(dir.path(), std::slice::from_ref(&s1)).unwrap(), 1);
+        assert_eq!(revoke(dir.path(), &[s1.clone(), s2.clone()]).unwrap(), 2);
+        let crl = CertificateRevocationListDer::from_pem_file(crl_path(dir.path())).unwrap();
+        let mut listed = fogline_transport::identity::crl_serials(&crl).unwrap();
+        listed.sort();
+        let mut want = vec![s1.clone(), s2];
+        want.sort();
+        assert_eq!(listed, want);
+        let (_, parsed) = x509_parser::parse_x509_crl(&crl).unwrap();
+        assert_eq!(parsed.crl_number().map(|n| n.to_string()), Some("2".into()));
+        renew_node(dir.path(), "gw-1", Validity::days(30).unwrap()).unwrap();
+        let (s3, _) = certificate_serial(&dir.path().join("node-gw-1.pem")).unwrap();
+        assert_ne!(s3, s1, "a renewal is a new certificate");
+        assert!(renew_node(dir.path(), "nobody", Validity::days(1).unwrap()).is_err());
+        assert!(revoke(dir.path(), &["xyz".into()]).is_err());
+    }
 
     #[test]
     fn bundle_node_id_is_the_common_name() {
@@ -215,16 +463,17 @@ mod tests {
     #[test]
     fn refuses_to_overwrite_and_bad_ids() {
         let dir = tempfile::tempdir().unwrap();
-        init_ca(dir.path(), "t", false).unwrap();
+        let v = Validity::days(1).unwrap();
+        init_ca(dir.path(), "t", v, false).unwrap();
         assert!(matches!(
-            init_ca(dir.path(), "t", false),
+            init_ca(dir.path(), "t", v, false),
             Err(CertError::Exists { .. })
         ));
         for bad in ["", "-x", "a/b", "a b", &"x".repeat(65)] {
-            assert!(issue_node(dir.path(), bad, false).is_err(), "{bad:?}");
+            assert!(issue_node(dir.path(), bad, v, false).is_err(), "{bad:?}");
         }
         let missing = tempfile::tempdir().unwrap();
-        let err = issue_node(missing.path(), "gw", false)
+        let err = issue_node(missing.path(), "gw", v, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("ca.key"), "{err}");

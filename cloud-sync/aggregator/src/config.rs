@@ -3,20 +3,26 @@
 //! ```toml
 //! [quic]
 //! listen = "0.0.0.0:7400"        # UDP, where nodes connect
+//! [tcp]
+//! listen = "0.0.0.0:7400"        # TLS over TCP for networks that block UDP (default: the QUIC address)
 //! [tls]
 //! ca = "certs/ca.pem"            # fleet CA: node certificates must chain to it
 //! cert = "certs/server.pem"
 //! key = "certs/server.key"
+//! crl = "certs/crl.pem"          # optional; reloaded when it changes
 //! [store]
 //! path = "data/cloud.db"         # SQLite, created if missing
 //! [http]
 //! listen = "127.0.0.1:7480"      # JSON read API, /metrics, /healthz
+//! [limits]
+//! node_pending_bytes = 67108864  # batches held per node before its reads pause
 //! ```
 //!
 //! Relative paths are resolved against the directory of the config file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -55,6 +61,92 @@ pub struct CloudConfig {
     /// HTTP read API and metrics.
     #[serde(default)]
     pub http: HttpConfig,
+    /// TLS over TCP, for nodes whose network blocks UDP.
+    #[serde(default)]
+    pub tcp: TcpConfig,
+    /// Budgets and timeouts of node sessions.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[tcp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Serve TLS over TCP. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// TCP address. Default: the QUIC address (same port number).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Memory of one node's batches received and not yet applied before
+    /// reading from it pauses (flow control holds the node back). Default
+    /// 64 MiB.
+    #[serde(default = "default_node_pending")]
+    pub node_pending_bytes: usize,
+    /// The same, summed over every node: a node waits its turn (first come,
+    /// first served) when it is reached, so one node cannot starve the
+    /// others. Default 512 MiB.
+    #[serde(default = "default_total_pending")]
+    pub total_pending_bytes: usize,
+    /// Most records applied in one store transaction. Default 32768.
+    #[serde(default = "default_group_records")]
+    pub group_records: usize,
+    /// A node must finish its handshake and say Hello within this.
+    #[serde(default = "default_hello_timeout", with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// A node that pings and has not been heard from for this long is
+    /// disconnected. Default 60 s (nodes ping every 20 s when idle).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            node_pending_bytes: default_node_pending(),
+            total_pending_bytes: default_total_pending(),
+            group_records: default_group_records(),
+            hello_timeout: default_hello_timeout(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_node_pending() -> usize {
+    64 * 1024 * 1024
+}
+fn default_total_pending() -> usize {
+    512 * 1024 * 1024
+}
+fn default_group_records() -> usize {
+    32 * 1024
+}
+fn default_hello_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_reload_every() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `[quic]`
@@ -76,6 +168,25 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// Server private key (PEM).
     pub key: PathBuf,
+    /// Certificate revocation list of the fleet CA (PEM), written by
+    /// `fogline-cloud certs revoke`. Optional.
+    pub crl: Option<PathBuf>,
+    /// How often the files are checked for changes (a new CRL closes the
+    /// revoked nodes' live connections). Default 5 s.
+    #[serde(default = "default_reload_every", with = "humantime_serde")]
+    pub reload_every: Duration,
+}
+
+impl TlsConfig {
+    /// The transport's view of it.
+    pub fn server_tls(&self) -> fogline_transport::tls::ServerTls {
+        fogline_transport::tls::ServerTls {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            crl: self.crl.clone(),
+        }
+    }
 }
 
 /// `[store]`
@@ -126,10 +237,51 @@ impl CloudConfig {
     }
 
     fn parse_named(text: &str, name: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: name.to_string(),
             message: e.to_string(),
-        })
+        })?;
+        let mut problems = Vec::new();
+        let l = &config.limits;
+        if l.node_pending_bytes < fogline_protocol::MAX_FRAME_BYTES {
+            problems.push(format!(
+                "limits.node_pending_bytes: {} is below the largest frame ({} bytes)",
+                l.node_pending_bytes,
+                fogline_protocol::MAX_FRAME_BYTES
+            ));
+        }
+        if l.total_pending_bytes < l.node_pending_bytes {
+            problems.push(format!(
+                "limits.total_pending_bytes: {} is below limits.node_pending_bytes ({})",
+                l.total_pending_bytes, l.node_pending_bytes
+            ));
+        }
+        if l.group_records == 0 {
+            problems.push("limits.group_records: must be at least 1".into());
+        }
+        for (key, d) in [
+            ("limits.hello_timeout", l.hello_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            ("tls.reload_every", config.tls.reload_every),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{key}: must be above zero"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Parse {
+                path: name.to_string(),
+                message: problems.join("; "),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The TCP address to serve, if any.
+    pub fn tcp_listen(&self) -> Option<SocketAddr> {
+        self.tcp
+            .enabled
+            .then(|| self.tcp.listen.unwrap_or(self.quic.listen))
     }
 
     /// Reads and parses `path`, resolving relative paths against its directory.
@@ -140,12 +292,17 @@ impl CloudConfig {
         })?;
         let mut config = Self::parse_named(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let crl = config.tls.crl.as_mut();
         for p in [
-            &mut config.tls.ca,
-            &mut config.tls.cert,
-            &mut config.tls.key,
-            &mut config.store.path,
-        ] {
+            Some(&mut config.tls.ca),
+            Some(&mut config.tls.cert),
+            Some(&mut config.tls.key),
+            Some(&mut config.store.path),
+            crl,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -173,6 +330,21 @@ mod tests {
         assert_eq!(c.http.listen.port(), 7480);
         assert_eq!(c.tls.ca, dir.path().join("c/ca.pem"));
         assert_eq!(c.tls.key, PathBuf::from("/abs/s.key"));
+        assert_eq!(c.tcp_listen(), Some(c.quic.listen));
+        assert_eq!(c.limits.node_pending_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.tls.reload_every, Duration::from_secs(5));
+
+        std::fs::write(
+            &path,
+            "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[store]\npath = \"db\"\n[limits]\nnode_pending_bytes = 10\ntotal_pending_bytes = 5\n",
+        )
+        .unwrap();
+        let err = CloudConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("limits.node_pending_bytes: 10 is below the largest frame")
+                && err.contains("limits.total_pending_bytes: 5"),
+            "{err}"
+        );
 
         std::fs::write(
             &path,

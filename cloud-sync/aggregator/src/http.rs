@@ -1,6 +1,9 @@
 //! The aggregator's HTTP side: a JSON read API to script against, plus
 //! `/metrics` (Prometheus) and `/healthz`.
 //!
+//! - `GET /api/v1/connections` → `[{"node","transport","remote","since_ms","serial","not_after"}]`:
+//!   the nodes connected now, over QUIC or TCP, from which address, with
+//!   which certificate.
 //! - `GET /api/v1/nodes` → `[{"node","cursor","records","last_update_ms","incarnation","lost_records"}]`
 //! - `GET /api/v1/records?node=N[&stream=S][&after_seq=K][&limit=L]` →
 //!   `{"node","records":[{"seq","stream","timestamp_ms","received_ms","payload"}],"next_after_seq"}`.
@@ -17,6 +20,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::service::nodes::Nodes;
 use crate::store::{RecordQuery, Store, StoredRecord, MAX_QUERY_LIMIT};
 
 /// Default page size of `/api/v1/records`.
@@ -25,27 +29,32 @@ const DEFAULT_LIMIT: usize = 1000;
 #[derive(Clone)]
 struct AppState {
     store: Arc<dyn Store>,
+    nodes: Arc<Nodes>,
 }
 
 /// The router.
-pub fn router(store: Arc<dyn Store>) -> Router {
+pub fn router(store: Arc<dyn Store>, nodes: Arc<Nodes>) -> Router {
     let metrics = fogline_telemetry::prometheus_handle();
     Router::new()
-        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route(
+            "/api/v1/connections",
+            get(|State(state): State<AppState>| async move { Json(state.nodes.connections()) }),
+        )
         .route("/api/v1/records", get(records))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         )
-        .with_state(AppState { store })
+        .with_state(AppState { store, nodes })
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn nodes(State(state): State<AppState>) -> Response {
+async fn list_nodes(State(state): State<AppState>) -> Response {
     let store = state.store.clone();
     match tokio::task::spawn_blocking(move || store.nodes()).await {
         Ok(Ok(nodes)) => Json(nodes).into_response(),

@@ -1,4 +1,4 @@
-//! `fogline-aggregator`: the cloud aggregator service (QUIC listener, store
+//! `fogline-aggregator`: the cloud aggregator service (QUIC and TCP/TLS listeners, store
 //! and HTTP read API, started together by [`start`]) and the fleet
 //! certificate tool behind `fogline-cloud certs`.
 #![warn(missing_docs)]
@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::service::QuicServer;
+use crate::service::Service;
 use crate::store::{SqliteStore, Store, StoreError};
 use config::CloudConfig;
-use fogline_transport::{tls, TransportError};
+use fogline_transport::TransportError;
 
 /// The aggregator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub enum StartError {
 pub struct RunningAggregator {
     /// Bound QUIC (UDP) address.
     pub quic_addr: SocketAddr,
+    /// Bound TCP (TLS) address, if TCP is served.
+    pub tcp_addr: Option<SocketAddr>,
     /// Bound HTTP address.
     pub http_addr: SocketAddr,
     /// The store, for in-process readers (demo, tests).
@@ -74,10 +76,11 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
         })?;
     }
     let store = Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??);
-    let server_config = tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let dyn_store: Arc<dyn Store> = store.clone();
-    let server = QuicServer::bind(config.quic.listen, server_config, dyn_store.clone())?;
-    let quic_addr = server.local_addr()?;
+    let server = Service::bind(&config, dyn_store.clone()).await?;
+    let quic_addr = server.quic_addr()?;
+    let tcp_addr = server.tcp_addr();
+    let nodes = server.nodes();
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| StartError::Http {
@@ -91,7 +94,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     let (shutdown, rx) = watch::channel(false);
     let quic = tokio::spawn(server.run(rx.clone()));
     let mut http_rx = rx;
-    let app = http::router(dyn_store);
+    let app = http::router(dyn_store, nodes);
     let http = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = http_rx.changed().await;
@@ -100,9 +103,10 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
             tracing::error!(error = %e, "HTTP server failed.");
         }
     });
-    info!(%quic_addr, %http_addr, store = %config.store.path.display(), "Aggregator listening.");
+    info!(%quic_addr, tcp_addr = ?tcp_addr, %http_addr, store = %config.store.path.display(), "Aggregator listening.");
     Ok(RunningAggregator {
         quic_addr,
+        tcp_addr,
         http_addr,
         store,
         shutdown,

@@ -1,22 +1,28 @@
-//! The aggregator over real QUIC on loopback: handshake and cursor, acks
-//! after commit, replay after reconnect applied once, takeover of an open
-//! connection, a foreign CA refused, and the HTTP read API.
+//! The aggregator over real QUIC and TLS-over-TCP on loopback: cursor and
+//! acks after commit (I-7), takeover of an open connection (I-11), both
+//! transports, connection migration, and the node identity lifecycle —
+//! foreign CA, expired, not yet valid, tampered and revoked certificates
+//! refused, a revoked node's live connection closed (I-19).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::time::Duration;
 
+use fogline_aggregator::certs::{self, Validity};
+use fogline_aggregator::store::{RecordQuery, Store};
 use fogline_aggregator::{self as aggregator, config::CloudConfig, RunningAggregator};
 use fogline_protocol::frame::ErrorCode;
-use fogline_protocol::server::HelloInfo;
+use fogline_protocol::session::OutboxInfo;
+use fogline_testkit::node::{node_tls, TestNode};
 use fogline_testkit::samples::sample_readings;
-use fogline_transport::client::{ClientTls, UplinkClient};
-use fogline_transport::TransportError;
+use fogline_transport::client::ClientTransport;
+use fogline_transport::tls::ClientTls;
+use fogline_transport::{Transport, TransportError};
 
 const T: Duration = Duration::from_secs(10);
 
 /// The Hello of an outbox with incarnation 1 that has numbered 1..=3000.
-const OUTBOX: HelloInfo = HelloInfo {
+const OUTBOX: OutboxInfo = OutboxInfo {
     incarnation: 1,
     next_seq: 3001,
     acked: 0,
@@ -24,11 +30,14 @@ const OUTBOX: HelloInfo = HelloInfo {
     epoch_start: 1,
 };
 
-async fn start(dir: &Path) -> RunningAggregator {
-    fogline_testkit::certs::dev_bundle(&dir.join("certs"), &["gw-1"]).unwrap();
+async fn start(dir: &Path, extra: &str) -> RunningAggregator {
+    let certs = dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        fogline_testkit::certs::dev_bundle(&certs, &["gw-1", "gw-2"]).unwrap();
+    }
     let toml = format!(
-        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{d}/cloud.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        c = dir.join("certs").display(),
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n{extra}\n[store]\npath = \"{d}/cloud.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n",
+        c = certs.display(),
         d = dir.display()
     );
     aggregator::start(CloudConfig::parse(&toml).unwrap())
@@ -36,47 +45,70 @@ async fn start(dir: &Path) -> RunningAggregator {
         .unwrap()
 }
 
-fn node_tls(certs: &Path, node: &str) -> ClientTls {
-    ClientTls {
-        ca: certs.join("ca.pem"),
-        cert: certs.join(format!("node-{node}.pem")),
-        key: certs.join(format!("node-{node}.key")),
+fn addr(agg: &RunningAggregator, how: Transport) -> std::net::SocketAddr {
+    match how {
+        Transport::Quic => agg.quic_addr,
+        Transport::Tcp => agg.tcp_addr.unwrap(),
     }
 }
 
-#[tokio::test]
-async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them() {
+async fn stored(agg: &RunningAggregator, node: &str) -> Vec<u64> {
+    let store = agg.store.clone();
+    let node = node.to_string();
+    tokio::task::spawn_blocking(move || {
+        store
+            .records(&RecordQuery {
+                node,
+                stream: None,
+                after_seq: 0,
+                limit: 10_000,
+            })
+            .unwrap()
+            .into_iter()
+            .map(|r| r.seq)
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+async fn connections(agg: &RunningAggregator) -> serde_json::Value {
+    reqwest::get(format!("http://{}/api/v1/connections", agg.http_addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn acks_replays_takeover_and_http(how: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start(dir.path()).await;
-    let client = UplinkClient::new(&node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
+    let agg = start(dir.path(), "").await;
+    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
     let records = sample_readings(3000, 3, 7);
+    let to = addr(&agg, how);
 
-    let mut link = client
-        .connect(agg.quic_addr, "localhost", T, OUTBOX)
-        .await
-        .unwrap();
-    assert_eq!((link.node_id.as_str(), link.cursor), ("gw-1", 0));
-    link.sender.send_batch(&records[..1000]).await.unwrap();
-    link.sender.send_batch(&records[1000..2000]).await.unwrap();
-    let mut acked = 0;
-    while acked < records[1999].seq {
-        acked = link.receiver.next_ack().await.unwrap();
-    }
-    assert_eq!(acked, records[1999].seq);
-
-    // Reconnect while the old connection is still open: takeover, and the
-    // new session resumes after the durable cursor.
-    let mut link2 = client
-        .connect(agg.quic_addr, "localhost", T, OUTBOX)
-        .await
-        .unwrap();
+    let mut link = TestNode::connect(&client, how, to, OUTBOX).await.unwrap();
     assert_eq!(
-        link2.cursor, records[1999].seq,
-        "resume from the durable cursor"
+        (link.welcome.node_id.as_str(), link.welcome.cursor),
+        ("gw-1", 0)
     );
-    let old = tokio::time::timeout(T, link.receiver.next_ack())
-        .await
-        .unwrap();
+    link.send(&records[..1000]).await.unwrap();
+    link.send(&records[1000..2000]).await.unwrap();
+    let acked = link.acked_through(records[1999].seq).await.unwrap();
+    assert_eq!(
+        acked, records[1999].seq,
+        "I-7: acked through what committed"
+    );
+    let live = connections(&agg).await;
+    assert_eq!(live[0]["node"], "gw-1");
+    assert_eq!(live[0]["transport"], how.name());
+
+    // Reconnect while the old connection is still open: takeover (I-11),
+    // and the new session resumes after the durable cursor.
+    let mut link2 = TestNode::connect(&client, how, to, OUTBOX).await.unwrap();
+    assert_eq!(link2.welcome.cursor, records[1999].seq);
+    let old = tokio::time::timeout(T, link.next_ack()).await.unwrap();
     assert!(
         matches!(
             old,
@@ -87,33 +119,16 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
         ),
         "{old:?}"
     );
-    assert!(
-        link2.sender.send_batch(&records[1500..]).await.is_err(),
-        "the client refuses to resend below the cursor"
+    // A replay of what is applied is harmless: skipped, acked again.
+    link2.send(&records[1500..2500]).await.unwrap();
+    assert_eq!(link2.next_ack().await.unwrap(), records[2499].seq);
+    link2.send(&records[2500..]).await.unwrap();
+    assert_eq!(link2.next_ack().await.unwrap(), records[2999].seq);
+    assert_eq!(
+        stored(&agg, "gw-1").await,
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        "each record exactly once"
     );
-    link2.sender.send_batch(&records[2000..]).await.unwrap();
-    let up_to = link2.receiver.next_ack().await.unwrap();
-    assert_eq!(up_to, records[2999].seq);
-
-    let nodes = agg.store.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        use fogline_aggregator::store::{RecordQuery, Store};
-        nodes
-            .records(&RecordQuery {
-                node: "gw-1".into(),
-                stream: None,
-                after_seq: 0,
-                limit: 10_000,
-            })
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(stored.len(), 3000, "each record exactly once");
-    assert!(stored
-        .iter()
-        .zip(&records)
-        .all(|(s, r)| s.seq == r.seq && s.payload == r.payload));
 
     // HTTP read path.
     let base = format!("http://{}", agg.http_addr);
@@ -138,11 +153,7 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
     assert_eq!(rows.len(), 5);
     assert!(rows.iter().all(|r| r["stream"] == stream.as_str()));
     assert_eq!(page["next_after_seq"], rows[4]["seq"]);
-    assert!(
-        rows[0]["payload"].is_object(),
-        "JSON payloads are served as JSON: {}",
-        rows[0]
-    );
+    assert!(rows[0]["payload"].is_object(), "{}", rows[0]);
     let bad = reqwest::get(format!("{base}/api/v1/records?limit=5"))
         .await
         .unwrap();
@@ -163,23 +174,182 @@ async fn batches_are_acked_after_commit_replays_apply_once_and_http_serves_them(
 }
 
 #[tokio::test]
-async fn a_node_certificate_from_another_ca_is_refused() {
+async fn quic_batches_are_acked_after_commit_replays_apply_once_and_http_serves_them() {
+    acks_replays_takeover_and_http(Transport::Quic).await;
+}
+
+#[tokio::test]
+async fn tcp_carries_the_same_sessions() {
+    acks_replays_takeover_and_http(Transport::Tcp).await;
+}
+
+#[tokio::test]
+async fn a_migrating_node_keeps_its_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start(dir.path()).await;
+    let agg = start(dir.path(), "").await;
+    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
+    let records = sample_readings(3000, 3, 9);
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    link.send(&records[..1000]).await.unwrap();
+    link.acked_through(records[999].seq).await.unwrap();
+    let before = connections(&agg).await[0].clone();
+    let old_local = client.local_addr().unwrap();
+
+    // The gateway's address changes (a cellular re-attach): same
+    // connection, new path, no new handshake.
+    let new_local = client.rebind().unwrap();
+    assert_ne!(old_local.port(), new_local.port());
+    link.send(&records[1000..2000]).await.unwrap();
+    link.acked_through(records[1999].seq).await.unwrap();
+    link.send(&records[2000..]).await.unwrap();
+    link.acked_through(records[2999].seq).await.unwrap();
+    let after = connections(&agg).await;
+    assert_eq!(after.as_array().unwrap().len(), 1);
+    assert_eq!(
+        after[0]["since_ms"], before["since_ms"],
+        "the same session carried on"
+    );
+    assert!(
+        after[0]["remote"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{}", new_local.port())),
+        "the aggregator follows the new address: {after} (client now {new_local})"
+    );
+    assert_eq!(stored(&agg, "gw-1").await.len(), 3000);
+    agg.shutdown().await;
+}
+
+/// Connecting with `tls` fails on both transports.
+async fn refused(agg: &RunningAggregator, tls: ClientTls, why: &str) {
+    for how in [Transport::Quic, Transport::Tcp] {
+        let client = ClientTransport::new(tls.clone()).unwrap();
+        let result = TestNode::connect(&client, how, addr(agg, how), OUTBOX).await;
+        assert!(result.is_err(), "{why} over {}: got a session", how.name());
+    }
+}
+
+fn tls_with(dir: &Path, certs: &Path, node: &str) -> ClientTls {
+    ClientTls {
+        ca: dir.join("certs/ca.pem"),
+        ..node_tls(certs, node)
+    }
+}
+
+#[tokio::test]
+async fn foreign_expired_not_yet_valid_and_tampered_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start(dir.path(), "").await;
+    let certs_dir = dir.path().join("certs");
+
+    // Another CA's certificate for the same node id.
     let rogue = dir.path().join("rogue");
     fogline_testkit::certs::dev_bundle(&rogue, &["gw-1"]).unwrap();
-    // Trusts the real CA for the server, presents a certificate from its own CA.
-    let tls = ClientTls {
-        ca: dir.path().join("certs/ca.pem"),
-        cert: rogue.join("node-gw-1.pem"),
-        key: rogue.join("node-gw-1.key"),
-    };
-    let client = UplinkClient::new(&tls).unwrap();
-    let result = client.connect(agg.quic_addr, "localhost", T, OUTBOX).await;
+    refused(&agg, tls_with(dir.path(), &rogue, "gw-1"), "foreign CA").await;
+
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let odd = dir.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(certs_dir.join(f), odd.join(f)).unwrap();
+    }
+    certs::issue_node(
+        &odd,
+        "expired",
+        Validity::between(now - day * 30, now - day).unwrap(),
+        true,
+    )
+    .unwrap();
+    refused(&agg, tls_with(dir.path(), &odd, "expired"), "expired").await;
+    certs::issue_node(
+        &odd,
+        "early",
+        Validity::between(now + day, now + day * 30).unwrap(),
+        true,
+    )
+    .unwrap();
+    refused(&agg, tls_with(dir.path(), &odd, "early"), "not yet valid").await;
+
+    // gw-2's certificate with its name edited to gw-1: the signature no
+    // longer matches.
+    let text = std::fs::read_to_string(certs_dir.join("node-gw-2.pem")).unwrap();
+    let mut bytes = pem::parse(text).unwrap().into_contents();
+    let mut edits = 0;
+    for i in 0..bytes.len() - 4 {
+        if &bytes[i..i + 4] == b"gw-2" {
+            bytes[i + 3] = b'1';
+            edits += 1;
+        }
+    }
+    assert!(edits >= 1);
+    std::fs::write(
+        odd.join("node-gw-1.pem"),
+        pem::encode(&pem::Pem::new("CERTIFICATE", bytes)),
+    )
+    .unwrap();
+    std::fs::copy(certs_dir.join("node-gw-2.key"), odd.join("node-gw-1.key")).unwrap();
+    refused(&agg, tls_with(dir.path(), &odd, "gw-1"), "renamed CN").await;
+
+    // The genuine node still gets in.
+    let client = ClientTransport::new(node_tls(&certs_dir, "gw-1")).unwrap();
+    TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_node_is_cut_off_live_and_refused_after_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    fogline_testkit::certs::dev_bundle(&certs_dir, &["gw-1", "gw-2"]).unwrap();
+    certs::revoke(&certs_dir, &[]).unwrap(); // an empty CRL to start with
+    let crl = certs::crl_path(&certs_dir);
+    let agg = start(
+        dir.path(),
+        &format!("crl = \"{}\"\nreload_every = \"100ms\"", crl.display()),
+    )
+    .await;
+    let records = sample_readings(2000, 2, 3);
+    let c1 = ClientTransport::new(node_tls(&certs_dir, "gw-1")).unwrap();
+    let c2 = ClientTransport::new(node_tls(&certs_dir, "gw-2")).unwrap();
+    let mut n1 = TestNode::connect(&c1, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    let mut n2 = TestNode::connect(&c2, Transport::Tcp, agg.tcp_addr.unwrap(), OUTBOX)
+        .await
+        .unwrap();
+    n1.send(&records[..1000]).await.unwrap();
+    n1.acked_through(records[999].seq).await.unwrap();
+
+    let (serial, _) = certs::certificate_serial(&certs_dir.join("node-gw-1.pem")).unwrap();
+    certs::revoke(&certs_dir, &[serial]).unwrap();
+    let closed = tokio::time::timeout(T, n1.next_ack()).await.unwrap();
     assert!(
-        result.is_err(),
-        "a foreign certificate must not get a session"
+        matches!(
+            closed,
+            Err(TransportError::Closed {
+                code: ErrorCode::Unauthorized,
+                ..
+            })
+        ),
+        "the live connection of a revoked node is closed: {closed:?}"
     );
+    // A new connection — with a resumable TLS session in hand — is refused.
+    refused(&agg, node_tls(&certs_dir, "gw-1"), "revoked").await;
+    let again = TestNode::connect(&c1, Transport::Quic, agg.quic_addr, OUTBOX).await;
+    assert!(
+        again.is_err(),
+        "revoked, resumed session: {:?}",
+        again.is_ok()
+    );
+
+    // The other node is untouched.
+    n2.send(&records[1000..]).await.unwrap();
+    n2.acked_through(records[1999].seq).await.unwrap();
     agg.shutdown().await;
 }
 
@@ -191,6 +361,6 @@ async fn missing_tls_files_are_named() {
         cert: dir.path().join("c.pem"),
         key: dir.path().join("c.key"),
     };
-    let err = UplinkClient::new(&tls).err().unwrap().to_string();
+    let err = ClientTransport::new(tls).err().unwrap().to_string();
     assert!(err.contains("nope/ca.pem"), "{err}");
 }

@@ -11,8 +11,10 @@
 //! ```
 //!
 //! The block is compressed with zstd as one frame. Decompression is bounded by the
-//! `raw_len` declared in the frame header, itself capped at [`MAX_BATCH_RAW_BYTES`]:
-//! a block that inflates beyond it is refused, never allocated.
+//! `raw_len` declared in the frame header, itself capped at [`MAX_BATCH_RAW_BYTES`]
+//! and at [`MAX_INFLATION`] times the compressed block: a block that inflates beyond
+//! it is refused, never allocated. A block zstd would shrink more than that is sent
+//! uncompressed instead.
 //!
 //! Columns keep like with like: the seq and timestamp columns shrink to about one
 //! byte per record, and the payload column holds only payload bytes back to back, which
@@ -20,10 +22,10 @@
 
 use std::collections::HashMap;
 
-use super::frame::BatchFrame;
+use super::frame::{BatchFrame, BlockCodec};
 use super::wire::{put_str, put_varint, unzigzag, zigzag, Reader};
 use super::{
-    DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_PAYLOAD_BYTES,
+    DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_INFLATION, MAX_RECORD_PAYLOAD_BYTES,
     MAX_STREAM_NAME_BYTES,
 };
 
@@ -199,7 +201,8 @@ fn columnar(records: &[Record]) -> Vec<u8> {
 pub fn encode_batch(records: &[Record], zstd_level: i32) -> Result<BatchFrame, BatchError> {
     validate_records(records)?;
     let raw = columnar(records);
-    if raw.len() > MAX_BATCH_RAW_BYTES {
+    let raw_len = raw.len();
+    if raw_len > MAX_BATCH_RAW_BYTES {
         return Err(BatchError::TooLarge {
             size: raw.len(),
             max: MAX_BATCH_RAW_BYTES,
@@ -224,12 +227,20 @@ pub fn encode_batch(records: &[Record], zstd_level: i32) -> Result<BatchFrame, B
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Err(BatchError::Empty);
     };
+    // A block that zstd shrinks more than MAX_INFLATION times would break
+    // the receiver's memory bound (it refuses such blocks): send it as is.
+    let (codec, block) = if raw.len() > MAX_INFLATION.saturating_mul(block.len()) {
+        (BlockCodec::None, raw)
+    } else {
+        (BlockCodec::Zstd, block)
+    };
     Ok(BatchFrame {
         first_seq: first.seq,
         last_seq: last.seq,
         // Both bounded by the checks above.
         record_count: records.len() as u32,
-        raw_len: raw.len() as u32,
+        raw_len: raw_len as u32,
+        codec,
         block,
     })
 }
@@ -238,9 +249,150 @@ fn invalid(msg: impl Into<String>) -> DecodeError {
     DecodeError::InvalidBatch(msg.into())
 }
 
-/// Decompresses (bounded by the declared `raw_len`) and decodes a batch,
-/// checking it against its header: count, first and last seq, strict order.
-pub fn decode_batch(frame: &BatchFrame) -> Result<Vec<Record>, DecodeError> {
+/// A byte range inside a decoded block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn of(raw: &[u8], r: &Reader<'_>, len: usize) -> Span {
+        // Both below MAX_BATCH_RAW_BYTES < 2^32, checked by the caller.
+        Span {
+            start: (raw.len() - r.remaining()) as u32,
+            len: len as u32,
+        }
+    }
+
+    fn slice<'a>(&self, raw: &'a [u8]) -> &'a [u8] {
+        raw.get(self.start as usize..(self.start + self.len) as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// Per-record memory of a [`DecodedBatch`] besides the block itself: seq,
+/// timestamp, stream index and payload span.
+const DECODED_BYTES_PER_RECORD: usize = 8 + 8 + 4 + 8;
+
+/// Every record costs at least this many bytes of the uncompressed block
+/// (seq, timestamp, stream index and payload length, one byte each at least).
+const MIN_RECORD_BYTES: usize = 4;
+
+/// The most memory [`decode_batch`] allocates for a block of `raw_len`
+/// uncompressed bytes: the block plus the columns of as many records as it
+/// can hold. With `raw_len ≤ MAX_INFLATION × frame bytes`, decoding a frame
+/// never costs more than `decoded_bytes_bound(MAX_INFLATION × frame_len)`.
+pub fn decoded_bytes_bound(raw_len: usize) -> usize {
+    raw_len + raw_len / MIN_RECORD_BYTES * DECODED_BYTES_PER_RECORD
+}
+
+/// A decoded batch, column by column: payloads and stream names stay in the
+/// one decompressed block and are lent out as slices, so decoding costs one
+/// allocation per column, never one per record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedBatch {
+    raw: Vec<u8>,
+    seqs: Vec<u64>,
+    timestamps: Vec<u64>,
+    dict: Vec<Span>,
+    stream_of: Vec<u32>,
+    payloads: Vec<Span>,
+}
+
+/// One record of a [`DecodedBatch`], borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// Per-node sequence number.
+    pub seq: u64,
+    /// Stream (topic) name.
+    pub stream: &'a str,
+    /// Event time in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Payload bytes.
+    pub payload: &'a [u8],
+}
+
+impl RecordRef<'_> {
+    /// An owned copy.
+    pub fn to_record(&self) -> Record {
+        Record {
+            seq: self.seq,
+            stream: self.stream.to_string(),
+            timestamp_ms: self.timestamp_ms,
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
+impl DecodedBatch {
+    /// Number of records (at least one).
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Never true for a batch that decoded.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Seq of the first record.
+    pub fn first_seq(&self) -> u64 {
+        self.seqs.first().copied().unwrap_or(0)
+    }
+
+    /// Seq of the last record.
+    pub fn last_seq(&self) -> u64 {
+        self.seqs.last().copied().unwrap_or(0)
+    }
+
+    /// Record `i`, if there is one.
+    pub fn get(&self, i: usize) -> Option<RecordRef<'_>> {
+        (i < self.len()).then(|| self.record(i))
+    }
+
+    /// The records in seq order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> + '_ {
+        (0..self.len()).map(move |i| self.record(i))
+    }
+
+    /// Record `i < len()`. Every column has `len()` entries and every stream
+    /// index is within the dictionary: `decode_columnar` checked both.
+    fn record(&self, i: usize) -> RecordRef<'_> {
+        let stream = self.dict[self.stream_of[i] as usize].slice(&self.raw);
+        RecordRef {
+            seq: self.seqs[i],
+            // Checked to be UTF-8 when decoded.
+            stream: std::str::from_utf8(stream).unwrap_or_default(),
+            timestamp_ms: self.timestamps[i],
+            payload: self.payloads[i].slice(&self.raw),
+        }
+    }
+
+    /// Owned copies of every record.
+    pub fn to_records(&self) -> Vec<Record> {
+        self.iter().map(|r| r.to_record()).collect()
+    }
+
+    /// Heap bytes held (for accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.raw.capacity()
+            + (self.seqs.capacity() + self.timestamps.capacity()) * 8
+            + (self.dict.capacity() + self.payloads.capacity()) * 8
+            + self.stream_of.capacity() * 4
+    }
+}
+
+/// Decompresses and decodes a batch, checking it against its header: count,
+/// first and last seq, strict order.
+///
+/// **Bounded:** the declared `raw_len` must be within [`MAX_BATCH_RAW_BYTES`]
+/// and, for zstd, within [`MAX_INFLATION`] times the block; decompression
+/// stops at `raw_len`. Total allocation is at most
+/// [`decoded_bytes_bound`]`(raw_len)`, so a frame of `n` bytes can never cost
+/// more than `decoded_bytes_bound(MAX_INFLATION × n)`. Runs zstd: call it
+/// from a blocking thread, not an async worker.
+pub fn decode_batch(frame: &BatchFrame) -> Result<DecodedBatch, DecodeError> {
     let raw_len = frame.raw_len as usize;
     if raw_len > MAX_BATCH_RAW_BYTES {
         return Err(DecodeError::TooLarge {
@@ -258,8 +410,53 @@ pub fn decode_batch(frame: &BatchFrame) -> Result<Vec<Record>, DecodeError> {
             frame.last_seq, frame.first_seq
         )));
     }
-    // Bounded: the output buffer is exactly `raw_len` bytes; a block that
-    // inflates beyond it fails instead of growing the buffer.
+    let raw = match frame.codec {
+        BlockCodec::None => {
+            if frame.block.len() != raw_len {
+                return Err(invalid(format!(
+                    "uncompressed block is {} bytes, header declared {raw_len}",
+                    frame.block.len()
+                )));
+            }
+            frame.block.clone()
+        }
+        BlockCodec::Zstd => {
+            let cap = MAX_INFLATION.saturating_mul(frame.block.len());
+            if raw_len > cap {
+                return Err(DecodeError::TooLarge {
+                    field: "Batch.raw_len (more than MAX_INFLATION × the block)",
+                    value: raw_len as u64,
+                    max: cap as u64,
+                });
+            }
+            decompress(&frame.block, raw_len)?
+        }
+    };
+    let batch = decode_columnar(raw)?;
+    if batch.len() != frame.record_count as usize {
+        return Err(invalid(format!(
+            "block holds {} records, header says {}",
+            batch.len(),
+            frame.record_count
+        )));
+    }
+    if batch.first_seq() != frame.first_seq || batch.last_seq() != frame.last_seq {
+        return Err(invalid(format!(
+            "block spans seq {}..={}, header says {}..={}",
+            batch.first_seq(),
+            batch.last_seq(),
+            frame.first_seq,
+            frame.last_seq
+        )));
+    }
+    Ok(batch)
+}
+
+/// zstd into a buffer of exactly `raw_len` bytes: a block that inflates
+/// beyond it fails instead of growing the buffer.
+fn decompress(block: &[u8], raw_len: usize) -> Result<Vec<u8>, DecodeError> {
+    // One context per thread, reused: creating one costs more than
+    // decompressing a small batch.
     thread_local! {
         static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
@@ -271,9 +468,8 @@ pub fn decode_batch(frame: &BatchFrame) -> Result<Vec<Record>, DecodeError> {
                 *d = Some(zstd::bulk::Decompressor::new()?);
             }
             match d.as_mut() {
-                // Bounded by the declared size, checked before (a bomb is refused).
-                Some(dec) => dec.decompress(&frame.block, raw_len),
-                None => zstd::bulk::decompress(&frame.block, raw_len),
+                Some(dec) => dec.decompress(block, raw_len),
+                None => zstd::bulk::decompress(block, raw_len),
             }
         })
         .map_err(|e| {
@@ -285,35 +481,17 @@ pub fn decode_batch(frame: &BatchFrame) -> Result<Vec<Record>, DecodeError> {
             raw.len()
         )));
     }
-    let records = decode_columnar(&raw)?;
-    if records.len() != frame.record_count as usize {
-        return Err(invalid(format!(
-            "block holds {} records, header says {}",
-            records.len(),
-            frame.record_count
-        )));
-    }
-    let (Some(first), Some(last)) = (records.first(), records.last()) else {
-        return Err(invalid("block holds no records"));
-    };
-    if first.seq != frame.first_seq || last.seq != frame.last_seq {
-        return Err(invalid(format!(
-            "block spans seq {}..={}, header says {}..={}",
-            first.seq, last.seq, frame.first_seq, frame.last_seq
-        )));
-    }
-    Ok(records)
+    Ok(raw)
 }
 
-fn decode_columnar(raw: &[u8]) -> Result<Vec<Record>, DecodeError> {
-    let mut r = Reader::new(raw);
+fn decode_columnar(raw: Vec<u8>) -> Result<DecodedBatch, DecodeError> {
+    let mut r = Reader::new(&raw);
     let count = r.varint_max("batch.count", MAX_BATCH_RECORDS as u64)? as usize;
     if count == 0 {
         return Err(invalid("count is 0"));
     }
-    // Every record costs at least 4 bytes in the block (seq, ts, index, len),
-    // so a lying count cannot make us allocate more than the block justifies.
-    if count > raw.len() / 4 {
+    // A lying count cannot make us allocate more than the block justifies.
+    if count > raw.len() / MIN_RECORD_BYTES {
         return Err(invalid(format!(
             "count {count} cannot fit in a {}-byte block",
             raw.len()
@@ -346,9 +524,17 @@ fn decode_columnar(raw: &[u8]) -> Result<Vec<Record>, DecodeError> {
     let dict_len = r.varint_max("batch.stream dictionary length", count as u64)? as usize;
     let mut dict = Vec::with_capacity(dict_len);
     for _ in 0..dict_len {
-        dict.push(r.string("batch.stream name", MAX_STREAM_NAME_BYTES)?);
+        let len = r.varint_max("batch.stream name", MAX_STREAM_NAME_BYTES as u64)? as usize;
+        let span = Span::of(&raw, &r, len);
+        let name = r.bytes("batch.stream name", len)?;
+        if std::str::from_utf8(name).is_err() {
+            return Err(DecodeError::InvalidUtf8 {
+                field: "batch.stream name",
+            });
+        }
+        dict.push(span);
     }
-    let mut stream_idx = Vec::with_capacity(count);
+    let mut stream_of = Vec::with_capacity(count);
     for _ in 0..count {
         let i = r.varint("batch.stream index")?;
         if i >= dict_len as u64 {
@@ -356,18 +542,18 @@ fn decode_columnar(raw: &[u8]) -> Result<Vec<Record>, DecodeError> {
                 "stream index {i} outside dictionary of {dict_len}"
             )));
         }
-        stream_idx.push(i as usize);
+        stream_of.push(i as u32);
     }
 
-    let mut lens = Vec::with_capacity(count);
+    let mut payloads = Vec::with_capacity(count);
     let mut total: u64 = 0;
+    let mut lens = Reader::new(&raw[raw.len() - r.remaining()..]);
     for _ in 0..count {
         let len = r.varint_max(
             "batch.payload length",
             (raw.len().min(MAX_RECORD_PAYLOAD_BYTES)) as u64,
         )?;
         total += len;
-        lens.push(len as usize);
     }
     if total != r.remaining() as u64 {
         return Err(invalid(format!(
@@ -375,19 +561,22 @@ fn decode_columnar(raw: &[u8]) -> Result<Vec<Record>, DecodeError> {
             r.remaining()
         )));
     }
-
-    let mut records = Vec::with_capacity(count);
-    for i in 0..count {
-        let payload = r.bytes("batch.payload", lens[i])?.to_vec();
-        records.push(Record {
-            seq: seqs[i],
-            stream: dict[stream_idx[i]].clone(),
-            timestamp_ms: timestamps[i],
-            payload,
-        });
+    for _ in 0..count {
+        // Re-read the lengths checked above, now knowing where payloads start.
+        let len = lens.varint("batch.payload length")? as usize;
+        let span = Span::of(&raw, &r, len);
+        r.bytes("batch.payload", len)?;
+        payloads.push(span);
     }
     r.finish("batch block")?;
-    Ok(records)
+    Ok(DecodedBatch {
+        raw,
+        seqs,
+        timestamps,
+        dict,
+        stream_of,
+        payloads,
+    })
 }
 
 #[cfg(test)]
@@ -446,7 +635,9 @@ pub(crate) mod tests {
         #[test]
         fn batch_round_trip(records in arb_records()) {
             let frame = encode_batch(&records, DEFAULT_ZSTD_LEVEL).unwrap();
-            prop_assert_eq!(decode_batch(&frame).unwrap(), records);
+            let decoded = decode_batch(&frame).unwrap();
+            prop_assert_eq!(decoded.len(), records.len());
+            prop_assert_eq!(decoded.to_records(), records);
         }
 
         #[test]
@@ -454,8 +645,10 @@ pub(crate) mod tests {
             block in proptest::collection::vec(any::<u8>(), 0..512),
             raw_len in 0u32..4096,
             count in 0u32..100,
+            zstd in any::<bool>(),
         ) {
-            let frame = BatchFrame { first_seq: 1, last_seq: 5, record_count: count, raw_len, block };
+            let codec = if zstd { BlockCodec::Zstd } else { BlockCodec::None };
+            let frame = BatchFrame { first_seq: 1, last_seq: 5, record_count: count, raw_len, codec, block };
             let _ = decode_batch(&frame);
         }
 
@@ -471,15 +664,18 @@ pub(crate) mod tests {
                 raw[i] ^= byte | 1;
             }
             raw.truncate(cut % (raw.len() + 1));
-            let _ = decode_columnar(&raw);
+            let _ = decode_columnar(raw.clone());
             let block = zstd::bulk::compress(&raw, 1).unwrap();
             let frame = BatchFrame {
                 first_seq: records[0].seq,
                 last_seq: records[records.len() - 1].seq,
                 record_count: records.len() as u32,
                 raw_len: raw.len() as u32,
+                codec: BlockCodec::Zstd,
                 block,
             };
+            let _ = decode_batch(&frame);
+            let frame = BatchFrame { codec: BlockCodec::None, block: raw, ..frame };
             let _ = decode_batch(&frame);
         }
     }
@@ -497,6 +693,7 @@ pub(crate) mod tests {
             last_seq: 1,
             record_count: 1,
             raw_len: u32::MAX,
+            codec: BlockCodec::Zstd,
             block: block.clone(),
         };
         assert!(matches!(
@@ -506,6 +703,16 @@ pub(crate) mod tests {
                 ..
             })
         ));
+        // Declared within the cap but beyond MAX_INFLATION × the block:
+        // refused before decompressing.
+        let frame = BatchFrame {
+            raw_len: (block.len() * MAX_INFLATION + 1) as u32,
+            ..frame
+        };
+        assert!(matches!(
+            decode_batch(&frame),
+            Err(DecodeError::TooLarge { .. })
+        ));
         // Declared small: decompression stops at the declared size and fails.
         let frame = BatchFrame {
             raw_len: 1024,
@@ -513,6 +720,50 @@ pub(crate) mod tests {
         };
         let err = decode_batch(&frame).unwrap_err();
         assert!(matches!(err, DecodeError::Decompress(_)), "{err}");
+    }
+
+    #[test]
+    fn a_block_zstd_would_shrink_too_far_is_sent_uncompressed_and_round_trips() {
+        let records: Vec<Record> = (1..=64)
+            .map(|seq| Record {
+                seq,
+                stream: "s".into(),
+                timestamp_ms: 0,
+                payload: vec![0; 64 * 1024],
+            })
+            .collect();
+        let frame = encode_batch(&records, DEFAULT_ZSTD_LEVEL).unwrap();
+        assert_eq!(frame.codec, BlockCodec::None);
+        assert_eq!(frame.block.len(), frame.raw_len as usize);
+        assert_eq!(decode_batch(&frame).unwrap().to_records(), records);
+        // Ordinary telemetry is compressed.
+        let frame = encode_batch(&readings(1000, 4), DEFAULT_ZSTD_LEVEL).unwrap();
+        assert_eq!(frame.codec, BlockCodec::Zstd);
+        assert!(frame.block.len() * 4 < frame.raw_len as usize);
+    }
+
+    #[test]
+    fn a_long_stream_name_is_held_once_not_per_record() {
+        // The amplification of issue 6: a 1 KiB stream name shared by many
+        // records must cost its bytes once.
+        let name = "n".repeat(MAX_STREAM_NAME_BYTES);
+        let records: Vec<Record> = (1..=20_000)
+            .map(|seq| Record {
+                seq,
+                stream: name.clone(),
+                timestamp_ms: 0,
+                payload: Vec::new(),
+            })
+            .collect();
+        let frame = encode_batch(&records, DEFAULT_ZSTD_LEVEL).unwrap();
+        let decoded = decode_batch(&frame).unwrap();
+        assert!(decoded.heap_bytes() <= decoded_bytes_bound(frame.raw_len as usize));
+        assert!(
+            decoded.heap_bytes() < 1024 * 1024,
+            "{}",
+            decoded.heap_bytes()
+        );
+        assert_eq!(decoded.get(19_999).unwrap().stream, name);
     }
 
     #[test]

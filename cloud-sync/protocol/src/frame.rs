@@ -7,20 +7,31 @@
 //! Hello   (0x01) := protocol_version:varint  agent:str  incarnation:varint  next_seq:varint  acked:varint
 //!                   epoch:varint  epoch_start:varint
 //! Welcome (0x02) := node_id:str  cursor:varint  incarnation:varint (0: none recorded)  epoch:varint
-//! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint  block:rest
+//! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint
+//!                   codec:u8 (v3; v2 has none and means zstd)  block:rest
 //! Ack     (0x04) := up_to:varint
 //! Error   (0x05) := code:varint  message:str
+//! Ping    (0x06) := nonce:varint                                  (v3)
+//! Pong    (0x07) := nonce:varint                                  (v3)
 //! str     := len:varint  utf8-bytes
 //! ```
+//!
+//! The layout of every frame but `Batch` is the same in versions 2 and 3;
+//! a receiver learns the peer's version from `Hello` and decodes `Batch`
+//! accordingly ([`FrameDecoder::set_peer_version`]).
 
 use super::wire::{put_str, put_varint, Reader};
-use super::{DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_FRAME_BYTES};
+use super::{
+    DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
 
 const T_HELLO: u8 = 0x01;
 const T_WELCOME: u8 = 0x02;
 const T_BATCH: u8 = 0x03;
 const T_ACK: u8 = 0x04;
 const T_ERROR: u8 = 0x05;
+const T_PING: u8 = 0x06;
+const T_PONG: u8 = 0x07;
 
 /// Longest `agent`, `node_id` or error `message` accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
@@ -45,6 +56,8 @@ pub enum ErrorCode {
     Internal,
     /// The aggregator is shutting down; retry later.
     ShuttingDown,
+    /// Nothing was heard from the peer for too long.
+    Timeout,
     /// A code this version does not know.
     Other(u32),
 }
@@ -61,6 +74,7 @@ impl ErrorCode {
             ErrorCode::Superseded => 5,
             ErrorCode::Internal => 6,
             ErrorCode::ShuttingDown => 7,
+            ErrorCode::Timeout => 8,
             ErrorCode::Other(n) => n,
         }
     }
@@ -76,6 +90,7 @@ impl ErrorCode {
             5 => ErrorCode::Superseded,
             6 => ErrorCode::Internal,
             7 => ErrorCode::ShuttingDown,
+            8 => ErrorCode::Timeout,
             n => ErrorCode::Other(n),
         }
     }
@@ -91,6 +106,7 @@ impl ErrorCode {
             ErrorCode::Superseded => "superseded",
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Other(_) => "other",
         }
     }
@@ -99,6 +115,25 @@ impl ErrorCode {
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.name(), self.to_u32())
+    }
+}
+
+/// How a batch block is stored on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockCodec {
+    /// The columnar block as is (used when zstd would inflate more than
+    /// [`super::MAX_INFLATION`] times, so the receiver's bound holds).
+    None,
+    /// One zstd frame.
+    Zstd,
+}
+
+impl BlockCodec {
+    fn to_u8(self) -> u8 {
+        match self {
+            BlockCodec::None => 0,
+            BlockCodec::Zstd => 1,
+        }
     }
 }
 
@@ -115,8 +150,19 @@ pub struct BatchFrame {
     pub record_count: u32,
     /// Exact uncompressed size of the columnar block.
     pub raw_len: u32,
-    /// zstd-compressed columnar block, see [`super::batch`].
+    /// How `block` is stored.
+    pub codec: BlockCodec,
+    /// The columnar block, see [`super::batch`].
     pub block: Vec<u8>,
+}
+
+impl BatchFrame {
+    /// Memory the receiver may spend on this batch until it is applied: the
+    /// block as received plus the decoded columns (see
+    /// [`super::batch::decode_batch`]). Used for per-node byte budgets.
+    pub fn memory_bytes(&self) -> usize {
+        self.block.len() + super::batch::decoded_bytes_bound(self.raw_len as usize)
+    }
 }
 
 /// One protocol frame.
@@ -167,6 +213,17 @@ pub enum Frame {
         /// Human-readable detail.
         message: String,
     },
+    /// Either direction: are you there? Answered at once with `Pong`, even
+    /// while a batch is being applied.
+    Ping {
+        /// Echoed in the `Pong`.
+        nonce: u64,
+    },
+    /// The answer to `Ping`.
+    Pong {
+        /// The `Ping`'s nonce.
+        nonce: u64,
+    },
 }
 
 /// Frame could not be encoded.
@@ -212,6 +269,8 @@ impl Frame {
             Frame::Batch(_) => "Batch",
             Frame::Ack { .. } => "Ack",
             Frame::Error { .. } => "Error",
+            Frame::Ping { .. } => "Ping",
+            Frame::Pong { .. } => "Pong",
         }
     }
 
@@ -257,6 +316,7 @@ impl Frame {
                 put_varint(out, b.last_seq);
                 put_varint(out, u64::from(b.record_count));
                 put_varint(out, u64::from(b.raw_len));
+                out.push(b.codec.to_u8());
                 out.extend_from_slice(&b.block);
             }
             Frame::Ack { up_to } => {
@@ -268,6 +328,14 @@ impl Frame {
                 out.push(T_ERROR);
                 put_varint(out, u64::from(code.to_u32()));
                 put_str(out, message);
+            }
+            Frame::Ping { nonce } => {
+                out.push(T_PING);
+                put_varint(out, *nonce);
+            }
+            Frame::Pong { nonce } => {
+                out.push(T_PONG);
+                put_varint(out, *nonce);
             }
         }
         let len = out.len() - start - 4;
@@ -290,8 +358,9 @@ impl Frame {
         Ok(out)
     }
 
-    /// Decodes one frame body (type byte + body, without the length prefix).
-    pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+    /// Decodes one frame body (type byte + body, without the length prefix)
+    /// sent by a peer speaking `version`.
+    pub fn decode_body(body: &[u8], version: u32) -> Result<Frame, DecodeError> {
         let (&ty, rest) = body.split_first().ok_or(DecodeError::EmptyFrame)?;
         let mut r = Reader::new(rest);
         let frame = match ty {
@@ -330,12 +399,28 @@ impl Frame {
                 let record_count =
                     r.varint_max("Batch.record_count", MAX_BATCH_RECORDS as u64)? as u32;
                 let raw_len = r.varint_max("Batch.raw_len", MAX_BATCH_RAW_BYTES as u64)? as u32;
+                let codec = if version < 3 {
+                    BlockCodec::Zstd
+                } else {
+                    match r.bytes("Batch.codec", 1)?[0] {
+                        0 => BlockCodec::None,
+                        1 => BlockCodec::Zstd,
+                        other => {
+                            return Err(DecodeError::TooLarge {
+                                field: "Batch.codec",
+                                value: u64::from(other),
+                                max: 1,
+                            })
+                        }
+                    }
+                };
                 let block = r.rest().to_vec();
                 Frame::Batch(BatchFrame {
                     first_seq,
                     last_seq,
                     record_count,
                     raw_len,
+                    codec,
                     block,
                 })
             }
@@ -345,6 +430,12 @@ impl Frame {
             T_ERROR => Frame::Error {
                 code: ErrorCode::from_u32(r.varint_max("Error.code", u64::from(u32::MAX))? as u32),
                 message: r.string("Error.message", MAX_TEXT_BYTES)?,
+            },
+            T_PING => Frame::Ping {
+                nonce: r.varint("Ping.nonce")?,
+            },
+            T_PONG => Frame::Pong {
+                nonce: r.varint("Pong.nonce")?,
             },
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
@@ -358,17 +449,35 @@ impl Frame {
 /// Never panics and never buffers more than one maximal frame plus what
 /// was pushed: a length prefix above [`MAX_FRAME_BYTES`] is an error as soon
 /// as its 4 bytes are seen. After an error the decoder keeps returning it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
     failed: Option<DecodeError>,
+    version: u32,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            failed: None,
+            version: PROTOCOL_VERSION,
+        }
+    }
 }
 
 impl FrameDecoder {
-    /// An empty decoder.
+    /// An empty decoder for a peer speaking this crate's version.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The peer's protocol version, as its `Hello` said: frames decoded
+    /// from now on use that version's layout.
+    pub fn set_peer_version(&mut self, version: u32) {
+        self.version = version;
     }
 
     /// Appends received bytes.
@@ -410,7 +519,7 @@ impl FrameDecoder {
         } else if avail.len() < 4 + len {
             return Ok(None);
         } else {
-            let r = Frame::decode_body(&avail[4..4 + len]);
+            let r = Frame::decode_body(&avail[4..4 + len], self.version);
             self.start += 4 + len;
             r
         };
@@ -460,17 +569,27 @@ pub(crate) mod tests {
                 any::<u64>(),
                 0u32..1000,
                 0u32..100_000,
+                any::<bool>(),
                 proptest::collection::vec(any::<u8>(), 0..300)
             )
-                .prop_map(|(first_seq, last_seq, record_count, raw_len, block)| {
-                    Frame::Batch(BatchFrame {
-                        first_seq,
-                        last_seq,
-                        record_count,
-                        raw_len,
-                        block,
-                    })
-                }),
+                .prop_map(
+                    |(first_seq, last_seq, record_count, raw_len, zstd, block)| {
+                        Frame::Batch(BatchFrame {
+                            first_seq,
+                            last_seq,
+                            record_count,
+                            raw_len,
+                            codec: if zstd {
+                                BlockCodec::Zstd
+                            } else {
+                                BlockCodec::None
+                            },
+                            block,
+                        })
+                    }
+                ),
+            any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
+            any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
             any::<u64>().prop_map(|up_to| Frame::Ack { up_to }),
             (any::<u32>(), ".{0,60}").prop_map(|(c, message)| Frame::Error {
                 code: ErrorCode::from_u32(c),
@@ -525,7 +644,7 @@ pub(crate) mod tests {
                 let mut lying = wire[..cut].to_vec();
                 let len = (cut - 4) as u32;
                 lying[..4].copy_from_slice(&len.to_le_bytes());
-                let _ = Frame::decode_body(&lying[4..]);
+                let _ = Frame::decode_body(&lying[4..], PROTOCOL_VERSION);
             }
         }
     }
@@ -558,6 +677,7 @@ pub(crate) mod tests {
             last_seq: 1,
             record_count: 1,
             raw_len: 1,
+            codec: BlockCodec::None,
             block: vec![0; MAX_FRAME_BYTES],
         });
         let mut out = vec![7];
@@ -571,16 +691,51 @@ pub(crate) mod tests {
     #[test]
     fn unknown_type_and_trailing_bytes_are_errors() {
         assert_eq!(
-            Frame::decode_body(&[0x7f]),
+            Frame::decode_body(&[0x7f], PROTOCOL_VERSION),
             Err(DecodeError::UnknownFrameType(0x7f))
         );
         assert!(matches!(
-            Frame::decode_body(&[T_ACK, 5, 0]),
+            Frame::decode_body(&[T_ACK, 5, 0], PROTOCOL_VERSION),
             Err(DecodeError::TrailingBytes {
                 what: "Ack",
                 count: 1
             })
         ));
-        assert_eq!(Frame::decode_body(&[]), Err(DecodeError::EmptyFrame));
+        assert_eq!(
+            Frame::decode_body(&[], PROTOCOL_VERSION),
+            Err(DecodeError::EmptyFrame)
+        );
+        assert!(matches!(
+            Frame::decode_body(&[T_BATCH, 1, 1, 1, 1, 7], PROTOCOL_VERSION),
+            Err(DecodeError::TooLarge {
+                field: "Batch.codec",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_version_2_batch_has_no_codec_byte_and_is_zstd() {
+        let body = [T_BATCH, 5, 9, 3, 40, 0xAA, 0xBB];
+        let v2 = Frame::decode_body(&body, 2).unwrap();
+        assert_eq!(
+            v2,
+            Frame::Batch(BatchFrame {
+                first_seq: 5,
+                last_seq: 9,
+                record_count: 3,
+                raw_len: 40,
+                codec: BlockCodec::Zstd,
+                block: vec![0xAA, 0xBB],
+            })
+        );
+        // The same bytes as version 3: 0xAA is not a codec.
+        assert!(Frame::decode_body(&body, 3).is_err());
+        let mut dec = FrameDecoder::new();
+        dec.set_peer_version(2);
+        let mut wire = (body.len() as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&body);
+        dec.push(&wire);
+        assert_eq!(dec.next_frame().unwrap(), Some(v2));
     }
 }

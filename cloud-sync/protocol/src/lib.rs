@@ -7,21 +7,29 @@
 #![warn(missing_docs)]
 
 pub mod batch;
-pub mod client;
+pub mod dial;
 pub mod frame;
-pub mod server;
+pub mod session;
 mod wire;
 
-pub use batch::{decode_batch, encode_batch, Record};
-pub use frame::{BatchFrame, ErrorCode, Frame, FrameDecoder};
+pub use batch::{decode_batch, encode_batch, DecodedBatch, Record, RecordRef};
+pub use frame::{BatchFrame, BlockCodec, ErrorCode, Frame, FrameDecoder};
 
 /// Version of the wire protocol spoken by this crate, sent in `Hello`.
 /// 2: `Hello` carries the outbox incarnation, `Welcome` the one the cursor
-/// belongs to.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// belongs to. 3: `Batch` carries its block codec; `Ping`/`Pong`.
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// Oldest version an aggregator still serves (edges are upgraded after it).
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN protocol identifier negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"fogline/1";
+
+/// A zstd block may declare at most this many times its own size as its
+/// uncompressed length. Bounds what a frame can make a receiver allocate:
+/// see [`batch::decoded_bytes_bound`].
+pub const MAX_INFLATION: usize = 1024;
 
 /// Hard cap on one frame (type byte + body), checked before buffering it.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;

@@ -4,5 +4,6 @@
 #![warn(missing_docs)]
 
 pub mod certs;
+pub mod node;
 pub mod relay;
 pub mod samples;

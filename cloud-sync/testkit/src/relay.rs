@@ -3,7 +3,9 @@
 //! bytes that cross the "wire".
 //!
 //! While cut, datagrams in both directions are dropped, as on a dead link:
-//! QUIC sees loss, not a closed socket.
+//! QUIC sees loss, not a closed socket. With [`UdpRelay::start_with_tcp`]
+//! it also relays TCP on the same port number; [`UdpRelay::block_udp`]
+//! then drops UDP only, as a network that blocks it does, while TCP flows.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +18,8 @@ use tokio::task::JoinHandle;
 #[derive(Default)]
 struct Shared {
     cut: AtomicBool,
+    udp_blocked: AtomicBool,
+    tcp_to_server: AtomicU64,
     to_server: AtomicU64,
     to_client: AtomicU64,
 }
@@ -25,6 +29,7 @@ pub struct UdpRelay {
     local: SocketAddr,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    tcp: Option<JoinHandle<()>>,
 }
 
 impl UdpRelay {
@@ -38,7 +43,42 @@ impl UdpRelay {
             local,
             shared,
             task,
+            tcp: None,
         })
+    }
+
+    /// Like [`Self::start`], and relays TCP on the same port number to
+    /// `tcp_upstream`.
+    pub async fn start_with_tcp(
+        upstream: SocketAddr,
+        tcp_upstream: SocketAddr,
+    ) -> std::io::Result<Self> {
+        // Find a port number free for both UDP and TCP.
+        for _ in 0..50 {
+            let mut relay = Self::start(upstream).await?;
+            let Ok(listener) = tokio::net::TcpListener::bind(relay.local).await else {
+                continue;
+            };
+            relay.tcp = Some(tokio::spawn(tcp_accept(
+                listener,
+                tcp_upstream,
+                relay.shared.clone(),
+            )));
+            return Ok(relay);
+        }
+        Err(std::io::Error::other(
+            "no port number free for both UDP and TCP",
+        ))
+    }
+
+    /// Drops UDP (both ways) while `blocked`; TCP still flows.
+    pub fn block_udp(&self, blocked: bool) {
+        self.shared.udp_blocked.store(blocked, Ordering::Release);
+    }
+
+    /// TCP bytes forwarded towards the aggregator.
+    pub fn tcp_bytes_to_server(&self) -> u64 {
+        self.shared.tcp_to_server.load(Ordering::Relaxed)
     }
 
     /// Where nodes should connect.
@@ -80,7 +120,61 @@ impl UdpRelay {
 impl Drop for UdpRelay {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(t) = &self.tcp {
+            t.abort();
+        }
     }
+}
+
+impl Shared {
+    fn drops_udp(&self) -> bool {
+        self.cut.load(Ordering::Acquire) || self.udp_blocked.load(Ordering::Acquire)
+    }
+}
+
+async fn tcp_accept(listener: tokio::net::TcpListener, upstream: SocketAddr, shared: Arc<Shared>) {
+    let mut conns = tokio::task::JoinSet::new();
+    while let Ok((client, _)) = listener.accept().await {
+        let shared = shared.clone();
+        conns.spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                return;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            let up = pump(cr, sw, shared.clone(), true);
+            let down = pump(sr, cw, shared, false);
+            tokio::join!(up, down);
+        });
+    }
+}
+
+/// Copies bytes one way; while the relay is cut, holds them (a dead link
+/// delivers nothing, and TCP retransmits once it is back).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shared: Arc<Shared>,
+    to_server: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while shared.cut.load(Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        if to_server {
+            shared.tcp_to_server.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// Stops a per-client task when the relay task (holding the map) stops.
@@ -99,7 +193,7 @@ async fn forward(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             continue;
         };
-        if shared.cut.load(Ordering::Acquire) {
+        if shared.drops_udp() {
             continue;
         }
         let sock = match peers.entry(client) {
@@ -139,7 +233,7 @@ async fn backward(
         let Ok(n) = sock.recv(&mut buf).await else {
             continue;
         };
-        if shared.cut.load(Ordering::Acquire) {
+        if shared.drops_udp() {
             continue;
         }
         if front.send_to(&buf[..n], client).await.is_ok() {

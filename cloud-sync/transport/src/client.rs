@@ -1,217 +1,235 @@
-//! Edge side of the transport: connect, say Hello, learn the cursor, then
-//! send batches on one half and read acks on the other.
+//! The edge's transport: connects to an aggregator over QUIC or TCP/TLS and
+//! hands back a framed [`Connection`].
+//!
+//! - One QUIC endpoint (one UDP socket) is reused across connections, so
+//!   TLS session tickets let a reconnect send its `Hello` as 0-RTT data.
+//!   `Hello` is idempotent (it only asks for the cursor) and the aggregator
+//!   reads nothing before the handshake completes, so a replay does no harm.
+//! - [`ClientTransport::rebind`] moves the endpoint to a new socket: QUIC
+//!   migrates the live connection (a cellular re-attach changes the address).
+//! - [`ClientTransport::reload_if_changed`] picks up rotated certificate
+//!   files; the next connection uses them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
-use fogline_protocol::batch::{encode_batch, DEFAULT_ZSTD_LEVEL};
-use fogline_protocol::frame::ErrorCode;
-use fogline_protocol::server::HelloInfo;
-use fogline_protocol::{Frame, Record, PROTOCOL_VERSION};
+use super::conn::{ConnHandle, Connection};
+use super::framed::{FrameReader, FrameWriter};
+use super::tls::{client_rustls, ClientTls};
+use super::{quic, tcp, Transport, TransportError};
 
-use super::framed::{write_frame, FrameReader};
-use super::{close_code, tls, TransportError};
-
-/// Where the node's TLS material is.
-#[derive(Debug, Clone)]
-pub struct ClientTls {
-    /// Fleet CA certificate (PEM); the aggregator's certificate must chain to it.
-    pub ca: PathBuf,
-    /// This node's certificate (PEM); its CN is the node id.
-    pub cert: PathBuf,
-    /// This node's private key (PEM).
-    pub key: PathBuf,
+/// A connection just established.
+pub struct Connected {
+    /// The connection; `early` has been written to it.
+    pub conn: Connection,
+    /// The `early` bytes went out as 0-RTT data and the server took them.
+    pub zero_rtt: bool,
+    /// How long the handshake took.
+    pub handshake: Duration,
 }
 
-/// A QUIC endpoint with the node's identity, reused across reconnects.
-pub struct UplinkClient {
+/// The edge's transport, reused across connections.
+///
+/// Shared by reference between the session and its probes: the TLS
+/// configurations sit behind a lock that is never held across an await.
+pub struct ClientTransport {
+    tls: ClientTls,
+    loaded: RwLock<Loaded>,
     endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
 }
 
-/// An established session.
-pub struct Link {
-    /// The node id the aggregator read from our certificate.
-    pub node_id: String,
-    /// Highest seq the aggregator has durably applied for us.
-    pub cursor: u64,
-    /// The outbox incarnation that cursor belongs to (0: none recorded).
-    pub incarnation: u64,
-    /// The outbox epoch recorded with it (0: none).
-    pub epoch: u64,
-    /// Sends batches.
-    pub sender: LinkSender,
-    /// Reads acknowledgements.
-    pub receiver: LinkReceiver,
+struct Loaded {
+    stamps: Vec<Option<(SystemTime, u64)>>,
+    rustls: Arc<rustls::ClientConfig>,
+    tcp_rustls: Arc<rustls::ClientConfig>,
 }
 
-/// What [`LinkSender::send_batch`] put on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SentBatch {
-    /// First seq in the batch.
-    pub first_seq: u64,
-    /// Last seq in the batch.
-    pub last_seq: u64,
-    /// Number of records.
-    pub records: usize,
-    /// Bytes of the encoded frame (compressed block plus header).
-    pub encoded_bytes: usize,
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
-/// Sending half of a [`Link`].
-pub struct LinkSender {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    last_sent: u64,
-}
-
-/// Receiving half of a [`Link`].
-pub struct LinkReceiver {
-    reader: FrameReader,
-}
-
-impl UplinkClient {
+impl ClientTransport {
     /// Loads the node's TLS material and binds a UDP socket.
-    pub fn new(tls: &ClientTls) -> Result<Self, TransportError> {
-        let config = tls::client_config(&tls.ca, &tls.cert, &tls.key)?;
-        let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+    pub fn new(tls: ClientTls) -> Result<Self, TransportError> {
+        let rustls = client_rustls(&tls)?;
+        let bind = SocketAddr::from(([0, 0, 0, 0], 0));
         let endpoint = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind {
             addr: bind.to_string(),
             source,
         })?;
-        Ok(Self { endpoint, config })
-    }
-
-    /// Connects to the aggregator at `addr` (certificate must be valid for
-    /// `server_name`), sends Hello describing the outbox, and waits for
-    /// Welcome, all within `timeout`.
-    pub async fn connect(
-        &self,
-        addr: SocketAddr,
-        server_name: &str,
-        timeout: Duration,
-        outbox: HelloInfo,
-    ) -> Result<Link, TransportError> {
-        let server = addr.to_string();
-        let handshake = async {
-            let connecting = self
-                .endpoint
-                .connect_with(self.config.clone(), addr, server_name)
-                .map_err(|e| TransportError::Connect {
-                    server: server.clone(),
-                    reason: e.to_string(),
-                })?;
-            let conn = connecting.await.map_err(|e| TransportError::Connect {
-                server: server.clone(),
-                reason: e.to_string(),
-            })?;
-            let (mut send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(TransportError::from_connection)?;
-            write_frame(
-                &mut send,
-                &Frame::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    agent: format!("fogline-edge/{}", env!("CARGO_PKG_VERSION")),
-                    incarnation: outbox.incarnation,
-                    next_seq: outbox.next_seq,
-                    acked: outbox.acked,
-                    epoch: outbox.epoch,
-                    epoch_start: outbox.epoch_start,
-                },
-            )
-            .await?;
-            let mut reader = FrameReader::new(recv);
-            match reader.next().await? {
-                Frame::Welcome {
-                    node_id,
-                    cursor,
-                    incarnation,
-                    epoch,
-                } => Ok(Link {
-                    node_id,
-                    cursor,
-                    incarnation,
-                    epoch,
-                    sender: LinkSender {
-                        conn,
-                        send,
-                        last_sent: cursor,
-                    },
-                    receiver: LinkReceiver { reader },
-                }),
-                Frame::Error { code, message } => Err(TransportError::Closed {
-                    code,
-                    reason: message,
-                }),
-                other => Err(TransportError::Protocol(format!(
-                    "expected Welcome, got {}",
-                    other.kind()
-                ))),
-            }
-        };
-        tokio::time::timeout(timeout, handshake)
-            .await
-            .map_err(|_| TransportError::Timeout {
-                what: "connecting and handshake",
-                after: timeout,
-            })?
-    }
-}
-
-impl LinkSender {
-    /// Resumes sending after `seq` (the outbox was renumbered above the
-    /// cursor, so nothing at or below it will be sent).
-    pub fn resume_after(&mut self, seq: u64) {
-        self.last_sent = seq;
-    }
-
-    /// Encodes `records` (strictly ascending, all above what was sent
-    /// before) as one batch and writes it. Returns once the bytes are handed
-    /// to QUIC, not when they are acknowledged.
-    pub async fn send_batch(&mut self, records: &[Record]) -> Result<SentBatch, TransportError> {
-        if let Some(first) = records.first() {
-            if first.seq <= self.last_sent {
-                return Err(TransportError::Protocol(format!(
-                    "batch starts at seq {} but seq {} was already sent",
-                    first.seq, self.last_sent
-                )));
-            }
-        }
-        let batch = encode_batch(records, DEFAULT_ZSTD_LEVEL)?;
-        let (first_seq, last_seq) = (batch.first_seq, batch.last_seq);
-        let encoded_bytes = write_frame(&mut self.send, &Frame::Batch(batch)).await?;
-        self.last_sent = last_seq;
-        Ok(SentBatch {
-            first_seq,
-            last_seq,
-            records: records.len(),
-            encoded_bytes,
+        Ok(Self {
+            loaded: RwLock::new(Loaded {
+                stamps: tls.files().iter().map(|p| stamp(p)).collect(),
+                tcp_rustls: tcp::without_early_data_client(&rustls),
+                rustls,
+            }),
+            tls,
+            endpoint,
         })
     }
 
-    /// Closes the connection, telling the aggregator why.
-    pub fn close(&self, code: ErrorCode, reason: &str) {
-        self.conn.close(close_code(code), reason.as_bytes());
+    /// Reloads the certificate, key and CA if any of their files changed.
+    /// `Ok(true)`: new material is in use for the next connection. On an
+    /// error the previous material stays in use (a half-written file is
+    /// retried on the next call).
+    pub fn reload_if_changed(&self) -> Result<bool, TransportError> {
+        let now: Vec<_> = self.tls.files().iter().map(|p| stamp(p)).collect();
+        if self.loaded.read().is_ok_and(|l| l.stamps == now) {
+            return Ok(false);
+        }
+        let rustls = client_rustls(&self.tls)?;
+        let loaded = Loaded {
+            stamps: now,
+            tcp_rustls: tcp::without_early_data_client(&rustls),
+            rustls,
+        };
+        match self.loaded.write() {
+            Ok(mut l) => *l = loaded,
+            Err(poisoned) => *poisoned.into_inner() = loaded,
+        }
+        Ok(true)
+    }
+
+    fn configs(&self) -> (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>) {
+        match self.loaded.read() {
+            Ok(l) => (l.rustls.clone(), l.tcp_rustls.clone()),
+            Err(poisoned) => {
+                let l = poisoned.into_inner();
+                (l.rustls.clone(), l.tcp_rustls.clone())
+            }
+        }
+    }
+
+    /// The files in use.
+    pub fn tls(&self) -> &ClientTls {
+        &self.tls
+    }
+
+    /// The local UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: "local UDP address".into(),
+                source,
+            })
+    }
+
+    /// Moves QUIC to a new local UDP socket; live connections migrate to
+    /// it without a new handshake. Returns the new address.
+    pub fn rebind(&self) -> Result<SocketAddr, TransportError> {
+        let bind = SocketAddr::from(([0, 0, 0, 0], 0));
+        let err = |source| TransportError::Bind {
+            addr: bind.to_string(),
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(bind).map_err(err)?;
+        self.endpoint.rebind(socket).map_err(err)?;
+        self.local_addr()
+    }
+
+    /// Connects over `transport` to `addr` (whose certificate must be valid
+    /// for `server_name`), writes `early` (the encoded `Hello`) — as 0-RTT
+    /// data when a session ticket allows — all within `timeout`.
+    /// `initial_rtt` paces QUIC's Initial retransmissions.
+    pub async fn connect(
+        &self,
+        transport: Transport,
+        addr: SocketAddr,
+        server_name: &str,
+        timeout: Duration,
+        initial_rtt: Duration,
+        early: &[u8],
+    ) -> Result<Connected, TransportError> {
+        let started = Instant::now();
+        let attempt = async {
+            match transport {
+                Transport::Quic => {
+                    self.connect_quic(addr, server_name, initial_rtt, early)
+                        .await
+                }
+                Transport::Tcp => {
+                    let mut conn = tcp::connect(addr, server_name, self.configs().1).await?;
+                    conn.writer.queue_encoded(early);
+                    conn.writer.flush().await?;
+                    Ok((conn, false))
+                }
+            }
+        };
+        let (conn, zero_rtt) = tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+            TransportError::Timeout {
+                what: match transport {
+                    Transport::Quic => "QUIC handshake",
+                    Transport::Tcp => "TCP/TLS handshake",
+                },
+                after: timeout,
+            }
+        })??;
+        Ok(Connected {
+            conn,
+            zero_rtt,
+            handshake: started.elapsed(),
+        })
+    }
+
+    async fn connect_quic(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        initial_rtt: Duration,
+        early: &[u8],
+    ) -> Result<(Connection, bool), TransportError> {
+        let err = |reason: String| TransportError::Connect {
+            server: addr.to_string(),
+            transport: "quic",
+            reason,
+        };
+        let config = quic::client_config(self.configs().0, initial_rtt)?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, addr, server_name)
+            .map_err(|e| err(e.to_string()))?;
+        let (conn, zero_rtt) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => {
+                // The Hello goes out with the first flight.
+                let early_stream = open_and_write(&conn, early).await;
+                if accepted.await {
+                    (conn, Some(early_stream?))
+                } else {
+                    // Rejected (the aggregator restarted and lost its
+                    // tickets): the stream is void, say Hello again.
+                    (conn, None)
+                }
+            }
+            Err(connecting) => (connecting.await.map_err(|e| err(e.to_string()))?, None),
+        };
+        let ((send, recv), zero) = match zero_rtt {
+            Some(streams) => (streams, true),
+            None => (open_and_write(&conn, early).await?, false),
+        };
+        Ok((
+            Connection {
+                reader: FrameReader::new(Box::new(recv)),
+                writer: FrameWriter::new(Box::new(send)),
+                handle: ConnHandle::quic(conn),
+            },
+            zero,
+        ))
     }
 }
 
-impl LinkReceiver {
-    /// The next cumulative acknowledgement. Cancel-safe. Not checked
-    /// against what was sent: that is [`fogline_protocol::client::SenderState`]'s job.
-    pub async fn next_ack(&mut self) -> Result<u64, TransportError> {
-        match self.reader.next().await? {
-            Frame::Ack { up_to } => Ok(up_to),
-            Frame::Error { code, message } => Err(TransportError::Closed {
-                code,
-                reason: message,
-            }),
-            other => Err(TransportError::Protocol(format!(
-                "expected Ack, got {}",
-                other.kind()
-            ))),
-        }
-    }
+async fn open_and_write(
+    conn: &quinn::Connection,
+    early: &[u8],
+) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(TransportError::from_connection)?;
+    send.write_all(early)
+        .await
+        .map_err(|e| TransportError::ConnectionLost(e.to_string()))?;
+    Ok((send, recv))
 }

@@ -62,3 +62,50 @@ pub fn node_id_from_der(der: &[u8]) -> Result<String, IdentityError> {
     validate_node_id(id)?;
     Ok(id.to_string())
 }
+
+/// What the aggregator knows of a connected node from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The node id (subject CN).
+    pub node_id: String,
+    /// The certificate's serial number, lower-case hex without separators
+    /// (as CRLs and `fogline-cloud certs` print it).
+    pub serial: String,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before: i64,
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Reads the node's identity from its DER leaf certificate.
+pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
+    let node_id = node_id_from_der(der)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::NoCommonName(format!("unparseable certificate: {e}")))?;
+    let validity = cert.validity();
+    Ok(PeerIdentity {
+        node_id,
+        serial: serial_hex(cert.raw_serial()),
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+    })
+}
+
+/// A serial number as lower-case hex, leading zero bytes dropped.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let trimmed = match raw.iter().position(|b| *b != 0) {
+        Some(i) => &raw[i..],
+        None => &raw[raw.len().saturating_sub(1)..],
+    };
+    trimmed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The serials (as [`serial_hex`]) a DER CRL revokes.
+pub fn crl_serials(der: &[u8]) -> Result<Vec<String>, IdentityError> {
+    let (_, crl) = x509_parser::parse_x509_crl(der)
+        .map_err(|e| IdentityError::NoCommonName(format!("unparseable CRL: {e}")))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| serial_hex(r.raw_serial()))
+        .collect())
+}

@@ -1,38 +1,47 @@
-//! `fogline-transport`: the replication protocol over QUIC (quinn, mutual TLS
-//! with rustls), for both ends.
+//! `fogline-transport`: the replication protocol's byte pipes, for both
+//! ends — QUIC (quinn) and, where UDP is blocked, TLS 1.3 over TCP
+//! (tokio-rustls) — with mutual TLS and the node identity its certificate
+//! carries.
 //!
-//! One connection per node, one bidirectional stream carrying the frames of
-//! [`fogline_protocol`]. The sans-IO session state machines decide; this
-//! module only moves bytes, loads certificates and maps failures to
+//! One connection carries one bidirectional stream of
+//! [`fogline_protocol`] frames. The session state machines decide; this
+//! crate only moves bytes, loads certificates and maps failures to
 //! [`TransportError`].
 //!
-//! - [`client`]: the edge side ([`client::UplinkClient`] → [`client::Link`]).
-//! - [`framed`]: frames over a stream.
-//! - [`identity`]: the node id a certificate carries.
-//! - [`tls`]: certificates, keys and the rustls configurations.
+//! - [`client::ClientTransport`]: the edge — one QUIC endpoint (reused, and
+//!   rebindable for migration), 0-RTT `Hello` when resuming, TCP/TLS
+//!   attempts; certificate files reloaded when they change.
+//! - [`server::Listener`]: the aggregator — QUIC and TCP/TLS on the same
+//!   port number; stateless resets that survive a restart; TLS material
+//!   (CRL included) swappable without a restart.
+//! - [`conn::Connection`]: a framed stream plus a handle that closes it with
+//!   a protocol code, whatever the transport.
+//! - [`tls`], [`identity`]: PEM files, rustls configurations, the node id.
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod conn;
 pub mod framed;
 pub mod identity;
+mod quic;
+pub mod server;
+mod tcp;
 pub mod tls;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+pub use fogline_protocol::dial::Transport;
 use fogline_protocol::frame::{EncodeError, ErrorCode};
 use fogline_protocol::DecodeError;
 
-/// Idle timeout of a connection; keep-alives are sent at a third of it.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Flow-control window per stream: room for several 1 MiB batches in flight.
-const STREAM_WINDOW: u32 = 32 * 1024 * 1024;
+/// Idle timeout of a QUIC connection. The sessions ping well within it and
+/// decide liveness themselves; this only reaps connections nobody closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A transport operation failed. Every variant says where.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// A certificate or key file could not be loaded.
+    /// A certificate, key or CRL file could not be loaded.
     #[error("{path}: {reason}")]
     Pem {
         /// The file.
@@ -43,8 +52,8 @@ pub enum TransportError {
     /// The TLS configuration could not be built.
     #[error("TLS setup: {0}")]
     Tls(String),
-    /// The local UDP socket could not be bound.
-    #[error("binding UDP {addr}: {source}")]
+    /// A local socket could not be bound.
+    #[error("binding {addr}: {source}")]
     Bind {
         /// Address.
         addr: String,
@@ -59,15 +68,17 @@ pub enum TransportError {
         /// Cause.
         reason: String,
     },
-    /// Connecting failed (handshake refused, unreachable, certificate rejected).
-    #[error("connecting to {server}: {reason}")]
+    /// Connecting failed (refused, unreachable, certificate rejected).
+    #[error("connecting to {server} over {transport}: {reason}")]
     Connect {
         /// Address.
         server: String,
+        /// QUIC or TCP.
+        transport: &'static str,
         /// Cause.
         reason: String,
     },
-    /// No answer within the configured time.
+    /// No answer within the time allowed.
     #[error("{what} timed out after {after:?}")]
     Timeout {
         /// What was awaited.
@@ -75,7 +86,7 @@ pub enum TransportError {
         /// How long.
         after: Duration,
     },
-    /// The connection was lost or closed.
+    /// The connection was lost.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
     /// The peer closed with a protocol error code.
@@ -95,12 +106,6 @@ pub enum TransportError {
     /// A frame could not be encoded.
     #[error("encoding a frame: {0}")]
     Encode(#[from] EncodeError),
-    /// A batch could not be encoded.
-    #[error("encoding a batch: {0}")]
-    Batch(#[from] fogline_protocol::batch::BatchError),
-    /// The peer broke the protocol.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
 }
 
 impl TransportError {
@@ -116,43 +121,20 @@ impl TransportError {
             other => TransportError::ConnectionLost(other.to_string()),
         }
     }
-}
 
-impl From<quinn::ReadError> for TransportError {
-    fn from(e: quinn::ReadError) -> Self {
-        match e {
-            quinn::ReadError::ConnectionLost(c) => Self::from_connection(c),
-            other => TransportError::ConnectionLost(other.to_string()),
-        }
+    /// Did the peer or the network end the connection (nothing to tell the
+    /// peer any more)?
+    pub fn is_disconnect(&self) -> bool {
+        matches!(
+            self,
+            TransportError::ConnectionLost(_)
+                | TransportError::Closed { .. }
+                | TransportError::StreamFinished
+        )
     }
-}
-
-impl From<quinn::WriteError> for TransportError {
-    fn from(e: quinn::WriteError) -> Self {
-        match e {
-            quinn::WriteError::ConnectionLost(c) => Self::from_connection(c),
-            other => TransportError::ConnectionLost(other.to_string()),
-        }
-    }
-}
-
-/// Transport parameters shared by both ends: large stream windows so a
-/// window of in-flight batches is not throttled by flow control, and
-/// keep-alives so a dead path is noticed within [`IDLE_TIMEOUT`].
-pub fn transport_config() -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(quinn::VarInt::from_u32(2 * STREAM_WINDOW));
-    t.send_window(2 * u64::from(STREAM_WINDOW));
-    t.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
-    // IDLE_TIMEOUT is well inside the VarInt range.
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
-    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
-    Arc::new(t)
 }
 
 /// QUIC application close code for `code`.
-pub fn close_code(code: ErrorCode) -> quinn::VarInt {
+pub(crate) fn close_code(code: ErrorCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(code.to_u32())
 }

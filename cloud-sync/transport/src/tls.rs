@@ -1,14 +1,48 @@
-//! Certificates and keys from PEM files, and the rustls configurations for
-//! both ends (TLS 1.3, ring, ALPN `fogline/1`, client certificates required).
+//! Certificates, keys and CRLs from PEM files, and the rustls
+//! configurations for both ends: TLS 1.3 only, ring, ALPN `fogline/1`,
+//! client certificates required and checked against the fleet CA and its
+//! CRL.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fogline_protocol::ALPN;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use super::TransportError;
-use fogline_protocol::ALPN;
+
+/// Where the aggregator's TLS material is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// Fleet CA certificate (PEM): node certificates must chain to it.
+    pub ca: PathBuf,
+    /// The aggregator's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM). Also the secret the stateless-reset key is
+    /// derived from, so resets survive a restart.
+    pub key: PathBuf,
+    /// Certificate revocation list of the fleet CA (PEM), if any.
+    pub crl: Option<PathBuf>,
+}
+
+/// Where a node's TLS material is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// Fleet CA certificate (PEM); the aggregator's certificate must chain to it.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM); its CN is the node id.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl ClientTls {
+    /// The files, for change detection.
+    pub fn files(&self) -> [&Path; 3] {
+        [&self.ca, &self.cert, &self.key]
+    }
+}
 
 fn pem_err(path: &Path, reason: impl std::fmt::Display) -> TransportError {
     TransportError::Pem {
@@ -36,6 +70,20 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
         .map_err(|e| pem_err(path, format!("no usable private key: {e}")))
 }
 
+/// All CRLs in a PEM file (at least one).
+pub fn load_crls(
+    path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TransportError> {
+    let bytes = std::fs::read(path).map_err(|e| pem_err(path, e))?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, format!("not a PEM CRL file: {e}")))?;
+    if crls.is_empty() {
+        return Err(pem_err(path, "no X509 CRL block found"));
+    }
+    Ok(crls)
+}
+
 fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {
@@ -50,48 +98,68 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server side: present `cert`/`key`, require a client certificate signed by `ca`.
-pub fn server_config(
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-) -> Result<quinn::ServerConfig, TransportError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
-            .build()
-            .map_err(|e| {
-                TransportError::Tls(format!("client verifier from {}: {e}", ca.display()))
-            })?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+/// The aggregator's TLS configuration: present `cert`/`key`, require a
+/// client certificate signed by `ca` and not revoked by `crl`. 0-RTT is
+/// accepted (QUIC only; the service reads nothing before the handshake is
+/// complete, so replayed early data is never acted on).
+pub fn server_rustls(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+    let mut verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&tls.ca)?, provider());
+    if let Some(crl) = &tls.crl {
+        verifier = verifier.with_crls(load_crls(crl)?);
+    }
+    let verifier = verifier.build().map_err(|e| {
+        TransportError::Tls(format!(
+            "client verifier from {} (CRL {:?}): {e}",
+            tls.ca.display(),
+            tls.crl
+        ))
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|e| pem_err(key, format!("does not match {}: {e}", cert.display())))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(super::transport_config());
-    Ok(config)
+        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)
+        .map_err(|e| {
+            pem_err(
+                &tls.key,
+                format!("does not match {}: {e}", tls.cert.display()),
+            )
+        })?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.max_early_data_size = u32::MAX;
+    Ok(Arc::new(config))
 }
 
-/// Client side: trust servers signed by `ca`, authenticate with `cert`/`key`.
-pub fn client_config(
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-) -> Result<quinn::ClientConfig, TransportError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+/// The node's TLS configuration: trust servers signed by `ca`,
+/// authenticate with `cert`/`key`, resume sessions with 0-RTT.
+pub fn client_rustls(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca)?)
-        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|e| pem_err(key, format!("does not match {}: {e}", cert.display())))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(super::transport_config());
-    Ok(config)
+        .with_root_certificates(roots(&tls.ca)?)
+        .with_client_auth_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)
+        .map_err(|e| {
+            pem_err(
+                &tls.key,
+                format!("does not match {}: {e}", tls.cert.display()),
+            )
+        })?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.enable_early_data = true;
+    Ok(Arc::new(config))
+}
+
+/// 32 bytes derived from the aggregator's private key file: the key of its
+/// stateless resets and connection ids. The same key file gives the same
+/// secret after a restart, so a restarted aggregator can tell nodes of its
+/// previous life that their connection is gone (and they believe it).
+pub(crate) fn reset_secret(key: &Path) -> Result<[u8; 32], TransportError> {
+    let bytes = std::fs::read(key).map_err(|e| pem_err(key, e))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"fogline stateless reset v1\0");
+    ctx.update(&bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
 }

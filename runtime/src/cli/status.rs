@@ -77,6 +77,9 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|(_, v)| v["uplink_connected"].as_bool().unwrap_or(false));
     let ingest = live.as_ref().map(|(_, v)| v["ingest"].clone());
+    let link: Option<fogline_edge::uplink::UplinkStatus> = live
+        .as_ref()
+        .and_then(|(_, v)| serde_json::from_value(v["uplink"].clone()).ok());
     let problems: Vec<String> = live
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["problems"].clone()).ok())
@@ -87,6 +90,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "daemon_running": live.is_some(),
             "broker_connected": broker,
             "uplink_connected": uplink,
+            "uplink": link,
             "ingest": ingest,
             "problems": problems,
             "outbox": stats,
@@ -143,7 +147,22 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             i["budget_bytes"].as_u64().unwrap_or(0)
         );
     }
-    println!("uplink            {}", yes_no(uplink));
+    match link.as_ref().and_then(|l| l.link.as_ref()) {
+        Some(l) => println!(
+            "uplink            connected — {} over {} since {}{}",
+            l.server,
+            l.transport,
+            ago(now, Some(l.since_ms)),
+            if l.zero_rtt { " (0-RTT)" } else { "" }
+        ),
+        None => println!("uplink            {}", yes_no(uplink)),
+    }
+    if let Some(l) = &link {
+        println!(
+            "uplink history    {} connects, {} silent, {} stalled, {} probes ({} moved), {} failed attempts",
+            l.connects, l.silent, l.stalls, l.probes, l.probe_switches, l.failed_attempts
+        );
+    }
     println!(
         "backlog           {} records, {} bytes",
         stats.backlog_records, stats.backlog_bytes

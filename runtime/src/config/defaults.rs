@@ -35,6 +35,21 @@ pub(super) fn reconnect_max() -> Duration {
 pub(super) fn connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
+pub(super) fn silence_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+pub(super) fn probe_after() -> Duration {
+    Duration::from_secs(1)
+}
+pub(super) fn keepalive() -> Duration {
+    Duration::from_secs(20)
+}
+pub(super) fn stall_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+pub(super) fn quic_retry() -> Duration {
+    Duration::from_secs(300)
+}
 pub(super) fn broker_tls_listen() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 8883))
 }

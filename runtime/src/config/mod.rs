@@ -351,14 +351,22 @@ pub struct OutboxConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// Aggregator address, `host:port` (resolved at each connect).
-    pub server: String,
-    /// Name the aggregator's certificate must carry. Default: the host of `server`.
+    /// Aggregator address, `host:port` (resolved at each connect). Kept for
+    /// configs written before `servers`; both may be given (this one first).
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Aggregator addresses, tried in order: the first that answers is
+    /// used; on failure the next one.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Name the aggregator's certificate must carry. Default: the host of
+    /// each server address.
     #[serde(default)]
     pub server_name: Option<String>,
     /// Fleet CA certificate (PEM).
     pub ca: PathBuf,
-    /// This node's certificate (PEM), issued by the fleet CA.
+    /// This node's certificate (PEM), issued by the fleet CA. Replaced
+    /// files (a renewal) are picked up without a restart.
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
@@ -371,15 +379,38 @@ pub struct UplinkConfig {
     /// Batches sent but not yet acknowledged.
     #[serde(default = "defaults::uplink_max_in_flight")]
     pub max_in_flight: usize,
-    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    /// Shortest wait before reconnecting; the wait grows with the outage
+    /// (a tenth of it), jittered, up to `reconnect_max`.
     #[serde(default = "defaults::reconnect_min", with = "humantime_serde")]
     pub reconnect_min: Duration,
-    /// Longest reconnect delay.
+    /// Longest reconnect wait.
     #[serde(default = "defaults::reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// Handshake deadline.
+    /// Longest handshake (QUIC or TCP/TLS) before trying the next way.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Waiting for an answer (acks, a pong) and hearing nothing for this
+    /// long: the link is dead, reconnect.
+    #[serde(default = "defaults::silence_timeout", with = "humantime_serde")]
+    pub silence_timeout: Duration,
+    /// Waiting for an answer and hearing nothing for this long: try a fresh
+    /// connection alongside (finds a restarted aggregator fast).
+    #[serde(default = "defaults::probe_after", with = "humantime_serde")]
+    pub probe_after: Duration,
+    /// Nothing sent or heard for this long: ping (keeps NAT mappings, finds
+    /// a dead idle link). About 100 bytes per ping and pong.
+    #[serde(default = "defaults::keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// Batches in flight, the aggregator answers pings, but nothing is
+    /// acknowledged for this long: reconnect.
+    #[serde(default = "defaults::stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Fall back to TLS over TCP when QUIC cannot connect (UDP blocked).
+    #[serde(default = "defaults::yes")]
+    pub tcp_fallback: bool,
+    /// While on TCP, try QUIC again this often.
+    #[serde(default = "defaults::quic_retry", with = "humantime_serde")]
+    pub quic_retry: Duration,
 }
 
 /// `[metrics]`
@@ -502,15 +533,19 @@ impl EdgeConfig {
 }
 
 impl UplinkConfig {
-    /// The TLS server name to expect.
-    pub fn server_name(&self) -> String {
+    /// Every aggregator address, `server` first, then `servers`.
+    pub fn server_list(&self) -> Vec<String> {
+        self.server.iter().chain(&self.servers).cloned().collect()
+    }
+
+    /// The name `server`'s certificate must carry.
+    pub fn server_name(&self, server: &str) -> String {
         match &self.server_name {
             Some(n) => n.clone(),
-            None => self
-                .server
+            None => server
                 .rsplit_once(':')
                 .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
-                .unwrap_or_else(|| self.server.clone()),
+                .unwrap_or_else(|| server.to_string()),
         }
     }
 }

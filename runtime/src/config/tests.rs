@@ -18,7 +18,10 @@ fn the_example_config_parses_with_every_key() {
     assert_eq!(c.functions["hot"].config["above"].as_float(), Some(30.0));
     assert_eq!(c.outbox.sync, SyncMode::Full);
     let u = c.uplink.as_ref().unwrap();
-    assert_eq!(u.server_name(), "127.0.0.1");
+    assert_eq!(u.server_list(), vec!["127.0.0.1:7400".to_string()]);
+    assert_eq!(u.server_name(&u.server_list()[0]), "127.0.0.1");
+    assert_eq!(u.silence_timeout, std::time::Duration::from_secs(5));
+    assert!(u.tcp_fallback);
     assert_eq!(c.topic_filters(), vec!["sensors/+/reading".to_string()]);
 }
 
@@ -30,6 +33,30 @@ fn an_empty_config_gets_defaults_and_one_clear_problem() {
     let problems = c.validate().unwrap_err();
     assert_eq!(problems.0.len(), 1, "{problems}");
     assert!(problems.0[0].contains("pipelines"));
+}
+
+#[test]
+fn the_old_server_key_and_the_server_list_combine() {
+    let text = "[uplink]\nserver = \"a:1\"\nservers = [\"b:2\", \"[::1]:3\"]\nca = \"x\"\ncert = \"y\"\nkey = \"z\"\n";
+    let c = EdgeConfig::parse(text, Path::new(".")).unwrap();
+    let u = c.uplink.unwrap();
+    assert_eq!(u.server_list(), vec!["a:1", "b:2", "[::1]:3"]);
+    assert_eq!(u.server_name("[::1]:3"), "::1");
+    let none = EdgeConfig::parse(
+        "[uplink]\nca = \"x\"\ncert = \"y\"\nkey = \"z\"\n",
+        Path::new("."),
+    )
+    .unwrap();
+    let problems = none.validate().unwrap_err().to_string();
+    assert!(problems.contains("servers = [\"host:port\""), "{problems}");
+    let bad = EdgeConfig::parse(
+        "[uplink]\nservers = [\"nope\"]\nprobe_after = \"9s\"\nca = \"x\"\ncert = \"y\"\nkey = \"z\"\n",
+        Path::new("."),
+    )
+    .unwrap();
+    let problems = bad.validate().unwrap_err().to_string();
+    assert!(problems.contains("`nope` is not host:port"), "{problems}");
+    assert!(problems.contains("uplink.probe_after: 9s"), "{problems}");
 }
 
 #[test]

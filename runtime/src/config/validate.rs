@@ -210,8 +210,37 @@ impl EdgeConfig {
             p.push("outbox.tick_interval: must be more than 0".to_string());
         }
         if let Some(u) = &self.uplink {
-            if u.server.rsplit_once(':').is_none() {
-                p.push(format!("uplink.server: `{}` is not host:port", u.server));
+            let servers = u.server_list();
+            if servers.is_empty() {
+                p.push("uplink: give the aggregator's address as `servers = [\"host:port\", ...]` (or `server = \"host:port\"`)".to_string());
+            }
+            for s in &servers {
+                if s.rsplit_once(':')
+                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+                {
+                    p.push(format!("uplink.servers: `{s}` is not host:port"));
+                }
+            }
+            if u.silence_timeout < std::time::Duration::from_millis(500) {
+                p.push(format!(
+                    "uplink.silence_timeout: {:?} is below 500ms",
+                    u.silence_timeout
+                ));
+            }
+            if u.probe_after.is_zero() || u.probe_after > u.silence_timeout {
+                p.push(format!(
+                    "uplink.probe_after: {:?} must be above 0 and at most uplink.silence_timeout ({:?})",
+                    u.probe_after, u.silence_timeout
+                ));
+            }
+            if u.keepalive < std::time::Duration::from_secs(1) {
+                p.push(format!("uplink.keepalive: {:?} is below 1s", u.keepalive));
+            }
+            if u.stall_timeout < u.silence_timeout {
+                p.push(format!(
+                    "uplink.stall_timeout: {:?} is below uplink.silence_timeout ({:?})",
+                    u.stall_timeout, u.silence_timeout
+                ));
             }
             for (key, path) in [("ca", &u.ca), ("cert", &u.cert), ("key", &u.key)] {
                 let path = self.resolve(path);

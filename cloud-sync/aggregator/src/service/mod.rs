@@ -1,317 +1,232 @@
-//! The aggregator's replication service: accepts node connections, identifies the
-//! node by its client certificate, and runs one [`ReceiverSession`] per
+//! The aggregator's replication service: accepts node connections over QUIC
+//! and TLS-over-TCP, identifies the node by its client certificate, refuses
+//! revoked or expired ones, and drives one
+//! [`ServerSession`](fogline_protocol::session::server::ServerSession) per
 //! connection against the [`Store`].
 //!
-//! **Invariants.**
-//! - An `Ack{up_to}` is written only after the store transaction holding
-//!   every record ≤ `up_to` has committed.
-//! - At most one session per node applies at a time: a new connection for a
-//!   node closes the old one (`Superseded`) and waits for its session to
-//!   finish before reading the cursor it sends in `Welcome`. The store's
-//!   "insert only above the cursor" rule makes a replay harmless anyway.
-//! - Batches already buffered when one is read are applied together in one
-//!   transaction (group commit), then acknowledged with one `Ack`.
+//! - [`nodes`]: which connection speaks for a node (takeover at `Hello`).
+//! - [`gate`]: the CRL and validity checks, at the handshake and for
+//!   connections already up.
+//! - `session`: the I/O driver of one connection.
+//!
+//! TLS files (certificate, key, CA, CRL) are watched: when one changes, new
+//! connections use the new material and live connections whose certificate
+//! is now refused are closed (`Unauthorized`), without a restart.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+pub mod gate;
+pub mod nodes;
+mod session;
 
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use crate::store::{Store, StoreError};
-use fogline_protocol::batch::decode_batch;
 use fogline_protocol::frame::ErrorCode;
-use fogline_protocol::server::{regression, HelloInfo, ReceiverSession, SessionError};
-use fogline_protocol::{Frame, Record};
+use fogline_protocol::session::server::ServerConfig;
+use fogline_transport::server::{Incoming, Listener};
+use fogline_transport::TransportError;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
 
-use fogline_transport::framed::{write_frame, FrameReader};
-use fogline_transport::{close_code, TransportError};
+use crate::config::CloudConfig;
+use crate::store::Store;
+use gate::{revoked_serials, Gate};
+use nodes::Nodes;
+use session::Shared;
 
-/// How long a node has after the handshake to send `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most records applied in one transaction when batches queue up.
-const GROUP_RECORDS: usize = 32 * 1024;
-
-/// Why a session ended.
-#[derive(Debug, thiserror::Error)]
-enum SessionEnd {
-    #[error("{0}")]
-    Transport(#[from] TransportError),
-    #[error("{0}")]
-    Session(#[from] SessionError),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("store task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
-    #[error("no Hello within {0:?}")]
-    HelloTimeout(Duration),
+/// The replication listener of the aggregator.
+pub struct Service {
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    gate: Arc<Gate>,
+    config: CloudConfig,
 }
 
-impl SessionEnd {
-    fn code(&self) -> ErrorCode {
-        match self {
-            SessionEnd::Transport(TransportError::Decode(_)) => ErrorCode::Malformed,
-            SessionEnd::Transport(_) => ErrorCode::ProtocolViolation,
-            SessionEnd::Session(e) => e.code(),
-            SessionEnd::Store(_) | SessionEnd::Join(_) => ErrorCode::Internal,
-            SessionEnd::HelloTimeout(_) => ErrorCode::ProtocolViolation,
-        }
-    }
-
-    /// The connection is already gone: nothing to tell the peer.
-    fn is_disconnect(&self) -> bool {
-        matches!(
-            self,
-            SessionEnd::Transport(
-                TransportError::ConnectionLost(_)
-                    | TransportError::Closed { .. }
-                    | TransportError::StreamFinished
-            )
-        )
-    }
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Per-node slot: the current connection and the lock its session holds.
-#[derive(Default)]
-struct NodeSlot {
-    current: Mutex<Option<quinn::Connection>>,
-    session: tokio::sync::Mutex<()>,
-}
-
-/// The QUIC listener of the aggregator.
-pub struct QuicServer {
-    endpoint: quinn::Endpoint,
-    store: Arc<dyn Store>,
-    nodes: Arc<Mutex<HashMap<String, Arc<NodeSlot>>>>,
-}
-
-impl QuicServer {
-    /// Binds `listen` with the given TLS configuration.
-    pub fn bind(
-        listen: SocketAddr,
-        config: quinn::ServerConfig,
-        store: Arc<dyn Store>,
-    ) -> Result<Self, TransportError> {
-        let endpoint =
-            quinn::Endpoint::server(config, listen).map_err(|source| TransportError::Bind {
-                addr: listen.to_string(),
-                source,
-            })?;
-        Ok(Self {
-            endpoint,
+impl Service {
+    /// Loads the TLS material and the CRL and binds QUIC (and TCP if
+    /// enabled).
+    pub async fn bind(config: &CloudConfig, store: Arc<dyn Store>) -> Result<Self, TransportError> {
+        let tls = config.tls.server_tls();
+        let gate = Gate::default();
+        gate.set(revoked_serials(config.tls.crl.as_deref())?);
+        let listener = Listener::bind(config.quic.listen, config.tcp_listen(), &tls).await?;
+        let limits = &config.limits;
+        let budget_bytes = limits.total_pending_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let shared = Shared {
             store,
-            nodes: Arc::default(),
+            nodes: Arc::new(Nodes::default()),
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            session: ServerConfig {
+                hello_timeout: limits.hello_timeout,
+                idle_timeout: limits.idle_timeout,
+                max_pending_bytes: limits.node_pending_bytes,
+                group_records: limits.group_records,
+                group_bytes: limits.node_pending_bytes.min(32 * 1024 * 1024),
+            },
+        };
+        Ok(Self {
+            listener: Arc::new(listener),
+            shared: Arc::new(shared),
+            gate: Arc::new(gate),
+            config: config.clone(),
         })
     }
 
-    /// The bound address (useful with port 0).
-    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.endpoint
-            .local_addr()
-            .map_err(|source| TransportError::Bind {
-                addr: "local address".into(),
-                source,
-            })
+    /// The bound QUIC (UDP) address.
+    pub fn quic_addr(&self) -> Result<std::net::SocketAddr, TransportError> {
+        self.listener.quic_addr()
+    }
+
+    /// The bound TCP address, if TCP is served.
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.tcp_addr()
+    }
+
+    /// The live node connections.
+    pub fn nodes(&self) -> Arc<Nodes> {
+        self.shared.nodes.clone()
     }
 
     /// Accepts connections until `shutdown` flips, then closes every
     /// connection with `ShuttingDown` and waits briefly for them to go.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        let reload = tokio::spawn(watch_tls(
+            self.config.clone(),
+            self.listener.clone(),
+            self.gate.clone(),
+            self.shared.nodes.clone(),
+            shutdown.clone(),
+        ));
+        let handshake_timeout = self.config.limits.hello_timeout;
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.changed() => break,
-                i = self.endpoint.accept() => match i {
+                i = self.listener.accept() => match i {
                     Some(i) => i,
                     None => break,
                 },
             };
-            let store = self.store.clone();
-            let nodes = self.nodes.clone();
-            tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => serve_connection(conn, store, nodes).await,
-                    Err(e) => {
-                        metrics::counter!("fogline_cloud_connections_rejected_total").increment(1);
-                        warn!(%remote, error = %e, "Rejected a connection during the handshake.");
-                    }
-                }
-            });
+            // Reap finished connection tasks as we go.
+            while conns.try_join_next().is_some() {}
+            let (shared, gate) = (self.shared.clone(), self.gate.clone());
+            conns.spawn(accept(incoming, handshake_timeout, shared, gate));
         }
-        self.endpoint.close(
-            close_code(ErrorCode::ShuttingDown),
-            b"aggregator shutting down",
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        reload.abort();
+        self.shared.nodes.close_where(ErrorCode::ShuttingDown, |_| {
+            Some("aggregator shutting down".into())
+        });
+        self.listener
+            .close(
+                ErrorCode::ShuttingDown,
+                "aggregator shutting down",
+                Duration::from_secs(2),
+            )
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
     }
 }
 
-fn peer_node_id(conn: &quinn::Connection) -> Result<String, String> {
-    let identity = conn.peer_identity().ok_or("no client certificate")?;
-    let certs = identity
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| "unexpected peer identity type")?;
-    let leaf = certs.first().ok_or("empty certificate chain")?;
-    fogline_transport::identity::node_id_from_der(leaf).map_err(|e| e.to_string())
-}
-
-async fn serve_connection(
-    conn: quinn::Connection,
-    store: Arc<dyn Store>,
-    nodes: Arc<Mutex<HashMap<String, Arc<NodeSlot>>>>,
-) {
-    let remote = conn.remote_address();
-    let node = match peer_node_id(&conn) {
-        Ok(n) => n,
-        Err(reason) => {
-            metrics::counter!("fogline_cloud_connections_rejected_total").increment(1);
-            warn!(%remote, %reason, "Rejected a node: unusable client certificate.");
-            conn.close(close_code(ErrorCode::Unauthorized), reason.as_bytes());
-            return;
-        }
-    };
-    let slot = match nodes.lock() {
-        Ok(mut map) => map.entry(node.clone()).or_default().clone(),
-        Err(_) => {
-            conn.close(close_code(ErrorCode::Internal), b"internal error");
-            return;
-        }
-    };
-    // Take over: close the previous connection of this node, then wait for
-    // its session to finish so the cursor we read is final.
-    if let Ok(mut current) = slot.current.lock() {
-        if let Some(old) = current.replace(conn.clone()) {
-            info!(%node, old = %old.remote_address(), new = %remote, "Node reconnected; closing its previous connection.");
-            old.close(
-                close_code(ErrorCode::Superseded),
-                b"a newer connection of this node took over",
-            );
-        }
-    }
-    let guard = slot.session.lock().await;
-    if conn.close_reason().is_some() {
-        return; // superseded while waiting
-    }
-    info!(%node, %remote, "Node connected.");
-    metrics::gauge!("fogline_cloud_connected_nodes").increment(1.0);
-    let result = run_session(&conn, &node, store).await;
-    metrics::gauge!("fogline_cloud_connected_nodes").decrement(1.0);
-    match result {
-        Ok(()) => info!(%node, %remote, "Node disconnected."),
-        Err(e) if e.is_disconnect() => info!(%node, %remote, reason = %e, "Node disconnected."),
+async fn accept(incoming: Incoming, timeout: Duration, shared: Arc<Shared>, gate: Arc<Gate>) {
+    let remote = incoming.remote_address();
+    let transport = incoming.transport();
+    let accepted = match incoming.handshake(timeout).await {
+        Ok(a) => a,
         Err(e) => {
-            metrics::counter!("fogline_cloud_sessions_failed_total", "code" => e.code().name())
+            metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "handshake")
                 .increment(1);
-            warn!(%node, %remote, error = %e, "Closing the node's connection.");
-            conn.close(close_code(e.code()), e.to_string().as_bytes());
-        }
-    }
-    drop(guard);
-    if let Ok(mut current) = slot.current.lock() {
-        if current
-            .as_ref()
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            *current = None;
+            warn!(%remote, transport = transport.name(), error = %e, "Rejected a connection during the handshake.");
+            return;
         }
     };
+    // rustls checked the chain and the CRL; resumed sessions skip that, and
+    // the CRL may have changed since: check again.
+    if let Some(reason) = gate.refuse(&accepted.peer, now_s()) {
+        metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "certificate")
+            .increment(1);
+        warn!(%remote, node = %accepted.peer.node_id, %reason, "Rejected a node.");
+        refuse(accepted.conn, ErrorCode::Unauthorized, &reason).await;
+        return;
+    }
+    session::serve(shared, accepted.conn, accepted.peer).await;
 }
 
-async fn run_session(
-    conn: &quinn::Connection,
-    node: &str,
-    store: Arc<dyn Store>,
-) -> Result<(), SessionEnd> {
-    let (mut send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| SessionEnd::HelloTimeout(HELLO_TIMEOUT))?
-        .map_err(TransportError::from_connection)?;
-    let mut reader = FrameReader::new(recv);
-    let mut session = ReceiverSession::new(node);
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.next())
-        .await
-        .map_err(|_| SessionEnd::HelloTimeout(HELLO_TIMEOUT))??;
-    let Frame::Hello {
-        protocol_version,
-        agent,
-        incarnation,
-        next_seq,
-        acked,
-        epoch,
-        epoch_start,
-    } = hello
-    else {
-        session.on_other(&hello)?;
-        return Ok(());
-    };
-    let info = HelloInfo {
-        incarnation,
-        next_seq,
-        acked,
-        epoch,
-        epoch_start,
-    };
-    let stored = {
-        let (store, node) = (store.clone(), node.to_string());
-        tokio::task::spawn_blocking(move || store.cursor(&node)).await??
-    };
-    let welcome = session.on_hello(protocol_version, info, stored)?;
-    if let Some(r) = regression(stored, info) {
-        // The store forgot records it acknowledged to this very outbox (a
-        // restore from backup). The edge deleted them: they cannot come back.
-        // Keep the loss on record and go on (ARCHITECTURE.md I-9).
-        metrics::counter!("fogline_cloud_cursor_regressions_total").increment(1);
-        metrics::counter!("fogline_cloud_records_lost_total").increment(r.to - r.from + 1);
-        tracing::error!(node, from = r.from, to = r.to, cursor = stored.seq, acknowledged = acked, "The store is behind what it acknowledged to this node (restored from a backup?): records {}..={} are lost; recorded as a gap.", r.from, r.to);
-        let (store, node) = (store.clone(), node.to_string());
-        let now = fogline_telemetry::clock::now_ms();
-        tokio::task::spawn_blocking(move || store.record_gap(&node, r.from, r.to, now)).await??;
+/// Closes a connection with `code`: QUIC carries it in CONNECTION_CLOSE,
+/// TCP in an `Error` frame.
+async fn refuse(mut conn: fogline_transport::conn::Connection, code: ErrorCode, reason: &str) {
+    if conn.handle.transport() == fogline_transport::Transport::Tcp {
+        let _ = conn.writer.queue(&fogline_protocol::Frame::Error {
+            code,
+            message: reason.to_string(),
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.writer.flush()).await;
+        conn.writer.shutdown().await;
     }
-    write_frame(&mut send, &welcome).await?;
-    debug!(node, %agent, cursor = stored.seq, incarnation, "Sent Welcome.");
+    conn.handle.close(code, reason);
+}
 
+/// Size and modification time of each TLS file: a change means reload.
+fn fingerprint(config: &CloudConfig) -> Vec<Option<(u64, SystemTime)>> {
+    let t = &config.tls;
+    [Some(&t.ca), Some(&t.cert), Some(&t.key), t.crl.as_ref()]
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(p?).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+/// Polls the TLS files every `reload_every`; on a change, swaps the
+/// listener's TLS configuration and the gate's CRL. Every tick, closes live
+/// connections whose certificate is now refused (revoked or expired).
+async fn watch_tls(
+    config: CloudConfig,
+    listener: Arc<Listener>,
+    gate: Arc<Gate>,
+    nodes: Arc<Nodes>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = config.tls.reload_every.max(Duration::from_millis(100));
+    let mut seen = fingerprint(&config);
     loop {
-        let first = reader.next().await?;
-        let mut group: Vec<Record> = Vec::new();
-        let mut last_seq = 0;
-        let mut skipped = 0;
-        let mut frame = Some(first);
-        while let Some(f) = frame.take() {
-            let Frame::Batch(batch) = f else {
-                session.on_other(&f)?;
-                return Ok(());
-            };
-            session.check_batch(&batch)?;
-            let records = decode_batch(&batch).map_err(TransportError::from)?;
-            let accepted = session.on_batch(&batch, records)?;
-            skipped += accepted.skipped;
-            last_seq = accepted.last_seq;
-            group.extend(accepted.to_apply);
-            if group.len() < GROUP_RECORDS {
-                frame = reader.buffered_frame()?;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = fingerprint(&config);
+        if now != seen {
+            // Files are often written one after the other: let a rotation
+            // settle before loading it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let tls = config.tls.server_tls();
+            let loaded = revoked_serials(config.tls.crl.as_deref())
+                .and_then(|revoked| listener.reload(&tls).map(|()| revoked));
+            match loaded {
+                Ok(revoked) => {
+                    info!(revoked = revoked.len(), "Reloaded TLS material.");
+                    metrics::counter!("fogline_cloud_tls_reloads_total").increment(1);
+                    gate.set(revoked);
+                    seen = fingerprint(&config);
+                }
+                Err(e) => {
+                    // Keep serving with what was loaded before; retry next tick.
+                    metrics::counter!("fogline_cloud_tls_reload_failures_total").increment(1);
+                    warn!(error = %e, "TLS files changed but cannot be loaded; keeping the previous ones.");
+                }
             }
         }
-        let started = Instant::now();
-        let outcome = {
-            let (store, node) = (store.clone(), node.to_string());
-            let now = fogline_telemetry::clock::now_ms();
-            let outbox = session.outbox();
-            tokio::task::spawn_blocking(move || store.apply(&node, outbox, &group, last_seq, now))
-                .await??
-        };
-        metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("fogline_cloud_records_applied_total").increment(outcome.inserted as u64);
-        metrics::counter!("fogline_cloud_records_skipped_total")
-            .increment((outcome.skipped + skipped) as u64);
-        write_frame(
-            &mut send,
-            &Frame::Ack {
-                up_to: outcome.cursor,
-            },
-        )
-        .await?;
+        let at = now_s();
+        nodes.close_where(ErrorCode::Unauthorized, |peer| gate.refuse(peer, at));
     }
 }

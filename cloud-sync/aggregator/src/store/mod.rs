@@ -11,8 +11,8 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
-use fogline_protocol::server::StoredCursor;
-use fogline_protocol::Record;
+use fogline_protocol::session::StoredCursor;
+use fogline_protocol::DecodedBatch;
 
 /// Largest `limit` accepted by [`Store::records`].
 pub const MAX_QUERY_LIMIT: usize = 10_000;
@@ -105,16 +105,16 @@ pub struct NodeSummary {
 /// Storage for applied records and per-node cursors. Methods block: call them
 /// from `spawn_blocking`.
 pub trait Store: Send + Sync + 'static {
-    /// Applies records (ascending by seq) for `node` in one transaction:
-    /// inserts those above the cursor, advances the cursor to
-    /// `max(cursor, last_seq)`, commits. `now_ms` stamps `received_ms`.
-    /// `outbox` (the edge outbox's incarnation and epoch) is recorded with
-    /// the cursor.
+    /// Applies decoded batches (each ascending by seq, each after the one
+    /// before) for `node` in one transaction: inserts the records above the
+    /// cursor, advances the cursor to `max(cursor, last_seq)`, commits.
+    /// `now_ms` stamps `received_ms`. `outbox` (the edge outbox's
+    /// incarnation and epoch) is recorded with the cursor.
     fn apply(
         &self,
         node: &str,
         outbox: (u64, u64),
-        records: &[Record],
+        batches: &[DecodedBatch],
         last_seq: u64,
         now_ms: u64,
     ) -> Result<ApplyOutcome, StoreError>;

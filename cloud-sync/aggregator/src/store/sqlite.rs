@@ -8,8 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     ApplyOutcome, NodeSummary, RecordQuery, Store, StoreError, StoredRecord, MAX_QUERY_LIMIT,
 };
-use fogline_protocol::server::StoredCursor;
-use fogline_protocol::Record;
+use fogline_protocol::session::StoredCursor;
+use fogline_protocol::DecodedBatch;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -147,7 +147,7 @@ impl Store for SqliteStore {
         &self,
         node: &str,
         (incarnation, epoch): (u64, u64),
-        records: &[Record],
+        batches: &[DecodedBatch],
         last_seq: u64,
         now_ms: u64,
     ) -> Result<ApplyOutcome, StoreError> {
@@ -165,7 +165,7 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(err("prepare insert"))?;
-            for r in records {
+            for r in batches.iter().flat_map(DecodedBatch::iter) {
                 if r.seq <= cursor {
                     skipped += 1;
                     continue;
@@ -298,7 +298,16 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use fogline_protocol::{decode_batch, encode_batch, Record};
     use fogline_testkit::samples::sample_readings;
+
+    /// The records as one decoded batch (none for an empty slice).
+    fn b(records: &[Record]) -> Vec<DecodedBatch> {
+        if records.is_empty() {
+            return Vec::new();
+        }
+        vec![decode_batch(&encode_batch(records, 3).unwrap()).unwrap()]
+    }
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -324,18 +333,23 @@ mod tests {
         let (_d, s) = store();
         let recs = sample_readings(30, 3, 7);
         assert_eq!(s.cursor("n1").unwrap().seq, 0);
-        let a = s.apply("n1", (9, 1), &recs[..10], 10, 1).unwrap();
+        let a = s.apply("n1", (9, 1), &b(&recs[..10]), 10, 1).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (10, 10, 0));
         // Same batch again: nothing inserted.
-        let a = s.apply("n1", (9, 1), &recs[..10], 10, 2).unwrap();
+        let a = s.apply("n1", (9, 1), &b(&recs[..10]), 10, 2).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (10, 0, 10));
         // Overlapping batch 6..=20: only 11..=20 inserted.
-        let a = s.apply("n1", (9, 1), &recs[5..20], 20, 3).unwrap();
+        let a = s.apply("n1", (9, 1), &b(&recs[5..20]), 20, 3).unwrap();
         assert_eq!((a.cursor, a.inserted, a.skipped), (20, 10, 5));
         assert_eq!(all(&s, "n1"), (1..=20).collect::<Vec<_>>());
         // Other nodes are independent.
         assert_eq!(s.cursor("n2").unwrap().seq, 0);
-        assert_eq!(s.apply("n2", (9, 1), &recs[..3], 3, 4).unwrap().inserted, 3);
+        assert_eq!(
+            s.apply("n2", (9, 1), &b(&recs[..3]), 3, 4)
+                .unwrap()
+                .inserted,
+            3
+        );
         let nodes = s.nodes().unwrap();
         assert_eq!(nodes.len(), 2);
         assert_eq!(
@@ -364,7 +378,7 @@ mod tests {
         let recs = sample_readings(10, 2, 1);
         {
             let s = SqliteStore::open(&path).unwrap();
-            s.apply("n1", (9, 1), &recs[..4], 4, 1).unwrap();
+            s.apply("n1", (9, 1), &b(&recs[..4]), 4, 1).unwrap();
             assert_eq!(s.cursor("n1").unwrap().seq, 4);
             // Reading does not move it.
             let _ = s.records(&RecordQuery {
@@ -379,9 +393,9 @@ mod tests {
         assert_eq!(s.cursor("n1").unwrap().seq, 4);
         // A batch whose records were all skipped can still advance the cursor
         // over a gap (seqs are not dense).
-        let a = s.apply("n1", (9, 1), &[], 7, 2).unwrap();
+        let a = s.apply("n1", (9, 1), &b(&[]), 7, 2).unwrap();
         assert_eq!(a.cursor, 7);
-        let a = s.apply("n1", (9, 1), &recs[4..], 10, 3).unwrap();
+        let a = s.apply("n1", (9, 1), &b(&recs[4..]), 10, 3).unwrap();
         assert_eq!((a.inserted, a.skipped), (3, 3));
     }
 
@@ -389,7 +403,7 @@ mod tests {
     fn records_query_filters_by_stream_after_and_limit() {
         let (_d, s) = store();
         let recs = sample_readings(20, 2, 3); // streams sensors/s0, sensors/s1 alternating
-        s.apply("n1", (9, 1), &recs, 20, 9).unwrap();
+        s.apply("n1", (9, 1), &b(&recs), 20, 9).unwrap();
         let q = |stream: Option<&str>, after_seq, limit| {
             s.records(&RecordQuery {
                 node: "n1".into(),

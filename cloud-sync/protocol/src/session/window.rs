@@ -1,8 +1,6 @@
-//! Sender (edge) side of a session, without I/O.
-//!
-//! Tracks the cumulative ack, the batches in flight and what may be sent next.
-//! The transport calls [`SenderState::check_send`] before writing a batch,
-//! [`SenderState::on_sent`] after, and [`SenderState::on_ack`] for each Ack frame.
+//! The sender's window: the cumulative ack, the batches in flight and what
+//! may be sent next. [`Window::check_send`] before writing a batch,
+//! [`Window::on_sent`] after, and [`Window::on_ack`] for each `Ack`.
 
 use std::collections::VecDeque;
 
@@ -19,7 +17,7 @@ pub struct InFlight {
 
 /// The peer or the caller broke the sender's rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SenderError {
+pub enum WindowError {
     /// The window of in-flight batches is full; wait for an ack.
     #[error("{in_flight} batches in flight, window is {window}")]
     WindowFull {
@@ -75,16 +73,16 @@ pub struct AckProgress {
     pub records: usize,
 }
 
-/// Sender session state.
+/// The window of one session.
 #[derive(Debug, Clone)]
-pub struct SenderState {
+pub struct Window {
     acked: u64,
     last_sent: u64,
     in_flight: VecDeque<InFlight>,
     window: usize,
 }
 
-impl SenderState {
+impl Window {
     /// A session that starts from the aggregator's Welcome `cursor`, allowing
     /// `window` (≥ 1) batches in flight.
     pub fn new(cursor: u64, window: usize) -> Self {
@@ -117,21 +115,21 @@ impl SenderState {
     }
 
     /// Checks that a batch spanning `first_seq..=last_seq` may be sent now.
-    pub fn check_send(&self, first_seq: u64, last_seq: u64) -> Result<(), SenderError> {
+    pub fn check_send(&self, first_seq: u64, last_seq: u64) -> Result<(), WindowError> {
         if last_seq < first_seq {
-            return Err(SenderError::Inverted {
+            return Err(WindowError::Inverted {
                 first_seq,
                 last_seq,
             });
         }
         if first_seq <= self.last_sent {
-            return Err(SenderError::NotAfterSent {
+            return Err(WindowError::NotAfterSent {
                 first_seq,
                 last_sent: self.last_sent,
             });
         }
         if !self.has_room() {
-            return Err(SenderError::WindowFull {
+            return Err(WindowError::WindowFull {
                 in_flight: self.in_flight.len(),
                 window: self.window,
             });
@@ -140,7 +138,7 @@ impl SenderState {
     }
 
     /// Records that a batch was written. Call only after [`Self::check_send`] succeeded.
-    pub fn on_sent(&mut self, batch: InFlight) -> Result<(), SenderError> {
+    pub fn on_sent(&mut self, batch: InFlight) -> Result<(), WindowError> {
         self.check_send(batch.first_seq, batch.last_seq)?;
         self.last_sent = batch.last_seq;
         self.in_flight.push_back(batch);
@@ -149,15 +147,15 @@ impl SenderState {
 
     /// Applies a cumulative ack. An ack equal to the current one is accepted and
     /// releases nothing; one below it or beyond what was sent is a protocol error.
-    pub fn on_ack(&mut self, up_to: u64) -> Result<AckProgress, SenderError> {
+    pub fn on_ack(&mut self, up_to: u64) -> Result<AckProgress, WindowError> {
         if up_to < self.acked {
-            return Err(SenderError::AckBackwards {
+            return Err(WindowError::AckBackwards {
                 up_to,
                 acked: self.acked,
             });
         }
         if up_to > self.last_sent {
-            return Err(SenderError::AckBeyondSent {
+            return Err(WindowError::AckBeyondSent {
                 up_to,
                 last_sent: self.last_sent,
             });
@@ -194,12 +192,12 @@ mod tests {
 
     #[test]
     fn window_and_cumulative_acks() {
-        let mut s = SenderState::new(10, 2);
+        let mut s = Window::new(10, 2);
         s.on_sent(b(11, 20)).unwrap();
         s.on_sent(b(25, 30)).unwrap();
         assert!(matches!(
             s.check_send(31, 40),
-            Err(SenderError::WindowFull {
+            Err(WindowError::WindowFull {
                 in_flight: 2,
                 window: 2
             })
@@ -218,29 +216,29 @@ mod tests {
 
     #[test]
     fn bad_acks_and_sends_are_errors() {
-        let mut s = SenderState::new(10, 4);
+        let mut s = Window::new(10, 4);
         assert!(matches!(
             s.check_send(10, 12),
-            Err(SenderError::NotAfterSent { .. })
+            Err(WindowError::NotAfterSent { .. })
         ));
         assert!(matches!(
             s.check_send(13, 12),
-            Err(SenderError::Inverted { .. })
+            Err(WindowError::Inverted { .. })
         ));
         s.on_sent(b(11, 20)).unwrap();
         assert!(matches!(
             s.on_ack(21),
-            Err(SenderError::AckBeyondSent { .. })
+            Err(WindowError::AckBeyondSent { .. })
         ));
-        assert!(matches!(s.on_ack(9), Err(SenderError::AckBackwards { .. })));
+        assert!(matches!(s.on_ack(9), Err(WindowError::AckBackwards { .. })));
         s.on_ack(20).unwrap();
         assert!(matches!(
             s.on_ack(15),
-            Err(SenderError::AckBackwards { .. })
+            Err(WindowError::AckBackwards { .. })
         ));
         assert!(matches!(
             s.on_sent(b(15, 25)),
-            Err(SenderError::NotAfterSent { .. })
+            Err(WindowError::NotAfterSent { .. })
         ));
     }
 }

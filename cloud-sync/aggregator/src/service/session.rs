@@ -1,0 +1,238 @@
+//! Drives one node connection: moves frames between the transport and a
+//! [`ServerSession`], and runs what the session asks of the store on
+//! blocking threads. The policy (what to apply, when to ack, when to give
+//! up) is the session's; this file only does I/O.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fogline_protocol::batch::decode_batch;
+use fogline_protocol::frame::ErrorCode;
+use fogline_protocol::session::server::{ApplyRequest, ServerAction, ServerSession};
+use fogline_protocol::session::{Regression, StoredCursor};
+use fogline_protocol::Frame;
+use fogline_transport::conn::Connection;
+use fogline_transport::identity::PeerIdentity;
+use fogline_transport::{Transport, TransportError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::nodes::{Nodes, Turn};
+use crate::store::{ApplyOutcome, Store};
+
+/// What every session shares.
+pub(super) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub nodes: Arc<Nodes>,
+    /// Bytes of batches being decoded and applied, over all nodes.
+    pub budget: Arc<Semaphore>,
+    pub budget_bytes: usize,
+    pub session: fogline_protocol::session::server::ServerConfig,
+}
+
+type Task<T> = JoinHandle<Result<T, String>>;
+
+/// Resolves a task slot, or never when it is empty.
+async fn join<T>(slot: &mut Option<Task<T>>) -> Result<T, String> {
+    match slot {
+        Some(t) => {
+            let r = t
+                .await
+                .unwrap_or_else(|e| Err(format!("store task failed: {e}")));
+            *slot = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves `conn` for `peer` until either side ends it.
+pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdentity) {
+    let Connection {
+        mut reader,
+        mut writer,
+        handle,
+    } = conn;
+    let node = peer.node_id.clone();
+    let remote = handle.remote_address();
+    let transport = handle.transport();
+    let mut session = ServerSession::new(&node, shared.session.clone(), Instant::now());
+    let mut turn: Option<Turn> = None;
+    let mut cursor_task: Option<Task<StoredCursor>> = None;
+    let mut apply_task: Option<Task<ApplyOutcome>> = None;
+    let mut applied_records = 0u64;
+    metrics::gauge!("fogline_cloud_connections", "transport" => transport.name()).increment(1.0);
+
+    // Why the connection ends, and whether the peer must be told.
+    let end: (ErrorCode, String, bool) = 'session: loop {
+        while let Some(action) = session.poll_action() {
+            match action {
+                ServerAction::Send(frame) => {
+                    if let Err(e) = writer.queue(&frame) {
+                        session.close(ErrorCode::Internal, e.to_string());
+                    }
+                }
+                ServerAction::ReadCursor => {
+                    let now_ms = fogline_telemetry::clock::now_ms();
+                    // Waits for the node's previous session to let go, so
+                    // the cursor read is final.
+                    turn = shared.nodes.take_over(&peer, &handle, now_ms).await;
+                    if turn.is_none() {
+                        break 'session (ErrorCode::Superseded, "superseded".into(), false);
+                    }
+                    info!(%node, %remote, transport = transport.name(), "Node connected.");
+                    let (store, n) = (shared.store.clone(), node.clone());
+                    cursor_task = Some(tokio::task::spawn_blocking(move || {
+                        store.cursor(&n).map_err(|e| e.to_string())
+                    }));
+                }
+                ServerAction::RecordGap(r) => {
+                    if let Err(e) = record_gap(&shared, &node, r).await {
+                        session.close(ErrorCode::Internal, format!("store: {e}"));
+                    }
+                }
+                ServerAction::Apply(req) => {
+                    apply_task = Some(spawn_apply(&shared, &node, req));
+                }
+                ServerAction::Close { code, reason } => break 'session (code, reason, true),
+            }
+        }
+        let flushed = tokio::select! {
+            r = writer.flush() => r,
+            c = handle.close_requested() => break 'session (c.0, c.1, false),
+        };
+        if let Err(e) = flushed {
+            break 'session (ErrorCode::Ok, handle.explain(e).to_string(), false);
+        }
+        let deadline = session.poll_timeout();
+        tokio::select! {
+            frame = reader.next(), if session.wants_read() => match frame {
+                Ok(frame) => {
+                    session.handle_frame(frame, Instant::now());
+                    if let Some(v) = session.peer_version() {
+                        reader.set_peer_version(v);
+                    }
+                }
+                Err(TransportError::Decode(e)) => {
+                    session.close(ErrorCode::Malformed, format!("malformed frame: {e}"));
+                }
+                Err(e) => break 'session (ErrorCode::Ok, handle.explain(e).to_string(), false),
+            },
+            r = join(&mut cursor_task) => session.handle_cursor(r, Instant::now()),
+            r = join(&mut apply_task) => {
+                let r = r.map(|o| {
+                    applied_records += o.inserted as u64;
+                    o.cursor
+                });
+                session.handle_applied(r, Instant::now());
+            }
+            _ = sleep_until(deadline) => session.handle_timeout(Instant::now()),
+            c = handle.close_requested() => break 'session (c.0, c.1, false),
+        }
+    };
+
+    // An apply already started commits or fails before the node's turn is
+    // released: the next session must read a final cursor.
+    if apply_task.is_some() {
+        let _ = join(&mut apply_task).await;
+    }
+    let (code, reason, tell) = end;
+    if tell {
+        if code == ErrorCode::Ok {
+            debug!(%node, %remote, %reason, "Session ended.");
+        } else {
+            metrics::counter!("fogline_cloud_sessions_failed_total", "code" => code.name())
+                .increment(1);
+            warn!(%node, %remote, %code, %reason, "Closing the node's connection.");
+        }
+        if transport == Transport::Tcp {
+            let _ = writer.queue(&Frame::Error {
+                code,
+                message: reason.clone(),
+            });
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.flush()).await;
+        handle.close(code, &reason);
+    } else if transport == Transport::Tcp && handle.close_requested_now().is_some() {
+        // Closed from elsewhere (takeover, revocation): TCP carries the code
+        // in an Error frame.
+        if let Some((code, message)) = handle.close_requested_now() {
+            let _ = writer.queue(&Frame::Error { code, message });
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.flush()).await;
+        }
+    }
+    writer.shutdown().await;
+    metrics::gauge!("fogline_cloud_connections", "transport" => transport.name()).decrement(1.0);
+    if turn.is_some() {
+        info!(%node, %remote, applied = applied_records, %reason, "Node disconnected.");
+    }
+    drop(turn);
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The store forgot records it acknowledged to this very outbox (restored
+/// from a backup). The edge deleted them: they cannot come back. The loss is
+/// kept on record before anything else happens (ARCHITECTURE.md I-9).
+async fn record_gap(shared: &Shared, node: &str, r: Regression) -> Result<(), String> {
+    metrics::counter!("fogline_cloud_cursor_regressions_total").increment(1);
+    metrics::counter!("fogline_cloud_records_lost_total").increment(r.to - r.from + 1);
+    tracing::error!(
+        node,
+        from = r.from,
+        to = r.to,
+        "The store is behind what it acknowledged to this node (restored from a backup?): records {}..={} are lost; recorded as a gap.",
+        r.from,
+        r.to
+    );
+    let (store, node) = (shared.store.clone(), node.to_string());
+    let now = fogline_telemetry::clock::now_ms();
+    tokio::task::spawn_blocking(move || store.record_gap(&node, r.from, r.to, now))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Waits for its share of the global budget (first come, first served),
+/// then decodes and applies on a blocking thread: zstd and record parsing
+/// never run on an async worker.
+fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutcome> {
+    let (store, budget, node) = (
+        shared.store.clone(),
+        shared.budget.clone(),
+        node.to_string(),
+    );
+    let want = req.memory_bytes.clamp(1, shared.budget_bytes);
+    let permits = u32::try_from(want).unwrap_or(u32::MAX);
+    tokio::spawn(async move {
+        let _permit = budget
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|e| format!("budget: {e}"))?;
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let decoded = req
+                .batches
+                .iter()
+                .map(decode_batch)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("batch of node {node}: {e}"))?;
+            let now = fogline_telemetry::clock::now_ms();
+            store
+                .apply(&node, req.outbox, &decoded, req.last_seq, now)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("store task failed: {e}"))??;
+        metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("fogline_cloud_records_applied_total").increment(outcome.inserted as u64);
+        metrics::counter!("fogline_cloud_records_skipped_total").increment(outcome.skipped as u64);
+        Ok(outcome)
+    })
+}

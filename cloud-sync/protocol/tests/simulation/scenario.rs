@@ -1,0 +1,225 @@
+//! A simulation scenario: traffic, link and faults, drawn from a seed, and
+//! serialisable so that a shrunk failure can be committed as a regression.
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Everything one simulated run depends on. The run itself is a pure
+/// function of this value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scenario {
+    /// Seeds the link, store and edge random streams.
+    pub seed: u64,
+    /// Records the sensors produce into the outbox.
+    pub records: u32,
+    /// Streams they are spread over.
+    pub streams: u32,
+    /// Production is spread over this long (ms); 0: all at once.
+    pub produce_over_ms: u64,
+    /// One-way latency range (ms).
+    pub latency_ms: (u64, u64),
+    /// Per frame: probability that it is lost once on the wire and
+    /// retransmitted (it, and what follows it, arrive late).
+    pub loss: f64,
+    /// Batches in flight.
+    pub window: usize,
+    /// Records per batch.
+    pub batch_records: usize,
+    /// What goes wrong, and when.
+    pub faults: Vec<Fault>,
+}
+
+/// One fault, starting `at_ms` after the run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Fault {
+    /// The link holds every packet for `for_ms` (a dead spot): nothing is
+    /// lost, everything is late; sessions decide whether to give up.
+    Cut {
+        /// Start.
+        at_ms: u64,
+        /// Length.
+        for_ms: u64,
+    },
+    /// UDP is dropped for `for_ms` (a network that blocks it): QUIC
+    /// connections die, QUIC attempts fail, TCP works.
+    UdpBlocked {
+        /// Start.
+        at_ms: u64,
+        /// Length.
+        for_ms: u64,
+    },
+    /// The edge loses power; it comes back after `down_ms` with its outbox.
+    EdgeRestart {
+        /// Start.
+        at_ms: u64,
+        /// Down time.
+        down_ms: u64,
+    },
+    /// The aggregator is killed; it comes back after `down_ms` with its store.
+    AggregatorRestart {
+        /// Start.
+        at_ms: u64,
+        /// Down time.
+        down_ms: u64,
+    },
+    /// Every store operation fails for `for_ms` (full disk).
+    StoreFailing {
+        /// Start.
+        at_ms: u64,
+        /// Length.
+        for_ms: u64,
+    },
+    /// Store operations hang for `for_ms` (a stuck disk); pings are still
+    /// answered.
+    StoreStall {
+        /// Start.
+        at_ms: u64,
+        /// Length.
+        for_ms: u64,
+    },
+    /// The current connection is torn down (a NAT rebinding, a middlebox).
+    DropConnection {
+        /// When.
+        at_ms: u64,
+    },
+}
+
+impl Fault {
+    /// When it starts.
+    pub fn at_ms(&self) -> u64 {
+        match *self {
+            Fault::Cut { at_ms, .. }
+            | Fault::UdpBlocked { at_ms, .. }
+            | Fault::EdgeRestart { at_ms, .. }
+            | Fault::AggregatorRestart { at_ms, .. }
+            | Fault::StoreFailing { at_ms, .. }
+            | Fault::StoreStall { at_ms, .. }
+            | Fault::DropConnection { at_ms } => at_ms,
+        }
+    }
+
+    /// When it is over.
+    pub fn end_ms(&self) -> u64 {
+        match *self {
+            Fault::Cut { at_ms, for_ms }
+            | Fault::UdpBlocked { at_ms, for_ms }
+            | Fault::StoreFailing { at_ms, for_ms }
+            | Fault::StoreStall { at_ms, for_ms } => at_ms + for_ms,
+            Fault::EdgeRestart { at_ms, down_ms } | Fault::AggregatorRestart { at_ms, down_ms } => {
+                at_ms + down_ms
+            }
+            Fault::DropConnection { at_ms } => at_ms,
+        }
+    }
+}
+
+impl Scenario {
+    /// The scenario of `seed`.
+    pub fn from_seed(seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5ce7_a210);
+        let produce_over_ms = if rng.random_bool(0.3) {
+            0
+        } else {
+            rng.random_range(100..20_000)
+        };
+        let lat_min = rng.random_range(0..50);
+        let latency_ms = (lat_min, lat_min + rng.random_range(0..150));
+        let horizon = produce_over_ms.max(2_000) + 5_000;
+        let n_faults = rng.random_range(0..=6);
+        let faults = (0..n_faults)
+            .map(|_| {
+                let at_ms = rng.random_range(0..horizon);
+                match rng.random_range(0..7) {
+                    0 => Fault::Cut {
+                        at_ms,
+                        for_ms: rng.random_range(50..12_000),
+                    },
+                    1 => Fault::UdpBlocked {
+                        at_ms,
+                        for_ms: rng.random_range(500..20_000),
+                    },
+                    2 => Fault::EdgeRestart {
+                        at_ms,
+                        down_ms: rng.random_range(0..5_000),
+                    },
+                    3 => Fault::AggregatorRestart {
+                        at_ms,
+                        down_ms: rng.random_range(0..8_000),
+                    },
+                    4 => Fault::StoreFailing {
+                        at_ms,
+                        for_ms: rng.random_range(10..5_000),
+                    },
+                    5 => Fault::StoreStall {
+                        at_ms,
+                        for_ms: rng.random_range(10..25_000),
+                    },
+                    _ => Fault::DropConnection { at_ms },
+                }
+            })
+            .collect();
+        Scenario {
+            seed,
+            records: rng.random_range(1..3_000),
+            streams: rng.random_range(1..6),
+            produce_over_ms,
+            latency_ms,
+            loss: if rng.random_bool(0.5) {
+                0.0
+            } else {
+                rng.random_range(0.0..0.08)
+            },
+            window: rng.random_range(1..10),
+            batch_records: rng.random_range(1..600),
+            faults,
+        }
+    }
+
+    /// Smaller variants of this scenario, simplest first: for shrinking a
+    /// failure to something a person can read.
+    pub fn shrink_candidates(&self) -> Vec<Scenario> {
+        let mut out = Vec::new();
+        for i in 0..self.faults.len() {
+            let mut s = self.clone();
+            s.faults.remove(i);
+            out.push(s);
+        }
+        if self.records > 1 {
+            out.push(Scenario {
+                records: self.records / 2,
+                ..self.clone()
+            });
+        }
+        if self.produce_over_ms > 0 {
+            out.push(Scenario {
+                produce_over_ms: 0,
+                ..self.clone()
+            });
+        }
+        if self.loss > 0.0 {
+            out.push(Scenario {
+                loss: 0.0,
+                ..self.clone()
+            });
+        }
+        if self.streams > 1 {
+            out.push(Scenario {
+                streams: 1,
+                ..self.clone()
+            });
+        }
+        if self.window > 1 {
+            out.push(Scenario {
+                window: 1,
+                ..self.clone()
+            });
+        }
+        if self.latency_ms != (1, 1) {
+            out.push(Scenario {
+                latency_ms: (1, 1),
+                ..self.clone()
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,1423 @@
+//! The simulated world: an edge (outbox + client session + dialer), an
+//! aggregator (store + server sessions) and the link between them, driven
+//! by a virtual clock and seeded random streams. The real session state
+//! machines and codecs run unchanged; only I/O is modelled.
+//!
+//! The link is modelled as what a reliable stream transport (QUIC or TCP)
+//! shows the sessions: per connection and direction, frames arrive in the
+//! order sent or not at all. Packet loss shows up as late frames (a
+//! retransmission delays the frame and everything behind it); a cut holds
+//! everything until it ends; a closed connection delivers a prefix of what
+//! was in flight; frames of an old connection can still arrive after a
+//! newer one started (reordering and duplication across connections). A
+//! killed aggregator answers an old connection's packets with a stateless
+//! reset (QUIC, most of the time) or a TCP reset.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
+
+use fogline_protocol::batch::{decode_batch, encode_batch, DEFAULT_ZSTD_LEVEL};
+use fogline_protocol::dial::{Attempt, DialConfig, Dialer, Transport};
+use fogline_protocol::session::client::{ClientAction, ClientConfig, ClientSession, CloseReason};
+use fogline_protocol::session::resume::Resume;
+use fogline_protocol::session::server::{ApplyRequest, ServerAction, ServerConfig, ServerSession};
+use fogline_protocol::session::{OutboxInfo, StoredCursor};
+use fogline_protocol::{ErrorCode, Frame, FrameDecoder, Record};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::scenario::{Fault, Scenario};
+
+/// What a run counted.
+#[derive(Debug, Default, Clone)]
+pub struct RunStats {
+    pub sessions: u64,
+    pub probes_won: u64,
+    pub closes: BTreeMap<&'static str, u64>,
+    pub resets: u64,
+    pub tcp_sessions: u64,
+    pub store_failures: u64,
+    pub virtual_ms: u64,
+}
+
+/// Runs `s` to the end and checks the invariant: the aggregator holds
+/// exactly the records the outbox accepted, in order, once — and got there.
+pub fn run(s: &Scenario) -> Result<RunStats, String> {
+    let mut w = World::new(s);
+    w.run()?;
+    w.check()?;
+    Ok(w.stats)
+}
+
+type ConnId = u64;
+
+#[derive(Debug)]
+enum Ev {
+    Produce,
+    Deliver {
+        conn: ConnId,
+        to_server: bool,
+        index: u64,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        conn: ConnId,
+        to_server: bool,
+        code: ErrorCode,
+    },
+    Reset {
+        conn: ConnId,
+    },
+    AttemptDone {
+        gen: u64,
+        id: u64,
+        ok: bool,
+    },
+    OutboxDone {
+        gen: u64,
+    },
+    StoreDone {
+        gen: u64,
+    },
+    FaultStart(usize),
+    FaultEnd(usize),
+}
+
+/// The edge's durable outbox.
+#[derive(Debug, Clone)]
+struct Outbox {
+    rows: BTreeMap<u64, (u32, u64)>,
+    next_seq: u64,
+    incarnation: u64,
+    acked: u64,
+    epoch: u64,
+    epoch_start: u64,
+}
+
+impl Outbox {
+    fn info(&self) -> OutboxInfo {
+        OutboxInfo {
+            incarnation: self.incarnation,
+            next_seq: self.next_seq,
+            acked: self.acked,
+            epoch: self.epoch,
+            epoch_start: self.epoch_start,
+        }
+    }
+
+    fn delete_through(&mut self, seq: u64) {
+        self.rows = self.rows.split_off(&(seq + 1));
+        self.acked = self.acked.max(seq);
+    }
+
+    fn records_after(&self, after: u64, max: usize) -> Vec<Record> {
+        self.rows
+            .range(after + 1..)
+            .take(max.max(1))
+            .map(|(&seq, &(stream, id))| Record {
+                seq,
+                stream: format!("sensors/s{stream}"),
+                timestamp_ms: id,
+                payload: format!("{{\"id\":{id}}}").into_bytes(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum OutOp {
+    Resume { decision: Resume, cursor: u64 },
+    Read { after: u64, max_records: usize },
+    Delete { through: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    id: u64,
+    attempt: Attempt,
+    started: u64,
+}
+
+struct Active {
+    conn: ConnId,
+    session: ClientSession,
+    attempt: Attempt,
+}
+
+struct Edge {
+    gen: u64,
+    up: bool,
+    outbox: Outbox,
+    dialer: Dialer,
+    session: Option<Active>,
+    connecting: Option<Pending>,
+    probe: Option<Pending>,
+    dial_at: Option<u64>,
+    scheduled: Option<Attempt>,
+    ops: VecDeque<(ConnId, OutOp)>,
+    running: Option<(ConnId, OutOp)>,
+    backlog: u64,
+}
+
+#[derive(Debug, Clone)]
+enum StoreOp {
+    ReadCursor,
+    Apply(ApplyRequest),
+}
+
+struct Agg {
+    gen: u64,
+    up: bool,
+    rows: BTreeMap<u64, (u32, u64)>,
+    cursor: StoredCursor,
+    sessions: BTreeMap<ConnId, ServerSession>,
+    owner: Option<ConnId>,
+    ops: VecDeque<(ConnId, StoreOp)>,
+    running: Option<(ConnId, StoreOp)>,
+}
+
+struct Conn {
+    transport: Transport,
+    agg_gen: u64,
+    edge_gen: u64,
+    client_open: bool,
+    server_open: bool,
+    /// Per direction (0: to server, 1: to client): delivery floor (FIFO),
+    /// frames sent, frames past this index are dropped.
+    floor: [u64; 2],
+    sent: [u64; 2],
+    delivered: [u64; 2],
+    drop_after: [u64; 2],
+    server_dec: FrameDecoder,
+    client_dec: FrameDecoder,
+    inbox: VecDeque<Vec<u8>>,
+}
+
+struct World {
+    s: Scenario,
+    base: Instant,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    link: StdRng,
+    rng: StdRng,
+    edge: Edge,
+    agg: Agg,
+    conns: BTreeMap<ConnId, Conn>,
+    next_conn: ConnId,
+    next_attempt: u64,
+    produced: u64,
+    /// Ids accepted by the outbox, per stream, in order.
+    accepted: BTreeMap<u32, Vec<u64>>,
+    faults_active: Vec<bool>,
+    stats: RunStats,
+    error: Option<String>,
+    ccfg: ClientConfig,
+    trace: bool,
+}
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+impl World {
+    fn new(s: &Scenario) -> Self {
+        let base = Instant::now();
+        let mut rng = StdRng::seed_from_u64(s.seed);
+        let outbox = Outbox {
+            rows: BTreeMap::new(),
+            next_seq: 1,
+            incarnation: rng.random(),
+            acked: 0,
+            epoch: rng.random::<u64>() | 1,
+            epoch_start: 1,
+        };
+        let ccfg = ClientConfig {
+            window: s.window,
+            batch_records: s.batch_records,
+            ..ClientConfig::default()
+        };
+        let mut w = World {
+            s: s.clone(),
+            base,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            link: StdRng::seed_from_u64(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 1),
+            rng,
+            edge: Edge {
+                gen: 0,
+                up: true,
+                outbox,
+                dialer: Dialer::new(dial_config(), base),
+                session: None,
+                connecting: None,
+                probe: None,
+                dial_at: Some(0),
+                scheduled: None,
+                ops: VecDeque::new(),
+                running: None,
+                backlog: 0,
+            },
+            agg: Agg {
+                gen: 0,
+                up: true,
+                rows: BTreeMap::new(),
+                cursor: StoredCursor::default(),
+                sessions: BTreeMap::new(),
+                owner: None,
+                ops: VecDeque::new(),
+                running: None,
+            },
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            next_attempt: 1,
+            produced: 0,
+            accepted: BTreeMap::new(),
+            faults_active: vec![false; s.faults.len()],
+            stats: RunStats::default(),
+            error: None,
+            ccfg,
+            trace: std::env::var("SIM_TRACE").is_ok(),
+        };
+        for (i, f) in s.faults.iter().enumerate() {
+            w.at(f.at_ms(), Ev::FaultStart(i));
+            w.at(f.end_ms(), Ev::FaultEnd(i));
+        }
+        w.at(0, Ev::Produce);
+        w
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((t, self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    fn instant(&self, t: u64) -> Instant {
+        self.base + MS(t)
+    }
+
+    fn ms_of(&self, i: Instant) -> u64 {
+        let us = i.saturating_duration_since(self.base).as_micros() as u64;
+        us.div_ceil(1000)
+    }
+
+    fn fail(&mut self, msg: String) {
+        if self.error.is_none() {
+            self.error = Some(format!("at {} ms: {msg}", self.now));
+        }
+    }
+
+    fn fault_active(&self, pred: impl Fn(&Fault) -> bool) -> Option<u64> {
+        self.s
+            .faults
+            .iter()
+            .zip(&self.faults_active)
+            .filter(|(f, on)| **on && pred(f))
+            .map(|(f, _)| f.end_ms())
+            .max()
+    }
+
+    /// Earliest time ≥ `t` at which the link carries `transport`.
+    fn link_free_at(&self, t: u64, transport: Transport) -> u64 {
+        let mut t = t;
+        loop {
+            let blocked = self.s.faults.iter().find(|f| {
+                let (start, end) = (f.at_ms(), f.end_ms());
+                let hit = match f {
+                    Fault::Cut { .. } => true,
+                    Fault::UdpBlocked { .. } => transport == Transport::Quic,
+                    _ => false,
+                };
+                hit && start <= t && t < end
+            });
+            match blocked {
+                Some(f) => t = f.end_ms(),
+                None => return t,
+            }
+        }
+    }
+
+    fn latency(&mut self) -> u64 {
+        let (lo, hi) = self.s.latency_ms;
+        self.link.random_range(lo..=hi.max(lo)).max(1)
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let last_fault = self.s.faults.iter().map(Fault::end_ms).max().unwrap_or(0);
+        let deadline = last_fault.max(self.s.produce_over_ms) + 400_000;
+        let mut steps = 0u64;
+        loop {
+            self.drive();
+            if let Some(e) = &self.error {
+                return Err(e.clone());
+            }
+            if self.converged() {
+                self.stats.virtual_ms = self.now;
+                return Ok(());
+            }
+            let Some(next) = self.next_time() else {
+                return Err(self.stuck("nothing left to happen"));
+            };
+            if next > deadline {
+                return Err(self.stuck("did not converge before the deadline"));
+            }
+            steps += 1;
+            if steps > 3_000_000 {
+                return Err(self.stuck("too many steps"));
+            }
+            self.now = self.now.max(next);
+            self.step();
+        }
+    }
+
+    fn stuck(&self, why: &str) -> String {
+        format!(
+            "{why} at {} ms: produced {}/{}, outbox holds {} (next seq {}), store holds {} (cursor {}), edge up {} session {} connecting {}, aggregator up {}",
+            self.now,
+            self.produced,
+            self.s.records,
+            self.edge.outbox.rows.len(),
+            self.edge.outbox.next_seq,
+            self.agg.rows.len(),
+            self.agg.cursor.seq,
+            self.edge.up,
+            self.edge.session.is_some(),
+            self.edge.connecting.is_some(),
+            self.agg.up,
+        )
+    }
+
+    fn converged(&self) -> bool {
+        self.produced == u64::from(self.s.records)
+            && self.edge.backlog == 0
+            && self.faults_active.iter().all(|a| !a)
+            && self.now >= self.s.faults.iter().map(Fault::end_ms).max().unwrap_or(0)
+            && self.edge.up
+            && self.edge.outbox.rows.is_empty()
+            && self.agg.rows.len() as u64 == self.produced
+    }
+
+    fn next_time(&self) -> Option<u64> {
+        let mut t: Option<u64> = self.queue.peek().map(|Reverse((t, _))| *t);
+        let mut consider = |x: Option<u64>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |c| c.min(x)));
+            }
+        };
+        if self.edge.up {
+            consider(self.edge.dial_at);
+            if let Some(a) = &self.edge.session {
+                consider(a.session.poll_timeout().map(|i| self.ms_of(i)));
+            }
+            if let Some(a) = &self.edge.session {
+                if a.attempt.transport == Transport::Tcp && self.edge.probe.is_none() {
+                    consider(
+                        self.edge
+                            .dialer
+                            .quic_retry_due(a.attempt.server)
+                            .map(|i| self.ms_of(i)),
+                    );
+                }
+            }
+        }
+        for s in self.agg.sessions.values() {
+            consider(s.poll_timeout().map(|i| self.ms_of(i)));
+        }
+        t
+    }
+
+    fn step(&mut self) {
+        while let Some(Reverse((t, id))) = self.queue.peek().copied() {
+            if t > self.now {
+                break;
+            }
+            self.queue.pop();
+            if let Some(ev) = self.events.remove(&id) {
+                self.handle(ev);
+            }
+        }
+        let now = self.instant(self.now);
+        if self.edge.up {
+            if let Some(a) = &mut self.edge.session {
+                if a.session.poll_timeout().is_some_and(|t| t <= now) {
+                    a.session.handle_timeout(now);
+                }
+            }
+            if self.edge.dial_at.is_some_and(|t| t <= self.now) {
+                self.edge.dial_at = None;
+                self.dial();
+            }
+            self.maybe_retry_quic();
+        }
+        for s in self.agg.sessions.values_mut() {
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now);
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        if self.trace && !matches!(ev, Ev::Produce) {
+            match &ev {
+                Ev::Deliver {
+                    conn,
+                    to_server,
+                    bytes,
+                    ..
+                } => {
+                    let f = fogline_protocol::Frame::decode_body(&bytes[4..], 3).map(|f| f.kind());
+                    eprintln!(
+                        "{:>8} deliver conn {conn} to_server {to_server} {f:?}",
+                        self.now
+                    );
+                }
+                other => eprintln!("{:>8} {other:?}", self.now),
+            }
+        }
+        match ev {
+            Ev::Produce => self.produce(),
+            Ev::Deliver {
+                conn,
+                to_server,
+                index,
+                bytes,
+            } => self.deliver(conn, to_server, index, bytes),
+            Ev::Closed {
+                conn,
+                to_server,
+                code,
+            } => self.closed(conn, to_server, code),
+            Ev::Reset { conn } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if c.client_open {
+                        c.client_open = false;
+                        self.stats.resets += 1;
+                        self.client_conn_lost(conn, "connection reset by the aggregator");
+                    }
+                }
+            }
+            Ev::AttemptDone { gen, id, ok } => {
+                if gen == self.edge.gen && self.edge.up {
+                    self.attempt_done(id, ok);
+                }
+            }
+            Ev::OutboxDone { gen } => {
+                if gen == self.edge.gen && self.edge.up {
+                    self.outbox_done();
+                }
+            }
+            Ev::StoreDone { gen } => {
+                if gen == self.agg.gen && self.agg.up {
+                    self.store_done();
+                }
+            }
+            Ev::FaultStart(i) => {
+                self.faults_active[i] = true;
+                self.fault_start(self.s.faults[i]);
+            }
+            Ev::FaultEnd(i) => {
+                self.faults_active[i] = false;
+                self.fault_end(self.s.faults[i]);
+            }
+        }
+    }
+
+    // ----- production -------------------------------------------------
+
+    fn produce(&mut self) {
+        let total = u64::from(self.s.records);
+        let due = if self.s.produce_over_ms == 0 {
+            total
+        } else {
+            (total * self.now.min(self.s.produce_over_ms) / self.s.produce_over_ms)
+                .max(self.produced + 1)
+                .min(total)
+        };
+        let n = due - self.produced;
+        self.produced = due;
+        // The broker holds what the edge cannot take while it is down.
+        self.edge.backlog += n;
+        self.ingest();
+        if self.produced < total {
+            self.at(self.now + 10, Ev::Produce);
+        }
+    }
+
+    fn ingest(&mut self) {
+        if !self.edge.up || self.edge.backlog == 0 {
+            return;
+        }
+        let first_id = self.produced - self.edge.backlog;
+        for id in first_id..self.produced {
+            let stream = (id % u64::from(self.s.streams.max(1))) as u32;
+            let seq = self.edge.outbox.next_seq;
+            self.edge.outbox.next_seq += 1;
+            self.edge.outbox.rows.insert(seq, (stream, id));
+            self.accepted.entry(stream).or_default().push(id);
+        }
+        self.edge.backlog = 0;
+        let committed = self.edge.outbox.next_seq - 1;
+        let now = self.instant(self.now);
+        if let Some(a) = &mut self.edge.session {
+            a.session.handle_committed(committed, now);
+        }
+    }
+
+    // ----- the link ---------------------------------------------------
+
+    fn send(&mut self, conn: ConnId, to_server: bool, frame: &Frame) {
+        let mut bytes = Vec::new();
+        if let Err(e) = frame.encode(&mut bytes) {
+            self.fail(format!("encoding {}: {e}", frame.kind()));
+            return;
+        }
+        let lat = self.latency();
+        let lost = self.s.loss > 0.0 && self.link.random_bool(self.s.loss);
+        let rto = if lost {
+            self.link.random_range(200..1200)
+        } else {
+            0
+        };
+        let dir = usize::from(!to_server);
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let open = if to_server {
+            c.client_open
+        } else {
+            c.server_open
+        };
+        if !open {
+            return;
+        }
+        let transport = c.transport;
+        let free = self.link_free_at(self.now, transport);
+        let t = (free + lat + rto).max(c.floor[dir]);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.floor[dir] = t;
+        c.sent[dir] += 1;
+        let index = c.sent[dir];
+        self.at(
+            t,
+            Ev::Deliver {
+                conn,
+                to_server,
+                index,
+                bytes,
+            },
+        );
+    }
+
+    fn deliver(&mut self, conn: ConnId, to_server: bool, index: u64, bytes: Vec<u8>) {
+        let dir = usize::from(!to_server);
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if index > c.drop_after[dir] {
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.delivered[dir] = c.delivered[dir].max(index);
+        }
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if to_server {
+            if c.agg_gen != self.agg.gen {
+                // A process that never heard of this connection.
+                let reset = if c.transport == Transport::Quic {
+                    self.agg.up && self.link.random_bool(0.8)
+                } else {
+                    self.link.random_bool(0.9)
+                };
+                if reset {
+                    let t = self.now + self.latency();
+                    self.at(t, Ev::Reset { conn });
+                }
+                return;
+            }
+            if !c.server_open {
+                return;
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.inbox.push_back(bytes);
+            }
+            self.server_read(conn);
+        } else {
+            if !c.client_open || c.edge_gen != self.edge.gen {
+                return;
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            c.client_dec.push(&bytes);
+            let mut frames = Vec::new();
+            loop {
+                match c.client_dec.next_frame() {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(format!("client could not decode a frame: {e}"));
+                        return;
+                    }
+                }
+            }
+            let now = self.instant(self.now);
+            if let Some(a) = self.edge.session.as_mut().filter(|a| a.conn == conn) {
+                for f in frames {
+                    a.session.handle_frame(f, now);
+                }
+            }
+        }
+    }
+
+    /// Feeds the server session what arrived while it wants to read.
+    fn server_read(&mut self, conn: ConnId) {
+        let now = self.instant(self.now);
+        loop {
+            let Some(session) = self.agg.sessions.get_mut(&conn) else {
+                return;
+            };
+            if !session.wants_read() {
+                return;
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            match c.server_dec.next_frame() {
+                Ok(Some(f)) => {
+                    let was_hello = matches!(f, Frame::Hello { .. });
+                    session.handle_frame(f, now);
+                    if was_hello {
+                        if let Some(v) = session.peer_version() {
+                            c.server_dec.set_peer_version(v);
+                        }
+                    }
+                }
+                Ok(None) => match c.inbox.pop_front() {
+                    Some(bytes) => c.server_dec.push(&bytes),
+                    None => return,
+                },
+                Err(e) => {
+                    self.fail(format!("server could not decode a frame: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One side closes `conn`: the other side gets a prefix of what was in
+    /// flight, then (if the link lets it through soon) the close itself.
+    fn close_conn(&mut self, conn: ConnId, by_client: bool, code: ErrorCode) {
+        let lat = self.latency();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let (open, dir) = if by_client {
+            (&mut c.client_open, 0)
+        } else {
+            (&mut c.server_open, 1)
+        };
+        if !*open {
+            return;
+        }
+        *open = false;
+        let (sent, delivered) = (c.sent[dir], c.delivered[dir]);
+        let keep = if self.link.random_bool(0.5) {
+            sent
+        } else {
+            self.link.random_range(delivered..=sent.max(delivered))
+        };
+        c.drop_after[dir] = keep;
+        let floor = c.floor[dir];
+        let transport = c.transport;
+        let free = self.link_free_at(self.now, transport);
+        if free <= self.now + 1000 {
+            let t = (free + lat).max(floor);
+            self.at(
+                t,
+                Ev::Closed {
+                    conn,
+                    to_server: by_client,
+                    code,
+                },
+            );
+        }
+    }
+
+    /// A random prefix of what is in flight on `conn` in direction `dir`:
+    /// the index of the last frame that still arrives.
+    fn in_flight_prefix(&mut self, conn: ConnId, dir: usize) -> u64 {
+        let Some(c) = self.conns.get(&conn) else {
+            return 0;
+        };
+        let (delivered, sent) = (c.delivered[dir], c.sent[dir]);
+        self.link.random_range(delivered..=sent.max(delivered))
+    }
+
+    fn closed(&mut self, conn: ConnId, to_server: bool, code: ErrorCode) {
+        if to_server {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            if c.agg_gen != self.agg.gen || !c.server_open {
+                return;
+            }
+            c.server_open = false;
+            self.agg.sessions.remove(&conn);
+            if self.agg.owner == Some(conn) {
+                self.agg.owner = None;
+            }
+        } else {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            if !c.client_open || c.edge_gen != self.edge.gen {
+                return;
+            }
+            c.client_open = false;
+            self.client_conn_lost(conn, &format!("closed by the aggregator with {code}"));
+        }
+    }
+
+    // ----- the edge ---------------------------------------------------
+
+    fn client_conn_lost(&mut self, conn: ConnId, why: &str) {
+        if let Some(a) = self.edge.session.as_mut().filter(|a| a.conn == conn) {
+            a.session.close(CloseReason::Peer {
+                code: ErrorCode::Ok,
+                message: why.to_string(),
+            });
+        }
+    }
+
+    fn dial(&mut self) {
+        if self.edge.connecting.is_some() || self.edge.session.is_some() {
+            self.edge.scheduled = None;
+            return;
+        }
+        let attempt = match self.edge.scheduled.take() {
+            Some(a) => a,
+            None => {
+                let jitter: f64 = self.rng.random();
+                let now = self.instant(self.now);
+                let (at, attempt) = self.edge.dialer.next(now, jitter);
+                let at = self.ms_of(at);
+                if at > self.now {
+                    self.edge.scheduled = Some(attempt);
+                    self.edge.dial_at = Some(at);
+                    return;
+                }
+                attempt
+            }
+        };
+        self.start_attempt(attempt, false);
+    }
+
+    fn start_attempt(&mut self, attempt: Attempt, probe: bool) {
+        let id = self.next_attempt;
+        self.next_attempt += 1;
+        let pending = Pending {
+            id,
+            attempt,
+            started: self.now,
+        };
+        if probe {
+            self.edge.probe = Some(pending);
+        } else {
+            self.edge.connecting = Some(pending);
+        }
+        let timeout = attempt.timeout.as_millis() as u64;
+        let rtt = 2 * self.latency();
+        // QUIC retransmits its Initial at 300 ms, then doubling; TCP its SYN
+        // at 1 s, then doubling.
+        let mut tries = Vec::new();
+        let (mut t, mut gap) = match attempt.transport {
+            Transport::Quic => (self.now, 300),
+            Transport::Tcp => (self.now, 1000),
+        };
+        while t < self.now + timeout {
+            tries.push(t);
+            t += gap;
+            gap *= 2;
+        }
+        let end = self.now + timeout;
+        for t in tries {
+            let free = self.link_free_at(t, attempt.transport) == t;
+            let up = self.agg_up_at(t);
+            if free && up && t + rtt < end {
+                self.at(
+                    t + rtt,
+                    Ev::AttemptDone {
+                        gen: self.edge.gen,
+                        id,
+                        ok: true,
+                    },
+                );
+                return;
+            }
+            if free && !up && attempt.transport == Transport::Tcp && self.agg_host_up() {
+                // Nothing listens: the SYN is refused at once.
+                self.at(
+                    t + rtt,
+                    Ev::AttemptDone {
+                        gen: self.edge.gen,
+                        id,
+                        ok: false,
+                    },
+                );
+                return;
+            }
+        }
+        self.at(
+            end,
+            Ev::AttemptDone {
+                gen: self.edge.gen,
+                id,
+                ok: false,
+            },
+        );
+    }
+
+    /// Is the aggregator up at `t` (planned restarts included)?
+    fn agg_up_at(&self, t: u64) -> bool {
+        !self.s.faults.iter().any(|f| {
+            matches!(f, Fault::AggregatorRestart { .. }) && f.at_ms() <= t && t < f.end_ms()
+        }) && (t > self.now || self.agg.up)
+    }
+
+    fn agg_host_up(&self) -> bool {
+        true
+    }
+
+    fn attempt_done(&mut self, id: u64, ok: bool) {
+        let now = self.instant(self.now);
+        if let Some(p) = self.edge.connecting.filter(|p| p.id == id) {
+            self.edge.connecting = None;
+            if !ok || !self.agg.up {
+                self.edge.dialer.failed(p.attempt, now);
+                self.edge.dial_at = Some(self.now);
+                return;
+            }
+            let hs = MS(self.now - p.started);
+            self.edge.dialer.connected(p.attempt, hs, now);
+            self.open_session(p.attempt);
+            return;
+        }
+        if let Some(p) = self.edge.probe.filter(|p| p.id == id) {
+            self.edge.probe = None;
+            if !ok || !self.agg.up {
+                if p.attempt.transport == Transport::Quic {
+                    self.edge.dialer.quic_retry_failed(p.attempt.server, now);
+                }
+                return;
+            }
+            // Switch if the session is still silent since the probe began,
+            // or if this is QUIC coming back while we are on TCP.
+            let switch = match &self.edge.session {
+                Some(a) => {
+                    let silent = a
+                        .session
+                        .silent_since()
+                        .is_some_and(|s| s <= self.instant(p.started));
+                    let back_to_quic = a.attempt.transport == Transport::Tcp
+                        && p.attempt.transport == Transport::Quic;
+                    silent || back_to_quic
+                }
+                None => true,
+            };
+            if !switch {
+                return;
+            }
+            if let Some(old) = self.edge.session.take() {
+                self.close_conn(old.conn, true, ErrorCode::Ok);
+            }
+            self.stats.probes_won += 1;
+            if self.trace {
+                eprintln!("{:>8} probe {id} won ({:?})", self.now, p.attempt.transport);
+            }
+            let hs = MS(self.now - p.started);
+            self.edge.dialer.connected(p.attempt, hs, now);
+            self.open_session(p.attempt);
+        }
+    }
+
+    fn open_session(&mut self, attempt: Attempt) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                transport: attempt.transport,
+                agg_gen: self.agg.gen,
+                edge_gen: self.edge.gen,
+                client_open: true,
+                server_open: true,
+                floor: [self.now; 2],
+                sent: [0; 2],
+                delivered: [0; 2],
+                drop_after: [u64::MAX; 2],
+                server_dec: FrameDecoder::new(),
+                client_dec: FrameDecoder::new(),
+                inbox: VecDeque::new(),
+            },
+        );
+        let now = self.instant(self.now);
+        self.agg
+            .sessions
+            .insert(conn, ServerSession::new("n1", server_config(), now));
+        self.stats.sessions += 1;
+        if attempt.transport == Transport::Tcp {
+            self.stats.tcp_sessions += 1;
+        }
+        let session = ClientSession::new(self.ccfg.clone(), self.edge.outbox.info(), now);
+        self.edge.session = Some(Active {
+            conn,
+            session,
+            attempt,
+        });
+    }
+
+    fn maybe_retry_quic(&mut self) {
+        let Some(a) = &self.edge.session else {
+            return;
+        };
+        if a.attempt.transport != Transport::Tcp || self.edge.probe.is_some() {
+            return;
+        }
+        let now = self.instant(self.now);
+        if self
+            .edge
+            .dialer
+            .quic_retry_due(a.attempt.server)
+            .is_some_and(|t| t <= now)
+        {
+            let attempt = self.edge.dialer.probe(a.attempt.server, Transport::Quic);
+            self.start_attempt(attempt, true);
+        }
+    }
+
+    fn drive(&mut self) {
+        for _ in 0..1000 {
+            let mut busy = self.drive_edge();
+            busy |= self.drive_agg();
+            if !busy {
+                return;
+            }
+        }
+        self.fail("actions never settle".into());
+    }
+
+    fn drive_edge(&mut self) -> bool {
+        if !self.edge.up {
+            return false;
+        }
+        let mut busy = false;
+        while let Some(action) = self
+            .edge
+            .session
+            .as_mut()
+            .and_then(|a| a.session.poll_action())
+        {
+            busy = true;
+            let Some(a) = &self.edge.session else {
+                break;
+            };
+            let (conn, attempt) = (a.conn, a.attempt);
+            match action {
+                ClientAction::Send(frame) => self.send(conn, true, &frame),
+                ClientAction::Resume { decision, cursor } => {
+                    if decision != Resume::Continue {
+                        self.fail(format!(
+                            "unexpected resume decision {decision:?} for cursor {cursor} (outbox {:?})",
+                            self.edge.outbox.info()
+                        ));
+                    }
+                    self.edge
+                        .ops
+                        .push_back((conn, OutOp::Resume { decision, cursor }));
+                }
+                ClientAction::Read {
+                    after, max_records, ..
+                } => self
+                    .edge
+                    .ops
+                    .push_back((conn, OutOp::Read { after, max_records })),
+                ClientAction::Delete { through } => {
+                    self.edge.ops.push_back((conn, OutOp::Delete { through }))
+                }
+                ClientAction::Probe => {
+                    if self.edge.probe.is_none() {
+                        let p = self.edge.dialer.probe(attempt.server, attempt.transport);
+                        self.start_attempt(p, true);
+                    }
+                }
+                ClientAction::Close(reason) => {
+                    if self.trace {
+                        eprintln!("{:>8} client closes conn {conn}: {reason}", self.now);
+                    }
+                    *self.stats.closes.entry(reason.label()).or_default() += 1;
+                    self.close_conn(conn, true, reason.code());
+                    self.edge.session = None;
+                    self.edge.probe = None;
+                    let now = self.instant(self.now);
+                    self.edge.dialer.disconnected(now);
+                    self.edge.dial_at = Some(self.now);
+                }
+            }
+        }
+        if self.edge.running.is_none() {
+            if let Some(op) = self.edge.ops.pop_front() {
+                self.edge.running = Some(op);
+                let t = self.now + self.rng.random_range(0..3);
+                self.at(t, Ev::OutboxDone { gen: self.edge.gen });
+                busy = true;
+            }
+        }
+        busy
+    }
+
+    fn outbox_done(&mut self) {
+        let Some((conn, op)) = self.edge.running.take() else {
+            return;
+        };
+        let now = self.instant(self.now);
+        let current = self.edge.session.as_ref().is_some_and(|a| a.conn == conn);
+        match op {
+            OutOp::Resume { decision, cursor } => {
+                if decision == Resume::Continue {
+                    self.edge.outbox.delete_through(cursor);
+                }
+                let next = self.edge.outbox.next_seq;
+                if let Some(a) = self.edge.session.as_mut().filter(|_| current) {
+                    a.session.handle_resumed(next, now);
+                }
+            }
+            OutOp::Read { after, max_records } => {
+                if !current {
+                    return;
+                }
+                let records = self.edge.outbox.records_after(after, max_records);
+                let frame = if records.is_empty() {
+                    None
+                } else {
+                    match encode_batch(&records, DEFAULT_ZSTD_LEVEL) {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            self.fail(format!("encode_batch: {e}"));
+                            return;
+                        }
+                    }
+                };
+                if let Some(a) = &mut self.edge.session {
+                    a.session.handle_read(frame, now);
+                }
+            }
+            OutOp::Delete { through } => {
+                if through > self.agg.cursor.seq {
+                    self.fail(format!(
+                        "the edge deletes through {through} but the store's cursor is {}",
+                        self.agg.cursor.seq
+                    ));
+                }
+                self.edge.outbox.delete_through(through);
+            }
+        }
+    }
+
+    // ----- the aggregator --------------------------------------------
+
+    fn drive_agg(&mut self) -> bool {
+        if !self.agg.up {
+            return false;
+        }
+        let mut busy = false;
+        let ids: Vec<ConnId> = self.agg.sessions.keys().copied().collect();
+        for conn in ids {
+            self.server_read(conn);
+            while let Some(action) = self
+                .agg
+                .sessions
+                .get_mut(&conn)
+                .and_then(|s| s.poll_action())
+            {
+                busy = true;
+                match action {
+                    ServerAction::Send(frame) => self.send(conn, false, &frame),
+                    ServerAction::ReadCursor => {
+                        // Takeover at Hello: the node's older session goes.
+                        if let Some(old) = self.agg.owner.filter(|o| *o != conn) {
+                            self.agg.sessions.remove(&old);
+                            self.close_conn(old, false, ErrorCode::Superseded);
+                        }
+                        self.agg.owner = Some(conn);
+                        self.agg.ops.push_back((conn, StoreOp::ReadCursor));
+                    }
+                    ServerAction::RecordGap(r) => {
+                        self.fail(format!("the store regressed: {r:?}"));
+                    }
+                    ServerAction::Apply(req) => self.agg.ops.push_back((conn, StoreOp::Apply(req))),
+                    ServerAction::Close { code, .. } => {
+                        self.agg.sessions.remove(&conn);
+                        if self.agg.owner == Some(conn) {
+                            self.agg.owner = None;
+                        }
+                        self.close_conn(conn, false, code);
+                    }
+                }
+            }
+        }
+        if self.agg.running.is_none() {
+            if let Some(op) = self.agg.ops.pop_front() {
+                self.agg.running = Some(op);
+                let mut t = self.now + self.rng.random_range(1..12);
+                if let Some(end) = self.fault_active(|f| matches!(f, Fault::StoreStall { .. })) {
+                    t = t.max(end + 1);
+                }
+                self.at(t, Ev::StoreDone { gen: self.agg.gen });
+                busy = true;
+            }
+        }
+        busy
+    }
+
+    fn store_done(&mut self) {
+        let Some((conn, op)) = self.agg.running.take() else {
+            return;
+        };
+        let failing = self
+            .fault_active(|f| matches!(f, Fault::StoreFailing { .. }))
+            .is_some();
+        let now = self.instant(self.now);
+        match op {
+            StoreOp::ReadCursor => {
+                let result = if failing {
+                    self.stats.store_failures += 1;
+                    Err("disk I/O error".to_string())
+                } else {
+                    Ok(self.agg.cursor)
+                };
+                if let Some(s) = self.agg.sessions.get_mut(&conn) {
+                    s.handle_cursor(result, now);
+                }
+            }
+            StoreOp::Apply(req) => {
+                let result = if failing {
+                    self.stats.store_failures += 1;
+                    Err("database or disk is full".to_string())
+                } else {
+                    self.apply(&req)
+                };
+                if let Some(s) = self.agg.sessions.get_mut(&conn) {
+                    s.handle_applied(result, now);
+                }
+            }
+        }
+    }
+
+    /// The store's transaction: insert above the cursor, advance it.
+    fn apply(&mut self, req: &ApplyRequest) -> Result<u64, String> {
+        let cursor = self.agg.cursor.seq;
+        for b in &req.batches {
+            let decoded = match decode_batch(b) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.fail(format!("a batch the edge encoded does not decode: {e}"));
+                    return Err(e.to_string());
+                }
+            };
+            for r in decoded.iter().filter(|r| r.seq > cursor) {
+                let id: u64 = std::str::from_utf8(r.payload)
+                    .ok()
+                    .and_then(|p| {
+                        p.trim_start_matches("{\"id\":")
+                            .trim_end_matches('}')
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(u64::MAX);
+                let stream: u32 = r
+                    .stream
+                    .trim_start_matches("sensors/s")
+                    .parse()
+                    .unwrap_or(u32::MAX);
+                if let Some(prev) = self.agg.rows.get(&r.seq) {
+                    if *prev != (stream, id) {
+                        self.fail(format!(
+                            "seq {} already holds record {:?}, a batch brought {:?}",
+                            r.seq,
+                            prev,
+                            (stream, id)
+                        ));
+                    }
+                    continue;
+                }
+                self.agg.rows.insert(r.seq, (stream, id));
+            }
+        }
+        self.agg.cursor = StoredCursor {
+            seq: cursor.max(req.last_seq),
+            incarnation: Some(req.outbox.0),
+            epoch: req.outbox.1,
+        };
+        Ok(self.agg.cursor.seq)
+    }
+
+    // ----- faults -----------------------------------------------------
+
+    fn fault_start(&mut self, f: Fault) {
+        match f {
+            Fault::EdgeRestart { .. } if !self.edge.up => {}
+            Fault::EdgeRestart { .. } => {
+                // Power cut: the connection vanishes without a word; an
+                // outbox operation in progress committed or not.
+                if let Some((_, OutOp::Delete { through })) = self.edge.running.take() {
+                    if self.rng.random_bool(0.5) {
+                        self.edge.outbox.delete_through(through);
+                    }
+                }
+                if let Some(a) = self.edge.session.take() {
+                    // What was in flight from the dead edge: a prefix arrives.
+                    let keep = self.in_flight_prefix(a.conn, 0);
+                    if let Some(c) = self.conns.get_mut(&a.conn) {
+                        c.client_open = false;
+                        c.drop_after[0] = keep;
+                    }
+                }
+                self.edge.up = false;
+                self.edge.gen += 1;
+                self.edge.ops.clear();
+                self.edge.connecting = None;
+                self.edge.probe = None;
+                self.edge.dial_at = None;
+                self.edge.scheduled = None;
+            }
+            Fault::AggregatorRestart { .. } => {
+                if let Some((_, StoreOp::Apply(req))) = self.agg.running.take() {
+                    if self.rng.random_bool(0.5) {
+                        let _ = self.apply(&req);
+                    }
+                }
+                let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                for id in ids {
+                    let keep = self.in_flight_prefix(id, 1);
+                    if let Some(c) = self
+                        .conns
+                        .get_mut(&id)
+                        .filter(|c| c.agg_gen == self.agg.gen)
+                    {
+                        c.server_open = false;
+                        // Nobody retransmits for a dead process: a prefix arrives.
+                        c.drop_after[1] = c.drop_after[1].min(keep);
+                    }
+                }
+                // The kernel resets the TCP connections of a dead process.
+                let tcp: Vec<ConnId> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.agg_gen == self.agg.gen && c.transport == Transport::Tcp)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for conn in tcp {
+                    let t = self.now + self.latency();
+                    self.at(t, Ev::Reset { conn });
+                }
+                self.agg.up = false;
+                self.agg.gen += 1;
+                self.agg.sessions.clear();
+                self.agg.ops.clear();
+                self.agg.owner = None;
+            }
+            Fault::DropConnection { .. } => {
+                if let Some(conn) = self.edge.session.as_ref().map(|a| a.conn) {
+                    self.close_conn(conn, false, ErrorCode::Internal);
+                    self.agg.sessions.remove(&conn);
+                    if self.agg.owner == Some(conn) {
+                        self.agg.owner = None;
+                    }
+                }
+            }
+            Fault::Cut { .. }
+            | Fault::UdpBlocked { .. }
+            | Fault::StoreFailing { .. }
+            | Fault::StoreStall { .. } => {}
+        }
+    }
+
+    fn fault_end(&mut self, f: Fault) {
+        match f {
+            Fault::EdgeRestart { .. } => {
+                // Another power cut may still be under way.
+                let still = self
+                    .s
+                    .faults
+                    .iter()
+                    .zip(&self.faults_active)
+                    .any(|(g, on)| *on && matches!(g, Fault::EdgeRestart { .. }));
+                if still || self.edge.up {
+                    return;
+                }
+                self.edge.up = true;
+                self.edge.outbox.epoch = self.rng.random::<u64>() | 1;
+                self.edge.outbox.epoch_start = self.edge.outbox.next_seq;
+                self.edge.dialer = Dialer::new(dial_config(), self.instant(self.now));
+                self.edge.dial_at = Some(self.now);
+                self.ingest();
+            }
+            Fault::AggregatorRestart { .. } => {
+                // A second restart may have begun meanwhile.
+                let still = self
+                    .s
+                    .faults
+                    .iter()
+                    .zip(&self.faults_active)
+                    .any(|(g, on)| *on && matches!(g, Fault::AggregatorRestart { .. }));
+                if !still {
+                    self.agg.up = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- the oracle -------------------------------------------------
+
+    fn check(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut per_stream: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (&seq, &(stream, id)) in &self.agg.rows {
+            if !seen.insert(id) {
+                return Err(format!("record {id} stored twice (again at seq {seq})"));
+            }
+            per_stream.entry(stream).or_default().push(id);
+        }
+        let lost = self.produced - seen.len() as u64;
+        if lost != 0 || per_stream != self.accepted {
+            return Err(format!(
+                "the store differs from what the outbox accepted: {lost} missing; per-stream order equal: {}",
+                per_stream == self.accepted
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn dial_config() -> DialConfig {
+    DialConfig {
+        quic_retry: Duration::from_secs(30),
+        ..DialConfig::default()
+    }
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        max_pending_bytes: 256 * 1024,
+        group_records: 2048,
+        ..ServerConfig::default()
+    }
+}
