@@ -192,7 +192,7 @@ async fn backlog_rss(n: usize) -> anyhow::Result<(f64, u64, u64)> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
     fogline_testkit::certs::dev_bundle(&certs, &[NODE])?;
-    let quic_port = fogline_tests::free_udp_port()?;
+    let quic_port = fogline_tests::free_udp_tcp_port()?;
     let mqtt_port = fogline_tests::free_tcp_port()?;
     let edge = Edge::start(
         dir.path(),

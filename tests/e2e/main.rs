@@ -8,6 +8,7 @@ mod endpoint;
 mod external;
 mod outbox_identity;
 mod shutdown;
+mod uplink_links;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -120,7 +121,7 @@ impl Cluster {
         let certs = dir.path().join("certs");
         write_certs(&certs, &[node]);
         let mosquitto = Mosquitto::start().unwrap();
-        let quic_port = fogline_tests::free_udp_port().unwrap();
+        let quic_port = fogline_tests::free_udp_tcp_port().unwrap();
         let cloud_http = fogline_tests::free_tcp_port().unwrap();
         let edge_http = fogline_tests::free_tcp_port().unwrap();
         let cloud_cfg = cloud_config(dir.path(), &certs, quic_port, cloud_http);

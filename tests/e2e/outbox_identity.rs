@@ -28,10 +28,8 @@ fn start_edge(site: &Site, node: &str) -> Edge {
 
 /// Failed uplink connection attempts so far.
 fn failed_attempts(edge: &Edge) -> usize {
-    edge.daemon
-        .log_text()
-        .matches("Uplink session ended")
-        .count()
+    let log = edge.daemon.log_text();
+    log.matches("Uplink session ended").count() + log.matches("Cannot reach the aggregator").count()
 }
 
 /// Waits until the edge's uplink has failed one more connection attempt:

@@ -46,7 +46,7 @@ impl Cloud {
     /// starting it: `daemon.restart()` starts it later, e.g. once an edge has
     /// built up a backlog it could not send.
     pub fn configure(dir: &Path, certs: &Path) -> anyhow::Result<Self> {
-        let quic_port = crate::free_udp_port()?;
+        let quic_port = crate::free_udp_tcp_port()?;
         let http_port = crate::free_tcp_port()?;
         let store = dir.join("cloud.db");
         let config = dir.join("cloud.toml");

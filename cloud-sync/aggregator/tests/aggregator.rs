@@ -1,5 +1,5 @@
 //! The aggregator over real QUIC and TLS-over-TCP on loopback: cursor and
-//! acks after commit (I-7), takeover of an open connection (I-11), both
+//! acks after commit (I-10), takeover of an open connection (I-14), both
 //! transports, connection migration, and the node identity lifecycle —
 //! foreign CA, expired, not yet valid, tampered and revoked certificates
 //! refused, a revoked node's live connection closed (I-19).
@@ -98,13 +98,13 @@ async fn acks_replays_takeover_and_http(how: Transport) {
     let acked = link.acked_through(records[1999].seq).await.unwrap();
     assert_eq!(
         acked, records[1999].seq,
-        "I-7: acked through what committed"
+        "I-10: acked through what committed"
     );
     let live = connections(&agg).await;
     assert_eq!(live[0]["node"], "gw-1");
     assert_eq!(live[0]["transport"], how.name());
 
-    // Reconnect while the old connection is still open: takeover (I-11),
+    // Reconnect while the old connection is still open: takeover (I-14),
     // and the new session resumes after the durable cursor.
     let mut link2 = TestNode::connect(&client, how, to, OUTBOX).await.unwrap();
     assert_eq!(link2.welcome.cursor, records[1999].seq);

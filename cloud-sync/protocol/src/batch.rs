@@ -272,8 +272,10 @@ impl Span {
 }
 
 /// Per-record memory of a [`DecodedBatch`] besides the block itself: seq,
-/// timestamp, stream index and payload span.
-const DECODED_BYTES_PER_RECORD: usize = 8 + 8 + 4 + 8;
+/// timestamp, stream index and payload span, plus one stream-name span (the
+/// name table holds at most one entry per record). Found short by 8 by the
+/// `batch_decoder` fuzz target (`fuzz/regressions/batch_decoder/`).
+const DECODED_BYTES_PER_RECORD: usize = 8 + 8 + 4 + 8 + 8;
 
 /// Every record costs at least this many bytes of the uncompressed block
 /// (seq, timestamp, stream index and payload length, one byte each at least).

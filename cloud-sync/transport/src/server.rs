@@ -27,7 +27,7 @@ pub struct Accepted {
 /// A connection attempt not yet handshaken.
 pub enum Incoming {
     /// Over QUIC.
-    Quic(quinn::Incoming),
+    Quic(Box<quinn::Incoming>),
     /// Over TCP.
     Tcp(TcpStream, SocketAddr, Arc<rustls::ServerConfig>),
 }
@@ -127,7 +127,7 @@ impl Listener {
             }
         };
         tokio::select! {
-            i = self.quic.accept() => i.map(Incoming::Quic),
+            i = self.quic.accept() => i.map(|i| Incoming::Quic(Box::new(i))),
             r = tcp => match r {
                 Ok((stream, remote)) => {
                     let tls = self.tcp_tls.read().map(|t| t.clone()).ok()?;
@@ -179,7 +179,7 @@ impl Incoming {
         match self {
             Incoming::Quic(incoming) => {
                 let run = async {
-                    let conn = incoming.await.map_err(|e| TransportError::Connect {
+                    let conn = (*incoming).await.map_err(|e| TransportError::Connect {
                         server: remote.to_string(),
                         transport: "quic",
                         reason: e.to_string(),

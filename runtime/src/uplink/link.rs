@@ -35,7 +35,7 @@ pub(super) enum End {
         label: &'static str,
     },
     /// A probe found a working connection while this one was silent: use it.
-    Switch(Connected, Attempt),
+    Switch(Box<Connected>, Attempt),
 }
 
 /// What one connection's driver works with.
@@ -269,14 +269,14 @@ impl<'a> Ctx<'a> {
                     Ok(c) if p.quic_retry => {
                         info!(server = self.server, "QUIC works again; moving over from TCP.");
                         close(&mut writer, &handle, ErrorCode::Ok, "moving to QUIC").await;
-                        break End::Switch(c, p.attempt);
+                        break End::Switch(Box::new(c), p.attempt);
                     }
                     Ok(c) if session.silent_since().is_some_and(|s| s <= p.started) => {
                         up.state.probe_switches.fetch_add(1, Ordering::AcqRel);
                         metrics::counter!("fogline_uplink_probe_switches_total").increment(1);
                         info!(server = self.server, silent_for = ?p.started.elapsed() + session.silent_since().map_or(Duration::ZERO, |s| p.started.saturating_duration_since(s)), "The old connection is silent but a fresh one works (aggregator restarted?); moving over.");
                         handle.close(ErrorCode::Timeout, "silent; moved to a fresh connection");
-                        break End::Switch(c, p.attempt);
+                        break End::Switch(Box::new(c), p.attempt);
                     }
                     Ok(c) => c.conn.handle.close(ErrorCode::Ok, "probe not needed"),
                     Err(e) => {

@@ -8,7 +8,7 @@
 //! [`ClientTransport`], moves frames ([`link`]) and runs outbox work on
 //! blocking threads ([`outbox_ops`]).
 //!
-//! Invariants (ARCHITECTURE.md I-7, I-8, I-9, I-10):
+//! Invariants (ARCHITECTURE.md I-7, I-8, I-9, I-18, I-19, I-21):
 //! - Outbox rows are deleted only up to a sequence the aggregator
 //!   acknowledged (its acks follow its commit) or reported as its cursor on
 //!   connect *for this outbox's incarnation*.
@@ -327,7 +327,7 @@ impl Uplink {
             dialer.disconnected(Instant::now());
             match end {
                 End::Shutdown => break,
-                End::Switch(c, a) => carried = Some((c, a, addr)),
+                End::Switch(c, a) => carried = Some((*c, a, addr)),
                 End::Closed { reason, label } => {
                     metrics::counter!("fogline_uplink_disconnects_total", "reason" => label)
                         .increment(1);

@@ -5,10 +5,11 @@
 //! ```
 //!
 //! frame_decoder seeds: `chunk_seed:u8` + a stream of length-prefixed frames.
-//! batch_decoder seeds: a `Batch` frame body without its type byte.
+//! batch_decoder seeds: a mode byte, then a `Batch` frame body without its
+//! type byte (modes 0, 3) or an uncompressed columnar block (modes 1, 2).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fogline_protocol::batch::DEFAULT_ZSTD_LEVEL;
 use fogline_protocol::{encode_batch, BatchFrame, BlockCodec, ErrorCode, Frame, Record};
@@ -100,14 +101,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     write(&frames_dir, "batch_v2_layout", &v2)?;
 
-    // --- batch_decoder -----------------------------------------------------
-    write(&batches_dir, "zstd_5_records", &batch_body(&small)?)?;
-    write(&batches_dir, "zstd_1_record", &batch_body(&one)?)?;
-    write(&batches_dir, "zstd_mixed", &batch_body(&mixed)?)?;
-    write(&batches_dir, "zstd_40_records", &batch_body(&larger)?)?;
-    write(&batches_dir, "none_5_records", &batch_body(&none)?)?;
-    write(&batches_dir, "none_mixed", &batch_body(&uncompressed(&mixed)?)?)?;
-    write(&batches_dir, "none_1_record", &batch_body(&uncompressed(&one)?)?)?;
+    // --- batch_decoder (first byte: mode, see fuzz_targets/batch_decoder.rs)
+    write(&batches_dir, "zstd_5_records", &batch_body(0, &small)?)?;
+    write(&batches_dir, "zstd_1_record", &batch_body(0, &one)?)?;
+    write(&batches_dir, "zstd_mixed", &batch_body(0, &mixed)?)?;
+    write(&batches_dir, "zstd_40_records", &batch_body(0, &larger)?)?;
+    write(&batches_dir, "none_5_records", &batch_body(0, &none)?)?;
+    write(
+        &batches_dir,
+        "none_mixed",
+        &batch_body(0, &uncompressed(&mixed)?)?,
+    )?;
+    write(&batches_dir, "v2_zstd_5_records", &batch_body(3, &small)?)?;
+    for (name, b) in [("5_records", &small), ("mixed", &mixed), ("1_record", &one)] {
+        let raw = uncompressed(b)?.block;
+        write(
+            &batches_dir,
+            &format!("block_{name}"),
+            &[&[1u8][..], &raw].concat(),
+        )?;
+        write(
+            &batches_dir,
+            &format!("block_zstd_{name}"),
+            &[&[2u8][..], &raw].concat(),
+        )?;
+    }
     Ok(())
 }
 
@@ -165,9 +183,23 @@ fn stream(chunk_seed: u8, frames: &[Frame]) -> Result<Vec<u8>, Box<dyn std::erro
     Ok(out)
 }
 
-fn batch_body(b: &BatchFrame) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+/// `mode` + the body of the Batch frame after its type byte; mode 3: the
+/// version 2 layout (no codec byte).
+fn batch_body(mode: u8, b: &BatchFrame) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let bytes = Frame::Batch(b.clone()).to_bytes()?;
-    Ok(bytes[5..].to_vec())
+    let mut out = vec![mode];
+    if mode == 3 {
+        let mut header = Vec::new();
+        put_varint(&mut header, b.first_seq);
+        put_varint(&mut header, b.last_seq);
+        put_varint(&mut header, u64::from(b.record_count));
+        put_varint(&mut header, u64::from(b.raw_len));
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&b.block);
+    } else {
+        out.extend_from_slice(&bytes[5..]);
+    }
+    Ok(out)
 }
 
 fn frame_raw(out: &mut Vec<u8>, body: &[u8]) {
@@ -188,6 +220,6 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn write(dir: &PathBuf, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     fs::write(dir.join(name), bytes)
 }

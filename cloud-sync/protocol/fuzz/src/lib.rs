@@ -267,7 +267,11 @@ pub fn check_frame(frame: &Frame, frame_len: usize, version: u32) {
         .unwrap_or_else(|e| panic!("re-encoded {} frame does not decode: {e}", frame.kind()));
     assert_eq!(&again, frame, "frame decode → encode → decode differs");
     // The encoding is canonical: encoding again gives the same bytes.
-    assert_eq!(again.to_bytes().ok(), Some(bytes.clone()), "encoding not stable");
+    assert_eq!(
+        again.to_bytes().ok(),
+        Some(bytes.clone()),
+        "encoding not stable"
+    );
 
     // Canonical varints are minimal, so the re-encoding is never longer than
     // what was decoded, except for what an older peer leaves out: the codec

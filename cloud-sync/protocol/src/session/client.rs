@@ -18,7 +18,7 @@
 //! - **stall**: pongs come back but no ack moves for `stall_timeout` with
 //!   batches in flight — connected but stuck is a failure too.
 //!
-//! **Invariants** (ARCHITECTURE.md I-7, I-10):
+//! **Invariants** (ARCHITECTURE.md I-7, I-8, I-18):
 //! - A `Delete` never goes beyond an `Ack` of this session or a cursor the
 //!   outbox accepted through `Resume`.
 //! - Every batch starts after everything sent or acknowledged before it; an

@@ -8,7 +8,7 @@
 //! `Ping` is answered at once, whatever the store is doing, so the edge can
 //! tell a slow aggregator from a dead one.
 //!
-//! **Invariants** (ARCHITECTURE.md I-7, I-11):
+//! **Invariants** (ARCHITECTURE.md I-10, I-14, I-20):
 //! - `Ack{up_to}` is sent only after the store reported a commit holding
 //!   every record ≤ `up_to` of this node.
 //! - At most one apply per session is outstanding; batches received

@@ -1,5 +1,5 @@
-//! Deterministic simulation of replication (ARCHITECTURE.md I-7, I-10,
-//! I-11, I-18): the real client and server sessions, the real codecs and
+//! Deterministic simulation of replication (ARCHITECTURE.md I-8, I-10,
+//! I-14, I-18): the real client and server sessions, the real codecs and
 //! the real dialer over a simulated link with delay, loss, cuts, UDP
 //! blocking, dropped connections, restarts of either end with their durable
 //! state kept, and a store that fails or stalls — all driven by a seed.

@@ -529,13 +529,9 @@ impl World {
 
     fn produce(&mut self) {
         let total = u64::from(self.s.records);
-        let due = if self.s.produce_over_ms == 0 {
-            total
-        } else {
-            (total * self.now.min(self.s.produce_over_ms) / self.s.produce_over_ms)
-                .max(self.produced + 1)
-                .min(total)
-        };
+        let due = (total * self.now.min(self.s.produce_over_ms))
+            .checked_div(self.s.produce_over_ms)
+            .map_or(total, |d| d.max(self.produced + 1).min(total));
         let n = due - self.produced;
         self.produced = due;
         // The broker holds what the edge cannot take while it is down.
