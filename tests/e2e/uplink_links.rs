@@ -1,7 +1,8 @@
 //! The edge's uplink over links as they really are (ARCHITECTURE.md I-10,
-//! I-18): a network that blocks UDP (TCP/TLS fallback, then back to QUIC),
-//! an unreachable first server (failover to the next), and a link that goes
-//! silent (found within `silence_timeout`, then resumed exactly). The real
+//! I-18, I-19): a network that blocks UDP (TCP/TLS fallback, then back to QUIC),
+//! an unreachable first server (failover to the next), a link that goes
+//! silent (found within `silence_timeout`, then resumed exactly), and a
+//! certificate renewed mid-stream (picked up, nothing lost or doubled). The real
 //! uplink and aggregator run in-process; a relay in between drops what the
 //! test says.
 
@@ -268,4 +269,67 @@ fn a_silent_link_is_found_within_the_silence_timeout_and_replication_resumes_exa
         rig.assert_exact().await;
         rig.stop().await;
     });
+}
+
+#[test]
+fn a_certificate_renewed_during_traffic_is_picked_up_without_a_restart_and_nothing_is_lost_or_doubled(
+) {
+    run(async {
+        let mut rig = Rig::start("[\"{relay}\"]", "").await;
+        let certs = rig._dir.path().join("certs");
+        let cert = certs.join("node-gw-links.pem");
+        let (old_serial, _) = fogline_aggregator::certs::certificate_serial(&cert).unwrap();
+        rig.write(5_000);
+        assert!(rig.synced(Duration::from_secs(30)).await);
+
+        // Renew while records keep coming.
+        let connects = rig.state.status().connects;
+        for i in 0..20 {
+            rig.write(500);
+            if i == 5 {
+                fogline_aggregator::certs::renew_node(
+                    &certs,
+                    "gw-links",
+                    fogline_aggregator::certs::Validity::days(30).unwrap(),
+                )
+                .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (new_serial, _) = fogline_aggregator::certs::certificate_serial(&cert).unwrap();
+        assert_ne!(new_serial, old_serial);
+        // The edge checks its files every 5 s, then reconnects to present
+        // the new certificate.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut serial = String::new();
+        while Instant::now() < deadline {
+            let live: serde_json::Value = reqwest_connections(&rig).await;
+            serial = live[0]["serial"].as_str().unwrap_or_default().to_string();
+            if serial == new_serial {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            serial, new_serial,
+            "the aggregator sees the renewed certificate"
+        );
+        assert!(rig.state.status().connects > connects);
+        rig.write(5_000);
+        assert!(rig.synced(Duration::from_secs(30)).await);
+        rig.assert_exact().await;
+        rig.stop().await;
+    });
+}
+
+/// `/api/v1/connections` of the rig's aggregator.
+async fn reqwest_connections(rig: &Rig) -> serde_json::Value {
+    let port = rig.agg.http_addr.port();
+    tokio::task::spawn_blocking(move || {
+        fogline_tests::deploy::http_get(port, "/api/v1/connections")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or(serde_json::Value::Null)
+    })
+    .await
+    .unwrap()
 }

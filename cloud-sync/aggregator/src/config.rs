@@ -317,6 +317,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_config_parses_with_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cloud.example.toml");
+        let c = CloudConfig::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(c.tcp_listen(), Some(c.quic.listen));
+        assert_eq!(c.limits.total_pending_bytes, 512 * 1024 * 1024);
+        assert_eq!(c.tls.reload_every, Duration::from_secs(5));
+    }
+
+    #[test]
     fn defaults_relative_paths_and_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cloud.toml");
