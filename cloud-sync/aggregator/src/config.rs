@@ -110,7 +110,7 @@ pub struct LimitsConfig {
     #[serde(default = "default_hello_timeout", with = "humantime_serde")]
     pub hello_timeout: Duration,
     /// A node that pings and has not been heard from for this long is
-    /// disconnected. Default 60 s (nodes ping every 20 s when idle).
+    /// disconnected. Default 180 s (nodes ping every 60 s when idle).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -143,7 +143,7 @@ fn default_hello_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_idle_timeout() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_secs(180)
 }
 fn default_reload_every() -> Duration {
     Duration::from_secs(5)

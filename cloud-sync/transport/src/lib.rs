@@ -36,7 +36,7 @@ use fogline_protocol::DecodeError;
 
 /// Idle timeout of a QUIC connection. The sessions ping well within it and
 /// decide liveness themselves; this only reaps connections nobody closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A transport operation failed. Every variant says where.
 #[derive(Debug, thiserror::Error)]

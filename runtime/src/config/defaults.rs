@@ -42,7 +42,7 @@ pub(super) fn probe_after() -> Duration {
     Duration::from_secs(1)
 }
 pub(super) fn keepalive() -> Duration {
-    Duration::from_secs(20)
+    Duration::from_secs(60)
 }
 pub(super) fn stall_timeout() -> Duration {
     Duration::from_secs(15)

@@ -233,8 +233,13 @@ impl EdgeConfig {
                     u.probe_after, u.silence_timeout
                 ));
             }
-            if u.keepalive < std::time::Duration::from_secs(1) {
-                p.push(format!("uplink.keepalive: {:?} is below 1s", u.keepalive));
+            if u.keepalive < std::time::Duration::from_secs(1)
+                || u.keepalive > std::time::Duration::from_secs(540)
+            {
+                p.push(format!(
+                    "uplink.keepalive: {:?} is outside 1s..=9m (QUIC drops a connection idle for 10 min)",
+                    u.keepalive
+                ));
             }
             if u.stall_timeout < u.silence_timeout {
                 p.push(format!(

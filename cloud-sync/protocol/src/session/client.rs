@@ -75,7 +75,7 @@ impl Default for ClientConfig {
             handshake_timeout: Duration::from_secs(10),
             probe_after: Duration::from_secs(1),
             silence_timeout: Duration::from_secs(5),
-            keepalive: Duration::from_secs(20),
+            keepalive: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(15),
             coalesce_wait: Duration::from_millis(5),
             delete_batch: 16_384,
@@ -857,8 +857,8 @@ mod tests {
             [ClientAction::Read { .. }]
         ));
         s.handle_read(None, t0);
-        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(20)));
-        s.handle_timeout(t0 + Duration::from_secs(20));
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+        s.handle_timeout(t0 + Duration::from_secs(60));
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ClientAction::Send(Frame::Ping { nonce: 1 })]

@@ -45,7 +45,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             hello_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(180),
             max_pending_bytes: 64 * 1024 * 1024,
             group_records: 32 * 1024,
             group_bytes: 32 * 1024 * 1024,
@@ -615,8 +615,8 @@ mod tests {
             }]
         ));
         let mut s = active(ServerConfig::default(), 0, t0);
-        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
-        s.handle_timeout(t0 + Duration::from_secs(60));
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(180)));
+        s.handle_timeout(t0 + Duration::from_secs(180));
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ServerAction::Close {
