@@ -29,12 +29,7 @@ const WINDOW: usize = 1000;
 const PAYLOAD: usize = 100;
 
 fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    fogline_tests::bench_arg(name, default)
 }
 
 struct Figures {

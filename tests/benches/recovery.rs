@@ -28,12 +28,7 @@ use fogline_tests::{oracle, process, sensors};
 const SENSORS: usize = 10;
 
 fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    fogline_tests::bench_arg(name, default)
 }
 
 struct Round {

@@ -39,3 +39,13 @@ pub fn free_udp_port() -> std::io::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// A bench's `--name N` argument, or `default`.
+pub fn bench_arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
