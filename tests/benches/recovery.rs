@@ -51,7 +51,9 @@ fn round(per_sensor: usize, kill9: bool) -> Round {
         mosquitto.addr(),
         uplink_toml(node, &certs, cloud.quic_port)
     );
-    let edge = Edge::start(dir.path(), node, &body).unwrap();
+    // RECOVERY_RUST_LOG=fogline_edge::uplink=debug shows the uplink's every step.
+    let log = std::env::var("RECOVERY_RUST_LOG").unwrap_or_else(|_| "info".into());
+    let edge = Edge::start_with_env(dir.path(), node, &body, &[("RUST_LOG", &log)]).unwrap();
     let subscribed = process::wait_until(Duration::from_secs(30), || {
         edge.status()
             .is_some_and(|s| s["broker_connected"].as_bool() == Some(true))
@@ -97,6 +99,12 @@ fn round(per_sensor: usize, kill9: bool) -> Round {
     std::thread::sleep(Duration::from_secs(2));
 
     let restarted = Instant::now();
+    if std::env::var_os("RECOVERY_LOGS").is_some() {
+        println!(
+            "restarting the aggregator at {} ms since the epoch",
+            fogline_telemetry::clock::now_ms()
+        );
+    }
     cloud.daemon.restart().unwrap();
     let mut listening = None;
     let watch = loop {

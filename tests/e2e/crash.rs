@@ -115,3 +115,75 @@ fn an_edge_restarted_while_its_old_connection_is_open_takes_over_and_nothing_is_
         cluster.logs()
     );
 }
+
+/// I-18: a restarted aggregator (kill -9, back 300 ms later) is found by its
+/// stateless reset (keys derived from its private key, so the edge believes
+/// it) or by a fresh connection tried alongside the silent one — not by
+/// waiting out the silence timeout, nor QUIC's idle timeout — and nothing is
+/// lost or applied twice.
+#[test]
+fn a_restarted_aggregator_is_found_by_its_reset_or_a_probe_well_before_the_silence_timeout() {
+    const SENSORS: usize = 4;
+    const PER_SENSOR: usize = 1_500;
+    let mut cluster = Cluster::start("gw-probe");
+    let expected = expected_hot(SENSORS, PER_SENSOR);
+    let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let port = cluster.mosquitto.port();
+    let p2 = published.clone();
+    let publisher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(fogline_tests::sensors::publish(
+            "127.0.0.1",
+            port,
+            SENSORS,
+            PER_SENSOR,
+            Some(250), // 1,000/s: batches are always in flight
+            move |n| p2.store(n, Ordering::Release),
+        ))
+        .unwrap();
+    });
+    let reached = fogline_tests::process::wait_until(Duration::from_secs(60), || {
+        published.load(Ordering::Acquire) >= SENSORS * PER_SENSOR / 4
+    });
+    assert!(reached, "publisher stalled");
+    cluster.cloud.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.cloud.restart().unwrap();
+    let restarted = std::time::Instant::now();
+    let mut uplink = serde_json::Value::Null;
+    let found = fogline_tests::process::wait_until(Duration::from_secs(25), || {
+        uplink = cluster
+            .edge_status()
+            .map(|s| s["uplink"].clone())
+            .unwrap_or_default();
+        uplink["connects"].as_u64().unwrap_or(0) >= 2
+    });
+    let took = restarted.elapsed();
+    assert!(
+        found,
+        "the edge never reconnected: {uplink}\n{}",
+        cluster.logs()
+    );
+    let log = cluster.edge.log_text();
+    let by_reset = log.contains("reset by peer");
+    let by_probe = uplink["probe_switches"].as_u64().unwrap_or(0) >= 1;
+    assert!(by_reset || by_probe, "{uplink}\n{log}");
+    // The silence timeout (5 s) never had to fire.
+    assert_eq!(
+        uplink["silent"], 0,
+        "found by a reset or a probe, not by silence: {uplink}"
+    );
+    assert!(took < Duration::from_secs(5), "found after {took:?}");
+    publisher.join().unwrap();
+    let verdict = cluster.settle(&expected, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n{}",
+        verdict.summary(),
+        cluster.logs()
+    );
+}

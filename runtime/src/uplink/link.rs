@@ -96,10 +96,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl<'a> Ctx<'a> {
-    fn probe(&self, attempt: Attempt, quic_retry: bool) -> Probe<'a> {
+    fn probe(&self, attempt: Attempt, quic_retry: bool, rtt: Duration) -> Probe<'a> {
         let (transport, addr) = (self.transport, self.addr);
         let name = self.uplink.config.server_name(self.server);
-        let rtt = initial_rtt(None);
+        // Paced by the path's measured RTT: on a fast path the Initial is
+        // retransmitted often enough to catch a restart within the attempt.
+        let rtt = initial_rtt(Some(rtt));
         Probe {
             started: Instant::now(),
             attempt,
@@ -205,7 +207,7 @@ impl<'a> Ctx<'a> {
                                 "The aggregator is silent; trying a fresh connection alongside."
                             );
                             let attempt = dialer.probe(self.attempt.server, self.attempt.transport);
-                            probe = Some(self.probe(attempt, false));
+                            probe = Some(self.probe(attempt, false, handle.rtt()));
                         }
                     }
                     ClientAction::Close(reason) => {
@@ -280,15 +282,22 @@ impl<'a> Ctx<'a> {
                     }
                     Ok(c) => c.conn.handle.close(ErrorCode::Ok, "probe not needed"),
                     Err(e) => {
+                        debug!(server = self.server, transport = p.attempt.transport.name(), error = %e, "Probe failed.");
                         if p.quic_retry {
                             dialer.quic_retry_failed(self.attempt.server, Instant::now());
+                        } else if session.silent_since().is_some_and(|s| s <= p.started) {
+                            // Still silent: probe again at once, so a restart is
+                            // caught within one Initial retransmission, not a
+                            // probe period later. Bounded by silence_timeout.
+                            up.state.probes.fetch_add(1, Ordering::AcqRel);
+                            metrics::counter!("fogline_uplink_probes_total").increment(1);
+                            probe = Some(self.probe(p.attempt, false, handle.rtt()));
                         }
-                        debug!(server = self.server, transport = p.attempt.transport.name(), error = %e, "Probe failed.");
                     }
                 },
                 _ = sleep_until(quic_retry_at) => {
                     let attempt = dialer.probe(self.attempt.server, Transport::Quic);
-                    probe = Some(self.probe(attempt, true));
+                    probe = Some(self.probe(attempt, true, handle.rtt()));
                 }
                 _ = cert_check.tick() => match self.transport.reload_if_changed() {
                     Ok(true) => {
