@@ -354,6 +354,52 @@ async fn a_revoked_node_is_cut_off_live_and_refused_after_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_batch_that_does_not_decode_closes_the_session_as_malformed_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start(dir.path(), "").await;
+    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    // A well-formed frame whose block is garbage: the frame decoder passes
+    // it, the batch decoder (on a blocking thread) refuses it.
+    let junk = vec![0xff; 64];
+    let batch = fogline_protocol::BatchFrame {
+        first_seq: 1,
+        last_seq: 10,
+        record_count: 10,
+        raw_len: junk.len() as u32,
+        codec: fogline_protocol::BlockCodec::None,
+        block: junk,
+    };
+    link.conn
+        .writer
+        .send(&fogline_protocol::Frame::Batch(batch))
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(T, link.next_ack()).await.unwrap();
+    assert!(
+        matches!(
+            &closed,
+            Err(TransportError::Closed {
+                code: ErrorCode::Malformed,
+                reason,
+            }) if reason.contains("does not decode")
+        ),
+        "{closed:?}"
+    );
+    assert!(stored(&agg, "gw-1").await.is_empty());
+    // The node can come back with good batches.
+    let records = sample_readings(100, 2, 1);
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    link.send(&records).await.unwrap();
+    link.acked_through(records[99].seq).await.unwrap();
+    agg.shutdown().await;
+}
+
+#[tokio::test]
 async fn missing_tls_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let tls = ClientTls {

@@ -31,15 +31,28 @@ pub(super) struct Shared {
     pub session: fogline_protocol::session::server::ServerConfig,
 }
 
-type Task<T> = JoinHandle<Result<T, String>>;
+type Task<T, E = String> = JoinHandle<Result<T, E>>;
+
+/// Why an apply failed: the node's fault (a batch that does not decode) or
+/// the store's.
+enum ApplyFailed {
+    Malformed(String),
+    Store(String),
+}
+
+impl From<String> for ApplyFailed {
+    fn from(e: String) -> Self {
+        ApplyFailed::Store(e)
+    }
+}
 
 /// Resolves a task slot, or never when it is empty.
-async fn join<T>(slot: &mut Option<Task<T>>) -> Result<T, String> {
+async fn join<T, E: From<String>>(slot: &mut Option<Task<T, E>>) -> Result<T, E> {
     match slot {
         Some(t) => {
             let r = t
                 .await
-                .unwrap_or_else(|e| Err(format!("store task failed: {e}")));
+                .unwrap_or_else(|e| Err(E::from(format!("store task failed: {e}"))));
             *slot = None;
             r
         }
@@ -60,7 +73,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
     let mut session = ServerSession::new(&node, shared.session.clone(), Instant::now());
     let mut turn: Option<Turn> = None;
     let mut cursor_task: Option<Task<StoredCursor>> = None;
-    let mut apply_task: Option<Task<ApplyOutcome>> = None;
+    let mut apply_task: Option<Task<ApplyOutcome, ApplyFailed>> = None;
     let mut applied_records = 0u64;
     metrics::gauge!("fogline_cloud_connections", "transport" => transport.name()).increment(1.0);
 
@@ -120,13 +133,14 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                 Err(e) => break 'session (ErrorCode::Ok, handle.explain(e).to_string(), false),
             },
             r = join(&mut cursor_task) => session.handle_cursor(r, Instant::now()),
-            r = join(&mut apply_task) => {
-                let r = r.map(|o| {
+            r = join(&mut apply_task) => match r {
+                Ok(o) => {
                     applied_records += o.inserted as u64;
-                    o.cursor
-                });
-                session.handle_applied(r, Instant::now());
-            }
+                    session.handle_applied(Ok(o.cursor), Instant::now());
+                }
+                Err(ApplyFailed::Store(e)) => session.handle_applied(Err(e), Instant::now()),
+                Err(ApplyFailed::Malformed(e)) => session.close(ErrorCode::Malformed, e),
+            },
             _ = sleep_until(deadline) => session.handle_timeout(Instant::now()),
             c = handle.close_requested() => break 'session (c.0, c.1, false),
         }
@@ -202,7 +216,7 @@ async fn record_gap(shared: &Shared, node: &str, r: Regression) -> Result<(), St
 /// Waits for its share of the global budget (first come, first served),
 /// then decodes and applies on a blocking thread: zstd and record parsing
 /// never run on an async worker.
-fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutcome> {
+fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutcome, ApplyFailed> {
     let (store, budget, node) = (
         shared.store.clone(),
         shared.budget.clone(),
@@ -214,7 +228,7 @@ fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutc
         let _permit = budget
             .acquire_many_owned(permits)
             .await
-            .map_err(|e| format!("budget: {e}"))?;
+            .map_err(|e| ApplyFailed::Store(format!("budget: {e}")))?;
         let started = Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             let decoded = req
@@ -222,14 +236,16 @@ fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutc
                 .iter()
                 .map(decode_batch)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("batch of node {node}: {e}"))?;
+                .map_err(|e| {
+                    ApplyFailed::Malformed(format!("a batch that does not decode: {e}"))
+                })?;
             let now = fogline_telemetry::clock::now_ms();
             store
                 .apply(&node, req.outbox, &decoded, req.last_seq, now)
-                .map_err(|e| e.to_string())
+                .map_err(|e| ApplyFailed::Store(e.to_string()))
         })
         .await
-        .map_err(|e| format!("store task failed: {e}"))??;
+        .map_err(|e| ApplyFailed::Store(format!("store task failed: {e}")))??;
         metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("fogline_cloud_records_applied_total").increment(outcome.inserted as u64);
         metrics::counter!("fogline_cloud_records_skipped_total").increment(outcome.skipped as u64);
