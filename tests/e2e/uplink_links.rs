@@ -1,6 +1,7 @@
 //! The edge's uplink over links as they really are (ARCHITECTURE.md I-10,
 //! I-18, I-19): a network that blocks UDP (TCP/TLS fallback, then back to QUIC),
-//! an unreachable first server (failover to the next), a link that goes
+//! an unreachable first server (failover to the next), a gateway whose
+//! address changes mid-stream (QUIC migrates, no new handshake), a link that goes
 //! silent (found within `silence_timeout`, then resumed exactly), and a
 //! certificate renewed mid-stream (picked up, nothing lost or doubled). The real
 //! uplink and aggregator run in-process; a relay in between drops what the
@@ -206,6 +207,42 @@ fn a_network_that_blocks_udp_falls_back_to_tcp_and_returns_to_quic() {
         );
         rig.write(20_000);
         assert!(rig.synced(Duration::from_secs(30)).await);
+        rig.assert_exact().await;
+        rig.stop().await;
+    });
+}
+
+#[test]
+fn a_gateway_whose_address_changes_keeps_its_connection() {
+    run(async {
+        let mut rig = Rig::start("[\"{relay}\"]", "").await;
+        rig.write(5_000);
+        assert!(rig.synced(Duration::from_secs(30)).await);
+        let before = reqwest_connections(&rig).await[0].clone();
+        for i in 0..10 {
+            rig.write(1_000);
+            if i == 3 {
+                // Mid-stream, the aggregator starts seeing this gateway
+                // from another address (cellular re-attach, NAT rebinding).
+                rig.relay.change_client_addresses();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            rig.synced(Duration::from_secs(30)).await,
+            "{:?}",
+            rig.state.status()
+        );
+        let after = reqwest_connections(&rig).await[0].clone();
+        assert_ne!(
+            after["remote"], before["remote"],
+            "the aggregator follows the new address"
+        );
+        assert_eq!(
+            after["since_ms"], before["since_ms"],
+            "same session: {before} → {after}"
+        );
+        assert_eq!(rig.state.status().connects, 1, "no new handshake");
         rig.assert_exact().await;
         rig.stop().await;
     });

@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 #[derive(Default)]
 struct Shared {
     cut: AtomicBool,
+    /// Bumped to make every client appear from a new address.
+    address_epoch: AtomicU64,
     udp_blocked: AtomicBool,
     tcp_to_server: AtomicU64,
     to_server: AtomicU64,
@@ -69,6 +71,13 @@ impl UdpRelay {
         Err(std::io::Error::other(
             "no port number free for both UDP and TCP",
         ))
+    }
+
+    /// From now on, every client's datagrams reach the aggregator from a
+    /// new source port, as after a cellular re-attach or a NAT rebinding:
+    /// QUIC must migrate the connection.
+    pub fn change_client_addresses(&self) {
+        self.shared.address_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops UDP (both ways) while `blocked`; TCP still flows.
@@ -189,12 +198,19 @@ impl Drop for AbortOnDrop {
 async fn forward(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared>) {
     let mut peers: HashMap<SocketAddr, (Arc<UdpSocket>, AbortOnDrop)> = HashMap::new();
     let mut buf = vec![0u8; 65536];
+    let mut epoch = 0;
     loop {
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             continue;
         };
         if shared.drops_udp() {
             continue;
+        }
+        let now = shared.address_epoch.load(Ordering::Acquire);
+        if now != epoch {
+            // New upstream sockets (new source ports) for everyone.
+            epoch = now;
+            peers.clear();
         }
         let sock = match peers.entry(client) {
             std::collections::hash_map::Entry::Occupied(e) => e.get().0.clone(),
