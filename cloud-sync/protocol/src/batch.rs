@@ -29,8 +29,10 @@ use super::{
     MAX_STREAM_NAME_BYTES,
 };
 
-/// Default zstd level for batch blocks.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Default zstd level for batch blocks. The columnar block compresses as
+/// well at level 1 as at 3 (4.8 vs 5.2 bytes per reading in the drain
+/// bench) for less of the gateway's CPU.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// One record from the edge outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,9 @@ pub(super) fn uplink_batch_bytes() -> usize {
     1 << 20
 }
 pub(super) fn uplink_max_in_flight() -> usize {
-    8
+    // Two of the aggregator's apply groups (32k records) in flight: while it
+    // applies one, the next is already on its way (no bubble per ack).
+    16
 }
 pub(super) fn reconnect_min() -> Duration {
     Duration::from_millis(100)

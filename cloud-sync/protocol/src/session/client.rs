@@ -69,7 +69,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
-            window: 8,
+            window: 16,
             batch_records: 4096,
             batch_bytes: 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
