@@ -72,16 +72,9 @@ async fn drain(total: usize) {
         started.elapsed().as_secs_f64()
     );
 
-    let cloud_toml = format!(
-        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        c = certs.display(),
-        s = dir.path().join("cloud.db").display()
-    );
-    let cloud = fogline_aggregator::start(
-        fogline_aggregator::config::CloudConfig::parse(&cloud_toml).unwrap(),
-    )
-    .await
-    .unwrap();
+    let cloud = fogline_tests::deploy::in_process_aggregator(&certs, &dir.path().join("cloud.db"))
+        .await
+        .unwrap();
     let relay = UdpRelay::start(cloud.quic_addr).await.unwrap();
     let edge_toml = format!(
         "[node]\nid = \"gw-bench\"\ndata_dir = \"{d}/edge\"\n[[pipelines]]\nname = \"p\"\ntopics = [\"#\"]\n[uplink]\nserver = \"{r}\"\nserver_name = \"localhost\"\nca = \"{c}/ca.pem\"\ncert = \"{c}/node-gw-bench.pem\"\nkey = \"{c}/node-gw-bench.key\"\nkeepalive = \"1s\"\n",

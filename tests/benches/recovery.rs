@@ -17,8 +17,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogline_tests::deploy::{http_get, uplink_toml, Cloud, Edge};
@@ -61,28 +59,9 @@ fn round(per_sensor: usize, kill9: bool) -> Round {
     assert!(subscribed, "edge did not connect to mosquitto");
     std::thread::sleep(Duration::from_millis(300));
 
-    let published = Arc::new(AtomicUsize::new(0));
-    let p2 = published.clone();
-    let port = mosquitto.port();
-    let publisher = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(sensors::publish(
-            "127.0.0.1",
-            port,
-            SENSORS,
-            per_sensor,
-            None,
-            move |n| p2.store(n, Ordering::Release),
-        ))
-        .unwrap();
-    });
-    let at_30 = process::wait_until(Duration::from_secs(120), || {
-        published.load(Ordering::Acquire) * 10 >= total * 3
-    });
+    let publisher =
+        sensors::BackgroundPublisher::start(mosquitto.port(), SENSORS, per_sensor, None);
+    let at_30 = publisher.wait_for(total * 3 / 10, Duration::from_secs(120));
     assert!(at_30, "publisher stalled before 30 %");
     if kill9 {
         cloud.daemon.kill9();
@@ -90,7 +69,7 @@ fn round(per_sensor: usize, kill9: bool) -> Round {
         cloud.daemon.terminate().unwrap();
         cloud.daemon.wait_exit(Duration::from_secs(10));
     }
-    publisher.join().unwrap();
+    publisher.finish().unwrap();
     // Every reading was PUBACKed, so every one is in the outbox (acks after
     // commit); what the aggregator has not got is the backlog.
     let stored_before = oracle::count(&cloud.store);

@@ -5,10 +5,8 @@
 //! once; the edge resumes from the aggregator's cursor; a restarted edge
 //! takes over its old, still-open connection.)
 
-use fogline_tests::sensors;
+use fogline_tests::sensors::{self, BackgroundPublisher};
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{expected_hot, Cluster};
@@ -26,33 +24,11 @@ fn kill9_aggregator_and_edge_mid_stream_lose_and_duplicate_nothing() {
     );
 
     // Publish in the background; the main thread kills at 30% and 60%.
-    let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let finished = Arc::new(AtomicBool::new(false));
-    let port = cluster.mosquitto.port();
-    let (p2, f2) = (published.clone(), finished.clone());
-    let publisher = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(fogline_tests::sensors::publish(
-            "127.0.0.1",
-            port,
-            SENSORS,
-            PER_SENSOR,
-            Some(250), // 2,000/s in total: long enough to kill mid-stream
-            move |n| p2.store(n, Ordering::Release),
-        ))
-        .unwrap();
-        f2.store(true, Ordering::Release);
-    });
-
-    let reached = |frac: f64| {
-        fogline_tests::process::wait_until(Duration::from_secs(60), || {
-            published.load(Ordering::Acquire) as f64 >= frac * TOTAL as f64
-        })
-    };
+    // 2,000/s in total: long enough to kill mid-stream.
+    let publisher =
+        BackgroundPublisher::start(cluster.mosquitto.port(), SENSORS, PER_SENSOR, Some(250));
+    let reached =
+        |frac: f64| publisher.wait_for((frac * TOTAL as f64) as usize, Duration::from_secs(60));
     assert!(reached(0.3), "publisher stalled before 30%");
     cluster.cloud.kill9();
     std::thread::sleep(Duration::from_millis(700));
@@ -63,8 +39,7 @@ fn kill9_aggregator_and_edge_mid_stream_lose_and_duplicate_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     cluster.edge.restart().unwrap();
 
-    publisher.join().unwrap();
-    assert!(finished.load(Ordering::Acquire));
+    publisher.finish().unwrap();
     let verdict = cluster.settle(&expected, Duration::from_secs(120));
     assert!(
         verdict.is_exact(),
@@ -127,28 +102,10 @@ fn a_restarted_aggregator_is_found_by_its_reset_or_a_probe_well_before_the_silen
     const PER_SENSOR: usize = 1_500;
     let mut cluster = Cluster::start("gw-probe");
     let expected = expected_hot(SENSORS, PER_SENSOR);
-    let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let port = cluster.mosquitto.port();
-    let p2 = published.clone();
-    let publisher = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(fogline_tests::sensors::publish(
-            "127.0.0.1",
-            port,
-            SENSORS,
-            PER_SENSOR,
-            Some(250), // 1,000/s: batches are always in flight
-            move |n| p2.store(n, Ordering::Release),
-        ))
-        .unwrap();
-    });
-    let reached = fogline_tests::process::wait_until(Duration::from_secs(60), || {
-        published.load(Ordering::Acquire) >= SENSORS * PER_SENSOR / 4
-    });
+    // 1,000/s: batches are always in flight.
+    let publisher =
+        BackgroundPublisher::start(cluster.mosquitto.port(), SENSORS, PER_SENSOR, Some(250));
+    let reached = publisher.wait_for(SENSORS * PER_SENSOR / 4, Duration::from_secs(60));
     assert!(reached, "publisher stalled");
     cluster.cloud.kill9();
     std::thread::sleep(Duration::from_millis(300));
@@ -178,7 +135,7 @@ fn a_restarted_aggregator_is_found_by_its_reset_or_a_probe_well_before_the_silen
         "found by a reset or a probe, not by silence: {uplink}"
     );
     assert!(took < Duration::from_secs(5), "found after {took:?}");
-    publisher.join().unwrap();
+    publisher.finish().unwrap();
     let verdict = cluster.settle(&expected, Duration::from_secs(60));
     assert!(
         verdict.is_exact(),

@@ -42,16 +42,10 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         fogline_testkit::certs::dev_bundle(&certs, &["gw-links"]).unwrap();
-        let cloud_toml = format!(
-            "[quic]\nlisten = \"127.0.0.1:0\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            c = certs.display(),
-            s = dir.path().join("cloud.db").display()
-        );
-        let agg = fogline_aggregator::start(
-            fogline_aggregator::config::CloudConfig::parse(&cloud_toml).unwrap(),
-        )
-        .await
-        .unwrap();
+        let agg =
+            fogline_tests::deploy::in_process_aggregator(&certs, &dir.path().join("cloud.db"))
+                .await
+                .unwrap();
         let relay = UdpRelay::start_with_tcp(agg.quic_addr, agg.tcp_addr.unwrap())
             .await
             .unwrap();

@@ -163,28 +163,7 @@ impl Edge {
         body: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let http_port = crate::free_tcp_port()?;
-        let data_dir = dir.join(format!("edge-{node}"));
-        let config = dir.join(format!("edge-{node}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[node]\nid = \"{node}\"\ndata_dir = \"{d}\"\n[metrics]\nlisten = \"127.0.0.1:{http_port}\"\n{body}\n",
-                d = data_dir.display()
-            ),
-        )?;
-        let mut daemon = Daemon::spawn_idle(
-            "fogline-edge",
-            &["run", "--config", &config.to_string_lossy()],
-            &dir.join(format!("edge-{node}.log")),
-        );
-        daemon.restart_with_env(env)?;
-        Ok(Self {
-            daemon,
-            config,
-            http_port,
-            data_dir,
-        })
+        Self::start_in(dir, node, &dir.join(format!("edge-{node}")), "", body, env)
     }
 
     /// [`Edge::start_with_env`] with the data in `data_dir` (say on a small
@@ -263,4 +242,20 @@ impl Edge {
             )
         }
     }
+}
+
+/// An aggregator in this process, on free loopback ports (QUIC, TCP, HTTP),
+/// with the certificates `dev_bundle` wrote in `certs` and its store at
+/// `store`.
+pub async fn in_process_aggregator(
+    certs: &Path,
+    store: &Path,
+) -> anyhow::Result<fogline_aggregator::RunningAggregator> {
+    let toml = format!(
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        c = certs.display(),
+        s = store.display()
+    );
+    let config = fogline_aggregator::config::CloudConfig::parse(&toml)?;
+    Ok(fogline_aggregator::start(config).await?)
 }

@@ -96,3 +96,56 @@ pub async fn publish(
     }
     Ok(())
 }
+
+/// [`publish`] on its own thread and runtime, for tests that kill and
+/// restart processes while readings flow.
+pub struct BackgroundPublisher {
+    published: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BackgroundPublisher {
+    /// Starts publishing `per_sensor` readings from each of `sensors`
+    /// sensors to the broker on 127.0.0.1:`port`.
+    pub fn start(
+        port: u16,
+        sensors: usize,
+        per_sensor: usize,
+        rate_per_sensor: Option<u32>,
+    ) -> Self {
+        let published = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let p = published.clone();
+        let thread = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(publish(
+                    "127.0.0.1",
+                    port,
+                    sensors,
+                    per_sensor,
+                    rate_per_sensor,
+                    move |n| p.store(n, std::sync::atomic::Ordering::Release),
+                ))
+        });
+        Self { published, thread }
+    }
+
+    /// Readings the broker acknowledged so far (updated every 500).
+    pub fn published(&self) -> usize {
+        self.published.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits up to `timeout` until at least `n` readings are acknowledged.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        crate::process::wait_until(timeout, || self.published() >= n)
+    }
+
+    /// Waits until every reading is acknowledged.
+    pub fn finish(self) -> anyhow::Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("publisher thread panicked"))?
+    }
+}

@@ -12,11 +12,11 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::conn::{ConnHandle, Connection};
 use super::framed::{FrameReader, FrameWriter};
-use super::tls::{client_rustls, ClientTls};
+use super::tls::{client_rustls, stamps, ClientTls, FileStamp};
 use super::{quic, tcp, Transport, TransportError};
 
 /// A connection just established.
@@ -40,14 +40,9 @@ pub struct ClientTransport {
 }
 
 struct Loaded {
-    stamps: Vec<Option<(SystemTime, u64)>>,
+    stamps: Vec<FileStamp>,
     rustls: Arc<rustls::ClientConfig>,
     tcp_rustls: Arc<rustls::ClientConfig>,
-}
-
-fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 impl ClientTransport {
@@ -61,7 +56,7 @@ impl ClientTransport {
         })?;
         Ok(Self {
             loaded: RwLock::new(Loaded {
-                stamps: tls.files().iter().map(|p| stamp(p)).collect(),
+                stamps: stamps(&tls.files()),
                 tcp_rustls: tcp::without_early_data_client(&rustls),
                 rustls,
             }),
@@ -75,7 +70,7 @@ impl ClientTransport {
     /// error the previous material stays in use (a half-written file is
     /// retried on the next call).
     pub fn reload_if_changed(&self) -> Result<bool, TransportError> {
-        let now: Vec<_> = self.tls.files().iter().map(|p| stamp(p)).collect();
+        let now = stamps(&self.tls.files());
         if self.loaded.read().is_ok_and(|l| l.stamps == now) {
             return Ok(false);
         }

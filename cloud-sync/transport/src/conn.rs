@@ -156,3 +156,26 @@ impl ConnHandle {
         }
     }
 }
+
+/// Ends a connection with `code`, whatever carries it: QUIC puts the code in
+/// its CONNECTION_CLOSE at once; TCP has no such field, so a last `Error`
+/// frame is written (within `wait`) before the stream is shut down.
+pub async fn close_with(
+    writer: &mut FrameWriter<BoxWrite>,
+    handle: &ConnHandle,
+    code: ErrorCode,
+    reason: &str,
+    wait: Duration,
+) {
+    if handle.transport() == Transport::Tcp {
+        let error = fogline_protocol::Frame::Error {
+            code,
+            message: reason.to_string(),
+        };
+        if writer.queue(&error).is_ok() {
+            let _ = tokio::time::timeout(wait, writer.flush()).await;
+        }
+        writer.shutdown().await;
+    }
+    handle.close(code, reason);
+}

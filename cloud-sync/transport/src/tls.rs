@@ -26,6 +26,30 @@ pub struct ServerTls {
     pub crl: Option<PathBuf>,
 }
 
+impl ServerTls {
+    /// The files, for change detection.
+    pub fn files(&self) -> Vec<&Path> {
+        let mut files = vec![self.ca.as_path(), &self.cert, &self.key];
+        files.extend(self.crl.as_deref());
+        files
+    }
+}
+
+/// What a file looks like now (modification time and size; `None` if it
+/// cannot be read): compared between polls to notice replaced certificates.
+pub type FileStamp = Option<(std::time::SystemTime, u64)>;
+
+/// The stamps of `paths`.
+pub fn stamps(paths: &[&Path]) -> Vec<FileStamp> {
+    paths
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
 /// Where a node's TLS material is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
@@ -51,16 +75,22 @@ fn pem_err(path: &Path, reason: impl std::fmt::Display) -> TransportError {
     }
 }
 
+/// Every `T` block in a PEM file (at least one); `what` names the block
+/// in errors.
+fn load_all<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, TransportError> {
+    let bytes = std::fs::read(path).map_err(|e| pem_err(path, e))?;
+    let items = T::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, format!("not a PEM {what} file: {e}")))?;
+    if items.is_empty() {
+        return Err(pem_err(path, format!("no {what} block found")));
+    }
+    Ok(items)
+}
+
 /// All certificates in a PEM file (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
-    let bytes = std::fs::read(path).map_err(|e| pem_err(path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(pem_err(path, "no CERTIFICATE block found"));
-    }
-    Ok(certs)
+    load_all(path, "CERTIFICATE")
 }
 
 /// The private key in a PEM file.
@@ -74,14 +104,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
 pub fn load_crls(
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TransportError> {
-    let bytes = std::fs::read(path).map_err(|e| pem_err(path, e))?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(path, format!("not a PEM CRL file: {e}")))?;
-    if crls.is_empty() {
-        return Err(pem_err(path, "no X509 CRL block found"));
-    }
-    Ok(crls)
+    load_all(path, "X509 CRL")
 }
 
 fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TransportError> {

@@ -102,6 +102,10 @@ impl<'a> Ctx<'a> {
         // Paced by the path's measured RTT: on a fast path the Initial is
         // retransmitted often enough to catch a restart within the attempt.
         let rtt = initial_rtt(Some(rtt));
+        if !quic_retry {
+            self.uplink.state.probes.fetch_add(1, Ordering::AcqRel);
+            metrics::counter!("fogline_uplink_probes_total").increment(1);
+        }
         Probe {
             started: Instant::now(),
             attempt,
@@ -185,7 +189,6 @@ impl<'a> Ctx<'a> {
                         }));
                     }
                     ClientAction::Delete { through } => {
-                        up.note_ack(session.stats().acked);
                         match outbox.delete_through(through).await {
                             Ok(n) => {
                                 metrics::counter!("fogline_uplink_records_acked_total")
@@ -200,8 +203,6 @@ impl<'a> Ctx<'a> {
                     }
                     ClientAction::Probe => {
                         if probe.as_ref().is_none_or(|p| p.quic_retry) {
-                            up.state.probes.fetch_add(1, Ordering::AcqRel);
-                            metrics::counter!("fogline_uplink_probes_total").increment(1);
                             debug!(
                                 server = self.server,
                                 "The aggregator is silent; trying a fresh connection alongside."
@@ -228,9 +229,6 @@ impl<'a> Ctx<'a> {
             up.state
                 .in_flight
                 .store(session.in_flight() as u64, Ordering::Release);
-            up.state
-                .acked_seq
-                .fetch_max(session.stats().acked, Ordering::AcqRel);
             let quic_retry_at = if on_tcp && probe.is_none() {
                 dialer.quic_retry_due(self.attempt.server)
             } else {
@@ -289,8 +287,6 @@ impl<'a> Ctx<'a> {
                             // Still silent: probe again at once, so a restart is
                             // caught within one Initial retransmission, not a
                             // probe period later. Bounded by silence_timeout.
-                            up.state.probes.fetch_add(1, Ordering::AcqRel);
-                            metrics::counter!("fogline_uplink_probes_total").increment(1);
                             probe = Some(self.probe(p.attempt, false, handle.rtt()));
                         }
                     }
@@ -314,9 +310,6 @@ impl<'a> Ctx<'a> {
                 },
             }
         };
-        if let Some(p) = probe.take() {
-            drop(p);
-        }
         if let Some(t) = read.take() {
             t.abort();
         }
@@ -342,20 +335,13 @@ fn lost(handle: &fogline_transport::conn::ConnHandle, e: TransportError) -> End 
     }
 }
 
-/// Closes gracefully: TCP carries the code in an `Error` frame.
+/// Closes gracefully; the code reaches the aggregator over either transport.
 async fn close(
     writer: &mut fogline_transport::framed::FrameWriter<fogline_transport::conn::BoxWrite>,
     handle: &fogline_transport::conn::ConnHandle,
     code: ErrorCode,
     reason: &str,
 ) {
-    if handle.transport() == Transport::Tcp {
-        let _ = writer.queue(&fogline_protocol::Frame::Error {
-            code,
-            message: reason.to_string(),
-        });
-        let _ = tokio::time::timeout(Duration::from_millis(500), writer.flush()).await;
-        writer.shutdown().await;
-    }
-    handle.close(code, reason);
+    fogline_transport::conn::close_with(writer, handle, code, reason, Duration::from_millis(500))
+        .await;
 }

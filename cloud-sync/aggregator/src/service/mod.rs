@@ -18,7 +18,7 @@ pub mod nodes;
 mod session;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fogline_protocol::frame::ErrorCode;
 use fogline_protocol::session::server::ServerConfig;
@@ -42,10 +42,9 @@ pub struct Service {
     config: CloudConfig,
 }
 
+/// Seconds since the Unix epoch, as certificate validity is given.
 fn now_s() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(fogline_telemetry::clock::now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 impl Service {
@@ -161,30 +160,21 @@ async fn accept(incoming: Incoming, timeout: Duration, shared: Arc<Shared>, gate
     session::serve(shared, accepted.conn, accepted.peer).await;
 }
 
-/// Closes a connection with `code`: QUIC carries it in CONNECTION_CLOSE,
-/// TCP in an `Error` frame.
+/// Closes a connection the gate refused.
 async fn refuse(mut conn: fogline_transport::conn::Connection, code: ErrorCode, reason: &str) {
-    if conn.handle.transport() == fogline_transport::Transport::Tcp {
-        let _ = conn.writer.queue(&fogline_protocol::Frame::Error {
-            code,
-            message: reason.to_string(),
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.writer.flush()).await;
-        conn.writer.shutdown().await;
-    }
-    conn.handle.close(code, reason);
+    fogline_transport::conn::close_with(
+        &mut conn.writer,
+        &conn.handle,
+        code,
+        reason,
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 /// Size and modification time of each TLS file: a change means reload.
-fn fingerprint(config: &CloudConfig) -> Vec<Option<(u64, SystemTime)>> {
-    let t = &config.tls;
-    [Some(&t.ca), Some(&t.cert), Some(&t.key), t.crl.as_ref()]
-        .into_iter()
-        .map(|p| {
-            let m = std::fs::metadata(p?).ok()?;
-            Some((m.len(), m.modified().ok()?))
-        })
-        .collect()
+fn fingerprint(config: &CloudConfig) -> Vec<fogline_transport::tls::FileStamp> {
+    fogline_transport::tls::stamps(&config.tls.server_tls().files())
 }
 
 /// Polls the TLS files every `reload_every`; on a change, swaps the

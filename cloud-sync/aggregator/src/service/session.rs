@@ -10,10 +10,9 @@ use fogline_protocol::batch::decode_batch;
 use fogline_protocol::frame::ErrorCode;
 use fogline_protocol::session::server::{ApplyRequest, ServerAction, ServerSession};
 use fogline_protocol::session::{Regression, StoredCursor};
-use fogline_protocol::Frame;
-use fogline_transport::conn::Connection;
+use fogline_transport::conn::{close_with, Connection};
 use fogline_transport::identity::PeerIdentity;
-use fogline_transport::{Transport, TransportError};
+use fogline_transport::TransportError;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -30,6 +29,9 @@ pub(super) struct Shared {
     pub budget_bytes: usize,
     pub session: fogline_protocol::session::server::ServerConfig,
 }
+
+/// How long a closing connection may take to write its last `Error` frame.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Task<T, E = String> = JoinHandle<Result<T, E>>;
 
@@ -160,23 +162,12 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                 .increment(1);
             warn!(%node, %remote, %code, %reason, "Closing the node's connection.");
         }
-        if transport == Transport::Tcp {
-            let _ = writer.queue(&Frame::Error {
-                code,
-                message: reason.clone(),
-            });
-        }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.flush()).await;
-        handle.close(code, &reason);
-    } else if transport == Transport::Tcp && handle.close_requested_now().is_some() {
-        // Closed from elsewhere (takeover, revocation): TCP carries the code
-        // in an Error frame.
-        if let Some((code, message)) = handle.close_requested_now() {
-            let _ = writer.queue(&Frame::Error { code, message });
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.flush()).await;
-        }
+        close_with(&mut writer, &handle, code, &reason, CLOSE_WAIT).await;
+    } else if let Some((code, message)) = handle.close_requested_now() {
+        // Closed from elsewhere (takeover, revocation): over TCP the code
+        // still has to be written.
+        close_with(&mut writer, &handle, code, &message, CLOSE_WAIT).await;
     }
-    writer.shutdown().await;
     metrics::gauge!("fogline_cloud_connections", "transport" => transport.name()).decrement(1.0);
     if turn.is_some() {
         info!(%node, %remote, applied = applied_records, %reason, "Node disconnected.");
