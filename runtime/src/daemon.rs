@@ -15,7 +15,7 @@ use crate::ingest::endpoint::{Endpoint, EndpointError};
 use crate::ingest::session_store::Replica;
 use crate::ingest::{broker_client, IngestSink, IngestState, SinkMeter};
 use crate::outbox::{Outbox, OutboxError, OutboxReader};
-use crate::pipeline::{self, PipelineHealth, Router, Worker, WorkerOptions};
+use crate::pipeline::{self, FunctionStatus, ModuleStore, PipelineHealth, Router, Worker, WorkerOptions};
 use crate::telemetry;
 use crate::uplink::{Uplink, UplinkState};
 
@@ -25,6 +25,9 @@ pub enum DaemonError {
     /// A function module failed to load or initialise.
     #[error("{0}")]
     Function(#[from] FunctionError),
+    /// The functions' versions could not be set up.
+    #[error("{0}")]
+    Versions(#[from] pipeline::VersionError),
     /// The outbox could not be opened.
     #[error("{0}")]
     Outbox(#[from] OutboxError),
@@ -56,6 +59,8 @@ pub struct LiveState {
     pub uplink_configured: bool,
     /// No progress for this long with work pending: wedged.
     pub stall_after: Duration,
+    /// The functions: versions, breakers, held inputs, state.
+    pub functions: Arc<std::sync::Mutex<Vec<FunctionStatus>>>,
 }
 
 /// A started daemon.
@@ -85,14 +90,22 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         data_dir.display()
     )))?;
 
-    let runtime = FunctionRuntime::new(RuntimeOptions {
+    let runtime = Arc::new(FunctionRuntime::new(RuntimeOptions {
         cache_dir: Some(config.module_cache_dir()),
         ..RuntimeOptions::default()
-    })?;
-    let chains = pipeline::build_chains(&config, &runtime)?;
+    })?);
     let outbox_path = config.outbox_path();
     let mut outbox = Outbox::open(&outbox_path, config.outbox.sync)?;
     let epoch = outbox.begin_epoch()?;
+    crate::clock::init(outbox.clock_high_water()?);
+    let store = ModuleStore::new(config.module_store_dir());
+    let chains = pipeline::start_chains(
+        &config,
+        &runtime,
+        &mut outbox,
+        &store,
+        crate::clock::ingest_ms(),
+    )?;
     let (replica, restored) = Replica::load(outbox.load_sessions()?);
     let broker_key = broker_client::session_key(&config);
     let (broker_session, endpoint_sessions): (Vec<_>, Vec<_>) =
@@ -106,7 +119,9 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         uplink: Arc::new(UplinkState::default()),
         uplink_configured: config.uplink.is_some(),
         stall_after: config.health.stall_after,
+        functions: Arc::new(std::sync::Mutex::new(Vec::new())),
     });
+    let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let router = Router::new(config.pipelines.iter().map(|p| p.topics.clone()).collect());
@@ -128,6 +143,8 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
             committed: committed.clone(),
             sessions: replica,
             health: state.pipeline.clone(),
+            commands: commands_rx,
+            functions: state.functions.clone(),
         },
         chunks,
     )
@@ -182,6 +199,13 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         None
     };
     let mut tasks = Vec::new();
+    tokio::spawn(crate::reload::watch(
+        config.clone(),
+        runtime.clone(),
+        store,
+        commands,
+        shutdown_rx.clone(),
+    ));
     if config.external_broker_enabled() {
         tasks.push(broker_client::spawn(
             &config,

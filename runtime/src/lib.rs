@@ -11,5 +11,6 @@ pub mod ingest;
 pub mod message;
 pub mod outbox;
 pub mod pipeline;
+pub mod reload;
 pub mod telemetry;
 pub mod uplink;

@@ -3,12 +3,14 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::rc::Rc;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use crate::bindings::fogline::function::types::Rejection;
-use crate::bindings::{Message as WitMessage, Output as WitOutput};
+use crate::batch::Batch;
+use crate::bindings::fogline::function::types::{Batch as WitBatch, StateEntries};
+use crate::output::Output;
+use crate::state::{split_key, StateEntry, StateSet};
 use crate::Message;
 
 /// `Result` with the SDK's [`Error`].
@@ -64,9 +66,11 @@ impl fmt::Debug for Error {
 
 /// A stream function. Implement it, then [`export_function!`](crate::export_function).
 ///
-/// The value is the function's state; it lives as long as the instance,
-/// across batches, until the host restarts the instance (after a trap or
-/// timeout), which calls [`init`](Function::init) again.
+/// The value lives as long as the instance, across batches. What must
+/// survive a restart (a crash, a trap, a deploy) goes in durable containers
+/// named in [`state`](Function::state): the host commits their changes with
+/// every batch's outputs and restores them before the next call. Plain
+/// fields are rebuilt by [`init`](Function::init).
 pub trait Function: Sized + 'static {
     /// Build the function from its configuration (the function's table in
     /// the daemon's TOML config, as JSON). Usually `config.parse()`.
@@ -77,16 +81,43 @@ pub trait Function: Sized + 'static {
     /// Handle one message of a batch. Emit zero or more messages to `out`.
     ///
     /// An `Err` rejects this message only: the host dead-letters it with the
-    /// error text, and anything emitted during this call is discarded.
+    /// error text, and anything emitted during this call is discarded. State
+    /// changed before the `Err` stays changed: check first, then change.
     fn on_message(&mut self, msg: Message, out: &mut Output) -> Result<()>;
 
-    /// Called on the host's timer with its wall clock (ms since the Unix
-    /// epoch). Close windows, send heartbeats. Does nothing by default.
+    /// Called on the host's timer with the gateway's ingest clock (ms since
+    /// the Unix epoch, never going backwards). Close windows, send
+    /// heartbeats. Does nothing by default.
     ///
-    /// An `Err` fails the tick (the host logs it; nothing is emitted).
+    /// An `Err` fails the tick: the host rolls the function back to its
+    /// committed state and tries again at the next tick.
     fn on_tick(&mut self, now_ms: u64, out: &mut Output) -> Result<()> {
         let _ = (now_ms, out);
         Ok(())
+    }
+
+    /// Name the durable containers: `state.add("windows", &mut self.windows)`.
+    /// Called to restore them and after every call to save what changed.
+    /// Nothing by default: a stateless function.
+    fn state(&mut self, state: &mut StateSet<'_>) {
+        let _ = state;
+    }
+
+    /// A stored entry that no container takes (the previous version of the
+    /// function wrote it: a renamed container, a changed type that serde
+    /// defaults cannot bridge). Put what it means into the new containers,
+    /// or ignore it; the old entry is deleted. An `Err` fails the start
+    /// (a deploy then rolls back to the previous version and its state).
+    ///
+    /// By default: an error naming the entry.
+    fn migrate(&mut self, entry: StateEntry) -> Result<()> {
+        Err(Error::new(format!(
+            "stored state `{}` ({} bytes) does not fit the current containers: {}; \
+             implement Function::migrate to convert it",
+            entry.container,
+            entry.value.len(),
+            entry.error
+        )))
     }
 }
 
@@ -121,58 +152,33 @@ impl Config {
     }
 }
 
-/// What a call produces: messages to pass on down the pipeline.
-#[derive(Debug, Default)]
-pub struct Output {
-    pub(crate) messages: Vec<WitMessage>,
-}
-
-impl Output {
-    /// Pass a message on (unchanged, or after [`Message::set_payload`] and
-    /// friends). Moves it: no copy of the payload.
-    pub fn emit(&mut self, msg: Message) {
-        self.messages.push(msg.into_wit());
-    }
-
-    /// Emit a new message.
-    pub fn emit_new(
-        &mut self,
-        stream: impl Into<String>,
-        timestamp_ms: u64,
-        payload: impl Into<Vec<u8>>,
-    ) {
-        self.messages.push(WitMessage {
-            stream: stream.into(),
-            timestamp_ms,
-            payload: payload.into(),
-        });
-    }
-
-    /// Emit a new message whose payload is `value` serialized as JSON.
-    pub fn emit_json<T: Serialize + ?Sized>(
-        &mut self,
-        stream: impl Into<String>,
-        timestamp_ms: u64,
-        value: &T,
-    ) -> Result<()> {
-        let payload = serde_json::to_vec(value)?;
-        self.emit_new(stream, timestamp_ms, payload);
-        Ok(())
-    }
-
-    /// How many messages were emitted so far in this call.
-    pub fn len(&self) -> usize {
-        self.messages.len()
-    }
-
-    /// Whether nothing was emitted so far in this call.
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-}
-
 const NOT_INITIALISED: &str = "function called before a successful init";
 const REENTERED: &str = "function re-entered while a call is running";
+
+/// What the glue keeps beside the function value.
+#[doc(hidden)]
+pub struct Instance<F> {
+    function: Option<F>,
+    /// Keys of entries handed to `migrate`: deleted at the next save (before
+    /// the containers' writes, which may store the same key anew).
+    stale: Vec<Vec<u8>>,
+}
+
+impl<F> Instance<F> {
+    #[doc(hidden)]
+    pub const fn new() -> Self {
+        Self {
+            function: None,
+            stale: Vec::new(),
+        }
+    }
+}
+
+impl<F> Default for Instance<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Make a panic explain itself: log `panic: <message and location>` at
 /// error level just before the guest aborts, so the host can put the panic
@@ -192,67 +198,116 @@ fn install_panic_hook() {
 }
 
 #[doc(hidden)]
-pub fn init<F: Function>(state: &RefCell<Option<F>>, config: String) -> Result<(), String> {
+pub fn init<F: Function>(cell: &RefCell<Instance<F>>, config: String) -> Result<(), String> {
     install_panic_hook();
     let function = F::init(Config::new(config)).map_err(|e| e.message)?;
-    *state.try_borrow_mut().map_err(|_| REENTERED.to_string())? = Some(function);
+    let mut inst = cell.try_borrow_mut().map_err(|_| REENTERED.to_string())?;
+    inst.function = Some(function);
+    inst.stale.clear();
     Ok(())
 }
 
 #[doc(hidden)]
-pub fn process<F: Function>(
-    state: &RefCell<Option<F>>,
-    batch: Vec<WitMessage>,
-) -> Result<WitOutput, String> {
-    let mut state = state.try_borrow_mut().map_err(|_| REENTERED.to_string())?;
-    let function = state.as_mut().ok_or(NOT_INITIALISED)?;
-    let mut out = Output::default();
-    let mut rejected = Vec::new();
-    for (index, msg) in batch.into_iter().enumerate() {
-        let mark = out.messages.len();
-        if let Err(e) = function.on_message(Message::from_wit(msg), &mut out) {
-            // A rejected input must not leave outputs behind: the host
-            // dead-letters the input, so its outputs would be orphans.
-            out.messages.truncate(mark);
-            rejected.push(Rejection {
-                // A wasm32 batch cannot hold more than u32::MAX messages.
-                index: u32::try_from(index).unwrap_or(u32::MAX),
-                error: e.message,
-            });
-        }
+pub fn restore<F: Function>(
+    cell: &RefCell<Instance<F>>,
+    entries: StateEntries,
+) -> Result<(), String> {
+    let mut inst = cell.try_borrow_mut().map_err(|_| REENTERED.to_string())?;
+    let inst = &mut *inst;
+    let function = inst.function.as_mut().ok_or(NOT_INITIALISED)?;
+    for (key, value) in crate::batch::state_entries(&entries)? {
+        let (name, inner) = split_key(key).unwrap_or(("", key));
+        let mut set = StateSet::load(name, inner, value);
+        function.state(&mut set);
+        let error = match set.loaded() {
+            Some(Ok(())) => continue,
+            Some(Err(e)) => e.message,
+            None => format!("no state container is named `{name}`"),
+        };
+        function
+            .migrate(StateEntry {
+                container: name.to_string(),
+                key: inner.to_vec(),
+                value: value.to_vec(),
+                error,
+            })
+            .map_err(|e| format!("restoring state `{name}`: {}", e.message))?;
+        inst.stale.push(key.to_vec());
     }
-    Ok(WitOutput {
-        messages: out.messages,
-        rejected,
-    })
+    Ok(())
+}
+
+/// Write what the state containers changed, then hand everything to the host.
+fn finish<F: Function>(
+    function: &mut F,
+    stale: &mut Vec<Vec<u8>>,
+    out: &mut Output,
+) -> Result<(), String> {
+    for key in stale.drain(..) {
+        let span = out.push_bytes(&key);
+        out.state
+            .push(crate::bindings::fogline::function::types::StateWrite { key: span, value: None });
+    }
+    let mut set = StateSet::save(out);
+    function.state(&mut set);
+    set.saved().map_err(|e| format!("saving state: {}", e.message))?;
+    out.flush();
+    Ok(())
 }
 
 #[doc(hidden)]
-pub fn tick<F: Function>(state: &RefCell<Option<F>>, now_ms: u64) -> Result<WitOutput, String> {
-    let mut state = state.try_borrow_mut().map_err(|_| REENTERED.to_string())?;
-    let function = state.as_mut().ok_or(NOT_INITIALISED)?;
-    let mut out = Output::default();
+pub fn process<F: Function>(cell: &RefCell<Instance<F>>, batch: WitBatch) -> Result<(), String> {
+    let mut inst = cell.try_borrow_mut().map_err(|_| REENTERED.to_string())?;
+    let inst = &mut *inst;
+    let function = inst.function.as_mut().ok_or(NOT_INITIALISED)?;
+    let batch = Rc::new(Batch::decode(batch)?);
+    let mut out = Output::new(batch.id);
+    let len = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+    for index in 0..len {
+        out.current_input = Some(index);
+        let mark = out.mark();
+        if let Err(e) = function.on_message(Message::input(&batch, index), &mut out) {
+            // A rejected input must not leave outputs behind: the host
+            // dead-letters the input, so its outputs would be orphans.
+            out.rollback(mark);
+            out.reject(index, &e.message);
+        }
+        if out.is_large() {
+            out.flush();
+        }
+    }
+    out.current_input = None;
+    finish(function, &mut inst.stale, &mut out)
+}
+
+#[doc(hidden)]
+pub fn tick<F: Function>(cell: &RefCell<Instance<F>>, now_ms: u64) -> Result<(), String> {
+    let mut inst = cell.try_borrow_mut().map_err(|_| REENTERED.to_string())?;
+    let inst = &mut *inst;
+    let function = inst.function.as_mut().ok_or(NOT_INITIALISED)?;
+    let mut out = Output::new(0);
     function.on_tick(now_ms, &mut out).map_err(|e| e.message)?;
-    Ok(WitOutput {
-        messages: out.messages,
-        rejected: Vec::new(),
-    })
+    finish(function, &mut inst.stale, &mut out)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::batch::tests::wit_batch;
+    use crate::host::{Flushed, CAPTURED};
+    use crate::state::Keyed;
     use serde::Deserialize;
 
     /// Emits the message twice, then rejects it if `value` is above `max`:
     /// checks that a rejection discards what was emitted for that input.
+    /// Counts messages per stream in durable state.
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Capped {
         max: f64,
         #[serde(skip)]
-        seen: u64,
+        seen: Keyed<String, u64>,
     }
 
     impl Function for Capped {
@@ -261,7 +316,7 @@ mod tests {
         }
 
         fn on_message(&mut self, msg: Message, out: &mut Output) -> Result<()> {
-            self.seen += 1;
+            *self.seen.entry(msg.stream().to_string()) += 1;
             out.emit(msg.clone());
             out.emit(msg.clone());
             let v = msg.json_f64("value")?;
@@ -272,16 +327,64 @@ mod tests {
         }
 
         fn on_tick(&mut self, now_ms: u64, out: &mut Output) -> Result<()> {
-            out.emit_json("stats", now_ms, &serde_json::json!({ "seen": self.seen }))
+            let total: u64 = self.seen.iter().map(|(_, n)| n).sum();
+            out.emit_json("stats", now_ms, &serde_json::json!({ "seen": total }))
+        }
+
+        fn state(&mut self, state: &mut StateSet<'_>) {
+            state.add("seen", &mut self.seen);
         }
     }
 
-    fn wit(payload: &str) -> WitMessage {
-        WitMessage {
-            stream: "s".into(),
-            timestamp_ms: 7,
-            payload: payload.as_bytes().to_vec(),
+    fn take() -> Flushed {
+        let all = CAPTURED.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        let mut merged = Flushed::default();
+        for f in all {
+            let base = merged.bytes.len() as u32;
+            let shift = |s: &mut crate::bindings::fogline::function::types::Span| s.offset += base;
+            for mut e in f.emissions {
+                if let Some(s) = e.stream.as_mut() {
+                    shift(s)
+                }
+                if let Some(s) = e.payload.as_mut() {
+                    shift(s)
+                }
+                merged.emissions.push(e);
+            }
+            for mut r in f.rejected {
+                shift(&mut r.error);
+                merged.rejected.push(r);
+            }
+            for mut w in f.state {
+                shift(&mut w.key);
+                if let Some(s) = w.value.as_mut() {
+                    shift(s)
+                }
+                merged.state.push(w);
+            }
+            merged.bytes.extend(f.bytes);
         }
+        merged
+    }
+
+    fn text(f: &Flushed, s: &crate::bindings::fogline::function::types::Span) -> String {
+        String::from_utf8_lossy(&f.bytes[s.offset as usize..][..s.len as usize]).into_owned()
+    }
+
+    fn entries(pairs: &[(&[u8], &[u8])]) -> StateEntries {
+        let mut e = StateEntries {
+            keys: Vec::new(),
+            key_ends: Vec::new(),
+            values: Vec::new(),
+            value_ends: Vec::new(),
+        };
+        for (k, v) in pairs {
+            e.keys.extend_from_slice(k);
+            e.key_ends.push(e.keys.len() as u32);
+            e.values.extend_from_slice(v);
+            e.value_ends.push(e.values.len() as u32);
+        }
+        e
     }
 
     #[test]
@@ -297,52 +400,106 @@ mod tests {
 
     #[test]
     fn process_rejects_by_index_and_drops_outputs_of_rejected_inputs() {
-        let state = RefCell::new(None);
-        init::<Capped>(&state, r#"{"max": 10}"#.into()).unwrap();
-        let out = process::<Capped>(
-            &state,
-            vec![wit(r#"{"value": 1}"#), wit("oops"), wit(r#"{"value": 11}"#)],
+        let cell = RefCell::new(Instance::new());
+        init::<Capped>(&cell, r#"{"max": 10}"#.into()).unwrap();
+        take();
+        process::<Capped>(
+            &cell,
+            wit_batch(&[
+                ("s", 7, br#"{"value": 1}"#),
+                ("s", 8, b"oops"),
+                ("t", 9, br#"{"value": 11}"#),
+            ]),
         )
         .unwrap();
-        // Only the first input passed; its two emissions remain.
-        assert_eq!(out.messages.len(), 2);
-        assert!(out.messages.iter().all(|m| m.payload == br#"{"value": 1}"#));
-        let rejected: Vec<_> = out
-            .rejected
+        let out = take();
+        // Only the first input passed; its two emissions are forwards of input 0.
+        assert_eq!(out.emissions.len(), 2);
+        assert!(out
+            .emissions
             .iter()
-            .map(|r| (r.index, r.error.as_str()))
-            .collect();
+            .all(|e| e.input == Some(0) && e.stream.is_none() && e.payload.is_none()));
+        let rejected: Vec<_> = out.rejected.iter().map(|r| (r.index, text(&out, &r.error))).collect();
         assert_eq!(rejected.len(), 2);
         assert_eq!(rejected[0].0, 1);
         assert!(rejected[0].1.starts_with("payload is not JSON"));
-        assert_eq!(rejected[1], (2, "value 11 is above 10"));
+        assert_eq!(rejected[1], (2, "value 11 is above 10".to_string()));
+        // State changed before the rejection stays: s counted twice, t once.
+        let mut writes: Vec<(String, Option<String>)> = out
+            .state
+            .iter()
+            .map(|w| (text(&out, &w.key), w.value.as_ref().map(|v| text(&out, v))))
+            .collect();
+        writes.sort();
+        assert_eq!(
+            writes,
+            vec![
+                ("seen\x1f\"s\"".to_string(), Some("2".to_string())),
+                ("seen\x1f\"t\"".to_string(), Some("1".to_string()))
+            ]
+        );
     }
 
     #[test]
-    fn tick_sees_state_kept_across_batches() {
-        let state = RefCell::new(None);
-        init::<Capped>(&state, r#"{"max": 10}"#.into()).unwrap();
-        process::<Capped>(&state, vec![wit(r#"{"value": 1}"#)]).unwrap();
-        process::<Capped>(&state, vec![wit(r#"{"value": 2}"#)]).unwrap();
-        let out = tick::<Capped>(&state, 99).unwrap();
-        assert!(out.rejected.is_empty());
-        assert_eq!(out.messages.len(), 1);
-        assert_eq!(out.messages[0].stream, "stats");
-        assert_eq!(out.messages[0].timestamp_ms, 99);
-        assert_eq!(out.messages[0].payload, br#"{"seen":2}"#);
+    fn restore_loads_state_and_migrate_refuses_what_does_not_fit() {
+        let cell = RefCell::new(Instance::new());
+        init::<Capped>(&cell, r#"{"max": 10}"#.into()).unwrap();
+        restore::<Capped>(&cell, entries(&[(b"seen\x1f\"s\"", b"41")])).unwrap();
+        take();
+        tick::<Capped>(&cell, 99).unwrap();
+        let out = take();
+        assert_eq!(out.emissions.len(), 1);
+        let e = &out.emissions[0];
+        assert_eq!((e.input, e.timestamp_ms), (None, 99));
+        assert_eq!(text(&out, e.stream.as_ref().unwrap()), "stats");
+        assert_eq!(text(&out, e.payload.as_ref().unwrap()), r#"{"seen":41}"#);
+        assert!(out.state.is_empty(), "restoring is not a change");
+
+        let err = restore::<Capped>(&cell, entries(&[(b"old\x1fk", b"1")])).unwrap_err();
+        assert!(err.contains("no state container is named `old`"), "{err}");
+        let err = restore::<Capped>(&cell, entries(&[(b"seen\x1f\"s\"", b"\"x\"")])).unwrap_err();
+        assert!(err.contains("value does not decode"), "{err}");
     }
 
     #[test]
     fn calls_before_init_and_failed_init_are_errors() {
-        let state = RefCell::new(None::<Capped>);
+        let cell = RefCell::new(Instance::<Capped>::new());
         assert_eq!(
-            process::<Capped>(&state, vec![wit("{}")]).unwrap_err(),
+            process::<Capped>(&cell, wit_batch(&[("s", 1, b"{}")])).unwrap_err(),
             NOT_INITIALISED
         );
-        assert_eq!(tick::<Capped>(&state, 0).unwrap_err(), NOT_INITIALISED);
-        let err = init::<Capped>(&state, "{}".into()).unwrap_err();
+        assert_eq!(tick::<Capped>(&cell, 0).unwrap_err(), NOT_INITIALISED);
+        let err = init::<Capped>(&cell, "{}".into()).unwrap_err();
         assert!(err.contains("missing field `max`"), "{err}");
-        assert!(state.borrow().is_none());
+        assert!(cell.borrow().function.is_none());
+    }
+
+    #[test]
+    fn a_message_kept_from_an_earlier_batch_is_emitted_as_bytes() {
+        struct Delay {
+            held: Option<Message>,
+        }
+        impl Function for Delay {
+            fn init(_: Config) -> Result<Self> {
+                Ok(Delay { held: None })
+            }
+            fn on_message(&mut self, msg: Message, out: &mut Output) -> Result<()> {
+                if let Some(old) = self.held.replace(msg) {
+                    out.emit(old);
+                }
+                Ok(())
+            }
+        }
+        let cell = RefCell::new(Instance::new());
+        init::<Delay>(&cell, "{}".into()).unwrap();
+        process::<Delay>(&cell, wit_batch(&[("a", 1, b"first")])).unwrap();
+        process::<Delay>(&cell, wit_batch(&[("b", 2, b"second")])).unwrap();
+        let out = take();
+        assert_eq!(out.emissions.len(), 1);
+        let e = &out.emissions[0];
+        assert_eq!(e.input, Some(0), "derives from the input being handled");
+        assert_eq!(text(&out, e.stream.as_ref().unwrap()), "a");
+        assert_eq!(text(&out, e.payload.as_ref().unwrap()), "first");
     }
 
     #[test]

@@ -25,22 +25,28 @@
 //!
 //! 1. `init` once per instance, with the function's TOML table as JSON:
 //!    [`Function::init`] receives it as a [`Config`]. An `Err` fails the load.
-//! 2. `process` per batch: [`Function::on_message`] runs for every message, in
+//! 2. `restore` with the function's committed durable state (see
+//!    [`state`]): the containers named in [`Function::state`] are filled again.
+//! 3. `process` per batch: [`Function::on_message`] runs for every message, in
 //!    order. An `Err` from it *rejects that one message*: the host sends it to
 //!    the dead-letter table with the error text, and the rest of the batch goes
 //!    on. Whatever `on_message` emitted for a message it then rejected is
 //!    discarded, so a rejected input never has outputs.
-//! 3. `tick` on the host's timer: [`Function::on_tick`] (optional) closes
-//!    windows, sends heartbeats. An `Err` fails that tick.
+//! 4. `tick` on the host's timer: [`Function::on_tick`] (optional) closes
+//!    windows, sends heartbeats.
 //!
-//! A panic, an infinite loop or running out of memory traps the instance; the
-//! host dead-letters the batch and restarts the instance from `init`, so any
-//! state kept in the function value is lost then.
+//! After each `process` and `tick` the SDK hands the host what was emitted
+//! and what changed in the durable state; the host commits both in the same
+//! outbox transaction as the batch. A panic, an infinite loop or running out
+//! of memory traps the instance: the host restarts it from `init` and the
+//! committed state, and retries the batch in halves so only the message that
+//! fails is dead-lettered.
 //!
 //! The sandbox grants no filesystem, network, environment or arguments
-//! (WASI calls for them fail or return nothing). Clocks and random numbers
-//! work, but prefer message timestamps and the `now_ms` given to
-//! [`Function::on_tick`]: the results then depend only on the input.
+//! (WASI calls for them fail or return nothing), and nothing may block: a
+//! sleep or a blocking poll traps. Use message timestamps and the `now_ms`
+//! given to [`Function::on_tick`] for time: they come from the gateway's
+//! ingest clock, which never goes backwards.
 //!
 //! Use [`log`] (the `info!`-style macros) to say something; stdout and stderr
 //! are discarded.
@@ -50,12 +56,21 @@
 // `fogline_sdk::…` from inside this crate too.
 extern crate self as fogline_sdk;
 
+mod batch;
 mod function;
+mod host;
+mod json;
 pub mod log;
 mod message;
+mod output;
+pub mod state;
+mod window;
 
-pub use function::{Config, Error, Function, Output, Result};
+pub use function::{Config, Error, Function, Result};
 pub use message::Message;
+pub use output::Output;
+pub use state::{Durable, Keyed, State, StateEntry, StateSet, StateWriter};
+pub use window::{Aggregate, Window, WindowKind, Windows};
 /// Re-exported so functions can build JSON without another dependency.
 pub use serde_json;
 
@@ -63,8 +78,11 @@ pub use serde_json;
 pub mod prelude {
     pub use crate::log;
     pub use crate::{bail, export_function};
-    pub use crate::{Config, Error, Function, Message, Output, Result};
-    pub use serde::Deserialize;
+    pub use crate::{
+        Aggregate, Config, Error, Function, Keyed, Message, Output, Result, State, StateEntry,
+        StateSet, Window, Windows,
+    };
+    pub use serde::{Deserialize, Serialize};
     pub use serde_json::{json, Value};
 }
 
@@ -73,7 +91,7 @@ pub mod prelude {
 pub mod __private {
     pub use crate::bindings::export;
     pub use crate::bindings::Guest;
-    pub use crate::function::{init, process, tick};
+    pub use crate::function::{init, process, restore, tick, Instance};
     /// Path handed to the generated `export!` macro.
     pub mod bindings {
         pub use crate::bindings::*;
@@ -111,8 +129,8 @@ macro_rules! export_function {
             ::std::thread_local! {
                 // One instance per component instance: WASM is single-threaded
                 // and the host never re-enters a call.
-                static STATE: ::core::cell::RefCell<::core::option::Option<$ty>> =
-                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+                static STATE: ::core::cell::RefCell<$crate::__private::Instance<$ty>> =
+                    const { ::core::cell::RefCell::new($crate::__private::Instance::new()) };
             }
 
             struct FoglineExport;
@@ -124,21 +142,19 @@ macro_rules! export_function {
                     STATE.with(|state| $crate::__private::init::<$ty>(state, config))
                 }
 
+                fn restore(
+                    entries: $crate::__private::bindings::fogline::function::types::StateEntries,
+                ) -> ::core::result::Result<(), ::std::string::String> {
+                    STATE.with(|state| $crate::__private::restore::<$ty>(state, entries))
+                }
+
                 fn process(
-                    batch: ::std::vec::Vec<$crate::__private::bindings::Message>,
-                ) -> ::core::result::Result<
-                    $crate::__private::bindings::Output,
-                    ::std::string::String,
-                > {
+                    batch: $crate::__private::bindings::fogline::function::types::Batch,
+                ) -> ::core::result::Result<(), ::std::string::String> {
                     STATE.with(|state| $crate::__private::process::<$ty>(state, batch))
                 }
 
-                fn tick(
-                    now_ms: u64,
-                ) -> ::core::result::Result<
-                    $crate::__private::bindings::Output,
-                    ::std::string::String,
-                > {
+                fn tick(now_ms: u64) -> ::core::result::Result<(), ::std::string::String> {
                     STATE.with(|state| $crate::__private::tick::<$ty>(state, now_ms))
                 }
             }

@@ -13,7 +13,7 @@ pub use crate::{debug, error, info, trace, warn};
 
 /// Log `text` at `level`.
 pub fn log(level: Level, text: &str) {
-    crate::bindings::fogline::function::host::log(level, text);
+    crate::host::log(level, text);
 }
 
 /// Log at trace level, `format!`-style.

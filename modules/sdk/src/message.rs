@@ -1,85 +1,136 @@
-//! [`Message`]: one input record, with lazily parsed JSON.
+//! [`Message`]: one record, read in place from its batch until changed.
 
 use std::cell::OnceCell;
 use std::fmt;
+use std::rc::Rc;
 
 use serde_json::Value;
 
-use crate::bindings::Message as WitMessage;
+use crate::batch::Batch;
+use crate::json::{self, Lookup, Scalar};
 use crate::{Error, Result};
 
 /// One record: a stream (the MQTT topic, or what a function assigned), a
 /// timestamp and an opaque payload (JSON by convention).
 ///
-/// The JSON accessors ([`json`](Message::json), [`json_f64`](Message::json_f64),
-/// [`json_field`](Message::json_field)) parse the payload at most once per
-/// message, on first use, and reuse the parsed value afterwards.
+/// An input message reads its stream and payload in place from the batch
+/// the host sent (no copy per message); `set_*` gives it its own copy of
+/// what changed. Emitting an unchanged input passes its index to the host,
+/// not its bytes. A message kept past the call keeps its whole batch alive:
+/// for long-lived state keep what you need (a number, `into_parts()`).
+///
+/// The JSON accessors ([`json_f64`](Message::json_f64),
+/// [`json_u64`](Message::json_u64), [`json_str`](Message::json_str)) read one
+/// field without building the document; [`json`](Message::json) and
+/// [`json_field`](Message::json_field) parse it once and cache the result.
 pub struct Message {
-    inner: WitMessage,
-    // The parse result, success or failure, so a second accessor call does
-    // not parse again. Cleared when the payload changes.
+    source: Option<Source>,
+    /// `Some`: set by the function (or a new message).
+    stream: Option<String>,
+    timestamp_ms: u64,
+    /// `Some`: set by the function (or a new message).
+    payload: Option<Vec<u8>>,
     json: OnceCell<std::result::Result<Value, String>>,
+}
+
+/// The input a message came from: its batch and index.
+#[derive(Clone)]
+pub(crate) struct Source {
+    pub(crate) batch: Rc<Batch>,
+    pub(crate) index: u32,
 }
 
 impl Message {
     /// A new message.
     pub fn new(stream: impl Into<String>, timestamp_ms: u64, payload: impl Into<Vec<u8>>) -> Self {
-        Self::from_wit(WitMessage {
-            stream: stream.into(),
-            timestamp_ms,
-            payload: payload.into(),
-        })
-    }
-
-    pub(crate) fn from_wit(inner: WitMessage) -> Self {
         Self {
-            inner,
+            source: None,
+            stream: Some(stream.into()),
+            timestamp_ms,
+            payload: Some(payload.into()),
             json: OnceCell::new(),
         }
     }
 
-    pub(crate) fn into_wit(self) -> WitMessage {
-        self.inner
+    /// Input `index` of `batch`, read in place.
+    pub(crate) fn input(batch: &Rc<Batch>, index: u32) -> Self {
+        Self {
+            timestamp_ms: batch.timestamp_ms(index),
+            source: Some(Source {
+                batch: Rc::clone(batch),
+                index,
+            }),
+            stream: None,
+            payload: None,
+            json: OnceCell::new(),
+        }
+    }
+
+    /// The input this message is, and what of it changed:
+    /// `(source, own stream, own payload)`.
+    pub(crate) fn parts(&self) -> (Option<&Source>, Option<&str>, Option<&[u8]>) {
+        (
+            self.source.as_ref(),
+            self.stream.as_deref(),
+            self.payload.as_deref(),
+        )
     }
 
     /// The stream (topic) the message belongs to.
     pub fn stream(&self) -> &str {
-        &self.inner.stream
+        match (&self.stream, &self.source) {
+            (Some(s), _) => s,
+            (None, Some(src)) => src.batch.stream(src.index),
+            (None, None) => "",
+        }
     }
 
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch: for an input, the gateway's ingest
+    /// clock, which never goes backwards on a node.
     pub fn timestamp_ms(&self) -> u64 {
-        self.inner.timestamp_ms
+        self.timestamp_ms
     }
 
     /// The raw payload.
     pub fn payload(&self) -> &[u8] {
-        &self.inner.payload
+        match (&self.payload, &self.source) {
+            (Some(p), _) => p,
+            (None, Some(src)) => src.batch.payload(src.index),
+            (None, None) => &[],
+        }
     }
 
     /// Move the message to another stream.
     pub fn set_stream(&mut self, stream: impl Into<String>) {
-        self.inner.stream = stream.into();
+        self.stream = Some(stream.into());
     }
 
     /// Change the timestamp.
     pub fn set_timestamp_ms(&mut self, timestamp_ms: u64) {
-        self.inner.timestamp_ms = timestamp_ms;
+        self.timestamp_ms = timestamp_ms;
     }
 
     /// Replace the payload (forgets the parsed JSON).
     pub fn set_payload(&mut self, payload: impl Into<Vec<u8>>) {
-        self.inner.payload = payload.into();
+        self.payload = Some(payload.into());
         self.json = OnceCell::new();
     }
 
-    /// Take the message apart: `(stream, timestamp_ms, payload)`.
+    /// Take the message apart: `(stream, timestamp_ms, payload)` (copies
+    /// what is still read in place).
     pub fn into_parts(self) -> (String, u64, Vec<u8>) {
-        (
-            self.inner.stream,
-            self.inner.timestamp_ms,
-            self.inner.payload,
-        )
+        let stream = match self.stream {
+            Some(s) => s,
+            None => self.stream().to_string(),
+        };
+        let payload = match self.payload {
+            Some(p) => p,
+            None => match &self.source {
+                Some(src) => src.batch.payload(src.index).to_vec(),
+                None => Vec::new(),
+            },
+        };
+        (stream, self.timestamp_ms, payload)
     }
 
     /// The payload parsed as JSON (parsed once, then cached).
@@ -88,7 +139,7 @@ impl Message {
     pub fn json(&self) -> Result<&Value> {
         self.json
             .get_or_init(|| {
-                serde_json::from_slice(&self.inner.payload)
+                serde_json::from_slice(self.payload())
                     .map_err(|e| format!("payload is not JSON: {e}"))
             })
             .as_ref()
@@ -102,11 +153,8 @@ impl Message {
     /// Errors: `payload is not JSON: …`, `field `sensor.temp` missing`.
     pub fn json_field(&self, path: &str) -> Result<&Value> {
         let root = self.json()?;
-        let Value::Object(top) = root else {
-            return Err(Error::new(format!(
-                "field `{path}` missing: the payload is {}, not a JSON object",
-                kind(root)
-            )));
+        let serde_json::Value::Object(top) = root else {
+            return Err(not_object(path, json::value_kind(root)));
         };
         if let Some(value) = top.get(path) {
             return Ok(value);
@@ -117,42 +165,85 @@ impl Message {
                 Value::Object(map) => map.get(segment),
                 _ => None,
             }
-            .ok_or_else(|| Error::new(format!("field `{path}` missing")))?;
+            .ok_or_else(|| missing(path))?;
         }
         Ok(current)
     }
 
-    /// The number at `path` (see [`json_field`](Message::json_field)).
+    /// The number at `path` (see [`json_field`](Message::json_field)), read
+    /// without building the document.
     ///
     /// Errors: `payload is not JSON: …`, `field `temp` missing`,
     /// `field `temp` is not a number (found a string)`.
     pub fn json_f64(&self, path: &str) -> Result<f64> {
-        let value = self.json_field(path)?;
-        value.as_f64().ok_or_else(|| {
-            Error::new(format!(
-                "field `{path}` is not a number (found {})",
-                kind(value)
-            ))
-        })
+        match self.scalar(path)? {
+            Scalar::Number { f, .. } => Ok(f),
+            other => Err(wrong_type(path, "a number", &other)),
+        }
+    }
+
+    /// The non-negative integer at `path` (an event time in ms, a counter),
+    /// read without building the document.
+    ///
+    /// Errors as [`json_f64`](Message::json_f64), and
+    /// `field `ts` is not an unsigned integer (found -1.5)`.
+    pub fn json_u64(&self, path: &str) -> Result<u64> {
+        match self.scalar(path)? {
+            Scalar::Number { u: Some(u), .. } => Ok(u),
+            Scalar::Number { f, u: None } => Err(Error::new(format!(
+                "field `{path}` is not an unsigned integer (found {f})"
+            ))),
+            other => Err(wrong_type(path, "an unsigned integer", &other)),
+        }
+    }
+
+    /// The string at `path`, read without building the document.
+    pub fn json_str(&self, path: &str) -> Result<String> {
+        match self.scalar(path)? {
+            Scalar::Str(s) => Ok(s),
+            other => Err(wrong_type(path, "a string", &other)),
+        }
+    }
+
+    fn scalar(&self, path: &str) -> Result<Scalar> {
+        let lookup = match self.json.get() {
+            Some(Ok(value)) => json::lookup_value(value, path),
+            Some(Err(e)) => return Err(Error::new(e.clone())),
+            None => json::lookup(self.payload(), path)
+                .map_err(|e| Error::new(format!("payload is not JSON: {e}")))?,
+        };
+        match lookup {
+            Lookup::Found(s) => Ok(s),
+            Lookup::Missing => Err(missing(path)),
+            Lookup::NotObject(kind) => Err(not_object(path, kind)),
+        }
     }
 }
 
-/// "a string", "null", … for error messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+fn missing(path: &str) -> Error {
+    Error::new(format!("field `{path}` missing"))
+}
+
+fn not_object(path: &str, kind: &str) -> Error {
+    Error::new(format!(
+        "field `{path}` missing: the payload is {kind}, not a JSON object"
+    ))
+}
+
+fn wrong_type(path: &str, wanted: &str, found: &Scalar) -> Error {
+    Error::new(format!(
+        "field `{path}` is not {wanted} (found {})",
+        found.kind()
+    ))
 }
 
 impl Clone for Message {
     fn clone(&self) -> Self {
         Self {
-            inner: self.inner.clone(),
+            source: self.source.clone(),
+            stream: self.stream.clone(),
+            timestamp_ms: self.timestamp_ms,
+            payload: self.payload.clone(),
             json: self.json.clone(),
         }
     }
@@ -161,9 +252,9 @@ impl Clone for Message {
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("stream", &self.inner.stream)
-            .field("timestamp_ms", &self.inner.timestamp_ms)
-            .field("payload", &String::from_utf8_lossy(&self.inner.payload))
+            .field("stream", &self.stream())
+            .field("timestamp_ms", &self.timestamp_ms)
+            .field("payload", &String::from_utf8_lossy(self.payload()))
             .finish()
     }
 }
@@ -172,6 +263,7 @@ impl fmt::Debug for Message {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::batch::tests::wit_batch;
 
     fn msg(payload: &str) -> Message {
         Message::new("sensors/t1", 1_000, payload)
@@ -185,30 +277,57 @@ mod tests {
         assert_eq!(m.json_f64("sensor.deep.x").unwrap(), 7.0);
         // A top-level key containing dots wins over the nested path.
         assert_eq!(m.json_f64("a.b").unwrap(), 1.0);
+        // The same after the document was parsed.
+        m.json().unwrap();
+        assert_eq!(m.json_f64("sensor.deep.x").unwrap(), 7.0);
     }
 
     #[test]
     fn json_f64_errors_name_the_field_and_the_problem() {
         let m = msg(r#"{"temp": "hot", "n": null, "sensor": {"x": 1}}"#);
+        for parsed in [false, true] {
+            if parsed {
+                m.json().unwrap();
+            }
+            assert_eq!(
+                m.json_f64("temp").unwrap_err().message(),
+                "field `temp` is not a number (found a string)"
+            );
+            assert_eq!(
+                m.json_f64("n").unwrap_err().message(),
+                "field `n` is not a number (found null)"
+            );
+            assert_eq!(
+                m.json_f64("missing").unwrap_err().message(),
+                "field `missing` missing"
+            );
+            assert_eq!(
+                m.json_f64("sensor.y").unwrap_err().message(),
+                "field `sensor.y` missing"
+            );
+            assert_eq!(
+                m.json_f64("sensor.x.y").unwrap_err().message(),
+                "field `sensor.x.y` missing"
+            );
+        }
+    }
+
+    #[test]
+    fn json_u64_and_json_str() {
+        let m = msg(r#"{"ts": 1764000000123, "neg": -1, "f": 1.5, "name": "s\u00e9"}"#);
+        assert_eq!(m.json_u64("ts").unwrap(), 1_764_000_000_123);
         assert_eq!(
-            m.json_f64("temp").unwrap_err().message(),
-            "field `temp` is not a number (found a string)"
+            m.json_u64("neg").unwrap_err().message(),
+            "field `neg` is not an unsigned integer (found -1)"
         );
         assert_eq!(
-            m.json_f64("n").unwrap_err().message(),
-            "field `n` is not a number (found null)"
+            m.json_u64("f").unwrap_err().message(),
+            "field `f` is not an unsigned integer (found 1.5)"
         );
+        assert_eq!(m.json_str("name").unwrap(), "sé");
         assert_eq!(
-            m.json_f64("missing").unwrap_err().message(),
-            "field `missing` missing"
-        );
-        assert_eq!(
-            m.json_f64("sensor.y").unwrap_err().message(),
-            "field `sensor.y` missing"
-        );
-        assert_eq!(
-            m.json_f64("sensor.x.y").unwrap_err().message(),
-            "field `sensor.x.y` missing"
+            m.json_str("ts").unwrap_err().message(),
+            "field `ts` is not a string (found a number)"
         );
     }
 
@@ -229,20 +348,30 @@ mod tests {
         let m = msg("{");
         let first = m.json().unwrap_err().message().to_string();
         assert_eq!(m.json().unwrap_err().message(), first);
+        assert!(m.json_f64("x").unwrap_err().message().starts_with("payload is not JSON"));
     }
 
     #[test]
-    fn set_payload_forgets_the_parsed_json() {
-        let mut m = msg(r#"{"temp": 1}"#);
-        assert_eq!(m.json_f64("temp").unwrap(), 1.0);
-        m.set_payload(r#"{"temp": 2}"#);
-        assert_eq!(m.json_f64("temp").unwrap(), 2.0);
-        m.set_stream("other");
-        m.set_timestamp_ms(5);
+    fn inputs_read_in_place_until_changed() {
+        let batch = Rc::new(
+            Batch::decode(wit_batch(&[("a/1", 5, br#"{"t":1}"#), ("b", 6, b"raw")])).unwrap(),
+        );
+        let mut m = Message::input(&batch, 1);
+        assert_eq!((m.stream(), m.timestamp_ms(), m.payload()), ("b", 6, &b"raw"[..]));
+        let (src, stream, payload) = m.parts();
+        assert_eq!((src.map(|s| s.index), stream, payload), (Some(1), None, None));
+        m.set_stream("c");
+        assert_eq!(m.parts().1, Some("c"));
+        assert_eq!(m.payload(), b"raw", "the payload is still read in place");
         let clone = m.clone();
         assert_eq!(
             clone.into_parts(),
-            ("other".to_string(), 5, br#"{"temp": 2}"#.to_vec())
+            ("c".to_string(), 6, b"raw".to_vec())
         );
+        let first = Message::input(&batch, 0);
+        assert_eq!(first.json_f64("t").unwrap(), 1.0);
+        let mut changed = first.clone();
+        changed.set_payload(r#"{"t":2}"#);
+        assert_eq!(changed.json_f64("t").unwrap(), 2.0);
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use fogline_edge::config::EdgeConfig;
-use fogline_edge::functions::{FunctionRuntime, RuntimeOptions};
+use fogline_edge::functions::{FunctionInstance, FunctionRuntime, RuntimeOptions};
 
 pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(path)?;
@@ -14,11 +14,16 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         cache_dir: Some(config.module_cache_dir()),
         ..RuntimeOptions::default()
     })?;
-    let chains = fogline_edge::pipeline::build_chains(&config, &runtime)?;
+    // Every function the pipelines use: compiled, linked, and its `init`
+    // run on its config (with no state: `check` does not touch the outbox).
+    for w in fogline_edge::pipeline::versions::wanted(&config)? {
+        let module = runtime.load_bytes(&w.path, &w.bytes)?;
+        FunctionInstance::new(&runtime, &module, &w.function, &w.config_json, w.limits)?;
+    }
     println!(
         "{}: ok — {} pipeline(s), {} function(s) loaded and initialised in {} ms",
         path.display(),
-        chains.len(),
+        config.pipelines.len(),
         config.functions.len(),
         started.elapsed().as_millis()
     );

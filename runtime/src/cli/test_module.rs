@@ -89,8 +89,22 @@ pub fn run(
     };
     let mut f = FunctionInstance::new(&rt, &m, &name, &config_json, limits)?;
     let out = f.process(&samples)?;
-    for m in &out.messages {
+    let emitted = out.messages(&samples);
+    for m in &emitted {
         print(m);
+    }
+    for r in &out.refused {
+        eprintln!(
+            "refused output{}: {}",
+            r.input
+                .map(|i| format!(
+                    " of input {i} ({} line {})",
+                    input.display(),
+                    lines.get(i as usize).copied().unwrap_or(0)
+                ))
+                .unwrap_or_default(),
+            r.error
+        );
     }
     for r in &out.rejected {
         eprintln!(
@@ -104,15 +118,16 @@ pub fn run(
     // Close every open window: tick far past the last sample.
     let last = samples.iter().map(|m| m.timestamp_ms).max().unwrap_or(0);
     let ticked = f.tick(last.saturating_add(24 * 3600 * 1000))?;
-    for m in &ticked.messages {
+    let ticked = ticked.messages(&[]);
+    for m in &ticked {
         print(m);
     }
     eprintln!(
         "{} input(s): {} emitted, {} rejected, {} emitted on tick",
         samples.len(),
-        out.messages.len(),
+        emitted.len(),
         out.rejected.len(),
-        ticked.messages.len()
+        ticked.len()
     );
     if samples.is_empty() {
         bail!("{} holds no samples", input.display());

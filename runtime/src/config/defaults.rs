@@ -12,7 +12,34 @@ pub(super) fn function_memory_mib() -> usize {
     64
 }
 pub(super) fn function_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+pub(super) fn function_timeout_per_message() -> Duration {
+    Duration::from_micros(50)
+}
+pub(super) fn function_init_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+pub(super) fn function_max_state_mib() -> usize {
+    16
+}
+pub(super) fn breaker_failures() -> u32 {
+    3
+}
+pub(super) fn breaker_cooldown() -> Duration {
     Duration::from_secs(1)
+}
+pub(super) fn breaker_max_cooldown() -> Duration {
+    Duration::from_secs(300)
+}
+pub(super) fn on_open() -> crate::pipeline::OnOpen {
+    crate::pipeline::OnOpen::Hold
+}
+pub(super) fn max_held_mib() -> usize {
+    64
+}
+pub(super) fn probation_batches() -> u32 {
+    10
 }
 pub(super) fn empty_table() -> toml::Table {
     toml::Table::new()

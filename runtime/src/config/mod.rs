@@ -85,6 +85,9 @@ pub struct EdgeConfig {
     /// Directory the config file was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was read from (a running daemon watches it for reloads).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// `[node]`
@@ -289,12 +292,46 @@ pub struct HealthConfig {
 pub struct FunctionConfig {
     /// Path to the `.wasm` component.
     pub module: PathBuf,
-    /// Memory cap per instance, MiB.
+    /// Memory cap per instance, MiB: all its memories together.
     #[serde(default = "defaults::function_memory_mib")]
     pub memory_mib: usize,
-    /// Deadline per call.
+    /// Deadline of a tick, and of a batch before `timeout_per_message`.
     #[serde(default = "defaults::function_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Added to a batch's deadline per message in it: a big batch under
+    /// load is not failed for its size.
+    #[serde(
+        default = "defaults::function_timeout_per_message",
+        with = "humantime_serde"
+    )]
+    pub timeout_per_message: Duration,
+    /// Deadline of `init` plus restoring the state.
+    #[serde(default = "defaults::function_init_timeout", with = "humantime_serde")]
+    pub init_timeout: Duration,
+    /// Most durable state, MiB.
+    #[serde(default = "defaults::function_max_state_mib")]
+    pub max_state_mib: usize,
+    /// Failed batches in a row that open the circuit breaker.
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// First cool-down of an open breaker; it doubles per failed probe.
+    #[serde(default = "defaults::breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Longest cool-down.
+    #[serde(default = "defaults::breaker_max_cooldown", with = "humantime_serde")]
+    pub breaker_max_cooldown: Duration,
+    /// While the breaker is open: `hold` the inputs durably (acknowledged,
+    /// run in order once it recovers) or `dead_letter` them.
+    #[serde(default = "defaults::on_open")]
+    pub on_open: crate::pipeline::OnOpen,
+    /// Most MiB of inputs held behind an open breaker; past it they are
+    /// dead-lettered.
+    #[serde(default = "defaults::max_held_mib")]
+    pub max_held_mib: usize,
+    /// Batches a new version of the function runs in shadow before it takes
+    /// over (a failure before then rolls it back).
+    #[serde(default = "defaults::probation_batches")]
+    pub probation_batches: u32,
     /// The function's own settings, handed to its `init` as JSON.
     #[serde(default = "defaults::empty_table")]
     pub config: toml::Table,
@@ -439,6 +476,7 @@ impl EdgeConfig {
             message,
         })?;
         config.base_dir = base;
+        config.path = Some(path.to_path_buf());
         config.validate().map_err(|problems| ConfigError::Invalid {
             path: path.to_path_buf(),
             problems,
@@ -478,6 +516,11 @@ impl EdgeConfig {
     /// Where compiled modules are cached.
     pub fn module_cache_dir(&self) -> PathBuf {
         self.data_dir().join("module-cache")
+    }
+
+    /// Where every function build that ran is kept (by SHA-256).
+    pub fn module_store_dir(&self) -> PathBuf {
+        self.data_dir().join("modules")
     }
 
     /// The MQTT client id.

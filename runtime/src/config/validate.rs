@@ -180,8 +180,36 @@ impl EdgeConfig {
                     f.memory_mib
                 ));
             }
-            if f.timeout.is_zero() {
-                p.push(format!("functions.{name}.timeout: must be more than 0"));
+            for (key, d) in [("timeout", f.timeout), ("init_timeout", f.init_timeout)] {
+                if d.is_zero() || d > std::time::Duration::from_secs(600) {
+                    p.push(format!(
+                        "functions.{name}.{key}: {d:?} is outside (0, 10min]"
+                    ));
+                }
+            }
+            if f.timeout_per_message > std::time::Duration::from_secs(1) {
+                p.push(format!(
+                    "functions.{name}.timeout_per_message: {:?} is above 1s",
+                    f.timeout_per_message
+                ));
+            }
+            if f.max_state_mib == 0 || f.max_state_mib > 1024 {
+                p.push(format!(
+                    "functions.{name}.max_state_mib: {} is outside 1..=1024",
+                    f.max_state_mib
+                ));
+            }
+            if f.breaker_failures == 0 {
+                p.push(format!("functions.{name}.breaker_failures: must be at least 1"));
+            }
+            if f.breaker_cooldown.is_zero() || f.breaker_max_cooldown < f.breaker_cooldown {
+                p.push(format!(
+                    "functions.{name}.breaker_cooldown: {:?} must be above 0 and at most breaker_max_cooldown ({:?})",
+                    f.breaker_cooldown, f.breaker_max_cooldown
+                ));
+            }
+            if f.probation_batches == 0 {
+                p.push(format!("functions.{name}.probation_batches: must be at least 1"));
             }
         }
         if self.outbox.max_batch == 0 {

@@ -1,8 +1,9 @@
 //! Host bindings generated from `modules/wit/function.wit`.
 //!
-//! The generated `Message` record *is* [`crate::message::Message`]: the
-//! pipeline's batches lower straight into guest memory with no intermediate
-//! copy.
+//! Only the exports and the types are used from here: the `host` imports
+//! (`log`, `emit`) are defined by hand in [`super::imports`], so that they
+//! read guest memory in place (`WasmList`, `WasmStr`) and check every length
+//! before copying anything.
 
 // The generated code implements unsafe traits (`ComponentType`, `Lower`,
 // `Lift`) whose invariants the macro upholds; no hand-written unsafe here.
@@ -11,9 +12,11 @@
 wasmtime::component::bindgen!({
     path: "../modules/wit",
     world: "fogline:function/function",
-    additional_derives: [PartialEq, Eq, Hash],
+    additional_derives: [PartialEq, Eq],
 });
 
 pub use fogline::function::host::Level;
-// `Message` and `Output` are already at the root (the world `use`s them).
-pub use Output as WitOutput;
+pub use fogline::function::types::{Emission, Rejection, Span, StateWrite};
+
+/// The contract's package, as guests import it (`fogline:function/host@…`).
+pub const PACKAGE_VERSION: &str = "0.2.0";

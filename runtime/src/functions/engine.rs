@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Cache, CacheConfig, Config, Engine};
 
-use super::bindings::{self, FunctionPre};
+use super::bindings::{FunctionPre, PACKAGE_VERSION};
 use super::error::FunctionError;
-use super::instance::StoreState;
+use super::sandbox::StoreState;
 
 /// How the runtime is set up.
 #[derive(Clone, Debug)]
@@ -87,8 +87,8 @@ impl Drop for Ticker {
 /// Holds the wasmtime [`Engine`] (epoch interruption on, optional on-disk
 /// compile cache), a [`Linker`] that grants WASI p2 with *no* capabilities
 /// (no preopened directories, no environment, no arguments, no network;
-/// stdin empty, stdout/stderr discarded) plus the `host.log` import routed
-/// to `tracing`, and a background thread advancing the epoch.
+/// stdin empty, stdout/stderr discarded; blocking refused) plus the
+/// contract's `host` interface, and a background thread advancing the epoch.
 pub struct FunctionRuntime {
     shared: Arc<Shared>,
     linker: Linker<StoreState>,
@@ -131,8 +131,9 @@ impl FunctionRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| engine_err("linking WASI", &e))?;
-        bindings::fogline::function::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+        super::imports::add_to_linker(&mut linker)
             .map_err(|e| engine_err("linking the host interface", &e))?;
+        super::events::describe();
 
         let ticker = Ticker::start(engine.clone(), opts.epoch_tick)?;
         Ok(Self {
@@ -154,11 +155,20 @@ impl FunctionRuntime {
     /// `fogline:function/function` world and imports nothing the sandbox
     /// does not provide.
     pub fn load(&self, path: &Path) -> Result<Module, FunctionError> {
+        let bytes = std::fs::read(path).map_err(|e| FunctionError::Load {
+            path: path.to_path_buf(),
+            reason: format!("reading the file: {e}"),
+        })?;
+        self.load_bytes(path, &bytes)
+    }
+
+    /// [`load`](Self::load) from bytes already read (`path` names them in
+    /// errors).
+    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Module, FunctionError> {
         let load_err = |reason: String| FunctionError::Load {
             path: path.to_path_buf(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| load_err(format!("reading the file: {e}")))?;
         if !bytes.starts_with(b"\0asm") {
             return Err(load_err(
                 "not a WebAssembly binary (no `\\0asm` header); build functions with \
@@ -173,7 +183,7 @@ impl FunctionRuntime {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let hits_before = self.cache.as_ref().map(Cache::cache_hits);
-        let component = Component::new(&self.shared.engine, &bytes).map_err(|e| {
+        let component = Component::new(&self.shared.engine, bytes).map_err(|e| {
             let hint = if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
                 " (this is a core module, not a component: build for wasm32-wasip2)"
             } else {
@@ -181,6 +191,7 @@ impl FunctionRuntime {
             };
             load_err(format!("{e:#}{hint}"))
         })?;
+        check_contract_version(&self.shared.engine, &component).map_err(&load_err)?;
         let loaded_from_cache = match (&self.cache, hits_before) {
             (Some(cache), Some(before)) => cache.cache_hits() > before,
             _ => false,
@@ -194,7 +205,7 @@ impl FunctionRuntime {
         })?;
         let pre = FunctionPre::new(instance_pre).map_err(|e| {
             load_err(format!(
-                "does not implement the fogline:function/function world (init, process, tick): {e:#}"
+                "does not implement the fogline:function/function@{PACKAGE_VERSION} world (init, restore, process, tick): {e:#}"
             ))
         })?;
         Ok(Module {
@@ -205,6 +216,12 @@ impl FunctionRuntime {
                 shared: Arc::clone(&self.shared),
             }),
         })
+    }
+
+    /// The engine (tests build stores on it).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> Engine {
+        self.shared.engine.clone()
     }
 
     /// Cache statistics since the runtime started: `(hits, misses)`;
@@ -250,4 +267,28 @@ impl std::fmt::Debug for Module {
             .field("loaded_from_cache", &self.inner.loaded_from_cache)
             .finish_non_exhaustive()
     }
+}
+
+/// A component built against another version of the contract is named as
+/// such, with what to do, rather than failing with a linker error.
+fn check_contract_version(engine: &Engine, component: &Component) -> Result<(), String> {
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        let Some(rest) = name.strip_prefix("fogline:function/") else {
+            continue;
+        };
+        let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("");
+        let compatible = version
+            .split('.')
+            .take(2)
+            .eq(PACKAGE_VERSION.split('.').take(2));
+        if !compatible {
+            return Err(format!(
+                "it was built for the function contract {version:?} (it imports `{name}`); \
+                 this daemon runs fogline:function@{PACKAGE_VERSION}: rebuild it against the \
+                 current fogline-sdk (modules/README.md, \"Migrating from 0.1\")"
+            ));
+        }
+    }
+    Ok(())
 }

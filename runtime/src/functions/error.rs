@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// An error from the function runtime.
-#[derive(thiserror::Error, Debug)]
+#[derive(thiserror::Error, Debug, Clone)]
 pub enum FunctionError {
     /// The WASM engine could not be set up (bad cache directory, …).
     #[error("cannot set up the WASM engine: {reason}")]
@@ -62,8 +62,8 @@ pub enum FunctionError {
         /// The memory size the failed growth asked for.
         requested_bytes: usize,
     },
-    /// The function returned `Err` for the whole call. The instance stays
-    /// usable.
+    /// The function returned `Err` for the whole call. The instance is
+    /// rolled back to its state before the call.
     #[error("function `{function}` failed: {message}")]
     Failed {
         /// The function's name in the config.
@@ -71,9 +71,11 @@ pub enum FunctionError {
         /// What the function said.
         message: String,
     },
-    /// The function returned something the host refuses: an out-of-range or
-    /// duplicate rejection index, an invalid stream, an oversized payload,
-    /// too many messages. The instance is restarted before its next call.
+    /// The function handed the host output that breaks the contract: a span
+    /// outside its buffer, an out-of-range or duplicate index, more messages
+    /// or bytes than a call may produce. The instance is restarted before its
+    /// next call. (A single message with a bad stream name or an oversized
+    /// payload is not this: that message's input is dead-lettered.)
     #[error("function `{function}` returned invalid output: {reason}")]
     InvalidOutput {
         /// The function's name in the config.
@@ -81,19 +83,44 @@ pub enum FunctionError {
         /// What was wrong.
         reason: String,
     },
+    /// The function tried to block (sleep, wait on a pollable): the call was
+    /// stopped. Functions get time from messages and ticks.
+    #[error(
+        "function `{function}` tried to block (a sleep or a blocking poll), which functions may not do; the call was stopped"
+    )]
+    Blocked {
+        /// The function's name in the config.
+        function: String,
+    },
+    /// The function's durable state would exceed its limit.
+    #[error(
+        "function `{function}`'s state would be {bytes} bytes, the limit is {limit_bytes} bytes (max_state_mib)"
+    )]
+    StateLimit {
+        /// The function's name in the config.
+        function: String,
+        /// The state's size after the call.
+        bytes: usize,
+        /// `Limits::max_state_bytes`.
+        limit_bytes: usize,
+    },
 }
 
 impl FunctionError {
-    /// Whether a call that failed with this error poisoned the instance
-    /// (trap, timeout, memory cap, invalid output), so that it will be
-    /// restarted before its next call.
-    pub fn restarts_instance(&self) -> bool {
-        matches!(
-            self,
-            FunctionError::Trap { .. }
-                | FunctionError::Timeout { .. }
-                | FunctionError::MemoryLimit { .. }
-                | FunctionError::InvalidOutput { .. }
-        )
+    /// A short, stable name for the kind of failure (metrics label, dead
+    /// letter reason).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FunctionError::Engine { .. } => "engine",
+            FunctionError::Load { .. } => "load",
+            FunctionError::Init { .. } => "init",
+            FunctionError::Trap { .. } => "trap",
+            FunctionError::Timeout { .. } => "timeout",
+            FunctionError::MemoryLimit { .. } => "memory",
+            FunctionError::Failed { .. } => "error",
+            FunctionError::InvalidOutput { .. } => "invalid_output",
+            FunctionError::Blocked { .. } => "blocked",
+            FunctionError::StateLimit { .. } => "state_limit",
+        }
     }
 }

@@ -52,7 +52,7 @@ impl Intake {
         let message = Received {
             topic: p.topic.to_vec(),
             payload: p.payload.to_vec(),
-            received_ms: crate::clock::now_ms(),
+            received_ms: crate::clock::ingest_ms(),
         };
         let (verdict, kind) = match p.qos {
             0 => {

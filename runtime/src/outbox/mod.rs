@@ -21,6 +21,7 @@
 //!
 //! The outbox knows nothing about MQTT or QUIC.
 
+mod functions;
 mod schema;
 mod stats;
 
@@ -32,6 +33,10 @@ use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use crate::config::SyncMode;
 use crate::message::Message;
 
+pub use functions::{
+    function_records, list_dead_letters, request_replay, DeadLetterFilter, FunctionRecord, Held,
+    HeldInput, StateCommit, StoredDeadLetter, VersionWrite,
+};
 pub use stats::OutboxStats;
 
 /// What went wrong in the outbox.
@@ -60,6 +65,36 @@ pub enum OutboxError {
 /// A record as the uplink sends it.
 pub type Record = fogline_protocol::Record;
 
+/// Where in a pipeline a dead letter was taken out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// An input of the function (or ingest) that refused it: a replay runs
+    /// it through that function again.
+    Input,
+    /// An output of the function the host refused (from a `tick`): a replay
+    /// runs it through the functions after it.
+    Output,
+}
+
+impl Stage {
+    /// `input` or `output`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Input => "input",
+            Stage::Output => "output",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        if s == "output" {
+            Stage::Output
+        } else {
+            Stage::Input
+        }
+    }
+}
+
 /// An input a function (or ingest) refused, kept with the reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -67,7 +102,12 @@ pub struct DeadLetter {
     pub pipeline: String,
     /// The function that refused it (or the ingest check).
     pub function: String,
-    /// Why.
+    /// A short, stable name for why: `rejected`, `trap`, `timeout`,
+    /// `invalid_output`, `circuit_open`, `max_payload_bytes`...
+    pub reason: String,
+    /// Whether it is an input or an output of `function`.
+    pub stage: Stage,
+    /// Why, in words, with the numbers.
     pub error: String,
     /// The refused message. Oversized payloads are truncated by the caller.
     pub message: Message,
@@ -127,12 +167,32 @@ pub struct Commit {
     pub dead_letters: Vec<DeadLetter>,
     /// Ingest session changes caused by this commit's inputs.
     pub sessions: Vec<SessionWrite>,
+    /// Functions' durable state changes caused by this commit's inputs.
+    pub state: Vec<StateCommit>,
+    /// Inputs parked behind open circuit breakers.
+    pub held: Vec<Held>,
+    /// Held inputs this commit ran: delete `owner`'s up to the id.
+    pub held_consumed: Vec<(String, i64)>,
+    /// Dead letters this commit replayed: deleted with it.
+    pub replayed: Vec<i64>,
+    /// Function versions promoted or rolled back.
+    pub versions: Vec<VersionWrite>,
+    /// The node's ingest clock when the batch was taken (kept as the
+    /// clock's high-water mark, so it never goes back across restarts).
+    pub clock_ms: u64,
 }
 
 impl Commit {
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.dead_letters.is_empty() && self.sessions.is_empty()
+        self.records.is_empty()
+            && self.dead_letters.is_empty()
+            && self.sessions.is_empty()
+            && self.state.is_empty()
+            && self.held.is_empty()
+            && self.held_consumed.is_empty()
+            && self.replayed.is_empty()
+            && self.versions.is_empty()
     }
 }
 
@@ -355,8 +415,8 @@ impl Outbox {
         if !commit.dead_letters.is_empty() {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO dead_letters (created_ms, pipeline, function, error, stream, timestamp_ms, payload_size, payload) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO dead_letters (created_ms, pipeline, function, error, stream, timestamp_ms, payload_size, payload, reason, stage) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(sql("prepare dead letter"))?;
             let now = crate::clock::now_ms() as i64;
@@ -370,7 +430,9 @@ impl Outbox {
                         d.message.stream,
                         d.message.timestamp_ms as i64,
                         d.payload_size as i64,
-                        d.message.payload
+                        d.message.payload,
+                        d.reason,
+                        d.stage.as_str()
                     ])
                     .map_err(sql("insert dead letter"))?;
             }
@@ -404,6 +466,14 @@ impl Outbox {
                         .map_err(sql("delete ingest session"))?
                 }
             };
+        }
+        functions::write(&tx, commit).map_err(sql("write function state"))?;
+        if commit.clock_ms > 0 {
+            tx.prepare_cached(
+                "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'clock_high_water_ms'",
+            )
+            .and_then(|mut st| st.execute([commit.clock_ms as i64]))
+            .map_err(sql("note the clock"))?;
         }
         // A crash in the middle of a commit: nothing of it may count.
         fail::fail_point!("outbox::commit::before", |_| std::process::abort());

@@ -56,6 +56,58 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
          -- starts from: an older copy of this file restarting is told apart
          -- from the file that moved on (its numbering would silently fork).
          INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0);
-         INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch_start', 1);",
-    )
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch_start', 1);
+         -- The node's ingest clock never goes back, across restarts too.
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('clock_high_water_ms', 0);
+         -- Functions' durable state, per `pipeline/function` and version
+         -- generation, committed with the outputs of the batch that changed it.
+         CREATE TABLE IF NOT EXISTS function_state (
+             owner      TEXT    NOT NULL,
+             generation INTEGER NOT NULL,
+             key        BLOB    NOT NULL,
+             value      BLOB    NOT NULL,
+             PRIMARY KEY (owner, generation, key)
+         ) WITHOUT ROWID;
+         -- Which version of each function runs, and the last one refused.
+         CREATE TABLE IF NOT EXISTS function_versions (
+             owner           TEXT PRIMARY KEY,
+             generation      INTEGER NOT NULL,
+             module_sha256   TEXT    NOT NULL,
+             config_sha256   TEXT    NOT NULL,
+             config_json     TEXT    NOT NULL,
+             since_ms        INTEGER NOT NULL,
+             rejected_module TEXT,
+             rejected_config TEXT,
+             rejected_reason TEXT,
+             rejected_ms     INTEGER
+         );
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('next_generation', 1);
+         -- Inputs parked behind a function's open circuit breaker, in order.
+         CREATE TABLE IF NOT EXISTS held (
+             id           INTEGER PRIMARY KEY,
+             owner        TEXT    NOT NULL,
+             step         INTEGER NOT NULL,
+             stream       TEXT    NOT NULL,
+             timestamp_ms INTEGER NOT NULL,
+             payload      BLOB    NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS held_by_owner ON held (owner, id);",
+    )?;
+    // Columns added to older files.
+    add_column(conn, "dead_letters", "reason", "TEXT NOT NULL DEFAULT 'rejected'")?;
+    add_column(conn, "dead_letters", "stage", "TEXT NOT NULL DEFAULT 'input'")?;
+    add_column(conn, "dead_letters", "replay", "INTEGER NOT NULL DEFAULT 0")?;
+    Ok(())
+}
+
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let exists: bool = conn.query_row(
+        &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+        [column],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
 }

@@ -132,6 +132,8 @@ fn session_changes_and_dead_letters_commit_with_records() {
         dead_letters: vec![DeadLetter {
             pipeline: "p".into(),
             function: "f".into(),
+            reason: "rejected".into(),
+            stage: Stage::Input,
             error: "bad".into(),
             message: msg(2, b"x".to_vec()),
             payload_size: 1,
@@ -158,6 +160,7 @@ fn session_changes_and_dead_letters_commit_with_records() {
                 entry: vec![4],
             },
         ],
+        ..Commit::default()
     };
     w.commit(&commit).unwrap();
     w.commit(&Commit {

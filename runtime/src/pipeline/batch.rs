@@ -57,6 +57,8 @@ fn refuse(
     DeadLetter {
         pipeline: "ingest".into(),
         function: function.into(),
+        reason: function.into(),
+        stage: crate::outbox::Stage::Input,
         error,
         message: Message {
             stream,

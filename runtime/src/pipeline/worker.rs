@@ -4,16 +4,22 @@
 //! all of them (up to `max_batch` messages and `max_batch_bytes`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-use tracing::{error, info};
+use tokio::sync::{mpsc, Notify};
+use tracing::{error, info, warn};
 
-use super::{plan_batch, Chain, ChainResult, Router};
+use super::slot::{FunctionStatus, Spec, Version};
+use super::{plan_batch, Admit, Chain, ChainResult, OnOpen, Router};
+use crate::functions::{FunctionInstance, Limits};
 use crate::ingest::session_store::Replica;
 use crate::ingest::{Ack, AckRoute, Chunk, ChunkReceiver};
-use crate::outbox::{Commit, Outbox};
+use crate::outbox::{Commit, Outbox, SessionWrite};
+
+/// How often held inputs, replay requests and the functions' status are
+/// looked at.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
 /// A batch smaller than this waits up to `commit_linger` for more.
 const LINGER_BELOW: usize = 512;
@@ -89,6 +95,34 @@ pub struct Worker {
     pub sessions: Replica,
     /// Progress for `/healthz`.
     pub health: Arc<PipelineHealth>,
+    /// Swaps and other requests from the daemon.
+    pub commands: mpsc::UnboundedReceiver<WorkerCommand>,
+    /// The functions as `status` shows them, refreshed by the worker.
+    pub functions: Arc<Mutex<Vec<FunctionStatus>>>,
+}
+
+/// A request to the worker, applied between batches.
+pub enum WorkerCommand {
+    /// New versions (or new settings) of functions, from a reload.
+    Swap(Vec<SwapRequest>),
+}
+
+/// A function's configured build and settings, from a reload.
+pub struct SwapRequest {
+    /// `pipeline/function`.
+    pub owner: String,
+    /// The build and its init config and limits.
+    pub spec: Spec,
+    /// Its hashes (the generation is given when it is proposed).
+    pub version: Version,
+    /// Breaker settings.
+    pub breaker: super::BreakerConfig,
+    /// Inputs' fate while open.
+    pub on_open: OnOpen,
+    /// Batches on probation.
+    pub probation: u32,
+    /// Held-input budget.
+    pub max_held_bytes: u64,
 }
 
 /// Start the worker thread.
@@ -115,14 +149,29 @@ pub fn spawn_worker(worker: Worker, chunks: ChunkReceiver) -> std::io::Result<Wo
 
 async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
     let mut next_tick = Instant::now() + w.options.tick_interval;
+    let mut next_housekeeping = Instant::now();
     let mut batches: u64 = 0;
+    let mut commands_open = true;
+    publish_status(&w);
     loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        let wake = next_tick.min(next_housekeeping);
+        let wait = wake.saturating_duration_since(Instant::now());
         let first = tokio::select! {
             c = rx.recv() => match c {
                 Some(c) => Some(c),
                 None => break,
             },
+            cmd = w.commands.recv(), if commands_open => {
+                match cmd {
+                    Some(cmd) => {
+                        if !apply_command(&mut w, cmd, &stop).await {
+                            break;
+                        }
+                    }
+                    None => commands_open = false,
+                }
+                None
+            }
             _ = tokio::time::sleep(wait) => None,
         };
         if let Some(first) = first {
@@ -190,22 +239,215 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
         }
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + w.options.tick_interval;
-            let now = crate::clock::now_ms();
+            let now = crate::clock::ingest_ms();
             let mut result = ChainResult::default();
             for chain in &mut w.chains {
                 chain.tick(now, &mut result);
             }
-            let commit = Commit {
-                records: result.outputs,
-                dead_letters: result.dead_letters,
-                sessions: Vec::new(),
-            };
-            if !commit.is_empty() && !commit_until_done(&mut w, &commit, &stop).await {
+            if !commit_result(&mut w, result, Vec::new(), Vec::new(), Vec::new(), &stop).await {
                 break;
             }
         }
+        if Instant::now() >= next_housekeeping {
+            next_housekeeping = Instant::now() + HOUSEKEEPING;
+            if !drain_held(&mut w, &stop).await || !replay_dead_letters(&mut w, &stop).await {
+                break;
+            }
+            publish_status(&w);
+        }
     }
+    publish_status(&w);
     info!("Pipeline worker stopped.");
+}
+
+/// Refresh what `status` shows of the functions.
+fn publish_status(w: &Worker) {
+    let all: Vec<FunctionStatus> = w
+        .chains
+        .iter()
+        .flat_map(|c| c.slots().iter().map(|s| s.status()))
+        .collect();
+    for s in &all {
+        metrics::gauge!(crate::functions::events::STATE_BYTES, "function" => s.owner.clone())
+            .set(s.state_bytes as f64);
+    }
+    if let Ok(mut f) = w.functions.lock() {
+        *f = all;
+    }
+}
+
+/// Run held inputs of functions whose breaker lets them through: one batch
+/// per function (a single probe when half-open), in order.
+async fn drain_held(w: &mut Worker, stop: &AtomicBool) -> bool {
+    let now = crate::clock::ingest_ms();
+    let max = w.options.max_batch;
+    let mut result = ChainResult::default();
+    for chain in &mut w.chains {
+        for i in 0..chain.slots().len() {
+            let slot = &mut chain.slots_mut()[i];
+            if slot.held == 0 {
+                continue;
+            }
+            let take = match slot.breaker.admit(now) {
+                Admit::None => continue,
+                Admit::Probe => 1,
+                Admit::All => max,
+            };
+            let held = match w.outbox.read_held(&slot.owner, take) {
+                Ok(h) => h,
+                Err(e) => {
+                    error!(function = %slot.owner, error = %e, "Reading held inputs failed.");
+                    continue;
+                }
+            };
+            let Some(last) = held.last().map(|h| h.id) else {
+                // Counted but gone (pruned by hand?): nothing to wait for.
+                slot.held = 0;
+                slot.held_bytes = 0;
+                continue;
+            };
+            let owner = slot.owner.clone();
+            let step = slot.step;
+            let bytes: u64 = held
+                .iter()
+                .map(|h| (h.message.stream.len() + h.message.payload.len()) as u64)
+                .sum();
+            slot.held = slot.held.saturating_sub(held.len() as u64);
+            slot.held_bytes = slot.held_bytes.saturating_sub(bytes);
+            let messages = held.into_iter().map(|h| h.message).collect();
+            chain.run_from(step, messages, now, true, &mut result);
+            result.held_consumed.push((owner, last));
+        }
+    }
+    commit_result(w, result, Vec::new(), Vec::new(), Vec::new(), stop).await
+}
+
+/// Run dead letters someone asked to replay through the current version of
+/// their pipeline, from the function that refused them; the replayed rows
+/// are deleted in the same commit as what the replay produced.
+async fn replay_dead_letters(w: &mut Worker, stop: &AtomicBool) -> bool {
+    let requests = match w.outbox.replay_requests(w.options.max_batch) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "Reading replay requests failed.");
+            return true;
+        }
+    };
+    if requests.is_empty() {
+        return true;
+    }
+    let now = crate::clock::ingest_ms();
+    let mut result = ChainResult::default();
+    let mut replayed = Vec::new();
+    let mut again = Vec::new();
+    for d in requests {
+        replayed.push(d.id);
+        let chain = w.chains.iter_mut().find(|c| c.name == d.pipeline);
+        let step = chain.as_ref().and_then(|c| {
+            c.slots()
+                .iter()
+                .position(|s| s.function == d.function)
+                .map(|i| match d.stage() {
+                    crate::outbox::Stage::Input => i,
+                    crate::outbox::Stage::Output => i + 1,
+                })
+        });
+        let (Some(chain), Some(step)) = (chain, step) else {
+            let mut dl = d.to_dead_letter();
+            dl.error = format!(
+                "cannot replay: pipeline `{}` has no function `{}` now (first refused: {})",
+                d.pipeline, d.function, d.error
+            );
+            again.push(dl);
+            continue;
+        };
+        let message = d.to_dead_letter().message;
+        chain.run_from(step, vec![message], now, false, &mut result);
+    }
+    info!(
+        replayed = replayed.len(),
+        refused_again = again.len(),
+        "Replaying dead letters."
+    );
+    commit_result(w, result, again, Vec::new(), replayed, stop).await
+}
+
+/// Apply a request from the daemon between batches.
+async fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) -> bool {
+    let WorkerCommand::Swap(requests) = cmd;
+    let now = crate::clock::ingest_ms();
+    for r in requests {
+        let Some(slot) = w
+            .chains
+            .iter_mut()
+            .flat_map(|c| c.slots_mut().iter_mut())
+            .find(|s| s.owner == r.owner)
+        else {
+            warn!(function = %r.owner, "A reload named a function the running pipelines do not have; pipeline changes take effect at the next restart.");
+            continue;
+        };
+        slot.set_breaker_config(r.breaker);
+        slot.on_open = r.on_open;
+        slot.probation = r.probation.max(1);
+        slot.max_held_bytes = r.max_held_bytes;
+        let same_build = slot.version.module_sha256 == r.version.module_sha256
+            && slot.version.config_sha256 == r.version.config_sha256;
+        if same_build {
+            if slot.spec.limits != r.spec.limits {
+                restart_with_limits(slot, r.spec.limits);
+            }
+            if slot.candidate.take().is_some() {
+                info!(function = %slot.owner, "The configured build is the running one again: the candidate on probation is dropped.");
+            }
+            continue;
+        }
+        if slot
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.version.module_sha256 == r.version.module_sha256 && c.version.config_sha256 == r.version.config_sha256)
+        {
+            continue;
+        }
+        if slot.refused.as_ref().is_some_and(|(m, c)| *m == r.version.module_sha256 && *c == r.version.config_sha256) {
+            warn!(function = %slot.owner, "This build of the function was refused before; not trying it again until the module or its config changes.");
+            continue;
+        }
+        loop {
+            match super::versions::propose(slot, &mut w.outbox, r.spec.clone(), r.version.clone(), now) {
+                Ok(_) => break,
+                Err(e) => {
+                    error!(function = %slot.owner, error = %e, "Recording a new function version failed; retrying.");
+                    if stop.load(Ordering::Acquire) {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+    publish_status(w);
+    true
+}
+
+/// Same build, new limits: a fresh instance from the running one's state.
+fn restart_with_limits(slot: &mut super::FunctionSlot, limits: Limits) {
+    slot.spec.limits = limits.clone();
+    let Some(active) = slot.active.as_ref() else {
+        return;
+    };
+    match FunctionInstance::from_module(
+        &slot.spec.module,
+        &slot.function,
+        &slot.spec.config_json,
+        limits,
+        active.state().clone(),
+    ) {
+        Ok(i) => {
+            info!(function = %slot.owner, "New limits applied.");
+            slot.active = Some(i);
+        }
+        Err(e) => warn!(function = %slot.owner, error = %e, "New limits could not be applied; the function keeps its old ones."),
+    }
 }
 
 /// Sends each chunk's acknowledgements to its connection, in order; runs of
@@ -238,25 +480,44 @@ async fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -
     if plan.unrouted > 0 {
         metrics::counter!("fogline_ingest_unrouted_total").increment(plan.unrouted as u64);
     }
+    let now = crate::clock::ingest_ms();
     let mut result = ChainResult::default();
     for (chain, msgs) in w.chains.iter_mut().zip(plan.per_pipeline) {
         if !msgs.is_empty() {
-            chain.process(msgs, &mut result);
+            chain.process(msgs, now, &mut result);
         }
     }
-    let mut dead_letters = plan.dead_letters;
-    dead_letters.append(&mut result.dead_letters);
     let mut sessions = Vec::new();
     for chunk in batch.iter_mut() {
         if let Some(update) = chunk.session.take() {
             w.sessions.apply(update, &mut sessions);
         }
     }
-    let commit = Commit {
-        records: result.outputs,
-        dead_letters,
-        sessions,
-    };
+    commit_result(w, result, plan.dead_letters, sessions, Vec::new(), stop).await
+}
+
+/// Commit what a batch, tick, drain or replay produced, in one transaction.
+async fn commit_result(
+    w: &mut Worker,
+    result: ChainResult,
+    dead_letters: Vec<crate::outbox::DeadLetter>,
+    sessions: Vec<SessionWrite>,
+    replayed: Vec<i64>,
+    stop: &AtomicBool,
+) -> bool {
+    let commit = result.into_commit(dead_letters, sessions, replayed);
+    for d in &commit.dead_letters {
+        metrics::counter!(
+            super::events::DEAD_LETTERS_TOTAL,
+            "pipeline" => d.pipeline.clone(),
+            "function" => d.function.clone(),
+            "reason" => d.reason.clone()
+        )
+        .increment(1);
+    }
+    for h in &commit.held {
+        metrics::counter!(super::events::HELD_TOTAL, "function" => h.owner.clone()).increment(1);
+    }
     if commit.is_empty() {
         return true;
     }

@@ -1,31 +1,32 @@
-//! Per-stream tumbling-window average of a numeric JSON field.
+//! Per-stream window averages of a numeric JSON field, with durable state:
+//! open windows survive restarts, crashes and deploys, and each reading the
+//! gateway acknowledged is counted in exactly one emitted window.
 //!
 //! ```toml
 //! [functions.avg]
 //! module = "window_avg.wasm"
-//! config = { field = "temp", window_ms = 10000 }   # output_stream = "stats/temp"
+//! config = { field = "temp", window_ms = 10000 }
+//! # optional: hop_ms = 5000         hopping windows (a reading counts in each window holding it)
+//! #           lateness_ms = 2000    keep windows open this long past their end
+//! #           time_field = "ts"     event time (ms) from the payload instead of ingest time
+//! #           output_stream = "stats/temp"   default "<stream>/avg"
 //! ```
 //!
-//! Windows are aligned to multiples of `window_ms` on the *message*
-//! timestamp: a reading at `t` falls in `[t - t % window_ms, … + window_ms)`.
-//! Each input stream has its own windows. On `tick(now)` every window whose
-//! end is `<= now` is emitted, in order of window start then stream, as
+//! Windows are aligned to multiples of `window_ms` (or `hop_ms`). With
+//! ingest time (the default) the watermark is the tick's clock, which never
+//! goes backwards on a gateway, so no reading is ever late. With event time
+//! the watermark is the latest event time seen, and a reading for a window
+//! already emitted is rejected as late (dead-lettered, replayable). Each
+//! window is emitted once, in order of its end, as
 //!
 //! ```json
 //! {"stream":"sensors/t1","window_start_ms":0,"window_end_ms":10000,
-//!  "count":3,"avg":21.5,"min":20.0,"max":23.0}
+//!  "count":3,"sum":64.5,"avg":21.5,"min":20.0,"max":23.0}
 //! ```
 //!
 //! on `output_stream` (default `<stream>/avg`), with timestamp = window end.
-//! Inputs are consumed, not passed on.
-//!
-//! Late data: a reading whose window ends at or before the last window
-//! already emitted for its stream is rejected ("late reading"), since that
-//! window's average is already out. A reading that is not JSON or lacks the
-//! numeric field is rejected too. State lives in the instance: a restart
-//! (after a trap) loses open windows.
-
-use std::collections::BTreeMap;
+//! Inputs are consumed, not passed on. A reading that is not JSON or lacks
+//! the numeric field is rejected before it touches any window.
 
 use fogline_sdk::prelude::*;
 
@@ -34,19 +35,15 @@ use fogline_sdk::prelude::*;
 struct Config {
     field: String,
     window_ms: u64,
+    hop_ms: Option<u64>,
+    #[serde(default)]
+    lateness_ms: u64,
+    time_field: Option<String>,
     output_stream: Option<String>,
 }
 
-struct WindowAvg {
-    field: String,
-    window_ms: u64,
-    output_stream: Option<String>,
-    /// Open windows by (window start, stream): iteration order is emission order.
-    open: BTreeMap<(u64, String), Stats>,
-    /// Per stream: end of the last window emitted. Readings at or before it are late.
-    closed_until: BTreeMap<String, u64>,
-}
-
+/// What a window accumulates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stats {
     count: u64,
     sum: f64,
@@ -54,92 +51,112 @@ struct Stats {
     max: f64,
 }
 
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl Stats {
+    fn add(&mut self, v: f64) {
+        self.count += 1;
+        self.sum += v;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+    }
+}
+
+impl Aggregate for Stats {
+    fn merge(&mut self, other: Self) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+}
+
+struct WindowAvg {
+    field: String,
+    time_field: Option<String>,
+    output_stream: Option<String>,
+    windows: Windows<Stats>,
+}
+
 impl Function for WindowAvg {
     fn init(config: fogline_sdk::Config) -> Result<Self> {
-        let Config {
-            field,
-            window_ms,
-            output_stream,
-        } = config.parse()?;
-        if field.is_empty() {
+        let c: Config = config.parse()?;
+        if c.field.is_empty() {
             bail!("invalid config: `field` is empty");
         }
-        if window_ms == 0 {
+        if c.window_ms == 0 {
             bail!("invalid config: `window_ms` must be > 0");
         }
-        if output_stream.as_deref() == Some("") {
+        if c.output_stream.as_deref() == Some("") {
             bail!("invalid config: `output_stream` is empty");
         }
+        let windows = match c.hop_ms {
+            None => Windows::tumbling(c.window_ms),
+            Some(hop) => Windows::hopping(c.window_ms, hop),
+        }
+        .map_err(|e| e.context("invalid config"))?
+        .allowed_lateness(c.lateness_ms);
         Ok(WindowAvg {
-            field,
-            window_ms,
-            output_stream,
-            open: BTreeMap::new(),
-            closed_until: BTreeMap::new(),
+            field: c.field,
+            time_field: c.time_field,
+            output_stream: c.output_stream,
+            windows,
         })
     }
 
     fn on_message(&mut self, msg: Message, _out: &mut Output) -> Result<()> {
+        // Everything that can fail comes before the state changes.
         let value = msg.json_f64(&self.field)?;
-        let ts = msg.timestamp_ms();
-        let start = ts - ts % self.window_ms;
-        if let Some(&closed) = self.closed_until.get(msg.stream()) {
-            if start < closed {
-                bail!(
-                    "late reading: timestamp {ts} ms falls in window [{start}, {}) but windows up to {closed} ms were already emitted for stream `{}`",
-                    start.saturating_add(self.window_ms),
-                    msg.stream()
-                );
-            }
+        let time = match &self.time_field {
+            Some(f) => msg.json_u64(f)?,
+            None => msg.timestamp_ms(),
+        };
+        self.windows.add(msg.stream(), time, |s| s.add(value))?;
+        if self.time_field.is_some() {
+            self.windows.advance(time);
         }
-        let (stream, _, _) = msg.into_parts();
-        self.open
-            .entry((start, stream))
-            .and_modify(|s| {
-                s.count += 1;
-                s.sum += value;
-                s.min = s.min.min(value);
-                s.max = s.max.max(value);
-            })
-            .or_insert(Stats {
-                count: 1,
-                sum: value,
-                min: value,
-                max: value,
-            });
         Ok(())
     }
 
     fn on_tick(&mut self, now_ms: u64, out: &mut Output) -> Result<()> {
-        // Windows are ordered by start; those that ended by `now` form a prefix.
-        while let Some(entry) = self.open.first_entry() {
-            let (start, _) = *entry.key();
-            let end = start.saturating_add(self.window_ms);
-            if end > now_ms {
-                break;
-            }
-            let ((_, stream), stats) = entry.remove_entry();
-            let output_stream = match &self.output_stream {
-                Some(s) => s.clone(),
+        if self.time_field.is_none() {
+            self.windows.advance(now_ms);
+        }
+        let output_stream = &self.output_stream;
+        self.windows.close(|stream, w| {
+            let s = &w.value;
+            let target = match output_stream {
+                Some(t) => t.clone(),
                 None => format!("{stream}/avg"),
             };
             out.emit_json(
-                output_stream,
-                end,
+                target,
+                w.end_ms,
                 &json!({
                     "stream": stream,
-                    "window_start_ms": start,
-                    "window_end_ms": end,
-                    "count": stats.count,
-                    "avg": stats.sum / stats.count as f64,
-                    "min": stats.min,
-                    "max": stats.max,
+                    "window_start_ms": w.start_ms,
+                    "window_end_ms": w.end_ms,
+                    "count": s.count,
+                    "sum": s.sum,
+                    "avg": s.sum / s.count as f64,
+                    "min": s.min,
+                    "max": s.max,
                 }),
-            )?;
-            let closed = self.closed_until.entry(stream).or_insert(end);
-            *closed = (*closed).max(end);
-        }
-        Ok(())
+            )
+        })
+    }
+
+    fn state(&mut self, state: &mut StateSet<'_>) {
+        state.add("windows", &mut self.windows);
     }
 }
 

@@ -382,7 +382,7 @@ fn publish_will_later(
             message: Some(Received {
                 topic: will.topic.to_vec(),
                 payload: will.payload.to_vec(),
-                received_ms: crate::clock::now_ms(),
+                received_ms: crate::clock::ingest_ms(),
             }),
             ack: None,
         });
