@@ -48,6 +48,8 @@ pub struct Status {
     pub uplink: crate::uplink::UplinkStatus,
     /// Buffer statistics.
     pub outbox: OutboxStats,
+    /// The functions: version, breaker, held inputs, state, probation.
+    pub functions: Vec<crate::pipeline::FunctionStatus>,
     /// `/healthz`'s verdict: empty when healthy.
     pub problems: Vec<String>,
 }
@@ -111,6 +113,22 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<String> {
             ));
         }
     }
+    if let Ok(functions) = live.functions.lock() {
+        for f in functions.iter() {
+            // Suspended for longer than the stall bound: its inputs pile up
+            // (held) or go to dead letters.
+            let since = f.last_error.as_ref().map(|(at, _)| *at).unwrap_or(now_ms);
+            if f.breaker == "open" && now_ms.saturating_sub(since) > stall {
+                out.push(format!(
+                    "function {} suspended (circuit open) for {}, {} inputs held; last error: {}",
+                    f.owner,
+                    secs(now_ms.saturating_sub(since)),
+                    f.held,
+                    f.last_error.as_ref().map(|(_, e)| e.as_str()).unwrap_or("?")
+                ));
+            }
+        }
+    }
     let u = &live.uplink;
     let progress = u.last_progress_ms.load(Ordering::Acquire);
     let in_flight = u.in_flight.load(Ordering::Acquire);
@@ -171,6 +189,7 @@ async fn status(State(s): State<AppState>) -> Response {
         uplink_cursor_regressions: live.uplink.cursor_regressions.load(Ordering::Acquire),
         uplink: live.uplink.status(),
         outbox: stats,
+        functions: live.functions.lock().map(|f| f.clone()).unwrap_or_default(),
         problems: problems(live, crate::clock::now_ms()),
     })
     .into_response()

@@ -6,6 +6,7 @@ mod bad_input;
 mod crash;
 mod endpoint;
 mod external;
+mod functions;
 mod outbox_identity;
 mod shutdown;
 mod uplink_links;

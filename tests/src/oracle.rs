@@ -127,6 +127,87 @@ pub fn count(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// What window outputs (`window-avg`'s `{"stream", "window_start_ms",
+/// "count", "sum"}`) say, against the readings that were acknowledged.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WindowVerdict {
+    /// Per input stream: readings counted in windows, and their sum.
+    pub counted: BTreeMap<String, (u64, f64)>,
+    /// Per input stream: readings expected, and their sum.
+    pub expected: BTreeMap<String, (u64, f64)>,
+    /// Windows emitted more than once: `stream@start`.
+    pub twice: Vec<String>,
+    /// Windows in the store.
+    pub windows: usize,
+}
+
+impl WindowVerdict {
+    /// Every acknowledged reading in exactly one window, sums matching, no
+    /// window twice.
+    pub fn is_exact(&self) -> bool {
+        self.twice.is_empty()
+            && self.counted.len() == self.expected.len()
+            && self.expected.iter().all(|(s, (n, sum))| {
+                self.counted
+                    .get(s)
+                    .is_some_and(|(cn, csum)| cn == n && (csum - sum).abs() < 1e-6)
+            })
+    }
+
+    pub fn summary(&self) -> String {
+        let counted: u64 = self.counted.values().map(|(n, _)| n).sum();
+        let expected: u64 = self.expected.values().map(|(n, _)| n).sum();
+        let mut out = format!(
+            "{} windows; readings counted {counted} of {expected}; windows emitted twice {}",
+            self.windows,
+            self.twice.len()
+        );
+        for (s, (n, sum)) in &self.expected {
+            let (cn, csum) = self.counted.get(s).copied().unwrap_or((0, 0.0));
+            if cn != *n || (csum - sum).abs() >= 1e-6 {
+                out += &format!("\n  {s}: counted {cn} (sum {csum}), expected {n} (sum {sum})");
+            }
+        }
+        if let Some(t) = self.twice.first() {
+            out += &format!("\n  first window twice: {t}");
+        }
+        out
+    }
+}
+
+/// Judge the window records in `records` (those whose stream ends in
+/// `suffix`, e.g. `/avg`) against `expected` readings per input stream.
+pub fn judge_windows(
+    records: &[Stored],
+    suffix: &str,
+    expected: &BTreeMap<String, (u64, f64)>,
+) -> WindowVerdict {
+    let mut v = WindowVerdict {
+        expected: expected.clone(),
+        ..WindowVerdict::default()
+    };
+    let mut seen = BTreeSet::new();
+    for r in records.iter().filter(|r| r.stream.ends_with(suffix)) {
+        let p = &r.payload;
+        let (Some(stream), Some(start), Some(count), Some(sum)) = (
+            p["stream"].as_str(),
+            p["window_start_ms"].as_u64(),
+            p["count"].as_u64(),
+            p["sum"].as_f64(),
+        ) else {
+            continue;
+        };
+        v.windows += 1;
+        if !seen.insert((stream.to_string(), start)) {
+            v.twice.push(format!("{stream}@{start}"));
+        }
+        let e = v.counted.entry(stream.to_string()).or_insert((0, 0.0));
+        e.0 += count;
+        e.1 += sum;
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

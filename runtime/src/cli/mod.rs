@@ -1,6 +1,7 @@
 //! Command-line commands: run, status, check, test-module, passwd.
 
 mod check;
+mod dead_letters;
 mod status;
 mod test_module;
 
@@ -60,9 +61,48 @@ enum Command {
         #[arg(long, default_value = "1s")]
         timeout: humantime::Duration,
     },
+    /// What functions or ingest refused, and replaying it.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Hash a password for `[[broker.users]] password_hash`. Reads the
     /// password from standard input (first line), prints the hash.
     Passwd,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadLetterCommand {
+    /// List dead letters, newest first, with their reason.
+    List {
+        /// The edge configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        filter: dead_letters::Filter,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run dead letters again through the current version of their
+    /// pipeline, from the function that refused them (after fixing the
+    /// function or its config). The running daemon picks them up.
+    Replay {
+        /// The edge configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        filter: dead_letters::Filter,
+        /// Every dead letter (that can be replayed).
+        #[arg(long)]
+        all: bool,
+        /// At most this many (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
 }
 
 impl Cli {
@@ -93,6 +133,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             memory_mib,
             timeout.into(),
         ),
+        Command::DeadLetters { command } => match command {
+            DeadLetterCommand::List {
+                config,
+                filter,
+                limit,
+                json,
+            } => dead_letters::list(&config, &filter, limit.max(1), json),
+            DeadLetterCommand::Replay {
+                config,
+                filter,
+                all,
+                limit,
+            } => dead_letters::replay(&config, &filter, all, limit),
+        },
         Command::Passwd => passwd(),
     }
 }

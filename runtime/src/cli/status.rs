@@ -84,6 +84,16 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["problems"].clone()).ok())
         .unwrap_or_default();
+    let functions: Vec<fogline_edge::pipeline::FunctionStatus> = live
+        .as_ref()
+        .and_then(|(_, v)| serde_json::from_value(v["functions"].clone()).ok())
+        .unwrap_or_default();
+    // Without a daemon, what the outbox records of the functions' versions.
+    let recorded = if live.is_none() {
+        outbox::function_records(&outbox_path).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     if json {
         let v = serde_json::json!({
             "node": config.node.id,
@@ -94,6 +104,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "ingest": ingest,
             "problems": problems,
             "outbox": stats,
+            "functions": if live.is_some() { serde_json::to_value(&functions)? } else { serde_json::to_value(&recorded)? },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -180,6 +191,27 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     println!("dead letters      {}", stats.dead_letters);
     println!("disk              {} bytes", stats.disk_bytes);
     println!("outbox identity   incarnation {:#018x}", stats.incarnation);
+    for f in &functions {
+        print_function(f, now);
+    }
+    for r in &recorded {
+        println!(
+            "function          {} — gen {} (module {}, config {}) since {}{}",
+            r.owner,
+            r.generation,
+            &r.module_sha256[..r.module_sha256.len().min(8)],
+            &r.config_sha256[..r.config_sha256.len().min(8)],
+            ago(now, Some(r.since_ms)),
+            r.rejected
+                .as_ref()
+                .map(|(m, _, why, at)| format!(
+                    "; refused module {} {}: {why}",
+                    &m[..m.len().min(8)],
+                    ago(now, Some(*at))
+                ))
+                .unwrap_or_default()
+        );
+    }
     for a in &stats.alarms {
         println!(
             "alarm             {} {}: {}",
@@ -198,4 +230,51 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..=9_999 => format!("{n} B"),
+        10_000..=9_999_999 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0)),
+    }
+}
+
+fn print_function(f: &fogline_edge::pipeline::FunctionStatus, now: u64) {
+    let circuit = match (f.breaker.as_str(), f.open_until_ms) {
+        ("open", Some(until)) => format!(
+            "SUSPENDED (circuit open, next probe in {}s)",
+            until.saturating_sub(now).div_ceil(1000)
+        ),
+        ("half-open", _) => "probing (circuit half-open)".to_string(),
+        _ if !f.running => "not running".to_string(),
+        _ => "running".to_string(),
+    };
+    println!(
+        "function          {} — {} — {circuit}; state {}, memory {}, {} restarts, opened {} times",
+        f.owner,
+        f.version,
+        bytes(f.state_bytes),
+        bytes(f.memory_bytes),
+        f.restarts,
+        f.breaker_opened
+    );
+    if f.held > 0 {
+        println!("  held inputs     {} (run in order once it recovers)", f.held);
+    }
+    if let Some((at, e)) = &f.last_error {
+        println!("  last failure    {}: {e}", ago(now, Some(*at)));
+    }
+    if let Some((v, passed, of)) = &f.candidate {
+        println!("  new version     {v} on probation: {passed}/{of} batches passed");
+    }
+    if let Some(s) = &f.last_swap {
+        println!(
+            "  last swap       {} {} {}{}",
+            s.outcome.replace('_', " "),
+            s.version,
+            ago(now, Some(s.at_ms)),
+            s.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+        );
+    }
 }

@@ -490,6 +490,11 @@ pub fn propose(
             })?;
             slot.refused = Some((version.module_sha256.clone(), version.config_sha256.clone()));
             slot.note_swap(now_ms, "rolled_back", &version, Some(e.to_string()));
+            super::events::Swapped {
+                owner: &slot.owner,
+                outcome: "rolled_back",
+            }
+            .emit();
             Ok(None)
         }
     }

@@ -142,12 +142,33 @@ pub fn spawn_worker(worker: Worker, chunks: ChunkReceiver) -> std::io::Result<Wo
                     return;
                 }
             };
-            rt.block_on(run(worker, chunks, stop2));
+            // A panic here is a bug in the host, never a guest's doing (traps
+            // are errors): stopping the process is safer than a daemon whose
+            // endpoint refuses everything. Nothing unacknowledged is lost.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(worker, chunks, stop2, &rt)
+            }));
+            if outcome.is_err() {
+                error!("The pipeline worker crashed; stopping the daemon so that it restarts clean (nothing unacknowledged is lost).");
+                std::process::exit(70);
+            }
         })?;
     Ok(WorkerHandle { join, stop })
 }
 
-async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
+/// What woke the worker.
+enum Wake {
+    Chunk(Chunk),
+    Closed,
+    Command(Option<WorkerCommand>),
+    Timer,
+}
+
+/// The worker's loop. It waits in the async runtime (channels, timers) and
+/// leaves it to do the work: function calls never run inside a runtime
+/// context (wasmtime-wasi's blocking calls start their own, and would panic
+/// inside ours).
+fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>, rt: &tokio::runtime::Runtime) {
     let mut next_tick = Instant::now() + w.options.tick_interval;
     let mut next_housekeeping = Instant::now();
     let mut batches: u64 = 0;
@@ -156,23 +177,31 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
     loop {
         let wake = next_tick.min(next_housekeeping);
         let wait = wake.saturating_duration_since(Instant::now());
-        let first = tokio::select! {
-            c = rx.recv() => match c {
-                Some(c) => Some(c),
-                None => break,
-            },
-            cmd = w.commands.recv(), if commands_open => {
-                match cmd {
-                    Some(cmd) => {
-                        if !apply_command(&mut w, cmd, &stop).await {
-                            break;
-                        }
-                    }
-                    None => commands_open = false,
+        let commands = &mut w.commands;
+        let event = rt.block_on(async {
+            tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => Wake::Chunk(c),
+                    None => Wake::Closed,
+                },
+                cmd = commands.recv(), if commands_open => Wake::Command(cmd),
+                _ = tokio::time::sleep(wait) => Wake::Timer,
+            }
+        });
+        let first = match event {
+            Wake::Closed => break,
+            Wake::Command(Some(cmd)) => {
+                if !apply_command(&mut w, cmd, &stop) {
+                    break;
                 }
                 None
             }
-            _ = tokio::time::sleep(wait) => None,
+            Wake::Command(None) => {
+                commands_open = false;
+                None
+            }
+            Wake::Chunk(c) => Some(c),
+            Wake::Timer => None,
         };
         if let Some(first) = first {
             let mut items = first.items.len();
@@ -200,26 +229,30 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
                 .min()
                 .unwrap_or(w.options.commit_linger);
             if items < LINGER_BELOW && !linger.is_zero() {
-                let until = tokio::time::Instant::now() + linger;
+                let until = Instant::now() + linger;
                 while items < LINGER_BELOW && !full(items, bytes) {
-                    tokio::select! {
-                        c = rx.recv() => match c {
-                            Some(c) => {
-                                items += c.items.len();
-                                bytes += c.bytes();
-                                let impatient = c.linger.is_some_and(|l| l < linger);
-                                batch.push(c);
-                                if impatient {
-                                    break;
-                                }
+                    let left = until.saturating_duration_since(Instant::now());
+                    let more = rt.block_on(async {
+                        tokio::select! {
+                            c = rx.recv() => c,
+                            _ = tokio::time::sleep(left) => None,
+                        }
+                    });
+                    match more {
+                        Some(c) => {
+                            items += c.items.len();
+                            bytes += c.bytes();
+                            let impatient = c.linger.is_some_and(|l| l < linger);
+                            batch.push(c);
+                            if impatient {
+                                break;
                             }
-                            None => break,
-                        },
-                        _ = tokio::time::sleep_until(until) => break,
+                        }
+                        None => break,
                     }
                 }
             }
-            if !process_batch(&mut w, &mut batch, &stop).await {
+            if !process_batch(&mut w, &mut batch, &stop) {
                 break;
             }
             // A crash between the durable commit and the acknowledgements.
@@ -244,13 +277,13 @@ async fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>) {
             for chain in &mut w.chains {
                 chain.tick(now, &mut result);
             }
-            if !commit_result(&mut w, result, Vec::new(), Vec::new(), Vec::new(), &stop).await {
+            if !commit_result(&mut w, result, Vec::new(), Vec::new(), Vec::new(), &stop) {
                 break;
             }
         }
         if Instant::now() >= next_housekeeping {
             next_housekeeping = Instant::now() + HOUSEKEEPING;
-            if !drain_held(&mut w, &stop).await || !replay_dead_letters(&mut w, &stop).await {
+            if !drain_held(&mut w, &stop) || !replay_dead_letters(&mut w, &stop) {
                 break;
             }
             publish_status(&w);
@@ -278,7 +311,7 @@ fn publish_status(w: &Worker) {
 
 /// Run held inputs of functions whose breaker lets them through: one batch
 /// per function (a single probe when half-open), in order.
-async fn drain_held(w: &mut Worker, stop: &AtomicBool) -> bool {
+fn drain_held(w: &mut Worker, stop: &AtomicBool) -> bool {
     let now = crate::clock::ingest_ms();
     let max = w.options.max_batch;
     let mut result = ChainResult::default();
@@ -319,13 +352,13 @@ async fn drain_held(w: &mut Worker, stop: &AtomicBool) -> bool {
             result.held_consumed.push((owner, last));
         }
     }
-    commit_result(w, result, Vec::new(), Vec::new(), Vec::new(), stop).await
+    commit_result(w, result, Vec::new(), Vec::new(), Vec::new(), stop)
 }
 
 /// Run dead letters someone asked to replay through the current version of
 /// their pipeline, from the function that refused them; the replayed rows
 /// are deleted in the same commit as what the replay produced.
-async fn replay_dead_letters(w: &mut Worker, stop: &AtomicBool) -> bool {
+fn replay_dead_letters(w: &mut Worker, stop: &AtomicBool) -> bool {
     let requests = match w.outbox.replay_requests(w.options.max_batch) {
         Ok(r) => r,
         Err(e) => {
@@ -369,11 +402,11 @@ async fn replay_dead_letters(w: &mut Worker, stop: &AtomicBool) -> bool {
         refused_again = again.len(),
         "Replaying dead letters."
     );
-    commit_result(w, result, again, Vec::new(), replayed, stop).await
+    commit_result(w, result, again, Vec::new(), replayed, stop)
 }
 
 /// Apply a request from the daemon between batches.
-async fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) -> bool {
+fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) -> bool {
     let WorkerCommand::Swap(requests) = cmd;
     let now = crate::clock::ingest_ms();
     for r in requests {
@@ -420,7 +453,7 @@ async fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) ->
                     if stop.load(Ordering::Acquire) {
                         return false;
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    std::thread::sleep(Duration::from_millis(500));
                 }
             }
         }
@@ -471,7 +504,7 @@ fn dispatch_acks(batch: &[Chunk]) {
 }
 
 /// Returns false when it gave up (shutdown during a failing commit).
-async fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool {
+fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool {
     let router = &mut w.router;
     let plan = plan_batch(batch, w.chains.len(), w.options.max_topic, |t| {
         router.route(t).to_vec()
@@ -493,11 +526,11 @@ async fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -
             w.sessions.apply(update, &mut sessions);
         }
     }
-    commit_result(w, result, plan.dead_letters, sessions, Vec::new(), stop).await
+    commit_result(w, result, plan.dead_letters, sessions, Vec::new(), stop)
 }
 
 /// Commit what a batch, tick, drain or replay produced, in one transaction.
-async fn commit_result(
+fn commit_result(
     w: &mut Worker,
     result: ChainResult,
     dead_letters: Vec<crate::outbox::DeadLetter>,
@@ -521,10 +554,10 @@ async fn commit_result(
     if commit.is_empty() {
         return true;
     }
-    commit_until_done(w, &commit, stop).await
+    commit_until_done(w, &commit, stop)
 }
 
-async fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool {
+fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool {
     let mut backoff = Duration::from_millis(50);
     w.health
         .commit_started_ms
@@ -560,7 +593,7 @@ async fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -
                 if stop.load(Ordering::Acquire) {
                     return false;
                 }
-                tokio::time::sleep(backoff).await;
+                std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }

@@ -16,7 +16,8 @@
 //! - `ok`: passes it on. `flood`: emits it `count` times. `big`: emits a
 //!   `size`-byte payload. `bad-stream`: emits it with an empty stream.
 //!   `long-stream`: emits it on a stream of `size` bytes. `log`: logs a line
-//!   and passes it on. `log-flood`: logs `count` lines. `escape`: tries to
+//!   and passes it on. `log-flood`: logs `count` lines. `print`: writes to
+//!   stdout and stderr and passes it on. `escape`: tries to
 //!   reach outside the sandbox (list `/`, read the environment and
 //!   arguments, open a TCP connection, read the clocks) and emits what it got
 //!   as JSON.
@@ -129,6 +130,13 @@ impl Function for Hostile {
                 log::info!("hostile saw a message on {}", msg.stream());
                 out.emit(msg);
             }
+            "print" => {
+                // stdout and stderr go nowhere, and writing them must not
+                // disturb the host (their blocking flush included).
+                println!("hostile prints a line");
+                eprintln!("hostile prints an error");
+                out.emit(msg);
+            }
             "log-flood" => {
                 for i in 0..self.count {
                     log::warn!("hostile log line {i}");
@@ -152,6 +160,12 @@ impl Function for Hostile {
 
     fn state(&mut self, state: &mut StateSet<'_>) {
         state.add("seen", &mut self.seen);
+    }
+
+    // Takes over any function's state (ignoring what it does not know), so
+    // tests can deploy it over a real function and watch it fail there.
+    fn migrate(&mut self, _entry: StateEntry) -> Result<()> {
+        Ok(())
     }
 }
 
