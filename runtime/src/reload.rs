@@ -128,6 +128,19 @@ fn requests(
     let mut out = Vec::new();
     for w in versions::wanted(config)? {
         let module = runtime.load_bytes(&w.path, &w.bytes)?;
+        // A trial `init`, here and not on the pipeline thread: an `init` that
+        // hangs (until `init_timeout`) or fails is found without holding up
+        // any batch. The real start, from the running version's state,
+        // happens between two batches.
+        let init_error = crate::functions::FunctionInstance::from_module(
+            &module,
+            &w.function,
+            &w.config_json,
+            w.limits.clone(),
+            Default::default(),
+        )
+        .err()
+        .map(|e| e.to_string());
         // Kept before it runs: after a promotion and a restart, the build
         // that runs must be found even if its file changed again.
         if let Err(e) = store.put(&w.module_sha256, &w.bytes) {
@@ -153,6 +166,7 @@ fn requests(
             on_open: w.on_open,
             probation: w.probation,
             max_held_bytes: w.max_held_bytes,
+            init_error,
         });
     }
     Ok(out)

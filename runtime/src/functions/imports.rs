@@ -13,7 +13,7 @@
 //! to wait: time comes with the messages and the ticks.
 
 use wasmtime::component::{Linker, Resource, WasmList, WasmStr};
-use wasmtime::StoreContextMut;
+use wasmtime::{AsContextMut, StoreContextMut};
 use wasmtime_wasi::p2::DynPollable;
 
 use super::bindings::{Emission, Level, Rejection, StateWrite, PACKAGE_VERSION};
@@ -72,6 +72,23 @@ fn log(
     level: Level,
     text: &WasmStr,
 ) -> wasmtime::Result<()> {
+    let data = store.data_mut();
+    data.log_calls += 1;
+    if data.log_calls > data.log_calls_limit {
+        let why = format!(
+            "logged more than {} lines in one call (a log flood)",
+            data.log_calls_limit
+        );
+        data.contract = Some(why.clone());
+        return Err(wasmtime::format_err!("{why}"));
+    }
+    let allowed = data.logs.take();
+    // The SDK's panic hook logs "panic: …" at error level just before the
+    // guest aborts; keep it to explain the trap, even past the rate limit.
+    if !allowed && level != Level::Error {
+        // Dropped without reading the text: a flood costs the guest, not us.
+        return Ok(());
+    }
     // Read in place, keep at most 4 KiB: a guest's megabyte line costs it,
     // not the host.
     let text = {
@@ -79,12 +96,10 @@ fn log(
         truncate(&full, MAX_GUEST_TEXT).to_string()
     };
     let data = store.data_mut();
-    // The SDK's panic hook logs "panic: …" at error level just before the
-    // guest aborts; keep it to explain the trap.
     if level == Level::Error && text.starts_with("panic: ") {
         data.last_panic = Some(text.trim_start_matches("panic: ").replace('\n', " "));
     }
-    if !data.logs.take() {
+    if !allowed {
         return Ok(());
     }
     let function = &*data.function;
@@ -136,4 +151,3 @@ fn emit(
     taken.map_err(|why| refuse(store, why))
 }
 
-use wasmtime::AsContextMut;

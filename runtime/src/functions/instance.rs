@@ -236,7 +236,7 @@ impl FunctionInstance {
                 ))
             }
         };
-        store.data_mut().arm();
+        store.data_mut().arm(0);
         match exports.call_init(&mut store, &self.config_json) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
@@ -245,7 +245,7 @@ impl FunctionInstance {
             Err(e) => return Err(in_init(&mut store, e, "init trapped")),
         }
         for chunk in chunks(&self.state) {
-            store.data_mut().arm();
+            store.data_mut().arm(0);
             match exports.call_restore(&mut store, &chunk) {
                 Ok(Ok(())) => {}
                 Ok(Err(message)) => {
@@ -300,7 +300,11 @@ impl FunctionInstance {
         };
         let epoch_tick = self.module.inner.shared.epoch_tick;
         arm(&mut live.store, epoch_tick, deadline);
-        live.store.data_mut().arm();
+        let inputs = match &call {
+            Call::Process(batch) => batch.len(),
+            Call::Tick(_) => 0,
+        };
+        live.store.data_mut().arm(inputs);
         live.store.data_mut().call = Some(pending);
         let cpu = events::CpuClock::start();
         let started = Instant::now();

@@ -25,6 +25,11 @@ const MAX_INSTANCES: usize = 32;
 const MAX_MEMORIES: usize = 16;
 const MAX_TABLES: usize = 64;
 
+/// `host.log` calls one call may make (plus one per input message): a
+/// function that logs more is flooding, and the call fails. (Lines past
+/// the rate limit below are dropped cheaply, but each is still a host call.)
+pub(crate) const LOG_CALLS_PER_CALL: usize = 1_000;
+
 /// Log lines a function may write: a burst of this many...
 const LOG_BURST: f64 = 100.0;
 /// ...refilled at this rate per second.
@@ -46,6 +51,9 @@ pub(crate) struct StoreState {
     pub(crate) contract: Option<String>,
     /// The output of the call in progress (`None` between calls).
     pub(crate) call: Option<CallOutput>,
+    /// `host.log` calls in the current call, and how many it may make.
+    pub(crate) log_calls: usize,
+    pub(crate) log_calls_limit: usize,
 }
 
 impl StoreState {
@@ -77,11 +85,15 @@ impl StoreState {
             blocked: false,
             contract: None,
             call: None,
+            log_calls: 0,
+            log_calls_limit: LOG_CALLS_PER_CALL,
         }
     }
 
-    /// Clear the per-call reports before a call.
-    pub(crate) fn arm(&mut self) {
+    /// Clear the per-call reports before a call over `inputs` messages.
+    pub(crate) fn arm(&mut self, inputs: usize) {
+        self.log_calls = 0;
+        self.log_calls_limit = LOG_CALLS_PER_CALL.saturating_add(inputs);
         self.limiter.refused = None;
         self.last_panic = None;
         self.blocked = false;

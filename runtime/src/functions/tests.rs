@@ -665,9 +665,24 @@ fn the_sandbox_grants_no_filesystem_environment_or_network() {
 
 #[test]
 fn chatty_function_is_throttled_not_failed() {
-    let mut f = hostile(json!({ "mode": "log-flood", "count": 10_000 }), Limits::default());
+    // 20 lines per message: past the rate limit, dropped, the call is fine.
+    let mut f = hostile(json!({ "mode": "log-flood", "count": 20 }), Limits::default());
     let batch: Vec<Message> = (0..50).map(|i| msg("s", i, "x")).collect();
     assert_eq!(emitted(&mut f, &batch).len(), 50);
+}
+
+#[test]
+fn a_log_flood_fails_the_call() {
+    // 10,000 lines per message: more host calls than a call may make.
+    let mut f = hostile(json!({ "mode": "log-flood", "count": 10_000 }), Limits::default());
+    let err = f.process(&[msg("s", 1, "x")]).unwrap_err();
+    assert!(
+        matches!(&err, FunctionError::InvalidOutput { reason, .. } if reason.contains("log flood")),
+        "{err:?}"
+    );
+    // It floods on every message; a tick shows the restarted instance.
+    assert_eq!(f.tick(1).unwrap(), Output::default());
+    assert_eq!(f.restarts(), 1);
 }
 
 // ---------------------------------------------------------------- loading

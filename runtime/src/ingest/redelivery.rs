@@ -88,7 +88,9 @@ pub struct Shape {
     pub sequential: bool,
     /// Seen reusing an id out of order: never sequential again.
     pub unordered: bool,
-    /// Enough new messages seen to judge whether content repeats.
+    /// Enough new messages seen to judge whether content repeats, and none
+    /// of the last ones repeated (what survives a restart of the content
+    /// history, which is not persisted).
     pub warm: bool,
 }
 
@@ -137,6 +139,9 @@ pub struct SenderState {
     /// Consecutive successor ids seen (toward `shape.sequential`).
     successors: usize,
     last_new: Option<u16>,
+    /// Enough new messages seen (in this process, or `shape.warm` restored)
+    /// to judge whether content repeats.
+    warm: bool,
     /// Digests of the last new messages, and how many times each occurs.
     history: VecDeque<u64>,
     history_counts: HashMap<u64, u32>,
@@ -162,6 +167,7 @@ impl SenderState {
             shape: Shape::default(),
             successors: 0,
             last_new: None,
+            warm: false,
             history: VecDeque::new(),
             history_counts: HashMap::new(),
             conn: 0,
@@ -187,7 +193,11 @@ impl SenderState {
         retain: usize,
     ) -> Self {
         let mut s = Self::new(true, retain);
+        // The content history is not persisted; `shape.warm` is stored true
+        // only while that history held no repeated content, so every mark's
+        // content was unique in it and stays judged so after the restart.
         s.shape = shape;
+        s.warm = shape.warm;
         for (i, (pkid, digest)) in marks.into_iter().enumerate() {
             s.insert_mark(pkid, digest, 0, i as u64);
         }
@@ -266,9 +276,14 @@ impl SenderState {
                 }
             }
         }
-        if self.history.len() >= WARM_AFTER && !self.shape.warm {
+        if self.history.len() >= WARM_AFTER {
+            self.warm = true;
+        }
+        let distinct = self.history_counts.len() == self.history.len();
+        let persisted = self.warm && distinct;
+        if persisted != self.shape.warm {
             let shape = Shape {
-                warm: true,
+                warm: persisted,
                 ..self.shape
             };
             self.set_shape(shape);
@@ -378,7 +393,7 @@ impl SenderState {
             if dup && m.digest == digest {
                 let in_marks = self.contents.get(&digest).is_none_or(|n| *n <= 1);
                 let in_history = self.history_counts.get(&digest).is_none_or(|n| *n <= 1);
-                if self.shape.sequential || (self.shape.warm && in_marks && in_history) {
+                if self.shape.sequential || (self.warm && in_marks && in_history) {
                     // Its PUBACK will be written on this connection, in this order.
                     if let Some(m) = self.marks.get_mut(&pkid) {
                         m.conn = conn;

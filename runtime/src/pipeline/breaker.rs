@@ -6,7 +6,9 @@
 //!   broke the output contract, returned `Err`) on every input it was given —
 //!   counts; `failures` in a row open the breaker. A step with any success
 //!   resets the count. (One poison message among good ones is isolated and
-//!   dead-lettered; that is not a broken function.)
+//!   dead-lettered; that is not a broken function.) A failed step that cost
+//!   a whole call deadline (a spin, a sleep) opens it at once ([`Breaker::trip`]):
+//!   each such step holds every pipeline up by that much.
 //! - **Open** for a cool-down: nothing is called; the function's inputs are
 //!   held or dead-lettered by its policy. The cool-down doubles with each
 //!   failed probe, up to `max_cooldown`.
@@ -151,6 +153,18 @@ impl Breaker {
             // A failure reported while open (a tick that was already under
             // way): it stays open as it is.
             BreakerState::Open { .. } => false,
+        }
+    }
+
+    /// A failure costly enough to open the breaker at once (a step that
+    /// spent a whole deadline failing). Returns true if this opened it.
+    pub fn trip(&mut self, now_ms: u64) -> bool {
+        match self.state {
+            BreakerState::Open { .. } => false,
+            _ => {
+                self.open(now_ms);
+                true
+            }
         }
     }
 

@@ -136,6 +136,8 @@ pub struct FunctionSlot {
     pub candidate: Option<Candidate>,
     /// Batches a candidate must pass.
     pub probation: u32,
+    /// A start in progress on its own thread.
+    starting: Option<std::sync::mpsc::Receiver<Result<FunctionInstance, FunctionError>>>,
     /// The last version refused (module and config SHA-256): not tried
     /// again until one of them changes.
     pub refused: Option<(String, String)>,
@@ -193,6 +195,8 @@ pub struct FunctionStatus {
 struct StepOutcome {
     ok_calls: usize,
     failed_inputs: usize,
+    /// Time spent in calls that failed.
+    failed_time: Duration,
 }
 
 impl FunctionSlot {
@@ -235,6 +239,7 @@ impl FunctionSlot {
             held_bytes: 0,
             candidate: None,
             probation: 10,
+            starting: None,
             refused: None,
             last_swap: None,
             breaker_cfg,
@@ -378,35 +383,72 @@ impl FunctionSlot {
 
     /// Start the instance if it is not running. False if that failed (the
     /// breaker then stays open).
-    fn ensure_started(&mut self, now_ms: u64) -> bool {
+    /// Whether an instance runs. A function that is not running is started
+    /// on a thread of its own (its `init` may hang until `init_timeout`; the
+    /// pipeline must not wait for it): this returns false until it reports,
+    /// and the inputs meanwhile are set aside like those of an open breaker.
+    pub fn ready(&mut self, now_ms: u64) -> bool {
         if self.active.is_some() {
             return true;
         }
+        if let Some(rx) = &self.starting {
+            let outcome = match rx.try_recv() {
+                Ok(outcome) => outcome,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(FunctionError::Init {
+                    function: self.function.clone(),
+                    message: "the start thread ended without an answer".into(),
+                }),
+            };
+            self.starting = None;
+            return match outcome {
+                Ok(i) => {
+                    tracing::info!(pipeline = %self.pipeline, function = %self.function, "Function started.");
+                    self.active = Some(i);
+                    self.start_state.clear();
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(pipeline = %self.pipeline, function = %self.function, error = %e, "Function failed to start.");
+                    self.last_error = Some((now_ms, e.to_string()));
+                    if self.breaker.on_failure(now_ms) {
+                        super::events::BreakerOpened { owner: &self.owner }.emit();
+                    }
+                    false
+                }
+            };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
         let Spec {
             module,
             config_json,
             limits,
-        } = &self.spec;
-        match FunctionInstance::from_module(
-            module,
-            &self.function,
-            config_json,
-            limits.clone(),
-            self.start_state.clone(),
-        ) {
-            Ok(i) => {
-                tracing::info!(pipeline = %self.pipeline, function = %self.function, "Function started.");
-                self.active = Some(i);
-                self.start_state.clear();
-                true
-            }
+        } = self.spec.clone();
+        let function = self.function.clone();
+        let state = self.start_state.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("start-{}", self.function))
+            .spawn(move || {
+                let _ = tx.send(FunctionInstance::from_module(
+                    &module,
+                    &function,
+                    &config_json,
+                    limits,
+                    state,
+                ));
+            });
+        match spawned {
+            Ok(_) => self.starting = Some(rx),
             Err(e) => {
-                tracing::warn!(pipeline = %self.pipeline, function = %self.function, error = %e, "Function failed to start.");
-                self.last_error = Some((now_ms, e.to_string()));
+                self.last_error = Some((now_ms, format!("cannot start a thread to start it: {e}")));
                 self.breaker.on_failure(now_ms);
-                false
             }
         }
+        false
+    }
+
+    fn ensure_started(&mut self, now_ms: u64) -> bool {
+        self.ready(now_ms)
     }
 
     /// Run `batch` through the function (breaker, probe, isolation, shadow
@@ -468,9 +510,19 @@ impl FunctionSlot {
             return Vec::new();
         }
         let (out, outcome) = self.step(batch, now_ms, result);
+        // A step that failed on everything counts towards opening; one that
+        // spent a whole deadline failing (a spin, a sleep) opens at once:
+        // every such step costs the pipeline that much.
+        let costly = outcome.failed_time >= self.spec.limits.call_timeout;
         if outcome.ok_calls > 0 {
             self.breaker.on_success();
-        } else if outcome.failed_inputs > 0 && self.breaker.on_failure(now_ms) {
+        } else if outcome.failed_inputs > 0
+            && (if costly {
+                self.breaker.trip(now_ms)
+            } else {
+                self.breaker.on_failure(now_ms)
+            })
+        {
             tracing::warn!(
                 pipeline = %self.pipeline,
                 function = %self.function,
@@ -483,11 +535,13 @@ impl FunctionSlot {
         out
     }
 
-    /// Call the function's `tick` (a probe when half-open); returns what it
-    /// emitted. The candidate ticks in shadow.
+    /// Call the function's `tick` (only while its breaker is closed);
+    /// returns what it emitted. The candidate ticks in shadow.
     pub fn tick(&mut self, now_ms: u64, result: &mut ChainResult) -> Vec<Message> {
+        // Only a closed breaker ticks: a tick that succeeds says nothing of
+        // the batches that failed, so inputs probe, ticks do not.
         let admit = self.breaker.admit(now_ms);
-        if admit == Admit::None || !self.ensure_started(now_ms) {
+        if admit != Admit::All || !self.ensure_started(now_ms) {
             return Vec::new();
         }
         let Some(active) = self.active.as_mut() else {
@@ -502,10 +556,6 @@ impl FunctionSlot {
                         generation: self.version.generation,
                         changes,
                     });
-                }
-                if admit == Admit::Probe {
-                    tracing::info!(pipeline = %self.pipeline, function = %self.function, "Function recovered: circuit closed.");
-                    self.breaker.on_success();
                 }
                 let mut out = Vec::new();
                 for r in resolve(Vec::new(), output) {
@@ -748,7 +798,12 @@ fn isolate(
     acc: &mut Accumulated<'_>,
 ) {
     let inputs: Vec<Message> = indices.iter().filter_map(|&i| slots[i].clone()).collect();
-    match f.process(&inputs) {
+    let started = Instant::now();
+    let called = f.process(&inputs);
+    if called.is_err() {
+        acc.outcome.failed_time += started.elapsed();
+    }
+    match called {
         Ok(mut output) => {
             acc.outcome.ok_calls += 1;
             for &i in indices {

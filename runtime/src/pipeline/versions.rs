@@ -475,29 +475,42 @@ pub fn propose(
             Ok(Some(generation))
         }
         Err(e) => {
-            tracing::warn!(
-                function = %slot.owner,
-                version = %version.label(),
-                error = %e,
-                "New version failed to start: rolled back; the running version and its state carry on."
-            );
-            outbox.activate_version(VersionWrite::Reject {
-                owner: slot.owner.clone(),
-                generation,
-                module_sha256: version.module_sha256.clone(),
-                config_sha256: version.config_sha256.clone(),
-                reason: e.to_string(),
-            })?;
-            slot.refused = Some((version.module_sha256.clone(), version.config_sha256.clone()));
-            slot.note_swap(now_ms, "rolled_back", &version, Some(e.to_string()));
-            super::events::Swapped {
-                owner: &slot.owner,
-                outcome: "rolled_back",
-            }
-            .emit();
+            refuse(slot, outbox, version, e.to_string(), now_ms)?;
             Ok(None)
         }
     }
+}
+
+/// A new version failed to start: record it as refused (not tried again
+/// until its module or config changes); the running version carries on.
+pub fn refuse(
+    slot: &mut FunctionSlot,
+    outbox: &mut Outbox,
+    version: Version,
+    reason: String,
+    now_ms: u64,
+) -> Result<(), VersionError> {
+    tracing::warn!(
+        function = %slot.owner,
+        version = %version.label(),
+        error = %reason,
+        "New version failed to start: rolled back; the running version and its state carry on."
+    );
+    outbox.activate_version(VersionWrite::Reject {
+        owner: slot.owner.clone(),
+        generation: version.generation,
+        module_sha256: version.module_sha256.clone(),
+        config_sha256: version.config_sha256.clone(),
+        reason: reason.clone(),
+    })?;
+    slot.refused = Some((version.module_sha256.clone(), version.config_sha256.clone()));
+    slot.note_swap(now_ms, "rolled_back", &version, Some(reason));
+    super::events::Swapped {
+        owner: &slot.owner,
+        outcome: "rolled_back",
+    }
+    .emit();
+    Ok(())
 }
 
 /// How long the daemon waits between looks at the config and module files.

@@ -123,6 +123,8 @@ pub struct SwapRequest {
     pub probation: u32,
     /// Held-input budget.
     pub max_held_bytes: u64,
+    /// Its `init` failed on trial (before the swap): it is refused as is.
+    pub init_error: Option<String>,
 }
 
 /// Start the worker thread.
@@ -326,6 +328,11 @@ fn drain_held(w: &mut Worker, stop: &AtomicBool) -> bool {
                 Admit::Probe => 1,
                 Admit::All => max,
             };
+            // Held inputs run only on a running function: drained rows are
+            // consumed, never set aside again (that would reorder them).
+            if !slot.ready(now) {
+                continue;
+            }
             let held = match w.outbox.read_held(&slot.owner, take) {
                 Ok(h) => h,
                 Err(e) => {
@@ -443,6 +450,21 @@ fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) -> bool 
         }
         if slot.refused.as_ref().is_some_and(|(m, c)| *m == r.version.module_sha256 && *c == r.version.config_sha256) {
             warn!(function = %slot.owner, "This build of the function was refused before; not trying it again until the module or its config changes.");
+            continue;
+        }
+        if let Some(reason) = r.init_error {
+            loop {
+                match super::versions::refuse(slot, &mut w.outbox, r.version.clone(), reason.clone(), now) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        error!(function = %slot.owner, error = %e, "Recording a refused function version failed; retrying.");
+                        if stop.load(Ordering::Acquire) {
+                            return false;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                }
+            }
             continue;
         }
         loop {
