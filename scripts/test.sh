@@ -19,6 +19,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# The SDK's own unit tests run on the host (the SDK builds for both).
+(cd modules && CARGO_TARGET_DIR=../target/sdk-host cargo test -p fogline-sdk --quiet)
+
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins
 exec cargo nextest run --workspace --no-fail-fast "$@"

@@ -31,7 +31,10 @@ const CASES: &[(&str, &str)] = &[
     ("sleep", r#"{"mode":"sleep"}"#),
     ("alloc", r#"{"mode":"alloc"}"#),
     ("huge-output", r#"{"mode":"flood","count":200000}"#),
-    ("aliased-output", r#"{"mode":"alias","count":100000,"size":1048576}"#),
+    (
+        "aliased-output",
+        r#"{"mode":"alias","count":100000,"size":1048576}"#,
+    ),
     ("resources", r#"{"mode":"resources"}"#),
     ("log-flood", r#"{"mode":"log-flood","count":10000}"#),
     ("trap", r#"{"mode":"trap"}"#),
@@ -47,8 +50,9 @@ fn now_ms() -> u64 {
 
 fn slot(pipeline: &str, module: &Module, config: &str) -> FunctionSlot {
     let limits = Limits::default();
-    let started = FunctionInstance::from_module(module, pipeline, config, limits.clone(), BTreeMap::new())
-        .map_err(|e| (e, BTreeMap::new()));
+    let started =
+        FunctionInstance::from_module(module, pipeline, config, limits.clone(), BTreeMap::new())
+            .map_err(|e| (e, BTreeMap::new()));
     FunctionSlot::new(
         pipeline,
         pipeline,
@@ -103,13 +107,29 @@ fn chunk(n0: usize, route: &std::sync::Arc<AckRoute>) -> Chunk {
 }
 
 /// Healthy readings per second over `seconds`, with `case` beside them.
-fn run(rt: &FunctionRuntime, threshold: &Module, hostile: &Module, config: &str, seconds: f64) -> (f64, String) {
+fn run(
+    rt: &FunctionRuntime,
+    threshold: &Module,
+    hostile: &Module,
+    config: &str,
+    seconds: f64,
+) -> (f64, String) {
     let _ = rt;
     let mut chains = vec![
-        Chain::new("healthy".into(), vec![slot("healthy", threshold, r#"{"field":"temp","above":30.0}"#)]),
+        Chain::new(
+            "healthy".into(),
+            vec![slot(
+                "healthy",
+                threshold,
+                r#"{"field":"temp","above":30.0}"#,
+            )],
+        ),
         Chain::new("hostile".into(), vec![slot("hostile", hostile, config)]),
     ];
-    let mut router = Router::new(vec![vec!["sensors/+/reading".into()], vec!["hostile/#".into()]]);
+    let mut router = Router::new(vec![
+        vec!["sensors/+/reading".into()],
+        vec!["hostile/#".into()],
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = Outbox::open(&dir.path().join("outbox.db"), SyncMode::Full).unwrap();
     let (route, _rx) = AckRoute::new(false);
@@ -158,7 +178,9 @@ fn main() {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let seconds: f64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(20.0);
+    let seconds: f64 = arg("--seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20.0);
     let only = arg("--case");
     let rt = FunctionRuntime::new(RuntimeOptions::default()).unwrap();
     let threshold = rt.load(fogline_modules::threshold()).unwrap();
@@ -167,7 +189,9 @@ fn main() {
         "hostile bench: {HEALTHY} healthy readings + {HOSTILE} hostile messages per batch, fsync per batch, {seconds} s per case"
     );
     let (reference, _) = run(&rt, &threshold, &hostile, CASES[0].1, seconds);
-    println!("  reference  healthy beside a well-behaved function      {reference:>10.0} readings/s");
+    println!(
+        "  reference  healthy beside a well-behaved function      {reference:>10.0} readings/s"
+    );
     let mut worst = f64::INFINITY;
     for (name, config) in &CASES[1..] {
         if only.as_deref().is_some_and(|o| o != *name) {
@@ -176,7 +200,9 @@ fn main() {
         let (got, note) = run(&rt, &threshold, &hostile, config, seconds);
         let ratio = got / reference;
         worst = worst.min(ratio);
-        println!("  {name:<15} healthy {got:>10.0} readings/s   ratio {ratio:.2}×   hostile: {note}");
+        println!(
+            "  {name:<15} healthy {got:>10.0} readings/s   ratio {ratio:.2}×   hostile: {note}"
+        );
     }
     println!("  worst ratio {worst:.2}× (target ≥ 0.80×)");
 }

@@ -105,7 +105,10 @@ fn main() {
     let run = |name: &str, function: Option<(&fogline_edge::functions::Module, &str)>| {
         let slots = match function {
             Some((module, config)) => {
-                vec![FunctionSlot::standalone(name, name, module, config, Limits::default()).unwrap()]
+                vec![
+                    FunctionSlot::standalone(name, name, module, config, Limits::default())
+                        .unwrap(),
+                ]
             }
             None => Vec::new(),
         };
@@ -141,15 +144,29 @@ fn main() {
         }
     };
     let pass = run("pass", None);
-    let hot = run("hot", Some((&threshold, r#"{"field":"temp","above":30.0}"#)));
-    let avg = run("avg", Some((&window_avg, r#"{"field":"temp","window_ms":1000}"#)));
+    let hot = run(
+        "hot",
+        Some((&threshold, r#"{"field":"temp","above":30.0}"#)),
+    );
+    let avg = run(
+        "avg",
+        Some((&window_avg, r#"{"field":"temp","window_ms":1000}"#)),
+    );
     let total = batches * BATCH;
     println!("pipeline bench: {batches} batches of {BATCH} readings, fsync per batch");
     println!("  reference  bare rusqlite prepared insert          {reference:>12.0} rows/s");
     for (label, r, target) in [
         ("chunks → route → empty chain → outbox", &pass, ""),
-        ("chunks → route → threshold → outbox  ", &hot, "target ≥ 1M/s and ≥ 0.5×"),
-        ("chunks → route → window-avg → outbox ", &avg, "target ≥ 0.5M/s (durable state)"),
+        (
+            "chunks → route → threshold → outbox  ",
+            &hot,
+            "target ≥ 1M/s and ≥ 0.5×",
+        ),
+        (
+            "chunks → route → window-avg → outbox ",
+            &avg,
+            "target ≥ 0.5M/s (durable state)",
+        ),
     ] {
         println!(
             "  pipeline   {label} {:>12.0} msgs/s   ratio {:.2}×   ({} records, {} state writes for {total} readings)   {target}",

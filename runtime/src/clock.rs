@@ -42,7 +42,10 @@ pub fn node_ms(wall: u64) -> u64 {
             match LAST.compare_exchange_weak(last, wall, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if STEPPED.swap(false, Ordering::AcqRel) {
-                        tracing::info!(now_ms = wall, "The wall clock caught up; ingest timestamps follow it again.");
+                        tracing::info!(
+                            now_ms = wall,
+                            "The wall clock caught up; ingest timestamps follow it again."
+                        );
                     }
                     return wall;
                 }
@@ -72,15 +75,24 @@ pub fn high_water_ms() -> u64 {
 mod tests {
     use super::*;
 
+    /// ARCHITECTURE.md I-27.
     #[test]
     fn the_node_clock_never_goes_back() {
         // Ahead of anything this process read from the real clock.
         let base = now_ms() + 10_000_000;
         init(base + 5_000);
-        assert_eq!(node_ms(base + 4_000), base + 5_000, "held at the high-water mark");
+        assert_eq!(
+            node_ms(base + 4_000),
+            base + 5_000,
+            "held at the high-water mark"
+        );
         assert_eq!(node_ms(base + 6_000), base + 6_000);
         assert_eq!(node_ms(base + 1_000), base + 6_000, "a step back is held");
-        assert_eq!(node_ms(base + 6_500), base + 6_500, "and followed again once caught up");
+        assert_eq!(
+            node_ms(base + 6_500),
+            base + 6_500,
+            "and followed again once caught up"
+        );
         assert!(high_water_ms() >= base + 6_500);
     }
 }

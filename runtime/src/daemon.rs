@@ -15,7 +15,9 @@ use crate::ingest::endpoint::{Endpoint, EndpointError};
 use crate::ingest::session_store::Replica;
 use crate::ingest::{broker_client, IngestSink, IngestState, SinkMeter};
 use crate::outbox::{Outbox, OutboxError, OutboxReader};
-use crate::pipeline::{self, FunctionStatus, ModuleStore, PipelineHealth, Router, Worker, WorkerOptions};
+use crate::pipeline::{
+    self, FunctionStatus, ModuleStore, PipelineHealth, Router, Worker, WorkerOptions,
+};
 use crate::telemetry;
 use crate::uplink::{Uplink, UplinkState};
 

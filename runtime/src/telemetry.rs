@@ -124,7 +124,10 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<String> {
                     f.owner,
                     secs(now_ms.saturating_sub(since)),
                     f.held,
-                    f.last_error.as_ref().map(|(_, e)| e.as_str()).unwrap_or("?")
+                    f.last_error
+                        .as_ref()
+                        .map(|(_, e)| e.as_str())
+                        .unwrap_or("?")
                 ));
             }
         }

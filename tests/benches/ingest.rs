@@ -5,6 +5,8 @@
 //! - reference: publisher → a bare mosquitto → one counting QoS 1 subscriber;
 //! - native:    publisher → fogline-edge's MQTT endpoint → empty chain →
 //!   outbox (fsync) → QUIC → fogline-cloud store;
+//! - filtered:  the same with the `threshold` WASM function in the chain
+//!   (`temp > 30`: about a third of the readings pass);
 //! - external:  publisher → mosquitto → fogline-edge (subscribed) → … → store.
 //!
 //! Throughput is readings / (first PUBLISH → last reading counted, or in the
@@ -53,8 +55,14 @@ fn messages(n: usize) -> Vec<(String, Bytes)> {
         .collect()
 }
 
-/// Publishes `n` readings to `addr` and waits until the store holds them.
-async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
+/// How many of `messages(n)` a threshold at 30 passes.
+fn passing(n: usize) -> usize {
+    (0..n).filter(|i| i * 7919 % 3000 > 2000).count()
+}
+
+/// Publishes `n` readings to `addr` and waits until the store holds what
+/// the chain passes (all of them, or with `filter` what `threshold` passes).
+async fn run_fogline(n: usize, external: bool, filter: bool) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
     fogline_testkit::certs::dev_bundle(&certs, &[NODE])?;
@@ -69,16 +77,27 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
         Some(b) => format!("[mqtt]\nbroker = \"{}\"\n", b.addr()),
         None => format!("[broker]\nembedded = true\nlisten = \"127.0.0.1:{mqtt_port}\"\n"),
     };
-    let edge =
-        Edge::start(
-            dir.path(),
-            NODE,
-            &format!(
-            "{ingest}[[pipelines]]\nname = \"all\"\ntopics = [\"bench/#\"]\nfunctions = []\n{}{}",
+    let chain = if filter {
+        format!(
+            "[functions.hot]\nmodule = \"{}\"\nconfig = {{ field = \"temp\", above = 30.0 }}\n\
+             [[pipelines]]\nname = \"all\"\ntopics = [\"bench/#\"]\nfunctions = [\"hot\"]\n",
+            fogline_modules::threshold().display()
+        )
+    } else {
+        "[[pipelines]]\nname = \"all\"\ntopics = [\"bench/#\"]\nfunctions = []\n".to_string()
+    };
+    let expected = if filter { passing(n) } else { n };
+    let edge = Edge::start(
+        dir.path(),
+        NODE,
+        &format!(
+            "{ingest}{chain}{}{}",
             uplink_toml(NODE, &certs, cloud.quic_port),
-            std::env::var("FOGLINE_BENCH_EXTRA").unwrap_or_default().replace("\\n", "\n")
+            std::env::var("FOGLINE_BENCH_EXTRA")
+                .unwrap_or_default()
+                .replace("\\n", "\n")
         ),
-        )?;
+    )?;
     edge.wait_for(Duration::from_secs(60), "uplink connected", |s| {
         s["uplink_connected"].as_bool() == Some(true)
             && (!external || s["broker_connected"].as_bool() == Some(true))
@@ -137,12 +156,12 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
     let started = Instant::now();
     let task = tokio::spawn(async move { publisher.run(&msgs).await });
     loop {
-        if watch.get() >= n as u64 {
+        if watch.get() >= expected as u64 {
             break;
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
-            "the store holds {} of {n} readings after 10 minutes",
+            "the store holds {} of {expected} records after 10 minutes",
             watch.get()
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -163,8 +182,8 @@ async fn run_fogline(n: usize, external: bool) -> anyhow::Result<Figures> {
     let elapsed = done.saturating_duration_since(first);
     let stored = fogline_tests::oracle::count(&cloud.store);
     anyhow::ensure!(
-        stored == n as u64,
-        "the store holds {stored} records for {n} readings published"
+        stored == expected as u64,
+        "the store holds {stored} records, {expected} expected for {n} readings published"
     );
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let commits = edge.metric("fogline_outbox_commit_seconds_count");
@@ -236,8 +255,9 @@ fn main() {
         let reference = mqtt_raw::mosquitto_reference(n, PAYLOAD, WINDOW)
             .await
             .expect("reference run");
-        let native = run_fogline(n, false).await.expect("native endpoint run");
-        let external = run_fogline(n, true).await.expect("external broker run");
+        let native = run_fogline(n, false, false).await.expect("native endpoint run");
+        let filtered = run_fogline(n, false, true).await.expect("native endpoint run with threshold");
+        let external = run_fogline(n, true, false).await.expect("external broker run");
         let (acked, backlog_peak, backlog) = backlog_rss(n).await.expect("backlog run");
         let r = reference.msgs_per_sec;
         let m = reference.mosquitto_cpu_us_per_msg;
@@ -262,6 +282,19 @@ fn main() {
             native.edge_peak_rss as f64 / 1e6,
             native.commits,
             n as f64 / native.commits.max(1.0)
+        );
+        println!(
+            "  filtered   publisher → edge endpoint → threshold (WASM) → outbox → QUIC → store {:>9.0} msg/s  ({:.2} s)   ratio {:.2}× (target ≥ 3)",
+            filtered.msgs_per_sec,
+            filtered.elapsed.as_secs_f64(),
+            filtered.msgs_per_sec / r
+        );
+        println!(
+            "             edge CPU {:.2} µs/reading = {:.2}× mosquitto's; edge peak RSS {:.1} MB; {:.0} commits",
+            filtered.edge_cpu_us,
+            filtered.edge_cpu_us / m,
+            filtered.edge_peak_rss as f64 / 1e6,
+            filtered.commits
         );
         println!(
             "  external   publisher → mosquitto → edge → outbox → QUIC → store {:>9.0} msg/s  ({:.2} s)   ratio {:.2}× (target ≥ 0.9)",

@@ -94,7 +94,9 @@ impl Gateway {
             .daemon
             .log_text()
             .lines()
-            .filter(|l| !l.contains("MQTT client connected") && !l.contains("MQTT client disconnected"))
+            .filter(|l| {
+                !l.contains("MQTT client connected") && !l.contains("MQTT client disconnected")
+            })
             .collect::<Vec<_>>()
             .join("\n");
         format!(
@@ -155,7 +157,11 @@ fn publish(p: Publisher, msgs: Vec<(String, Bytes)>) -> PublishReport {
 
 /// `n` readings `{"v": i}` from `first`, on 8 sensors; and per stream the
 /// count and sum a window function must account for.
-fn readings(first: usize, n: usize, expected: &mut BTreeMap<String, (u64, f64)>) -> Vec<(String, Bytes)> {
+fn readings(
+    first: usize,
+    n: usize,
+    expected: &mut BTreeMap<String, (u64, f64)>,
+) -> Vec<(String, Bytes)> {
     (first..first + n)
         .map(|i| {
             let stream = format!("sensors/s{}", i % 8);
@@ -180,7 +186,11 @@ fn settle_windows(
             .unwrap_or(false)
     });
     std::thread::sleep(Duration::from_millis(700));
-    oracle::judge_windows(&oracle::read_store(&g.cloud.store).unwrap(), suffix, expected)
+    oracle::judge_windows(
+        &oracle::read_store(&g.cloud.store).unwrap(),
+        suffix,
+        expected,
+    )
 }
 
 fn window_avg_toml(window_ms: u64, output_stream: Option<&str>, probation: u32) -> String {
@@ -215,7 +225,11 @@ fn window_state_survives_kill9_and_sigterm_and_counts_each_acknowledged_reading_
         })
     };
     for frac in [0.2, 0.4, 0.6] {
-        assert!(reached(frac), "publisher stalled before {frac}:\n{}", g.logs());
+        assert!(
+            reached(frac),
+            "publisher stalled before {frac}:\n{}",
+            g.logs()
+        );
         g.edge.daemon.kill9();
         std::thread::sleep(Duration::from_millis(200));
         g.edge.daemon.restart().unwrap();
@@ -272,9 +286,24 @@ fn a_new_version_takes_over_with_the_state_and_a_broken_one_is_rolled_back() {
         publish(p, msgs);
     };
     round(&g, 3000, &mut expected);
-
+    // The first version emitted windows of its own...
+    let emitted = |stream: &str| {
+        oracle::read_store(&g.cloud.store)
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.stream == stream)
+    };
+    assert!(
+        process::wait_until(Duration::from_secs(30), || emitted("stats/v1")),
+        "{}",
+        g.logs()
+    );
+    // ...and has windows open when the new one arrives.
+    round(&g, 1500, &mut expected);
     g.reconfigure(&window_avg_toml(400, Some("stats/v2"), 3));
-    status_says(&g, "the new version on probation", |f| !f["candidate"].is_null());
+    status_says(&g, "the new version on probation", |f| {
+        !f["candidate"].is_null()
+    });
     round(&g, 3000, &mut expected);
     status_says(&g, "the promotion", |f| {
         f["last_swap"]["outcome"] == "promoted" && f["candidate"].is_null()
@@ -288,7 +317,9 @@ fn a_new_version_takes_over_with_the_state_and_a_broken_one_is_rolled_back() {
         fogline_modules::hostile().display()
     );
     g.reconfigure(&broken);
-    status_says(&g, "the broken version on probation", |f| !f["candidate"].is_null());
+    status_says(&g, "the broken version on probation", |f| {
+        !f["candidate"].is_null()
+    });
     round(&g, 2000, &mut expected);
     status_says(&g, "the rollback", |f| {
         f["last_swap"]["outcome"] == "rolled_back"
@@ -320,7 +351,8 @@ fn a_new_version_takes_over_with_the_state_and_a_broken_one_is_rolled_back() {
     );
     let metrics = (
         g.edge.metric("fogline_function_swaps_total"),
-        g.edge.metric("fogline_function_swaps_total{function=\"avg/avg\",outcome=\"rolled_back\"}"),
+        g.edge
+            .metric("fogline_function_swaps_total{function=\"avg/avg\",outcome=\"rolled_back\"}"),
     );
     assert!(metrics.0 >= 3.0, "{metrics:?}");
 }
@@ -348,7 +380,11 @@ fn dead_letters_are_listed_and_replayed_once_the_function_is_fixed() {
     publish(publisher(&g, "replay", 50), (0..100).map(reading).collect());
 
     let listed = g.cli(&["dead-letters", "list", "--json", "--limit", "1000"]);
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(rows.len(), 100, "{}", g.logs());
     assert!(rows.iter().all(|r| r["reason"] == "rejected"
@@ -356,7 +392,10 @@ fn dead_letters_are_listed_and_replayed_once_the_function_is_fixed() {
         && r["error"].as_str().unwrap().contains("field `t` missing")));
     let text = g.cli(&["dead-letters", "list", "--limit", "2"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("p/t (rejected input)") && text.contains("field `t` missing"), "{text}");
+    assert!(
+        text.contains("p/t (rejected input)") && text.contains("field `t` missing"),
+        "{text}"
+    );
 
     // The fix: read `t2`. Two more readings drive its probation.
     g.reconfigure(&threshold("t2"));
@@ -364,7 +403,10 @@ fn dead_letters_are_listed_and_replayed_once_the_function_is_fixed() {
         g.function("p/t").is_some_and(|f| !f["candidate"].is_null())
     });
     assert!(ok, "{}", g.logs());
-    publish(publisher(&g, "replay", 50), (100..102).map(reading).collect());
+    publish(
+        publisher(&g, "replay", 50),
+        (100..102).map(reading).collect(),
+    );
     let ok = process::wait_until(Duration::from_secs(30), || {
         g.function("p/t")
             .is_some_and(|f| f["last_swap"]["outcome"] == "promoted")
@@ -372,7 +414,11 @@ fn dead_letters_are_listed_and_replayed_once_the_function_is_fixed() {
     assert!(ok, "{:?}\n{}", g.function("p/t"), g.logs());
 
     let replay = g.cli(&["dead-letters", "replay", "--all"]);
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
     let said = String::from_utf8_lossy(&replay.stdout);
     // The two readings published while the fix was on probation were
     // decided by the running version: refused too.
@@ -519,7 +565,13 @@ fn hostile_functions_are_contained_while_a_healthy_pipeline_flows() {
         match *mode {
             "log-flood" | "print" => {}
             "big" | "long-stream" => {
-                let out = g.cli(&["dead-letters", "list", "--json", "--function", &format!("h-{mode}")]);
+                let out = g.cli(&[
+                    "dead-letters",
+                    "list",
+                    "--json",
+                    "--function",
+                    &format!("h-{mode}"),
+                ]);
                 let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
                 assert!(
                     rows.iter().any(|r| r["reason"] == "invalid_output"),

@@ -12,12 +12,25 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Buckets (seconds) for every histogram: latencies from 50 µs to 10 s.
+/// Histograms, not summaries: they aggregate across instances.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
 /// Install the recorder on first use and return a handle that renders the
 /// Prometheus text format.
 pub fn prometheus_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let builder = PrometheusBuilder::new();
+            // Only fails on an empty bucket list, which this is not.
+            let builder = match builder.set_buckets(LATENCY_BUCKETS) {
+                Ok(b) => b,
+                Err(_) => PrometheusBuilder::new(),
+            };
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder is installed; then ours just
             // renders nothing, which is visible and harmless.

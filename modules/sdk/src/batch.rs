@@ -106,10 +106,13 @@ fn check_ends(ends: &[u32], len: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// One `(key, value)` state entry, borrowed.
+pub(crate) type Entry<'a> = (&'a [u8], &'a [u8]);
+
 /// Columnar state entries (`restore`), as `(key, value)` pairs.
 pub(crate) fn state_entries(
     e: &crate::bindings::fogline::function::types::StateEntries,
-) -> Result<Vec<(&[u8], &[u8])>, String> {
+) -> Result<Vec<Entry<'_>>, String> {
     if e.key_ends.len() != e.value_ends.len() {
         return Err(format!(
             "malformed state: {} keys, {} values",
@@ -171,7 +174,10 @@ pub(crate) mod tests {
         ]))
         .unwrap();
         assert_eq!(b.len(), 3);
-        assert_eq!((b.stream(0), b.payload(0), b.timestamp_ms(0)), ("a/1", &b"x"[..], 5));
+        assert_eq!(
+            (b.stream(0), b.payload(0), b.timestamp_ms(0)),
+            ("a/1", &b"x"[..], 5)
+        );
         assert_eq!((b.stream(1), b.payload(1)), ("b", &b""[..]));
         assert_eq!((b.stream(2), b.payload(2)), ("a/1", &b"zz"[..]));
     }

@@ -246,11 +246,15 @@ fn finish<F: Function>(
     for key in stale.drain(..) {
         let span = out.push_bytes(&key);
         out.state
-            .push(crate::bindings::fogline::function::types::StateWrite { key: span, value: None });
+            .push(crate::bindings::fogline::function::types::StateWrite {
+                key: span,
+                value: None,
+            });
     }
     let mut set = StateSet::save(out);
     function.state(&mut set);
-    set.saved().map_err(|e| format!("saving state: {}", e.message))?;
+    set.saved()
+        .map_err(|e| format!("saving state: {}", e.message))?;
     out.flush();
     Ok(())
 }
@@ -419,7 +423,11 @@ mod tests {
             .emissions
             .iter()
             .all(|e| e.input == Some(0) && e.stream.is_none() && e.payload.is_none()));
-        let rejected: Vec<_> = out.rejected.iter().map(|r| (r.index, text(&out, &r.error))).collect();
+        let rejected: Vec<_> = out
+            .rejected
+            .iter()
+            .map(|r| (r.index, text(&out, &r.error)))
+            .collect();
         assert_eq!(rejected.len(), 2);
         assert_eq!(rejected[0].0, 1);
         assert!(rejected[0].1.starts_with("payload is not JSON"));

@@ -17,7 +17,10 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Scalar {
     /// A number: as `f64`, and exactly when it is a non-negative integer.
-    Number { f: f64, u: Option<u64> },
+    Number {
+        f: f64,
+        u: Option<u64>,
+    },
     Str(String),
     Bool(bool),
     Null,
@@ -338,8 +341,25 @@ mod tests {
             r#"{"big": 18446744073709551615, "neg": -5, "exp": 1e3}"#,
         ];
         let paths = [
-            "temp", "sensor.temp", "sensor.deep.x", "a.b", "a", "t", "n", "b", "arr", "arr.x",
-            "o", "s", "missing", "x.y", "x.y.z", "big", "neg", "exp", "sensor.nope",
+            "temp",
+            "sensor.temp",
+            "sensor.deep.x",
+            "a.b",
+            "a",
+            "t",
+            "n",
+            "b",
+            "arr",
+            "arr.x",
+            "o",
+            "s",
+            "missing",
+            "x.y",
+            "x.y.z",
+            "big",
+            "neg",
+            "exp",
+            "sensor.nope",
         ];
         for doc in docs {
             let value: serde_json::Value = serde_json::from_str(doc).unwrap();
@@ -355,7 +375,12 @@ mod tests {
 
     #[test]
     fn invalid_documents_are_errors_even_past_the_field() {
-        for doc in ["not json", r#"{"temp": 31, garbage"#, r#"{"temp": 31} x"#, "{"] {
+        for doc in [
+            "not json",
+            r#"{"temp": 31, garbage"#,
+            r#"{"temp": 31} x"#,
+            "{",
+        ] {
             assert!(lookup(doc.as_bytes(), "temp").is_err(), "{doc}");
         }
         assert_eq!(

@@ -69,10 +69,10 @@ mod window;
 pub use function::{Config, Error, Function, Result};
 pub use message::Message;
 pub use output::Output;
-pub use state::{Durable, Keyed, State, StateEntry, StateSet, StateWriter};
-pub use window::{Aggregate, Window, WindowKind, Windows};
 /// Re-exported so functions can build JSON without another dependency.
 pub use serde_json;
+pub use state::{Durable, Keyed, State, StateEntry, StateSet, StateWriter};
+pub use window::{Aggregate, Window, WindowKind, Windows};
 
 /// Everything a function needs: `use fogline_sdk::prelude::*;`.
 pub mod prelude {

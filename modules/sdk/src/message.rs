@@ -348,7 +348,11 @@ mod tests {
         let m = msg("{");
         let first = m.json().unwrap_err().message().to_string();
         assert_eq!(m.json().unwrap_err().message(), first);
-        assert!(m.json_f64("x").unwrap_err().message().starts_with("payload is not JSON"));
+        assert!(m
+            .json_f64("x")
+            .unwrap_err()
+            .message()
+            .starts_with("payload is not JSON"));
     }
 
     #[test]
@@ -357,17 +361,20 @@ mod tests {
             Batch::decode(wit_batch(&[("a/1", 5, br#"{"t":1}"#), ("b", 6, b"raw")])).unwrap(),
         );
         let mut m = Message::input(&batch, 1);
-        assert_eq!((m.stream(), m.timestamp_ms(), m.payload()), ("b", 6, &b"raw"[..]));
+        assert_eq!(
+            (m.stream(), m.timestamp_ms(), m.payload()),
+            ("b", 6, &b"raw"[..])
+        );
         let (src, stream, payload) = m.parts();
-        assert_eq!((src.map(|s| s.index), stream, payload), (Some(1), None, None));
+        assert_eq!(
+            (src.map(|s| s.index), stream, payload),
+            (Some(1), None, None)
+        );
         m.set_stream("c");
         assert_eq!(m.parts().1, Some("c"));
         assert_eq!(m.payload(), b"raw", "the payload is still read in place");
         let clone = m.clone();
-        assert_eq!(
-            clone.into_parts(),
-            ("c".to_string(), 6, b"raw".to_vec())
-        );
+        assert_eq!(clone.into_parts(), ("c".to_string(), 6, b"raw".to_vec()));
         let first = Message::input(&batch, 0);
         assert_eq!(first.json_f64("t").unwrap(), 1.0);
         let mut changed = first.clone();

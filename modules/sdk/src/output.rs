@@ -71,7 +71,12 @@ impl Output {
     }
 
     /// Emit a new message.
-    pub fn emit_new(&mut self, stream: impl AsRef<str>, timestamp_ms: u64, payload: impl AsRef<[u8]>) {
+    pub fn emit_new(
+        &mut self,
+        stream: impl AsRef<str>,
+        timestamp_ms: u64,
+        payload: impl AsRef<[u8]>,
+    ) {
         let stream = self.push_bytes(stream.as_ref().as_bytes());
         let payload = self.push_bytes(payload.as_ref());
         self.emissions.push(Emission {

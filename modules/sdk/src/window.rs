@@ -231,11 +231,14 @@ impl<A: Aggregate> Windows<A> {
                     }
                 }
                 update(&mut value);
-                self.put(key, Window {
-                    start_ms: start,
-                    end_ms: end,
-                    value,
-                });
+                self.put(
+                    key,
+                    Window {
+                        start_ms: start,
+                        end_ms: end,
+                        value,
+                    },
+                );
             }
         }
         Ok(())
@@ -392,7 +395,11 @@ mod tests {
         w.advance(15);
         assert_eq!(closed(&mut w), vec![("a".into(), 0, 10, 3)]);
         let err = add(&mut w, "a", 4).unwrap_err();
-        assert!(err.message().contains("late reading: time 4 ms falls in window [0, 10)"), "{err}");
+        assert!(
+            err.message()
+                .contains("late reading: time 4 ms falls in window [0, 10)"),
+            "{err}"
+        );
         add(&mut w, "a", 11).unwrap();
         w.advance(10);
         assert_eq!(w.watermark_ms(), 15, "the watermark never goes back");
@@ -474,6 +481,10 @@ mod tests {
         set.add("w", &mut restored);
         set.saved().unwrap();
         let writes = crate::state::tests::writes(&out);
-        assert_eq!(writes.iter().filter(|(_, v)| v.is_none()).count(), 2, "{writes:?}");
+        assert_eq!(
+            writes.iter().filter(|(_, v)| v.is_none()).count(),
+            2,
+            "{writes:?}"
+        );
     }
 }

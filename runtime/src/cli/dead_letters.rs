@@ -48,7 +48,10 @@ impl Filter {
 
 fn shown(payload: &[u8]) -> String {
     let text = String::from_utf8_lossy(payload);
-    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if one_line.chars().count() > 80 {
         format!("{}…", one_line.chars().take(80).collect::<String>())
     } else {
@@ -59,6 +62,17 @@ fn shown(payload: &[u8]) -> String {
 pub fn list(config: &Path, filter: &Filter, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(config)?;
     let path = config.outbox_path();
+    if !path.exists() {
+        if json {
+            println!("[]");
+        } else {
+            println!(
+                "no dead letters: there is no outbox at {} yet (the daemon has not run with this config)",
+                path.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let rows = outbox::list_dead_letters(&path, &filter.to_filter(limit))
         .with_context(|| format!("reading dead letters from {}", path.display()))?;
     if json {
@@ -66,7 +80,8 @@ pub fn list(config: &Path, filter: &Filter, limit: usize, json: bool) -> anyhow:
             .iter()
             .map(|d| {
                 let mut v = serde_json::to_value(d).unwrap_or_default();
-                v["payload"] = serde_json::Value::String(String::from_utf8_lossy(&d.payload).into_owned());
+                v["payload"] =
+                    serde_json::Value::String(String::from_utf8_lossy(&d.payload).into_owned());
                 v
             })
             .collect();
@@ -74,7 +89,10 @@ pub fn list(config: &Path, filter: &Filter, limit: usize, json: bool) -> anyhow:
         return Ok(ExitCode::SUCCESS);
     }
     if rows.is_empty() {
-        println!("no dead letters{}", if filter.is_empty() { "" } else { " match" });
+        println!(
+            "no dead letters{}",
+            if filter.is_empty() { "" } else { " match" }
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let now = fogline_edge::clock::now_ms();
@@ -99,7 +117,11 @@ fn print_one(d: &StoredDeadLetter, now: u64) {
     let kept = if d.is_complete() {
         format!("{} bytes", d.payload_size)
     } else {
-        format!("{} of {} bytes kept: cannot be replayed", d.payload.len(), d.payload_size)
+        format!(
+            "{} of {} bytes kept: cannot be replayed",
+            d.payload.len(),
+            d.payload_size
+        )
     };
     println!("        payload  {} ({kept})", shown(&d.payload));
     if d.replay_requested {
@@ -115,6 +137,12 @@ pub fn replay(config: &Path, filter: &Filter, all: bool, limit: usize) -> anyhow
     }
     let config = EdgeConfig::load(config)?;
     let path = config.outbox_path();
+    if !path.exists() {
+        anyhow::bail!(
+            "there is no outbox at {} (the daemon has not run with this config): nothing to replay",
+            path.display()
+        );
+    }
     let (marked, truncated) = outbox::request_replay(&path, &filter.to_filter(limit))
         .with_context(|| format!("marking dead letters for replay in {}", path.display()))?;
     println!(

@@ -260,7 +260,10 @@ fn print_function(f: &fogline_edge::pipeline::FunctionStatus, now: u64) {
         f.breaker_opened
     );
     if f.held > 0 {
-        println!("  held inputs     {} (run in order once it recovers)", f.held);
+        println!(
+            "  held inputs     {} (run in order once it recovers)",
+            f.held
+        );
     }
     if let Some((at, e)) = &f.last_error {
         println!("  last failure    {}: {e}", ago(now, Some(*at)));
@@ -274,7 +277,10 @@ fn print_function(f: &fogline_edge::pipeline::FunctionStatus, now: u64) {
             s.outcome.replace('_', " "),
             s.version,
             ago(now, Some(s.at_ms)),
-            s.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+            s.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         );
     }
 }

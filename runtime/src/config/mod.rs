@@ -467,10 +467,14 @@ impl EdgeConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        // Absolute, so paths derived from it stay valid whatever the working
+        // directory (wasmtime's compile cache insists on an absolute path).
         let base = path
             .parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
         let mut config = Self::parse(&text, &base).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
             message,

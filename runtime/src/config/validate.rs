@@ -200,7 +200,9 @@ impl EdgeConfig {
                 ));
             }
             if f.breaker_failures == 0 {
-                p.push(format!("functions.{name}.breaker_failures: must be at least 1"));
+                p.push(format!(
+                    "functions.{name}.breaker_failures: must be at least 1"
+                ));
             }
             if f.breaker_cooldown.is_zero() || f.breaker_max_cooldown < f.breaker_cooldown {
                 p.push(format!(
@@ -209,7 +211,9 @@ impl EdgeConfig {
                 ));
             }
             if f.probation_batches == 0 {
-                p.push(format!("functions.{name}.probation_batches: must be at least 1"));
+                p.push(format!(
+                    "functions.{name}.probation_batches: must be at least 1"
+                ));
             }
         }
         if self.outbox.max_batch == 0 {

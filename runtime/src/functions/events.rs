@@ -23,14 +23,12 @@ pub const LOGS_SUPPRESSED_TOTAL: &str = "fogline_function_logs_suppressed_total"
 /// Bytes of durable state, by function.
 pub const STATE_BYTES: &str = "fogline_function_state_bytes";
 
-/// Histogram buckets for call latency (seconds).
-pub const CALL_SECONDS_BUCKETS: &[f64] = &[
-    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
 /// HELP texts, registered once per process.
 pub fn describe() {
-    metrics::describe_counter!(CALLS_TOTAL, "Calls into WASM functions, by function and kind.");
+    metrics::describe_counter!(
+        CALLS_TOTAL,
+        "Calls into WASM functions, by function and kind."
+    );
     metrics::describe_histogram!(
         CALL_SECONDS,
         metrics::Unit::Seconds,

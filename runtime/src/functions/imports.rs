@@ -150,4 +150,3 @@ fn emit(
     store.data_mut().call = Some(call);
     taken.map_err(|why| refuse(store, why))
 }
-

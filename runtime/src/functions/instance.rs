@@ -187,7 +187,10 @@ impl FunctionInstance {
     pub fn restart(&mut self) -> Result<(), FunctionError> {
         self.live = None;
         self.restarts += 1;
-        events::FunctionRestarted { function: &self.name }.emit();
+        events::FunctionRestarted {
+            function: &self.name,
+        }
+        .emit();
         self.live = Some(self.instantiate()?);
         Ok(())
     }
@@ -360,7 +363,10 @@ impl FunctionInstance {
                 .state
                 .get(&w.key)
                 .map_or(0, |v| (w.key.len() + v.len()) as i64);
-            let new = w.value.as_ref().map_or(0, |v| (w.key.len() + v.len()) as i64);
+            let new = w
+                .value
+                .as_ref()
+                .map_or(0, |v| (w.key.len() + v.len()) as i64);
             bytes += new - old;
         }
         let bytes = bytes.max(0) as usize;

@@ -92,7 +92,11 @@ impl Output {
             .rejected
             .iter()
             .map(|r| r.index)
-            .chain(self.refused.iter().filter_map(|r| r.input.map(|i| i as usize)))
+            .chain(
+                self.refused
+                    .iter()
+                    .filter_map(|r| r.input.map(|i| i as usize)),
+            )
             .collect();
         self.emitted
             .iter()
@@ -198,7 +202,7 @@ impl CallOutput {
     ) -> Result<(), String> {
         let range = |s: &Span, what: &str| -> Result<std::ops::Range<usize>, String> {
             let start = s.offset as usize;
-            let end = start.checked_add(s.len as usize).unwrap_or(usize::MAX);
+            let end = start.saturating_add(s.len as usize);
             if end > bytes.len() {
                 return Err(format!(
                     "{what} spans bytes {start}..{end}, the buffer holds {}",
@@ -441,22 +445,34 @@ mod tests {
             timestamp_ms: 0,
             payload: Some(span(5, 10)),
         };
-        assert!(call.take(&[bad_span], &[], &[], b"tiny").unwrap_err().contains("spans bytes 5..15"));
+        assert!(call
+            .take(&[bad_span], &[], &[], b"tiny")
+            .unwrap_err()
+            .contains("spans bytes 5..15"));
         let bad_input = Emission {
             input: Some(2),
             stream: None,
             timestamp_ms: 0,
             payload: None,
         };
-        assert!(call.take(&[bad_input], &[], &[], b"").unwrap_err().contains("names input 2"));
+        assert!(call
+            .take(&[bad_input], &[], &[], b"")
+            .unwrap_err()
+            .contains("names input 2"));
         let r = WitRejection {
             index: 1,
             error: span(0, 2),
         };
         call.take(&[], &[r], &[], b"no").unwrap();
-        assert!(call.take(&[], &[r], &[], b"no").unwrap_err().contains("twice"));
+        assert!(call
+            .take(&[], &[r], &[], b"no")
+            .unwrap_err()
+            .contains("twice"));
         let mut tick = CallOutput::tick(&limits());
-        assert!(tick.take(&[bad_input], &[], &[], b"").unwrap_err().contains("`tick` has none"));
+        assert!(tick
+            .take(&[bad_input], &[], &[], b"")
+            .unwrap_err()
+            .contains("`tick` has none"));
     }
 
     #[test]
@@ -502,8 +518,14 @@ mod tests {
         assert_eq!(refused[0].0, Some(1));
         assert!(refused[0].1.contains("contains '#'"), "{}", refused[0].1);
         assert_eq!(refused[1].0, Some(2));
-        assert!(refused[1].1.contains("payload of 101 bytes"), "{}", refused[1].1);
-        assert!(check_stream(&[b'x'; MAX_STREAM_BYTES + 1]).unwrap_err().contains("limit is 1024"));
+        assert!(
+            refused[1].1.contains("payload of 101 bytes"),
+            "{}",
+            refused[1].1
+        );
+        assert!(check_stream(&[b'x'; MAX_STREAM_BYTES + 1])
+            .unwrap_err()
+            .contains("limit is 1024"));
     }
 
     #[test]
@@ -515,12 +537,18 @@ mod tests {
             key: span(0, 3),
             value: Some(span(0, 8)),
         };
-        assert!(call.take(&[], &[], &[w], b"keyvalue").unwrap_err().contains("11 bytes"));
+        assert!(call
+            .take(&[], &[], &[w], b"keyvalue")
+            .unwrap_err()
+            .contains("11 bytes"));
         let empty = StateWrite {
             key: span(0, 0),
             value: None,
         };
-        assert!(call.take(&[], &[], &[empty], b"").unwrap_err().contains("keys are 1..="));
+        assert!(call
+            .take(&[], &[], &[empty], b"")
+            .unwrap_err()
+            .contains("keys are 1..="));
         let ok = StateWrite {
             key: span(0, 3),
             value: Some(span(3, 5)),

@@ -139,10 +139,7 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = self
-            .used
-            .saturating_sub(current)
-            .saturating_add(desired);
+        let total = self.used.saturating_sub(current).saturating_add(desired);
         if total > self.limit {
             self.refused = Some(self.refused.map_or(total, |r| r.max(total)));
             return Ok(false);

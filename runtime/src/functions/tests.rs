@@ -103,10 +103,16 @@ fn threshold_passes_only_readings_above_the_bound() {
     let mut f = threshold(json!({ "field": "temp", "above": 30.0 }));
     let batch = temps(&[31.0, 29.0, 30.0, 45.5]);
     let out = f.process(&batch).unwrap();
-    assert_eq!(out.messages(&batch), vec![batch[0].clone(), batch[3].clone()]);
+    assert_eq!(
+        out.messages(&batch),
+        vec![batch[0].clone(), batch[3].clone()]
+    );
     assert!(out.rejected.is_empty());
     // A filter hands back indices, not bytes: nothing crossed the boundary.
-    assert!(out.emitted.iter().all(|e| e.payload.is_none() && e.stream.is_none()));
+    assert!(out
+        .emitted
+        .iter()
+        .all(|e| e.payload.is_none() && e.stream.is_none()));
 }
 
 #[test]
@@ -149,7 +155,10 @@ fn threshold_rejects_bad_inputs_one_by_one_and_the_batch_goes_on() {
         reading("s", 5, json!({ "temp": 50 })),
     ];
     let out = f.process(&batch).unwrap();
-    assert_eq!(out.messages(&batch), vec![batch[0].clone(), batch[4].clone()]);
+    assert_eq!(
+        out.messages(&batch),
+        vec![batch[0].clone(), batch[4].clone()]
+    );
     let rejected: Vec<(usize, &str)> = out
         .rejected
         .iter()
@@ -320,7 +329,11 @@ fn state_survives_a_restart_and_a_new_instance() {
     assert_eq!(json_of(&out[0])["count"], json!(2));
     assert_eq!(json_of(&out[0])["sum"], json!(5.0));
     // Closing the window deleted it from the state.
-    assert!(g.state().keys().all(|k| !k.starts_with(b"windows\x1fw")), "{:?}", g.state());
+    assert!(
+        g.state().keys().all(|k| !k.starts_with(b"windows\x1fw")),
+        "{:?}",
+        g.state()
+    );
 }
 
 #[test]
@@ -334,10 +347,16 @@ fn a_failed_call_rolls_the_state_back_to_the_last_success() {
     assert!(f.process(&batch).is_err());
     f.process(&harmless()).unwrap();
     let out = ticked(&mut f, 1);
-    assert_eq!(json_of(&out[0]), json!({ "seen": 4 }), "2 + 2, not 2 + 3 + 2");
+    assert_eq!(
+        json_of(&out[0]),
+        json!({ "seen": 4 }),
+        "2 + 2, not 2 + 3 + 2"
+    );
 }
 
 // ---------------------------------------------------------------- sandbox
+// ARCHITECTURE.md I-26: guests are bounded before the host pays; I-22: a
+// failed call rolls the instance back.
 
 #[test]
 fn trap_fails_the_call_and_the_instance_restarts() {
@@ -422,7 +441,11 @@ fn a_sleep_in_a_wasi_call_is_stopped_at_once_not_after_the_sleep() {
     assert!(matches!(err, FunctionError::Blocked { .. }), "{err:?}");
     assert!(err.to_string().contains("tried to block"), "{err}");
     // It slept for an hour in its own view; the host stopped it at once.
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_works_again(&mut f);
 }
 
@@ -514,9 +537,14 @@ fn the_memory_cap_covers_all_memories_of_a_component() {
             super::sandbox::StoreState::new("multi".into(), limit),
         );
         store.limiter(|s| &mut s.limiter);
-        linker.instantiate(&mut store, &component).map(|_| store.data().limiter.used())
+        linker
+            .instantiate(&mut store, &component)
+            .map(|_| store.data().limiter.used())
     };
-    assert!(attempt(64 << 20).is_err(), "80 MiB across two memories exceeds 64 MiB");
+    assert!(
+        attempt(64 << 20).is_err(),
+        "80 MiB across two memories exceeds 64 MiB"
+    );
     assert_eq!(attempt(96 << 20).unwrap(), 80 << 20, "both counted");
 }
 
@@ -535,9 +563,21 @@ fn output_that_breaks_the_contract_is_refused_and_the_instance_restarts() {
     let one = vec![msg("s", 1, "x")];
     let two = vec![msg("s", 1, "x"), msg("s", 2, "y")];
     let cases = [
-        (json!({ "mode": "bad-index" }), two.clone(), "rejection of input 2 names input 2"),
-        (json!({ "mode": "dup-index" }), two.clone(), "rejected index 0 twice"),
-        (json!({ "mode": "bad-span" }), one.clone(), "spans bytes 0..1048576, the buffer holds 4"),
+        (
+            json!({ "mode": "bad-index" }),
+            two.clone(),
+            "rejection of input 2 names input 2",
+        ),
+        (
+            json!({ "mode": "dup-index" }),
+            two.clone(),
+            "rejected index 0 twice",
+        ),
+        (
+            json!({ "mode": "bad-span" }),
+            one.clone(),
+            "spans bytes 0..1048576, the buffer holds 4",
+        ),
         (
             json!({ "mode": "flood", "count": 5 }),
             two.clone(),
@@ -586,8 +626,14 @@ fn one_bad_output_refuses_its_input_only() {
     let two = vec![msg("s", 1, "x"), msg("s", 2, "y")];
     let cases = [
         (json!({ "mode": "bad-stream" }), "empty stream name"),
-        (json!({ "mode": "long-stream", "size": 1025 }), "stream name of 1025 bytes, the limit is 1024"),
-        (json!({ "mode": "big", "size": 1001 }), "payload of 1001 bytes, the limit is 1000"),
+        (
+            json!({ "mode": "long-stream", "size": 1025 }),
+            "stream name of 1025 bytes, the limit is 1024",
+        ),
+        (
+            json!({ "mode": "big", "size": 1001 }),
+            "payload of 1001 bytes, the limit is 1000",
+        ),
     ];
     for (config, expected) in cases {
         let mut f = hostile(config.clone(), limits.clone());
@@ -598,12 +644,19 @@ fn one_bad_output_refuses_its_input_only() {
             vec![Some(0), Some(1)],
             "{config}"
         );
-        assert!(out.refused[0].error.contains(expected), "{config}: {}", out.refused[0].error);
+        assert!(
+            out.refused[0].error.contains(expected),
+            "{config}: {}",
+            out.refused[0].error
+        );
         assert!(out.messages(&two).is_empty(), "{config}");
         assert!(!f.is_poisoned(), "{config}");
     }
     // At the limit, fine: 1024 bytes is a valid stream name.
-    let mut f = hostile(json!({ "mode": "long-stream", "size": 1024 }), limits.clone());
+    let mut f = hostile(
+        json!({ "mode": "long-stream", "size": 1024 }),
+        limits.clone(),
+    );
     assert_eq!(emitted(&mut f, &two).len(), 2);
     let mut f = hostile(json!({ "mode": "big", "size": 1000 }), limits);
     assert_eq!(emitted(&mut f, &two)[0].payload.len(), 1000);
@@ -619,7 +672,10 @@ fn function_error_fails_the_call_and_rolls_it_back() {
         "{err:?}"
     );
     assert_eq!(err.kind(), "error");
-    assert!(f.is_poisoned(), "whatever the failed call changed is dropped");
+    assert!(
+        f.is_poisoned(),
+        "whatever the failed call changed is dropped"
+    );
 }
 
 #[test]
@@ -660,13 +716,19 @@ fn the_sandbox_grants_no_filesystem_environment_or_network() {
     assert_eq!(seen["args"], json!(0), "{seen}");
     assert_ne!(seen["net"], json!("connected"), "{seen}");
     // Reading the clock is allowed (it does not block).
-    assert!(seen["wall_ms"].as_u64().unwrap() > 1_600_000_000_000, "{seen}");
+    assert!(
+        seen["wall_ms"].as_u64().unwrap() > 1_600_000_000_000,
+        "{seen}"
+    );
 }
 
 #[test]
 fn chatty_function_is_throttled_not_failed() {
     // 20 lines per message: past the rate limit, dropped, the call is fine.
-    let mut f = hostile(json!({ "mode": "log-flood", "count": 20 }), Limits::default());
+    let mut f = hostile(
+        json!({ "mode": "log-flood", "count": 20 }),
+        Limits::default(),
+    );
     let batch: Vec<Message> = (0..50).map(|i| msg("s", i, "x")).collect();
     assert_eq!(emitted(&mut f, &batch).len(), 50);
 }
@@ -674,7 +736,10 @@ fn chatty_function_is_throttled_not_failed() {
 #[test]
 fn a_log_flood_fails_the_call() {
     // 10,000 lines per message: more host calls than a call may make.
-    let mut f = hostile(json!({ "mode": "log-flood", "count": 10_000 }), Limits::default());
+    let mut f = hostile(
+        json!({ "mode": "log-flood", "count": 10_000 }),
+        Limits::default(),
+    );
     let err = f.process(&[msg("s", 1, "x")]).unwrap_err();
     assert!(
         matches!(&err, FunctionError::InvalidOutput { reason, .. } if reason.contains("log flood")),

@@ -224,8 +224,10 @@ pub(super) fn write(tx: &Transaction<'_>, commit: &Commit) -> rusqlite::Result<(
                 generation,
                 entries,
             } => {
-                tx.prepare_cached("DELETE FROM function_state WHERE owner = ?1 AND generation = ?2")?
-                    .execute(params![owner, *generation as i64])?;
+                tx.prepare_cached(
+                    "DELETE FROM function_state WHERE owner = ?1 AND generation = ?2",
+                )?
+                .execute(params![owner, *generation as i64])?;
                 let mut put = tx.prepare_cached(
                     "INSERT OR REPLACE INTO function_state (owner, generation, key, value) VALUES (?1, ?2, ?3, ?4)",
                 )?;
@@ -284,13 +286,21 @@ pub(super) fn write(tx: &Transaction<'_>, commit: &Commit) -> rusqlite::Result<(
                 config_sha256,
                 reason,
             } => {
-                tx.prepare_cached("DELETE FROM function_state WHERE owner = ?1 AND generation = ?2")?
-                    .execute(params![owner, *generation as i64])?;
+                tx.prepare_cached(
+                    "DELETE FROM function_state WHERE owner = ?1 AND generation = ?2",
+                )?
+                .execute(params![owner, *generation as i64])?;
                 tx.prepare_cached(
                     "UPDATE function_versions SET rejected_module = ?2, rejected_config = ?3,
                          rejected_reason = ?4, rejected_ms = ?5 WHERE owner = ?1",
                 )?
-                .execute(params![owner, module_sha256, config_sha256, reason, now])?;
+                .execute(params![
+                    owner,
+                    module_sha256,
+                    config_sha256,
+                    reason,
+                    now
+                ])?;
             }
             VersionWrite::Seed { .. } => {}
         }
@@ -348,14 +358,17 @@ impl Outbox {
     /// A new, never used generation number.
     pub fn next_generation(&mut self) -> Result<u64, OutboxError> {
         let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| OutboxError::Sql { path: path.clone(), op: "allocate generation", source })?;
+        let tx = self.conn.transaction().map_err(|source| OutboxError::Sql {
+            path: path.clone(),
+            op: "allocate generation",
+            source,
+        })?;
         let g: i64 = tx
-            .query_row("SELECT value FROM meta WHERE key = 'next_generation'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'next_generation'",
+                [],
+                |r| r.get(0),
+            )
             .map_err(|source| OutboxError::Sql {
                 path: path.clone(),
                 op: "allocate generation",
@@ -403,10 +416,11 @@ impl Outbox {
     /// probation when the daemon stopped; functions removed from the config).
     pub fn prune_state(&mut self, keep: &[(String, u64)]) -> Result<usize, OutboxError> {
         let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| OutboxError::Sql { path: path.clone(), op: "prune function state", source })?;
+        let tx = self.conn.transaction().map_err(|source| OutboxError::Sql {
+            path: path.clone(),
+            op: "prune function state",
+            source,
+        })?;
         let rows: Vec<(String, i64)> = {
             let mut stmt = tx
                 .prepare("SELECT DISTINCT owner, generation FROM function_state")
@@ -499,14 +513,8 @@ impl Outbox {
 
     /// Dead letters someone asked to replay, oldest first.
     pub fn replay_requests(&self, limit: usize) -> Result<Vec<StoredDeadLetter>, OutboxError> {
-        list(
-            &self.conn,
-            "replay = 1",
-            &[],
-            "ORDER BY id",
-            limit,
-        )
-        .map_err(self.fsql("read replay requests"))
+        list(&self.conn, "replay = 1", &[], "ORDER BY id", limit)
+            .map_err(self.fsql("read replay requests"))
     }
 
     /// The node clock's high-water mark.
@@ -523,7 +531,10 @@ impl Outbox {
     }
 }
 
-fn read_record(conn: &rusqlite::Connection, owner: &str) -> rusqlite::Result<Option<FunctionRecord>> {
+fn read_record(
+    conn: &rusqlite::Connection,
+    owner: &str,
+) -> rusqlite::Result<Option<FunctionRecord>> {
     conn.query_row(
         "SELECT owner, generation, module_sha256, config_sha256, since_ms,
                 rejected_module, rejected_config, rejected_reason, rejected_ms, config_json
@@ -596,12 +607,17 @@ pub fn list_dead_letters(
 ) -> Result<Vec<StoredDeadLetter>, OutboxError> {
     let conn = super::open_connection(path, crate::config::SyncMode::Full, true)?;
     let (clause, args) = filter.sql();
-    list(&conn, &clause, &args, "ORDER BY id DESC", filter.limit.max(1)).map_err(|source| {
-        OutboxError::Sql {
-            path: path.to_path_buf(),
-            op: "list dead letters",
-            source,
-        }
+    list(
+        &conn,
+        &clause,
+        &args,
+        "ORDER BY id DESC",
+        filter.limit.max(1),
+    )
+    .map_err(|source| OutboxError::Sql {
+        path: path.to_path_buf(),
+        op: "list dead letters",
+        source,
     })
 }
 
@@ -621,7 +637,11 @@ pub fn request_replay(
         }
     };
     let (clause, args) = filter.sql();
-    let limit = if filter.limit == 0 { -1 } else { filter.limit as i64 };
+    let limit = if filter.limit == 0 {
+        -1
+    } else {
+        filter.limit as i64
+    };
     let marked = conn
         .execute(
             &format!(

@@ -94,8 +94,18 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS held_by_owner ON held (owner, id);",
     )?;
     // Columns added to older files.
-    add_column(conn, "dead_letters", "reason", "TEXT NOT NULL DEFAULT 'rejected'")?;
-    add_column(conn, "dead_letters", "stage", "TEXT NOT NULL DEFAULT 'input'")?;
+    add_column(
+        conn,
+        "dead_letters",
+        "reason",
+        "TEXT NOT NULL DEFAULT 'rejected'",
+    )?;
+    add_column(
+        conn,
+        "dead_letters",
+        "stage",
+        "TEXT NOT NULL DEFAULT 'input'",
+    )?;
     add_column(conn, "dead_letters", "replay", "INTEGER NOT NULL DEFAULT 0")?;
     Ok(())
 }

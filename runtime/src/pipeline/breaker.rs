@@ -217,7 +217,11 @@ mod tests {
         assert!(!b.on_failure(400));
         assert!(!b.on_failure(401));
         assert!(b.on_failure(402));
-        assert_eq!(b.open_until(), Some(502), "the cool-down restarted from its base");
+        assert_eq!(
+            b.open_until(),
+            Some(502),
+            "the cool-down restarted from its base"
+        );
     }
 
     #[derive(Debug, Clone)]

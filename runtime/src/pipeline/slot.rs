@@ -190,6 +190,13 @@ pub struct FunctionStatus {
     pub last_swap: Option<SwapNote>,
 }
 
+/// Durable state entries, by key.
+pub type StateMap = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// How a started function came out: running, or the error and the state it
+/// is to start from on a retry.
+pub type Started = Result<FunctionInstance, (FunctionError, StateMap)>;
+
 /// How a step went, for the breaker.
 #[derive(Debug, Default, Clone, Copy)]
 struct StepOutcome {
@@ -208,7 +215,7 @@ impl FunctionSlot {
         step: usize,
         spec: Spec,
         version: Version,
-        started: Result<FunctionInstance, (FunctionError, BTreeMap<Vec<u8>, Vec<u8>>)>,
+        started: Started,
         breaker_cfg: BreakerConfig,
         on_open: OnOpen,
         now_ms: u64,
@@ -257,8 +264,13 @@ impl FunctionSlot {
         config_json: &str,
         limits: Limits,
     ) -> Result<Self, FunctionError> {
-        let instance =
-            FunctionInstance::from_module(module, function, config_json, limits.clone(), BTreeMap::new())?;
+        let instance = FunctionInstance::from_module(
+            module,
+            function,
+            config_json,
+            limits.clone(),
+            BTreeMap::new(),
+        )?;
         Ok(Self::new(
             pipeline,
             function,
@@ -292,7 +304,13 @@ impl FunctionSlot {
     }
 
     /// Remember a promotion or rollback for `status`.
-    pub fn note_swap(&mut self, at_ms: u64, outcome: &str, version: &Version, reason: Option<String>) {
+    pub fn note_swap(
+        &mut self,
+        at_ms: u64,
+        outcome: &str,
+        version: &Version,
+        reason: Option<String>,
+    ) {
         self.last_swap = Some(SwapNote {
             at_ms,
             outcome: outcome.to_string(),
@@ -316,12 +334,13 @@ impl FunctionSlot {
             open_until_ms,
             breaker_opened: self.breaker.times_opened(),
             held: self.held,
-            state_bytes: self
-                .active
-                .as_ref()
-                .map_or(self.start_state.iter().map(|(k, v)| k.len() + v.len()).sum(), |a| {
-                    a.state_bytes()
-                }) as u64,
+            state_bytes: self.active.as_ref().map_or(
+                self.start_state
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum(),
+                |a| a.state_bytes(),
+            ) as u64,
             memory_bytes: self.active.as_ref().map_or(0, |a| a.memory_bytes()) as u64,
             restarts: self.active.as_ref().map_or(0, |a| a.restarts()),
             last_error: self.last_error.clone(),
@@ -376,7 +395,10 @@ impl FunctionSlot {
 
     fn open_reason(&self) -> String {
         match &self.last_error {
-            Some((_, e)) => format!("function `{}` is suspended (circuit open) after: {e}", self.function),
+            Some((_, e)) => format!(
+                "function `{}` is suspended (circuit open) after: {e}",
+                self.function
+            ),
             None => format!("function `{}` is suspended (circuit open)", self.function),
         }
     }
@@ -500,7 +522,12 @@ impl FunctionSlot {
         }
     }
 
-    fn run_closed(&mut self, batch: Vec<Message>, now_ms: u64, result: &mut ChainResult) -> Vec<Message> {
+    fn run_closed(
+        &mut self,
+        batch: Vec<Message>,
+        now_ms: u64,
+        result: &mut ChainResult,
+    ) -> Vec<Message> {
         if batch.is_empty() {
             return batch;
         }
@@ -590,7 +617,12 @@ impl FunctionSlot {
 
     /// One step: the active function with isolation, then the candidate in
     /// shadow on the inputs the active one did not fail on.
-    fn step(&mut self, batch: Vec<Message>, now_ms: u64, result: &mut ChainResult) -> (Vec<Message>, StepOutcome) {
+    fn step(
+        &mut self,
+        batch: Vec<Message>,
+        now_ms: u64,
+        result: &mut ChainResult,
+    ) -> (Vec<Message>, StepOutcome) {
         let shadow = self.candidate.as_ref().map(|_| batch.clone());
         let Some(active) = self.active.as_mut() else {
             return (Vec::new(), StepOutcome::default());
@@ -626,9 +658,14 @@ impl FunctionSlot {
         for r in out {
             match r {
                 Resolved::Output(m) => resolved.push(m),
-                Resolved::Dead { reason, error, stage, message } => {
-                    result.dead_letters.push(self.dead(&reason, error, stage, message))
-                }
+                Resolved::Dead {
+                    reason,
+                    error,
+                    stage,
+                    message,
+                } => result
+                    .dead_letters
+                    .push(self.dead(&reason, error, stage, message)),
             }
         }
         if !state.is_empty() {
@@ -684,9 +721,21 @@ impl FunctionSlot {
                     error = %e,
                     "New version failed on probation: rolled back; the running version and its state carry on."
                 );
-                self.refused = Some((c.version.module_sha256.clone(), c.version.config_sha256.clone()));
-                self.note_swap(crate::clock::now_ms(), "rolled_back", &c.version, Some(e.to_string()));
-                super::events::Swapped { owner: &self.owner, outcome: "rolled_back" }.emit();
+                self.refused = Some((
+                    c.version.module_sha256.clone(),
+                    c.version.config_sha256.clone(),
+                ));
+                self.note_swap(
+                    crate::clock::now_ms(),
+                    "rolled_back",
+                    &c.version,
+                    Some(e.to_string()),
+                );
+                super::events::Swapped {
+                    owner: &self.owner,
+                    outcome: "rolled_back",
+                }
+                .emit();
                 result.lifecycle.push(Lifecycle::RolledBack {
                     owner: self.owner.clone(),
                     version: c.version,
@@ -720,7 +769,11 @@ impl FunctionSlot {
                     self.active = Some(c.instance);
                     self.breaker.on_success();
                     self.note_swap(crate::clock::now_ms(), "promoted", &c.version, None);
-                    super::events::Swapped { owner: &self.owner, outcome: "promoted" }.emit();
+                    super::events::Swapped {
+                        owner: &self.owner,
+                        outcome: "promoted",
+                    }
+                    .emit();
                     result.lifecycle.push(Lifecycle::Promoted {
                         owner: self.owner.clone(),
                         version: c.version,

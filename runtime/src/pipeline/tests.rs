@@ -49,8 +49,9 @@ fn version(generation: u64, tag: &str) -> Version {
 
 fn slot(module: &Module, config: Value, limits: Limits, on_open: OnOpen) -> FunctionSlot {
     let json = config.to_string();
-    let started = FunctionInstance::from_module(module, "f", &json, limits.clone(), BTreeMap::new())
-        .map_err(|e| (e, BTreeMap::new()));
+    let started =
+        FunctionInstance::from_module(module, "f", &json, limits.clone(), BTreeMap::new())
+            .map_err(|e| (e, BTreeMap::new()));
     FunctionSlot::new(
         "p",
         "f",
@@ -76,7 +77,12 @@ fn hostile_chain(config: Value) -> Chain {
     let _ = &fixture().rt;
     Chain::new(
         "p".into(),
-        vec![slot(&fixture().hostile, config, Limits::default(), OnOpen::Hold)],
+        vec![slot(
+            &fixture().hostile,
+            config,
+            Limits::default(),
+            OnOpen::Hold,
+        )],
     )
 }
 
@@ -116,11 +122,14 @@ fn one_poison_message_dead_letters_only_itself() {
         .collect();
     assert_eq!(payloads(&result.outputs), want, "neighbours pass, in order");
     assert_eq!(result.dead_letters.len(), 2);
-    assert!(result.dead_letters.iter().all(|d| d.message.payload == b"boom"
-        && d.function == "f"
-        && d.reason == "trap"
-        && d.stage == Stage::Input
-        && d.error.contains("trapped")));
+    assert!(result
+        .dead_letters
+        .iter()
+        .all(|d| d.message.payload == b"boom"
+            && d.function == "f"
+            && d.reason == "trap"
+            && d.stage == Stage::Input
+            && d.error.contains("trapped")));
     assert!(!chain.slots()[0].breaker.is_tripped());
 }
 
@@ -152,7 +161,12 @@ fn a_spinning_message_is_isolated_too() {
     };
     let mut chain = Chain::new(
         "p".into(),
-        vec![slot(&fixture().hostile, json!({ "mode": "spin", "report": true }), limits, OnOpen::Hold)],
+        vec![slot(
+            &fixture().hostile,
+            json!({ "mode": "spin", "report": true }),
+            limits,
+            OnOpen::Hold,
+        )],
     );
     let mut batch: Vec<Message> = (0..32).map(|i| msg(&format!("m{i}"))).collect();
     batch[20] = msg("boom");
@@ -193,7 +207,10 @@ fn the_breaker_opens_holds_inputs_and_probes_after_the_cooldown() {
     chain.process(vec![msg("a"), msg("b")], now, &mut r);
     assert!(r.outputs.is_empty() && r.dead_letters.is_empty());
     assert_eq!(
-        r.held.iter().map(|h| h.message.payload.clone()).collect::<Vec<_>>(),
+        r.held
+            .iter()
+            .map(|h| h.message.payload.clone())
+            .collect::<Vec<_>>(),
         vec![b"a".to_vec(), b"b".to_vec()]
     );
     assert_eq!(chain.slots()[0].held, 2);
@@ -206,14 +223,22 @@ fn the_breaker_opens_holds_inputs_and_probes_after_the_cooldown() {
     let mut r = ChainResult::default();
     chain.run_from(0, vec![msg("a")], now, true, &mut r);
     assert_eq!(payloads(&r.outputs), vec!["a"]);
-    assert!(!chain.slots()[0].breaker.is_tripped(), "the probe closed it");
+    assert!(
+        !chain.slots()[0].breaker.is_tripped(),
+        "the probe closed it"
+    );
 }
 
 #[test]
 fn with_dead_letter_policy_an_open_breaker_dead_letters_its_inputs() {
     let mut chain = Chain::new(
         "p".into(),
-        vec![slot(&fixture().hostile, json!({ "mode": "trap" }), Limits::default(), OnOpen::DeadLetter)],
+        vec![slot(
+            &fixture().hostile,
+            json!({ "mode": "trap" }),
+            Limits::default(),
+            OnOpen::DeadLetter,
+        )],
     );
     for now in 0..3 {
         let mut r = ChainResult::default();
@@ -223,7 +248,11 @@ fn with_dead_letter_policy_an_open_breaker_dead_letters_its_inputs() {
     chain.process(vec![msg("a")], 10, &mut r);
     assert_eq!(r.dead_letters.len(), 1);
     assert_eq!(r.dead_letters[0].reason, "circuit_open");
-    assert!(r.dead_letters[0].error.contains("circuit open"), "{}", r.dead_letters[0].error);
+    assert!(
+        r.dead_letters[0].error.contains("circuit open"),
+        "{}",
+        r.dead_letters[0].error
+    );
     assert!(r.held.is_empty());
 }
 
@@ -234,7 +263,12 @@ fn a_candidate_is_promoted_after_its_probation() {
     let fx = fixture();
     let mut chain = Chain::new(
         "p".into(),
-        vec![slot(&fx.threshold, json!({ "field": "temp", "above": 30 }), Limits::default(), OnOpen::Hold)],
+        vec![slot(
+            &fx.threshold,
+            json!({ "field": "temp", "above": 30 }),
+            Limits::default(),
+            OnOpen::Hold,
+        )],
     );
     let candidate = FunctionInstance::from_module(
         &fx.threshold,
@@ -259,7 +293,10 @@ fn a_candidate_is_promoted_after_its_probation() {
     for _ in 0..2 {
         let mut r = ChainResult::default();
         chain.process(vec![reading(20.0)], 0, &mut r);
-        assert!(r.outputs.is_empty(), "the running version (above 30) decides");
+        assert!(
+            r.outputs.is_empty(),
+            "the running version (above 30) decides"
+        );
         assert!(chain.slots()[0].version.generation == 1 || !r.lifecycle.is_empty());
     }
     assert_eq!(chain.slots()[0].version.generation, 2, "promoted");
@@ -273,7 +310,12 @@ fn a_failing_candidate_is_rolled_back_and_the_running_version_carries_on() {
     let fx = fixture();
     let mut chain = Chain::new(
         "p".into(),
-        vec![slot(&fx.hostile, json!({ "mode": "ok", "report": true }), Limits::default(), OnOpen::Hold)],
+        vec![slot(
+            &fx.hostile,
+            json!({ "mode": "ok", "report": true }),
+            Limits::default(),
+            OnOpen::Hold,
+        )],
     );
     let candidate = FunctionInstance::from_module(
         &fx.hostile,
@@ -290,12 +332,22 @@ fn a_failing_candidate_is_rolled_back_and_the_running_version_carries_on() {
     });
     let mut r = ChainResult::default();
     chain.process(vec![msg("a"), msg("boom"), msg("b")], 0, &mut r);
-    assert_eq!(payloads(&r.outputs), vec!["a", "boom", "b"], "the running version's outputs");
-    assert!(matches!(&r.lifecycle[..], [Lifecycle::RolledBack { reason, .. }] if reason.contains("trapped")));
+    assert_eq!(
+        payloads(&r.outputs),
+        vec!["a", "boom", "b"],
+        "the running version's outputs"
+    );
+    assert!(
+        matches!(&r.lifecycle[..], [Lifecycle::RolledBack { reason, .. }] if reason.contains("trapped"))
+    );
     assert!(chain.slots()[0].candidate.is_none());
     assert_eq!(chain.slots()[0].version.generation, 1);
     assert!(chain.slots()[0].refused.is_some());
-    assert_eq!(seen(&mut chain, 1), 3, "the running version's state is untouched");
+    assert_eq!(
+        seen(&mut chain, 1),
+        3,
+        "the running version's state is untouched"
+    );
 }
 
 #[test]
@@ -303,7 +355,12 @@ fn window_state_is_committed_with_the_batch() {
     let fx = fixture();
     let mut chain = Chain::new(
         "p".into(),
-        vec![slot(&fx.window_avg, json!({ "field": "t", "window_ms": 1000 }), Limits::default(), OnOpen::Hold)],
+        vec![slot(
+            &fx.window_avg,
+            json!({ "field": "t", "window_ms": 1000 }),
+            Limits::default(),
+            OnOpen::Hold,
+        )],
     );
     let mut r = ChainResult::default();
     let m = Message {

@@ -279,9 +279,10 @@ pub fn start_chains(
                 (spec(module, &w), version, None)
             }
             Some(r) => {
-                let refused = r.rejected.as_ref().is_some_and(|(m, c, _, _)| {
-                    *m == w.module_sha256 && *c == w.config_sha256
-                });
+                let refused = r
+                    .rejected
+                    .as_ref()
+                    .is_some_and(|(m, c, _, _)| *m == w.module_sha256 && *c == w.config_sha256);
                 let recorded = Version {
                     generation: r.generation,
                     module_sha256: r.module_sha256.clone(),
@@ -290,10 +291,11 @@ pub fn start_chains(
                 };
                 match store.get(&r.module_sha256) {
                     Some(old_path) => {
-                        let old_bytes = std::fs::read(&old_path).map_err(|e| FunctionError::Load {
-                            path: old_path.clone(),
-                            reason: format!("reading the kept build: {e}"),
-                        })?;
+                        let old_bytes =
+                            std::fs::read(&old_path).map_err(|e| FunctionError::Load {
+                                path: old_path.clone(),
+                                reason: format!("reading the kept build: {e}"),
+                            })?;
                         let old = load(&old_path, &r.module_sha256, &old_bytes)?;
                         keep_modules.push(r.module_sha256.clone());
                         let spec = Spec {
@@ -367,7 +369,10 @@ pub fn start_chains(
             slot.held_bytes = *bytes;
         }
         if let Some(r) = &record {
-            slot.refused = r.rejected.as_ref().map(|(m, c, _, _)| (m.clone(), c.clone()));
+            slot.refused = r
+                .rejected
+                .as_ref()
+                .map(|(m, c, _, _)| (m.clone(), c.clone()));
         }
         if let Some((module, version)) = candidate {
             let spec = Spec {
@@ -379,14 +384,22 @@ pub fn start_chains(
                 keep_state.push((w.owner.clone(), write));
             }
         }
-        by_pipeline.entry(w.pipeline.clone()).or_default().push(slot);
+        by_pipeline
+            .entry(w.pipeline.clone())
+            .or_default()
+            .push(slot);
     }
     outbox.prune_state(&keep_state)?;
     store.prune(&keep_modules);
     Ok(config
         .pipelines
         .iter()
-        .map(|p| Chain::new(p.name.clone(), by_pipeline.remove(&p.name).unwrap_or_default()))
+        .map(|p| {
+            Chain::new(
+                p.name.clone(),
+                by_pipeline.remove(&p.name).unwrap_or_default(),
+            )
+        })
         .collect())
 }
 
@@ -442,7 +455,11 @@ pub fn propose(
             "New version takes over a function that was not running."
         );
         outbox.activate_version(seed)?;
-        outbox.activate_version(activate(&slot.owner, &version, Some(slot.version.generation)))?;
+        outbox.activate_version(activate(
+            &slot.owner,
+            &version,
+            Some(slot.version.generation),
+        ))?;
         slot.spec = spec;
         slot.version = version;
         slot.start_state = from;

@@ -441,20 +441,29 @@ fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) -> bool 
             }
             continue;
         }
-        if slot
-            .candidate
-            .as_ref()
-            .is_some_and(|c| c.version.module_sha256 == r.version.module_sha256 && c.version.config_sha256 == r.version.config_sha256)
-        {
+        if slot.candidate.as_ref().is_some_and(|c| {
+            c.version.module_sha256 == r.version.module_sha256
+                && c.version.config_sha256 == r.version.config_sha256
+        }) {
             continue;
         }
-        if slot.refused.as_ref().is_some_and(|(m, c)| *m == r.version.module_sha256 && *c == r.version.config_sha256) {
+        if slot
+            .refused
+            .as_ref()
+            .is_some_and(|(m, c)| *m == r.version.module_sha256 && *c == r.version.config_sha256)
+        {
             warn!(function = %slot.owner, "This build of the function was refused before; not trying it again until the module or its config changes.");
             continue;
         }
         if let Some(reason) = r.init_error {
             loop {
-                match super::versions::refuse(slot, &mut w.outbox, r.version.clone(), reason.clone(), now) {
+                match super::versions::refuse(
+                    slot,
+                    &mut w.outbox,
+                    r.version.clone(),
+                    reason.clone(),
+                    now,
+                ) {
                     Ok(()) => break,
                     Err(e) => {
                         error!(function = %slot.owner, error = %e, "Recording a refused function version failed; retrying.");
@@ -468,7 +477,13 @@ fn apply_command(w: &mut Worker, cmd: WorkerCommand, stop: &AtomicBool) -> bool 
             continue;
         }
         loop {
-            match super::versions::propose(slot, &mut w.outbox, r.spec.clone(), r.version.clone(), now) {
+            match super::versions::propose(
+                slot,
+                &mut w.outbox,
+                r.spec.clone(),
+                r.version.clone(),
+                now,
+            ) {
                 Ok(_) => break,
                 Err(e) => {
                     error!(function = %slot.owner, error = %e, "Recording a new function version failed; retrying.");
@@ -501,7 +516,9 @@ fn restart_with_limits(slot: &mut super::FunctionSlot, limits: Limits) {
             info!(function = %slot.owner, "New limits applied.");
             slot.active = Some(i);
         }
-        Err(e) => warn!(function = %slot.owner, error = %e, "New limits could not be applied; the function keeps its old ones."),
+        Err(e) => {
+            warn!(function = %slot.owner, error = %e, "New limits could not be applied; the function keeps its old ones.")
+        }
     }
 }
 

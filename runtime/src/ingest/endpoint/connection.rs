@@ -337,7 +337,7 @@ pub(super) async fn serve<S>(
     session.ops.extend(state.take_ops());
     let (meta, discard) = shared
         .sessions
-        .release(&lease, state, expiry, crate::clock::now_ms());
+        .release(&lease, state, expiry, crate::clock::ingest_ms());
     session.meta = meta;
     session.discard |= discard;
     if !session.is_empty() {

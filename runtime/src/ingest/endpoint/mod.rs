@@ -114,7 +114,7 @@ impl Endpoint {
             b.max_sessions,
             2 * usize::from(b.receive_maximum),
         ));
-        sessions.restore(restored, crate::clock::now_ms());
+        sessions.restore(restored, crate::clock::ingest_ms());
         let limits = Limits {
             max_packet: config.broker_max_packet(),
             max_payload: b.max_payload_bytes,
@@ -259,7 +259,7 @@ async fn serve_tls(
 
 async fn sweep_expired(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        for key in shared.sessions.expire(crate::clock::now_ms()) {
+        for key in shared.sessions.expire(crate::clock::ingest_ms()) {
             metrics::counter!("fogline_ingest_sessions_expired_total").increment(1);
             info!(session = %key, "MQTT session expired.");
             let mut chunk = Chunk::new(None, shared.limits.max_payload);
