@@ -16,6 +16,8 @@ use fogline_tests::mqtt_raw::{
 use fogline_tests::{oracle, process, sensors};
 use rumqttc::mqttbytes::v4;
 
+use crate::{rt, tail};
+
 /// An aggregator and one edge whose native endpoint feeds a pass-through
 /// pipeline for `sensors/#` and `counter/#`.
 struct Gateway {
@@ -79,19 +81,6 @@ impl Gateway {
             tail(&self.cloud.daemon.log_text(), 20)
         )
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// `count` readings with unique ids, ~100-byte JSON, on 8 sensor topics.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::tail;
 use bytes::Bytes;
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mosquitto::{Mosquitto, MosquittoConfig};
@@ -98,11 +99,6 @@ impl Site {
             tail(&self.mosquitto.log(), 20)
         )
     }
-}
-
-pub(crate) fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The edge's MQTT client id at the broker (the default, `fogline-<node>`).

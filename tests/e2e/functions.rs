@@ -14,6 +14,8 @@ use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::{Options, Outcome, PublishReport, Publisher, QoS};
 use fogline_tests::{oracle, process};
 
+use crate::{rt, tail};
+
 /// An aggregator and an edge whose native endpoint feeds the pipelines in
 /// `functions` (TOML: `[functions.*]` and `[[pipelines]]`).
 struct Gateway {
@@ -122,19 +124,6 @@ impl Gateway {
         all.extend(["--config", &config]);
         process::run("fogline-edge", &all).unwrap()
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A sequential QoS 1 publisher with a persistent session (its resends after

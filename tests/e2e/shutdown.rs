@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tail;
 use bytes::Bytes;
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::{Options, Outcome, PublishReport, Publisher, QoS, Version};
@@ -871,9 +872,4 @@ fn run_briefly(node: &str, log_toml: &str, env: &[(&str, &str)]) -> String {
         "the edge did not stop"
     );
     edge.daemon.log_text()
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

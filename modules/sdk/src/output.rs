@@ -79,6 +79,12 @@ impl Output {
     ) {
         let stream = self.push_bytes(stream.as_ref().as_bytes());
         let payload = self.push_bytes(payload.as_ref());
+        self.push_new(stream, timestamp_ms, payload);
+    }
+
+    /// A new message of this call's current input, its bytes already in the
+    /// buffer.
+    fn push_new(&mut self, stream: Span, timestamp_ms: u64, payload: Span) {
         self.emissions.push(Emission {
             input: self.current_input,
             stream: Some(stream),
@@ -103,13 +109,7 @@ impl Output {
             return Err(e.into());
         }
         let payload = span(start, self.bytes.len());
-        self.emissions.push(Emission {
-            input: self.current_input,
-            stream: Some(stream),
-            timestamp_ms,
-            payload: Some(payload),
-        });
-        self.emitted += 1;
+        self.push_new(stream, timestamp_ms, payload);
         Ok(())
     }
 

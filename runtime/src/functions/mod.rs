@@ -38,7 +38,7 @@ mod instance;
 mod output;
 mod sandbox;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::time::Duration;
 

@@ -14,14 +14,15 @@ use serde_json::{json, Value};
 
 use super::*;
 
-struct Fixture {
-    rt: FunctionRuntime,
-    threshold: Module,
-    window_avg: Module,
-    hostile: Module,
+/// One runtime and the example modules, shared by the tests of this crate.
+pub(crate) struct Fixture {
+    pub(crate) rt: FunctionRuntime,
+    pub(crate) threshold: Module,
+    pub(crate) window_avg: Module,
+    pub(crate) hostile: Module,
 }
 
-fn fixture() -> &'static Fixture {
+pub(crate) fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let rt = FunctionRuntime::new(RuntimeOptions {

@@ -466,6 +466,52 @@ impl Outbox {
         Ok(n)
     }
 
+    /// Held inputs of functions no pipeline runs any more (the config
+    /// changed) become dead letters (reason `orphaned`), so they can be
+    /// listed and replayed. Returns how many.
+    pub fn orphan_held(&mut self, running: &[String]) -> Result<usize, OutboxError> {
+        let path = self.path.clone();
+        let err = move |source| OutboxError::Sql {
+            path: path.clone(),
+            op: "dead-letter orphaned held inputs",
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&err)?;
+        let owners: Vec<String> = {
+            let mut stmt = tx
+                .prepare("SELECT DISTINCT owner FROM held")
+                .map_err(&err)?;
+            let rows = stmt
+                .query_map([], |r| r.get(0))
+                .and_then(|r| r.collect::<Result<Vec<String>, _>>())
+                .map_err(&err)?;
+            rows
+        };
+        let mut moved = 0;
+        let now = crate::clock::now_ms() as i64;
+        for owner in owners.iter().filter(|o| !running.contains(o)) {
+            let (pipeline, function) = owner.split_once('/').unwrap_or((owner.as_str(), ""));
+            moved += tx
+                .execute(
+                    "INSERT INTO dead_letters (created_ms, pipeline, function, error, stream, timestamp_ms, payload_size, payload, reason, stage)
+                     SELECT ?1, ?2, ?3, ?4, stream, timestamp_ms, length(payload), payload, 'orphaned', 'input'
+                     FROM held WHERE owner = ?5 ORDER BY id",
+                    params![
+                        now,
+                        pipeline,
+                        function,
+                        format!("held for function `{function}` of pipeline `{pipeline}`, which the config no longer has"),
+                        owner
+                    ],
+                )
+                .map_err(&err)?;
+            tx.execute("DELETE FROM held WHERE owner = ?1", [owner])
+                .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
+        Ok(moved)
+    }
+
     /// Held inputs per owner: `(count, bytes)`.
     pub fn held_counts(&self) -> Result<HashMap<String, (u64, u64)>, OutboxError> {
         let mut stmt = self

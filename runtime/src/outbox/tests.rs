@@ -248,3 +248,47 @@ fn a_wiped_outbox_numbers_above_the_aggregator_cursor() {
         .unwrap();
     assert_eq!(done.first_seq, 501);
 }
+
+/// Held inputs of a function the config dropped become dead letters
+/// (listable, replayable); those of running functions stay held.
+#[test]
+fn held_inputs_of_a_removed_function_become_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let mut w = Outbox::open(&path, SyncMode::Full).unwrap();
+    let held = |owner: &str, payload: &[u8]| Held {
+        owner: owner.into(),
+        step: 0,
+        message: msg(1, payload.to_vec()),
+    };
+    w.commit(&Commit {
+        held: vec![
+            held("p/gone", b"a"),
+            held("p/kept", b"b"),
+            held("p/gone", b"c"),
+        ],
+        ..Commit::default()
+    })
+    .unwrap();
+    assert_eq!(w.orphan_held(&["p/kept".to_string()]).unwrap(), 2);
+    let counts = w.held_counts().unwrap();
+    assert_eq!(counts.keys().collect::<Vec<_>>(), vec!["p/kept"]);
+    let dead = list_dead_letters(
+        &path,
+        &DeadLetterFilter {
+            reason: Some("orphaned".into()),
+            limit: 10,
+            ..DeadLetterFilter::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dead.len(), 2);
+    assert!(dead
+        .iter()
+        .all(|d| d.pipeline == "p" && d.function == "gone" && d.is_complete()));
+    assert_eq!(
+        dead.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
+        vec![b"c".to_vec(), b"a".to_vec()],
+        "newest first"
+    );
+}

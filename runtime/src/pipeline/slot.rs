@@ -352,6 +352,25 @@ impl FunctionSlot {
         }
     }
 
+    /// Resolved outputs: the messages, in order; dead letters to `result`.
+    fn sort_out(&self, resolved: Vec<Resolved>, result: &mut ChainResult) -> Vec<Message> {
+        let mut out = Vec::with_capacity(resolved.len());
+        for r in resolved {
+            match r {
+                Resolved::Output(m) => out.push(m),
+                Resolved::Dead {
+                    reason,
+                    error,
+                    stage,
+                    message,
+                } => result
+                    .dead_letters
+                    .push(self.dead(&reason, error, stage, message)),
+            }
+        }
+        out
+    }
+
     fn dead(&self, reason: &str, error: String, stage: Stage, message: Message) -> DeadLetter {
         DeadLetter {
             pipeline: self.pipeline.clone(),
@@ -584,20 +603,7 @@ impl FunctionSlot {
                         changes,
                     });
                 }
-                let mut out = Vec::new();
-                for r in resolve(Vec::new(), output) {
-                    match r {
-                        Resolved::Output(m) => out.push(m),
-                        Resolved::Dead {
-                            reason,
-                            error,
-                            stage,
-                            message,
-                        } => result
-                            .dead_letters
-                            .push(self.dead(&reason, error, stage, message)),
-                    }
-                }
+                let out = self.sort_out(resolve(Vec::new(), output), result);
                 if let Some(c) = self.candidate.as_mut() {
                     let outcome = c.instance.tick(now_ms).map(|o| o.state);
                     self.finish_shadow(outcome, false, result);
@@ -654,20 +660,7 @@ impl FunctionSlot {
                     .push(self.dead(e.kind(), e.to_string(), Stage::Input, m));
             }
         }
-        let mut resolved = Vec::new();
-        for r in out {
-            match r {
-                Resolved::Output(m) => resolved.push(m),
-                Resolved::Dead {
-                    reason,
-                    error,
-                    stage,
-                    message,
-                } => result
-                    .dead_letters
-                    .push(self.dead(&reason, error, stage, message)),
-            }
-        }
+        let resolved = self.sort_out(out, result);
         if !state.is_empty() {
             result.state.push(StateCommit {
                 owner: self.owner.clone(),

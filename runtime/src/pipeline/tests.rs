@@ -4,39 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::*;
-use crate::functions::{FunctionInstance, FunctionRuntime, Limits, Module, RuntimeOptions};
+use crate::functions::tests::fixture;
+use crate::functions::{FunctionInstance, Limits, Module};
 use crate::message::Message;
 use crate::outbox::Stage;
-
-struct Fixture {
-    rt: FunctionRuntime,
-    hostile: Module,
-    threshold: Module,
-    window_avg: Module,
-}
-
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let rt = FunctionRuntime::new(RuntimeOptions {
-            cache_dir: Some(std::env::temp_dir().join("fogline-functions-tests-cache")),
-            ..RuntimeOptions::default()
-        })
-        .unwrap();
-        Fixture {
-            hostile: rt.load(fogline_modules::hostile()).unwrap(),
-            threshold: rt.load(fogline_modules::threshold()).unwrap(),
-            window_avg: rt.load(fogline_modules::window_avg()).unwrap(),
-            rt,
-        }
-    })
-}
 
 fn version(generation: u64, tag: &str) -> Version {
     Version {

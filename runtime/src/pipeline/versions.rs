@@ -229,6 +229,14 @@ pub fn start_chains(
     now_ms: u64,
 ) -> Result<Vec<Chain>, VersionError> {
     let wanted = wanted(config)?;
+    let running: Vec<String> = wanted.iter().map(|w| w.owner.clone()).collect();
+    let orphaned = outbox.orphan_held(&running)?;
+    if orphaned > 0 {
+        tracing::warn!(
+            inputs = orphaned,
+            "Inputs held for functions the config no longer has are now dead letters (reason `orphaned`): `fogline-edge dead-letters list --reason orphaned`."
+        );
+    }
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     let mut load = |path: &Path, sha: &str, bytes: &[u8]| -> Result<Module, FunctionError> {
         if let Some(m) = modules.get(sha) {
