@@ -21,7 +21,7 @@ fn check_accepts_the_example_config_and_loads_its_modules() {
             "fogline-data",
             &dir.path().join("data").display().to_string(),
         )
-        .replace("\"certs/", &format!("\"{}/", dir.path().display()))
+        .replace("\"../certs/", &format!("\"{}/", dir.path().display()))
         .replace(
             "../target/",
             &format!("{}/../target/", env!("CARGO_MANIFEST_DIR")),

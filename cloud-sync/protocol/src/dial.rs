@@ -12,6 +12,17 @@
 //!   link is never slept through for more than a tenth of the outage it
 //!   ends, and a long outage costs a gateway one round per `max_delay`.
 //!   A successful handshake resets it all.
+//! - **Backoff that means it**: a session that ends before it was
+//!   *productive* — resumed and then acknowledged something, or stayed up
+//!   `stable_after` — counts as fruitless (an unreachable aggregator does
+//!   not: that is an outage, paced as above); the wait before the next round
+//!   is then at least `min_delay` doubled per
+//!   fruitless session in a row (jittered, up to `max_delay`). A refusal —
+//!   the aggregator rejected the node's certificate, or closed with
+//!   `Unauthorized` — waits `refused_delay` doubled per refusal, up to
+//!   `refused_max_delay` (minutes). Only a productive session resets them;
+//!   new credentials reset the refusals. So no failure state reconnects more
+//!   than a bounded number of times per minute (the simulation checks it).
 //! - **Attempt timeouts**: three times the last successful handshake, at
 //!   least `attempt_floor`, at most `connect_timeout` (which alone applies
 //!   until a first handshake is measured). Short attempts keep QUIC's
@@ -57,6 +68,13 @@ pub struct DialConfig {
     pub connect_timeout: Duration,
     /// Shortest attempt.
     pub attempt_floor: Duration,
+    /// A resumed session that stays up this long counts as productive even
+    /// if it had nothing to send.
+    pub stable_after: Duration,
+    /// First wait after a refusal (a rejected certificate).
+    pub refused_delay: Duration,
+    /// Longest wait after refusals.
+    pub refused_max_delay: Duration,
 }
 
 impl Default for DialConfig {
@@ -69,8 +87,20 @@ impl Default for DialConfig {
             max_delay: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             attempt_floor: Duration::from_secs(1),
+            stable_after: Duration::from_secs(10),
+            refused_delay: Duration::from_secs(15),
+            refused_max_delay: Duration::from_secs(600),
         }
     }
+}
+
+/// How a session (or an attempt) ended, for the backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Whatever it was; the session's progress decides.
+    Ended,
+    /// The aggregator refused the node (certificate rejected, `Unauthorized`).
+    Refused,
 }
 
 /// One connection attempt.
@@ -97,6 +127,13 @@ pub struct Dialer {
     quic_failed: Vec<bool>,
     last_handshake: Option<Duration>,
     rounds_failed: u64,
+    /// Sessions (and failed rounds) in a row that made no progress.
+    fruitless: u32,
+    /// Refusals in a row.
+    refusals: u32,
+    /// The session in progress: when it began, whether it resumed, whether
+    /// anything was acknowledged.
+    session: Option<(Instant, bool, bool)>,
 }
 
 impl Dialer {
@@ -111,6 +148,9 @@ impl Dialer {
             quic_failed: vec![false; n],
             last_handshake: None,
             rounds_failed: 0,
+            fruitless: 0,
+            refusals: 0,
+            session: None,
         }
     }
 
@@ -119,9 +159,12 @@ impl Dialer {
     pub fn next(&mut self, now: Instant, jitter: f64) -> (Instant, Attempt) {
         let mut at = now;
         if self.plan.is_empty() {
+            let mut wait = Duration::ZERO;
             if self.rounds_failed > 0 {
-                at = now + self.delay(now, jitter);
+                wait = self.delay(now, jitter);
             }
+            wait = wait.max(self.backoff(jitter));
+            at = now + wait;
             self.plan_round(at);
         }
         let (server, transport) = self.plan.pop_front().unwrap_or((0, Transport::Quic));
@@ -136,24 +179,36 @@ impl Dialer {
     }
 
     /// An attempt failed (refused, timed out, handshake rejected).
-    pub fn failed(&mut self, attempt: Attempt, _now: Instant) {
+    pub fn failed(&mut self, attempt: Attempt, now: Instant) {
+        self.failed_as(attempt, Ending::Ended, now);
+    }
+
+    /// An attempt failed, and how.
+    pub fn failed_as(&mut self, attempt: Attempt, ending: Ending, _now: Instant) {
         if attempt.transport == Transport::Quic {
             if let Some(f) = self.quic_failed.get_mut(attempt.server) {
                 *f = true;
             }
         }
+        if ending == Ending::Refused {
+            self.refusals = self.refusals.saturating_add(1);
+        }
+        // An unreachable aggregator is an outage, paced by its length (a
+        // tenth of it): doubling here would sleep through its return.
         if self.plan.is_empty() {
             self.rounds_failed += 1;
         }
     }
 
     /// An attempt's handshake completed after `handshake`: the session is
-    /// up. Resets the wait.
+    /// up. The backoff stays until the session proves productive
+    /// ([`Dialer::resumed`], [`Dialer::progressed`]).
     pub fn connected(&mut self, attempt: Attempt, handshake: Duration, now: Instant) {
         self.last_handshake = Some(handshake);
         self.down_since = None;
         self.plan.clear();
         self.rounds_failed = 0;
+        self.session = Some((now, false, false));
         let i = attempt.server;
         if let Some(slot) = self.tcp_since.get_mut(i) {
             *slot = match attempt.transport {
@@ -165,11 +220,62 @@ impl Dialer {
         self.quic_failed.iter_mut().for_each(|f| *f = false);
     }
 
+    /// The session resumed (the aggregator's cursor was applied).
+    pub fn resumed(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            s.1 = true;
+        }
+    }
+
+    /// The session got something acknowledged: it is productive, the backoff
+    /// is over.
+    pub fn progressed(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            if s.1 {
+                s.2 = true;
+                self.fruitless = 0;
+                self.refusals = 0;
+            }
+        }
+    }
+
+    /// The node's credentials changed: whatever was refused may work now.
+    pub fn credentials_changed(&mut self) {
+        self.refusals = 0;
+        self.plan.clear();
+    }
+
     /// The session ended: the outage starts now (unless one is running).
     pub fn disconnected(&mut self, now: Instant) {
+        self.disconnected_as(Ending::Ended, now);
+    }
+
+    /// The session ended, and how.
+    pub fn disconnected_as(&mut self, ending: Ending, now: Instant) {
+        let productive = self
+            .session
+            .take()
+            .is_some_and(|(since, resumed, progressed)| {
+                progressed
+                    || (resumed && now.saturating_duration_since(since) >= self.cfg.stable_after)
+            });
+        if productive {
+            self.fruitless = 0;
+            self.refusals = 0;
+        } else {
+            self.fruitless = self.fruitless.saturating_add(1);
+        }
+        if ending == Ending::Refused {
+            self.refusals = self.refusals.saturating_add(1);
+        }
         self.down_since.get_or_insert(now);
         self.plan.clear();
         self.rounds_failed = 0;
+    }
+
+    /// Sessions in a row that made no progress, and refusals in a row.
+    pub fn backoff_state(&self) -> (u32, u32) {
+        (self.fruitless, self.refusals)
     }
 
     /// While connected over TCP to `server`: when QUIC should be tried
@@ -213,6 +319,25 @@ impl Dialer {
         }
     }
 
+    /// The wait fruitless sessions and refusals impose.
+    fn backoff(&self, jitter: f64) -> Duration {
+        let jitter = 0.75 + 0.5 * jitter.clamp(0.0, 1.0);
+        let doubled = |base: Duration, n: u32, cap: Duration| {
+            if n == 0 {
+                return Duration::ZERO;
+            }
+            let factor = 1u32 << (n - 1).min(16);
+            base.saturating_mul(factor).min(cap).mul_f64(jitter)
+        };
+        let fruitless = doubled(self.cfg.min_delay, self.fruitless, self.cfg.max_delay);
+        let refused = doubled(
+            self.cfg.refused_delay,
+            self.refusals,
+            self.cfg.refused_max_delay,
+        );
+        fruitless.max(refused)
+    }
+
     fn delay(&self, now: Instant, jitter: f64) -> Duration {
         let down = self.down_for(now).unwrap_or_default();
         let base = (down / 10).clamp(self.cfg.min_delay, self.cfg.max_delay);
@@ -239,6 +364,96 @@ impl Dialer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sessions that end before they were productive back off exponentially;
+    /// refusals back off to minutes; only progress resets them.
+    #[test]
+    fn fruitless_sessions_and_refusals_back_off_until_progress() {
+        let t0 = Instant::now();
+        let mut d = Dialer::new(DialConfig::default(), t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let (at, a) = d.next(now, 0.5);
+            waits.push(at - now);
+            now = at;
+            // The handshake completes, then the session ends at once.
+            d.connected(a, ms(5), now);
+            d.disconnected(now);
+        }
+        assert_eq!(waits[0], Duration::ZERO);
+        assert_eq!(&waits[1..5], &[ms(100), ms(200), ms(400), ms(800)]);
+        assert_eq!(waits[waits.len() - 1], Duration::from_secs(30), "capped");
+        // A productive session resets it: the next reconnect is immediate.
+        let (at, a) = d.next(now, 0.5);
+        d.connected(a, ms(5), at);
+        d.resumed();
+        d.progressed();
+        d.disconnected(at);
+        assert_eq!(d.next(at, 0.5).0, at);
+
+        // Refusals: 15 s, 30 s, 60 s... up to 10 minutes.
+        let mut d = Dialer::new(DialConfig::default(), t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let (at, a) = d.next(now, 0.5);
+            waits.push(at - now);
+            now = at;
+            d.connected(a, ms(5), now);
+            d.disconnected_as(Ending::Refused, now);
+        }
+        assert_eq!(
+            &waits[1..4],
+            &[
+                Duration::from_secs(15),
+                Duration::from_secs(30),
+                Duration::from_secs(60)
+            ]
+        );
+        assert_eq!(waits[waits.len() - 1], Duration::from_secs(600));
+        // New credentials: the refusals are forgotten.
+        d.credentials_changed();
+        let (at, _) = d.next(now, 0.5);
+        assert!(at - now <= Duration::from_secs(30), "{:?}", at - now);
+
+        // A resumed session that stayed up counts as productive.
+        let mut d = Dialer::new(DialConfig::default(), t0);
+        let (_, a) = d.next(t0, 0.5);
+        d.connected(a, ms(5), t0);
+        d.resumed();
+        d.disconnected(t0 + Duration::from_secs(11));
+        assert_eq!(d.backoff_state(), (0, 0));
+    }
+
+    /// However an aggregator misbehaves, a dialer that is told the truth
+    /// reconnects a bounded number of times per minute.
+    #[test]
+    fn no_failure_state_reconnects_more_than_a_bound_per_minute() {
+        let t0 = Instant::now();
+        for (name, ending, resumes) in [
+            ("handshake ok, closed at once", Ending::Ended, false),
+            ("resumed, then closed before any ack", Ending::Ended, true),
+            ("certificate refused", Ending::Refused, false),
+        ] {
+            let mut d = Dialer::new(DialConfig::default(), t0);
+            let mut now = t0;
+            let mut connects = 0;
+            while now < t0 + Duration::from_secs(600) {
+                let (at, a) = d.next(now, 0.0);
+                now = at + ms(1);
+                connects += 1;
+                d.connected(a, ms(1), now);
+                if resumes {
+                    d.resumed();
+                }
+                d.disconnected_as(ending, now);
+            }
+            // 10 minutes: the doubling reaches the cap within a few tries.
+            let per_minute = connects as f64 / 10.0;
+            assert!(per_minute <= 8.0, "{name}: {connects} connects in 10 min");
+        }
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -295,6 +510,8 @@ mod tests {
         let mut d = Dialer::new(DialConfig::default(), t0);
         let (_, a) = d.next(t0, 0.0);
         d.connected(a, ms(20), t0 + ms(20));
+        d.resumed();
+        d.progressed();
         d.disconnected(t0 + Duration::from_secs(100));
         let now = t0 + Duration::from_secs(100);
         let (at, a) = d.next(now, 0.0);

@@ -122,6 +122,28 @@ impl TransportError {
         }
     }
 
+    /// Did the aggregator refuse this node — close it as `Unauthorized`, or
+    /// fail the TLS handshake with an alert (its certificate rejected, or
+    /// the server's by us)? Retrying at once cannot help: the edge backs off
+    /// to minutes (`fogline_protocol::dial`).
+    pub fn is_refusal(&self) -> bool {
+        let tls_failed = |text: &str| {
+            // quinn: "the cryptographic handshake failed: error 42 …";
+            // rustls over TCP: "received fatal alert: BadCertificate" or a
+            // local "invalid peer certificate: …".
+            text.contains("cryptographic handshake failed")
+                || text.contains("fatal alert")
+                || text.contains("invalid peer certificate")
+        };
+        match self {
+            TransportError::Closed { code, .. } => *code == ErrorCode::Unauthorized,
+            TransportError::ConnectionLost(reason) | TransportError::Connect { reason, .. } => {
+                tls_failed(reason)
+            }
+            _ => false,
+        }
+    }
+
     /// Did the peer or the network end the connection (nothing to tell the
     /// peer any more)?
     pub fn is_disconnect(&self) -> bool {
@@ -137,4 +159,33 @@ impl TransportError {
 /// QUIC application close code for `code`.
 pub(crate) fn close_code(code: ErrorCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(code.to_u32())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_rejections_and_unauthorized_closes_are_refusals() {
+        for text in [
+            "aborted by peer: the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer",
+            "received fatal alert: CertificateExpired",
+        ] {
+            assert!(
+                TransportError::ConnectionLost(text.into()).is_refusal(),
+                "{text}"
+            );
+        }
+        assert!(TransportError::Closed {
+            code: ErrorCode::Unauthorized,
+            reason: "revoked".into()
+        }
+        .is_refusal());
+        assert!(!TransportError::ConnectionLost("timed out".into()).is_refusal());
+        assert!(!TransportError::Closed {
+            code: ErrorCode::ShuttingDown,
+            reason: String::new()
+        }
+        .is_refusal());
+    }
 }

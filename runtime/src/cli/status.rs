@@ -159,6 +159,14 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     match link.as_ref().and_then(|l| l.link.as_ref()) {
+        _ if link.as_ref().is_some_and(|l| l.refusals > 0) => println!(
+            "uplink            REFUSED by the aggregator {} time(s) in a row (its certificate? see the log); retrying in minutes",
+            link.as_ref().map_or(0, |l| l.refusals)
+        ),
+        _ if link.as_ref().is_some_and(|l| l.fruitless >= 3) => println!(
+            "uplink            FLAPPING — {} sessions in a row ended before making progress (see the log); backing off",
+            link.as_ref().map_or(0, |l| l.fruitless)
+        ),
         Some(l) => println!(
             "uplink            connected — {} over {} since {}{}",
             l.server,

@@ -61,6 +61,12 @@ pub(super) fn reconnect_min() -> Duration {
 pub(super) fn reconnect_max() -> Duration {
     Duration::from_secs(5)
 }
+pub(super) fn refused_delay() -> Duration {
+    Duration::from_secs(15)
+}
+pub(super) fn refused_max_delay() -> Duration {
+    Duration::from_secs(600)
+}
 pub(super) fn connect_timeout() -> Duration {
     Duration::from_secs(5)
 }

@@ -420,9 +420,18 @@ pub struct UplinkConfig {
     /// (a tenth of it), jittered, up to `reconnect_max`.
     #[serde(default = "defaults::reconnect_min", with = "humantime_serde")]
     pub reconnect_min: Duration,
-    /// Longest reconnect wait.
+    /// Longest reconnect wait (also the cap of the backoff after sessions
+    /// that end before making progress).
     #[serde(default = "defaults::reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// After the aggregator refuses this node (its certificate rejected, or
+    /// closed as unauthorized), wait this long; it doubles per refusal in a
+    /// row. Renewed certificate files end the wait at once.
+    #[serde(default = "defaults::refused_delay", with = "humantime_serde")]
+    pub refused_delay: Duration,
+    /// Longest wait after refusals.
+    #[serde(default = "defaults::refused_max_delay", with = "humantime_serde")]
+    pub refused_max_delay: Duration,
     /// Longest handshake (QUIC or TCP/TLS) before trying the next way.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,

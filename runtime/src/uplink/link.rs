@@ -172,6 +172,7 @@ impl<'a> Ctx<'a> {
                                     up.note_ack(cursor);
                                 }
                                 session.handle_resumed(next_seq, Instant::now());
+                                dialer.resumed();
                             }
                             Err(e) => session.close(CloseReason::Local {
                                 detail: format!("applying the aggregator's cursor {cursor}: {e}"),
@@ -250,6 +251,7 @@ impl<'a> Ctx<'a> {
                         session.handle_frame(frame, Instant::now());
                         if session.stats().acked > acked {
                             up.note_ack(session.stats().acked);
+                            dialer.progressed();
                         }
                     }
                     Err(TransportError::Decode(e)) => session.close(CloseReason::Violation {
@@ -322,6 +324,7 @@ impl<'a> Ctx<'a> {
 fn lost(handle: &fogline_transport::conn::ConnHandle, e: TransportError) -> End {
     let e = handle.explain(e);
     let label = match &e {
+        e if e.is_refusal() => "refused",
         TransportError::Closed { code, .. } if *code == ErrorCode::Superseded => "superseded",
         TransportError::Closed { code, .. } if *code == ErrorCode::ShuttingDown => {
             "aggregator_shutdown"

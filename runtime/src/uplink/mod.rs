@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fogline_protocol::dial::{Attempt, DialConfig, Dialer};
+use fogline_protocol::dial::{Attempt, DialConfig, Dialer, Ending};
 use fogline_protocol::session::client::{ClientAction, ClientConfig, ClientSession};
 use fogline_protocol::Frame;
 use fogline_transport::client::{ClientTransport, Connected};
@@ -72,6 +72,11 @@ pub struct UplinkState {
     pub probe_switches: AtomicU64,
     /// Connection attempts that failed.
     pub failed_attempts: AtomicU64,
+    /// Sessions in a row that ended before they made progress (a flapping
+    /// link; the dialer backs off).
+    pub fruitless: AtomicU64,
+    /// Refusals by the aggregator in a row (a rejected certificate).
+    pub refusals: AtomicU64,
     /// The link now in use.
     pub link: Mutex<Option<LinkInfo>>,
 }
@@ -106,6 +111,12 @@ pub struct UplinkStatus {
     pub probe_switches: u64,
     /// Connection attempts that failed.
     pub failed_attempts: u64,
+    /// Sessions in a row that ended before making progress.
+    #[serde(default)]
+    pub fruitless: u64,
+    /// Refusals by the aggregator in a row.
+    #[serde(default)]
+    pub refusals: u64,
 }
 
 impl UplinkState {
@@ -120,6 +131,8 @@ impl UplinkState {
             probes: get(&self.probes),
             probe_switches: get(&self.probe_switches),
             failed_attempts: get(&self.failed_attempts),
+            fruitless: get(&self.fruitless),
+            refusals: get(&self.refusals),
         }
     }
 
@@ -139,6 +152,9 @@ pub struct Uplink {
     committed: Arc<Notify>,
     committed_seq: Arc<AtomicU64>,
 }
+
+/// How often certificate files are checked while waiting to reconnect.
+const CERT_WATCH: Duration = Duration::from_secs(5);
 
 /// How often certificate files are checked for a renewal.
 const CERT_CHECK: Duration = Duration::from_secs(5);
@@ -193,6 +209,9 @@ impl Uplink {
             max_delay: c.reconnect_max,
             connect_timeout: c.connect_timeout,
             attempt_floor: Duration::from_secs(1).min(c.connect_timeout),
+            refused_delay: c.refused_delay,
+            refused_max_delay: c.refused_max_delay.max(c.refused_delay),
+            ..DialConfig::default()
         }
     }
 
@@ -254,9 +273,30 @@ impl Uplink {
                 None => {
                     let jitter = rand::rng().random_range(0.0..1.0);
                     let (at, attempt) = dialer.next(Instant::now(), jitter);
-                    tokio::select! {
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep_until(at.into()) => {}
+                    // A long backoff (a refusal waits minutes) still notices
+                    // renewed certificate files within CERT_WATCH.
+                    let mut renewed = false;
+                    while !renewed && Instant::now() < at {
+                        let step = (at - Instant::now()).min(CERT_WATCH);
+                        tokio::select! {
+                            _ = shutdown.changed() => break,
+                            _ = tokio::time::sleep(step) => {}
+                        }
+                        if *shutdown.borrow() {
+                            break;
+                        }
+                        if Instant::now() < at && matches!(transport.reload_if_changed(), Ok(true))
+                        {
+                            info!(cert = %self.tls.cert.display(), "Node certificate files changed; trying them now.");
+                            dialer.credentials_changed();
+                            renewed = true;
+                        }
+                    }
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                    if renewed {
+                        continue;
                     }
                     let server = servers.get(attempt.server).cloned().unwrap_or_default();
                     let started = Instant::now();
@@ -281,7 +321,12 @@ impl Uplink {
                     match result {
                         Ok((c, addr)) => (c, attempt, addr),
                         Err(e) => {
-                            dialer.failed(attempt, Instant::now());
+                            let ending = if e.is_refusal() {
+                                Ending::Refused
+                            } else {
+                                Ending::Ended
+                            };
+                            dialer.failed_as(attempt, ending, Instant::now());
                             self.state.failed_attempts.fetch_add(1, Ordering::AcqRel);
                             metrics::counter!("fogline_uplink_connect_failures_total", "transport" => attempt.transport.name()).increment(1);
                             let down = dialer.down_for(Instant::now()).unwrap_or_default();
@@ -324,7 +369,28 @@ impl Uplink {
                 .await;
             self.set_connected(false).await;
             self.state.set_link(None);
-            dialer.disconnected(Instant::now());
+            let refused = matches!(
+                &end,
+                End::Closed {
+                    label: "refused",
+                    ..
+                }
+            );
+            dialer.disconnected_as(
+                if refused {
+                    Ending::Refused
+                } else {
+                    Ending::Ended
+                },
+                Instant::now(),
+            );
+            let (fruitless, refusals) = dialer.backoff_state();
+            self.state
+                .fruitless
+                .store(u64::from(fruitless), Ordering::Release);
+            self.state
+                .refusals
+                .store(u64::from(refusals), Ordering::Release);
             match end {
                 End::Shutdown => break,
                 End::Switch(c, a) => carried = Some((*c, a, addr)),
@@ -338,6 +404,8 @@ impl Uplink {
                     };
                     if label == "renewed" || label == "certificate" {
                         info!(%server, "{reason}");
+                    } else if label == "refused" {
+                        error!(%server, refusals, "The aggregator refuses this node ({reason}); retrying in minutes, or at once when the certificate files change.");
                     } else {
                         warn!(%server, reason = label, "Uplink session ended: {reason}");
                     }
@@ -362,6 +430,8 @@ impl Uplink {
     }
 
     fn note_ack(&self, acked: u64) {
+        self.state.fruitless.store(0, Ordering::Release);
+        self.state.refusals.store(0, Ordering::Release);
         self.state.acked_seq.fetch_max(acked, Ordering::AcqRel);
         let now = crate::clock::now_ms();
         self.state.last_sync_ms.store(now, Ordering::Release);

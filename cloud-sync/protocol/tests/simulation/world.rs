@@ -665,8 +665,13 @@ impl World {
             }
             let now = self.instant(self.now);
             if let Some(a) = self.edge.session.as_mut().filter(|a| a.conn == conn) {
+                let acked = a.session.stats().acked;
                 for f in frames {
                     a.session.handle_frame(f, now);
+                }
+                // As the uplink does: an acknowledgement is progress.
+                if a.session.stats().acked > acked {
+                    self.edge.dialer.progressed();
                 }
             }
         }
@@ -1092,6 +1097,7 @@ impl World {
                 let next = self.edge.outbox.next_seq;
                 if let Some(a) = self.edge.session.as_mut().filter(|_| current) {
                     a.session.handle_resumed(next, now);
+                    self.edge.dialer.resumed();
                 }
             }
             OutOp::Read { after, max_records } => {
