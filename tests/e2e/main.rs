@@ -32,6 +32,7 @@ pub struct Cluster {
     pub store: PathBuf,
     pub quic_port: u16,
     pub edge_http: u16,
+    pub cloud_http: u16,
 }
 
 pub fn write_certs(dir: &Path, nodes: &[&str]) {
@@ -156,6 +157,7 @@ impl Cluster {
             edge_config: edge_cfg,
             quic_port,
             edge_http,
+            cloud_http,
         };
         c.wait_edge_subscribed();
         c
@@ -239,6 +241,18 @@ impl Cluster {
         let v = fogline_tests::oracle::judge(&records, expected);
         let _ = verdict;
         v
+    }
+
+    /// The sum of every series of an aggregator metric whose line contains
+    /// `filter` (0 if absent).
+    pub fn cloud_metric(&self, name: &str, filter: &str) -> f64 {
+        let Some((_, body)) = fogline_tests::deploy::http_get(self.cloud_http, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     pub fn logs(&self) -> String {

@@ -66,6 +66,21 @@ pub enum CertError {
     /// A validity period that makes no sense.
     #[error("validity: {0}")]
     Validity(String),
+    /// The CRL is gone but the ledger records revocations: writing a new CRL
+    /// would silently undo them.
+    #[error(
+        "{crl} is missing, but {ledger} records {count} earlier revocation(s): writing a new CRL \
+         would undo them. Restore {crl} from a backup, or rebuild it from the ledger with \
+         `fogline-cloud certs revoke --dir DIR --rebuild`"
+    )]
+    CrlMissing {
+        /// The CRL file.
+        crl: PathBuf,
+        /// The ledger.
+        ledger: PathBuf,
+        /// Revocations it records.
+        count: usize,
+    },
 }
 
 /// When a certificate is valid.
@@ -341,11 +356,67 @@ fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
 /// missing), signed by the CA, with the next CRL number. Serials already
 /// revoked stay revoked. Returns how many serials the CRL now holds.
 pub fn revoke(dir: &Path, serials: &[String]) -> Result<usize, CertError> {
+    revoke_with(dir, serials, false)
+}
+
+/// Where every revocation is also recorded, one `serial unix-time` line
+/// each, so a lost CRL can neither shrink the list unnoticed nor stay lost.
+pub fn ledger_path(dir: &Path) -> PathBuf {
+    dir.join("revoked.txt")
+}
+
+/// The ledger's revocations: `(serial hex, unix time)`.
+fn read_ledger(dir: &Path) -> Result<Vec<(String, i64)>, CertError> {
+    let path = ledger_path(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(CertError::Io { path, source }),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(serial), Some(at)) = (parts.next(), parts.next()) else {
+            return Err(CertError::Parse {
+                path: path.clone(),
+                reason: format!("line {}: expected `SERIAL UNIX-TIME`", n + 1),
+            });
+        };
+        let at: i64 = at.parse().map_err(|_| CertError::Parse {
+            path: path.clone(),
+            reason: format!("line {}: `{at}` is not a unix time", n + 1),
+        })?;
+        out.push((serial.to_lowercase(), at));
+    }
+    Ok(out)
+}
+
+/// [`revoke`]; `rebuild`: write the CRL from the ledger when it is missing.
+/// The CRL and the ledger are merged both ways: a revocation recorded in
+/// either stays in both, so the list never shrinks.
+pub fn revoke_with(dir: &Path, serials: &[String], rebuild: bool) -> Result<usize, CertError> {
     let issuer = load_issuer(dir)?;
     let path = crl_path(dir);
     let now = OffsetDateTime::now_utc();
+    let ledger = read_ledger(dir)?;
+    if !path.exists() && !ledger.is_empty() && !rebuild {
+        return Err(CertError::CrlMissing {
+            crl: path,
+            ledger: ledger_path(dir),
+            count: ledger.len(),
+        });
+    }
     let mut revoked: Vec<RevokedCertParams> = Vec::new();
-    let mut number: u64 = 1;
+    // A rebuilt CRL numbers after anything issued before: the time will do.
+    let mut number: u64 = if !path.exists() && !ledger.is_empty() {
+        u64::try_from(now.unix_timestamp()).unwrap_or(1)
+    } else {
+        1
+    };
     if path.exists() {
         let der =
             CertificateRevocationListDer::from_pem_file(&path).map_err(|e| CertError::Parse {
@@ -371,10 +442,23 @@ pub fn revoke(dir: &Path, serials: &[String]) -> Result<usize, CertError> {
             });
         }
     }
-    let known: std::collections::HashSet<String> = revoked
+    let mut known: std::collections::HashSet<String> = revoked
         .iter()
         .map(|r| fogline_transport::identity::serial_hex(r.serial_number.as_ref()))
         .collect();
+    for (serial, at) in &ledger {
+        let Some(bytes) = hex_bytes(serial) else {
+            continue;
+        };
+        if known.insert(fogline_transport::identity::serial_hex(&bytes)) {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
     for s in serials {
         let bytes = hex_bytes(s).ok_or_else(|| CertError::Parse {
             path: PathBuf::from(s),
@@ -405,6 +489,18 @@ pub fn revoke(dir: &Path, serials: &[String]) -> Result<usize, CertError> {
     let pem = crl
         .pem()
         .map_err(rc(format!("encoding {}", path.display())))?;
+    // The ledger first: a revocation is on record before the CRL says it.
+    let mut lines = String::from(
+        "# Every revocation: SERIAL UNIX-TIME. Kept by `fogline-cloud certs revoke`.\n",
+    );
+    for r in &params.revoked_certs {
+        lines += &format!(
+            "{} {}\n",
+            fogline_transport::identity::serial_hex(r.serial_number.as_ref()),
+            r.revocation_time.unix_timestamp()
+        );
+    }
+    write_file(&ledger_path(dir), &lines, false, true)?;
     write_file(&path, &pem, false, true)?;
     Ok(count)
 }
@@ -413,6 +509,32 @@ pub fn revoke(dir: &Path, serials: &[String]) -> Result<usize, CertError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_crl_is_an_error_not_a_fresh_start_and_can_be_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        dev_bundle(dir.path(), &["gw-1", "gw-2"]).unwrap();
+        let (s1, _) = certificate_serial(&dir.path().join("node-gw-1.pem")).unwrap();
+        let (s2, _) = certificate_serial(&dir.path().join("node-gw-2.pem")).unwrap();
+        assert_eq!(revoke(dir.path(), std::slice::from_ref(&s1)).unwrap(), 1);
+        std::fs::remove_file(crl_path(dir.path())).unwrap();
+        let err = revoke(dir.path(), std::slice::from_ref(&s2)).unwrap_err();
+        assert!(
+            matches!(err, CertError::CrlMissing { count: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--rebuild"), "{err}");
+        assert_eq!(
+            revoke_with(dir.path(), std::slice::from_ref(&s2), true).unwrap(),
+            2
+        );
+        let crl = CertificateRevocationListDer::from_pem_file(crl_path(dir.path())).unwrap();
+        let mut listed = fogline_transport::identity::crl_serials(&crl).unwrap();
+        listed.sort();
+        let mut want = vec![s1, s2];
+        want.sort();
+        assert_eq!(listed, want, "nothing earlier was undone");
+    }
 
     #[test]
     fn lifetimes_serials_and_a_crl_that_accumulates() {

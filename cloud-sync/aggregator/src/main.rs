@@ -106,6 +106,10 @@ enum CertsCommand {
         /// Revoke certificates by serial (hex, as the aggregator logs it) instead.
         #[arg(long = "serial")]
         serials: Vec<String>,
+        /// The CRL was lost: write it again from DIR/revoked.txt (the ledger of
+        /// every revocation) instead of refusing.
+        #[arg(long)]
+        rebuild: bool,
     },
 }
 
@@ -221,7 +225,12 @@ fn certs_command(c: CertsCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        CertsCommand::Revoke { dir, ids, serials } => {
+        CertsCommand::Revoke {
+            dir,
+            ids,
+            serials,
+            rebuild,
+        } => {
             // With nothing named, the CRL is (re)written as it is: create an
             // empty one before pointing `[tls] crl` at it.
             let mut all = serials;
@@ -231,7 +240,7 @@ fn certs_command(c: CertsCommand) -> anyhow::Result<()> {
                 println!("revoking {node}: serial {serial}");
                 all.push(serial);
             }
-            let n = certs::revoke(&dir, &all)?;
+            let n = certs::revoke_with(&dir, &all, rebuild)?;
             println!(
                 "wrote {} ({n} revoked in all); aggregators with `[tls] crl` pointing at it apply it within `reload_every`",
                 certs::crl_path(&dir).display()

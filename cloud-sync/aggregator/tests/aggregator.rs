@@ -410,3 +410,43 @@ async fn missing_tls_files_are_named() {
     let err = ClientTransport::new(tls).err().unwrap().to_string();
     assert!(err.contains("nope/ca.pem"), "{err}");
 }
+
+/// A source that keeps failing its handshake (a node with a foreign
+/// certificate that does not back off) is refused before any cryptography
+/// once it passed the limit, and logged once per interval, not per attempt.
+#[tokio::test]
+async fn a_source_that_keeps_failing_handshakes_is_refused_without_a_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start(dir.path(), "").await;
+    let rogue = dir.path().join("rogue");
+    fogline_testkit::certs::dev_bundle(&rogue, &["gw-1"]).unwrap();
+    let client = ClientTransport::new(tls_with(dir.path(), &rogue, "gw-1")).unwrap();
+    for i in 0..80 {
+        let how = if i % 4 == 0 {
+            Transport::Quic
+        } else {
+            Transport::Tcp
+        };
+        let result = TestNode::connect(&client, how, addr(&agg, how), OUTBOX).await;
+        assert!(result.is_err());
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", agg.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |reason: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("fogline_cloud_connections_rejected_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(count("handshake") <= 31.0, "{metrics}");
+    assert!(count("rate_limited") >= 45.0, "{metrics}");
+    agg.shutdown().await;
+}

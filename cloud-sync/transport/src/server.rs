@@ -159,6 +159,15 @@ impl Incoming {
         }
     }
 
+    /// Refuse it before any cryptography: QUIC answers with a
+    /// connection-refused close, TCP is closed.
+    pub fn refuse(self) {
+        match self {
+            Incoming::Quic(i) => i.refuse(),
+            Incoming::Tcp(stream, ..) => drop(stream),
+        }
+    }
+
     /// QUIC or TCP.
     pub fn transport(&self) -> Transport {
         match self {

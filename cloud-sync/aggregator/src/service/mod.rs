@@ -14,10 +14,11 @@
 //! is now refused are closed (`Unauthorized`), without a restart.
 
 pub mod gate;
+pub mod guard;
 pub mod nodes;
 mod session;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fogline_protocol::frame::ErrorCode;
@@ -31,6 +32,7 @@ use tracing::{info, warn};
 use crate::config::CloudConfig;
 use crate::store::Store;
 use gate::{revoked_serials, Gate};
+use guard::{GuardConfig, HandshakeGuard, Report};
 use nodes::Nodes;
 use session::Shared;
 
@@ -105,6 +107,7 @@ impl Service {
             shutdown.clone(),
         ));
         let handshake_timeout = self.config.limits.hello_timeout;
+        let guard = Arc::new(Mutex::new(HandshakeGuard::new(GuardConfig::default())));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.changed() => break,
@@ -115,8 +118,29 @@ impl Service {
             };
             // Reap finished connection tasks as we go.
             while conns.try_join_next().is_some() {}
-            let (shared, gate) = (self.shared.clone(), self.gate.clone());
-            conns.spawn(accept(incoming, handshake_timeout, shared, gate));
+            let remote = incoming.remote_address();
+            let now = fogline_telemetry::clock::now_ms();
+            let admitted = match guard.lock() {
+                Ok(mut g) => {
+                    if g.admit(remote.ip(), now) {
+                        None
+                    } else {
+                        Some(g.due(remote.ip(), now))
+                    }
+                }
+                Err(_) => None,
+            };
+            if let Some(report) = admitted {
+                metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "rate_limited")
+                    .increment(1);
+                incoming.refuse();
+                if let Some(r) = report {
+                    log_refused(remote, &r, None);
+                }
+                continue;
+            }
+            let (shared, gate, guard) = (self.shared.clone(), self.gate.clone(), guard.clone());
+            conns.spawn(accept(incoming, handshake_timeout, shared, gate, guard));
         }
         reload.abort();
         self.shared.nodes.close_where(ErrorCode::ShuttingDown, |_| {
@@ -136,15 +160,43 @@ impl Service {
     }
 }
 
-async fn accept(incoming: Incoming, timeout: Duration, shared: Arc<Shared>, gate: Arc<Gate>) {
+/// One line per source and interval: what failed, what was refused.
+fn log_refused(remote: std::net::SocketAddr, r: &Report, error: Option<&str>) {
+    warn!(
+        %remote,
+        failed_handshakes = r.failures,
+        refused_without_handshake = r.refused,
+        blocked = r.blocked,
+        error = error.unwrap_or(""),
+        "Rejected a connection during the handshake (repeats from this source are counted, logged at most every 10 s, and refused cheaply past 30 a minute)."
+    );
+}
+
+async fn accept(
+    incoming: Incoming,
+    timeout: Duration,
+    shared: Arc<Shared>,
+    gate: Arc<Gate>,
+    guard: Arc<Mutex<HandshakeGuard>>,
+) {
     let remote = incoming.remote_address();
-    let transport = incoming.transport();
     let accepted = match incoming.handshake(timeout).await {
-        Ok(a) => a,
+        Ok(a) => {
+            if let Ok(mut g) = guard.lock() {
+                g.succeeded(remote.ip());
+            }
+            a
+        }
         Err(e) => {
             metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "handshake")
                 .increment(1);
-            warn!(%remote, transport = transport.name(), error = %e, "Rejected a connection during the handshake.");
+            let report = guard
+                .lock()
+                .ok()
+                .and_then(|mut g| g.failed(remote.ip(), fogline_telemetry::clock::now_ms()));
+            if let Some(r) = report {
+                log_refused(remote, &r, Some(&e.to_string()));
+            }
             return;
         }
     };
