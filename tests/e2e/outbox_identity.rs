@@ -285,6 +285,58 @@ fn a_restored_aggregator_store_counts_its_lost_records_once_across_reconnects() 
     );
 }
 
+/// I-9, the incarnation-less case: the aggregator's store is deleted
+/// outright (no row for the node at all). The edge, acknowledged 1..=50,
+/// raises its alarm; the aggregator records the same gap (`lost_records` =
+/// 50) although it has nothing of the node; what comes later is stored once.
+#[test]
+fn a_deleted_aggregator_store_records_the_gap_on_both_sides() {
+    let node = "gw-id-deleted-store";
+    let mut site = Site::start(node, debug_broker());
+    let edge = start_edge(&site, node);
+    site.wait_subscribed(&edge, node, 1);
+    let port = site.mosquitto.port();
+    publish(port, QoS::AtLeastOnce, &readings(0..1, 0..50));
+    wait_synced(&site, &edge, node, 50);
+
+    stop(&mut site.cloud.daemon);
+    remove_db(&site.cloud.store);
+    site.cloud.daemon.restart().unwrap();
+    edge.wait_for(Duration::from_secs(30), "alarm cursor_behind", |s| {
+        alarm_kinds(s).iter().any(|k| k == "cursor_behind")
+    })
+    .unwrap();
+    let ok = process::wait_until(Duration::from_secs(10), || {
+        node_summary(&site, node).is_some_and(|n| n["lost_records"].as_u64() == Some(50))
+    });
+    assert!(
+        ok,
+        "the aggregator records records 1..=50 as lost: {:?}\n{}",
+        node_summary(&site, node),
+        site.logs(&edge)
+    );
+    assert!(
+        edge.daemon
+            .log_text()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("records 1..=50 were lost")),
+        "{}",
+        site.logs(&edge)
+    );
+
+    let later = readings(0..1, 50..70);
+    publish(port, QoS::AtLeastOnce, &later);
+    assert_exact(
+        &site.cloud.store,
+        &ids_of(&later),
+        Duration::from_secs(60),
+        || site.logs(&edge),
+    );
+    let summary = node_summary(&site, node).unwrap();
+    assert_eq!(summary["cursor"].as_u64(), Some(70), "{summary}");
+    assert_eq!(summary["lost_records"].as_u64(), Some(50), "{summary}");
+}
+
 /// What [`old_copy`] leaves behind.
 struct OldCopy {
     site: Site,

@@ -273,9 +273,14 @@ impl Store for SqliteStore {
     fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError> {
         let conn = lock(&self.reader)?;
         conn.prepare_cached(
-            "SELECT c.node, c.seq, c.updated_ms, (SELECT COUNT(*) FROM records r WHERE r.node = c.node), \
-             c.incarnation, (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0) FROM gaps g WHERE g.node = c.node) \
-             FROM cursors c ORDER BY c.node",
+            // A node known only by a gap (its store was lost, nothing
+            // applied since) is listed too: the loss is the news.
+            "SELECT n.node, COALESCE(c.seq, 0), \
+             COALESCE(c.updated_ms, (SELECT MAX(g.detected_ms) FROM gaps g WHERE g.node = n.node)), \
+             (SELECT COUNT(*) FROM records r WHERE r.node = n.node), c.incarnation, \
+             (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0) FROM gaps g WHERE g.node = n.node) \
+             FROM (SELECT node FROM cursors UNION SELECT node FROM gaps) n \
+             LEFT JOIN cursors c ON c.node = n.node ORDER BY n.node",
         )
         .and_then(|mut st| {
             st.query_map([], |r| {
@@ -369,6 +374,11 @@ mod tests {
         s.record_gap("n1", 11, 20, 6).unwrap();
         s.record_gap("n1", 12, 15, 7).unwrap();
         assert_eq!(s.nodes().unwrap()[0].lost_records, 10, "each gap once");
+        // A node known only by its gap (a lost store) is listed.
+        s.record_gap("n9", 1, 40, 8).unwrap();
+        let n9 = s.nodes().unwrap().into_iter().find(|n| n.node == "n9").unwrap();
+        assert_eq!((n9.cursor, n9.records, n9.lost_records), (0, 0, 40));
+        assert_eq!((n9.incarnation, n9.last_update_ms), (None, 8));
     }
 
     #[test]

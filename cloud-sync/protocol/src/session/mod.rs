@@ -61,9 +61,13 @@ pub struct Regression {
 
 /// Compares the store's cursor with the Hello of the same outbox
 /// incarnation: a cursor below what that outbox was acknowledged means the
-/// store lost applied records (ARCHITECTURE.md I-9).
+/// store lost applied records (ARCHITECTURE.md I-9). A store with no
+/// incarnation for the node (deleted, or from before incarnations) is taken
+/// as this outbox's, as the edge takes it ([`super::resume::reconcile`]):
+/// both sides then record the same gap.
 pub fn regression(stored: StoredCursor, hello: OutboxInfo) -> Option<Regression> {
-    (stored.incarnation == Some(hello.incarnation) && stored.seq < hello.acked).then_some(
+    let same = stored.incarnation.is_none_or(|i| i == hello.incarnation);
+    (same && stored.seq < hello.acked).then_some(
         Regression {
             from: stored.seq + 1,
             to: hello.acked,

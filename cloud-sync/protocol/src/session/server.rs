@@ -583,6 +583,18 @@ mod tests {
             ..OutboxInfo::default()
         };
         assert_eq!(regression(other, info), None);
+        // A store that lost the node altogether (deleted): the gap is
+        // everything this outbox was acknowledged, as the edge sees it.
+        assert_eq!(
+            regression(StoredCursor::default(), info),
+            Some(Regression { from: 1, to: 250 })
+        );
+        let fresh = OutboxInfo {
+            incarnation: 77,
+            acked: 0,
+            ..OutboxInfo::default()
+        };
+        assert_eq!(regression(StoredCursor::default(), fresh), None);
     }
 
     #[test]
