@@ -23,6 +23,8 @@ static STEPPED: AtomicBool = AtomicBool::new(false);
 /// Start the node clock no earlier than `high_water_ms` (from the outbox).
 pub fn init(high_water_ms: u64) {
     LAST.fetch_max(high_water_ms, Ordering::AcqRel);
+    // The aggregator's certificate is checked no earlier than this either.
+    fogline_transport::tls::raise_clock_floor(high_water_ms);
     metrics::describe_counter!(
         CLOCK_STEPS_TOTAL,
         "Times the wall clock went backwards; ingest timestamps held until it caught up."
@@ -69,6 +71,12 @@ pub fn node_ms(wall: u64) -> u64 {
 /// The latest time the node clock gave out (committed as its high-water mark).
 pub fn high_water_ms() -> u64 {
     LAST.load(Ordering::Acquire)
+}
+
+/// How far the wall clock is behind the latest time this node has seen
+/// (0 when it is not): a clock stepped back, or a boot without RTC.
+pub fn behind_ms() -> u64 {
+    high_water_ms().saturating_sub(now_ms())
 }
 
 #[cfg(test)]

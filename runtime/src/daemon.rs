@@ -84,6 +84,7 @@ pub struct Daemon {
 /// Start everything. Returns once all parts run; modules are loaded and
 /// initialised before ingest listens, so a bad module fails the start.
 pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
+    crate::metrics_help::describe();
     let started = std::time::Instant::now();
     let io = |what: String| move |source| DaemonError::Io { what, source };
     let data_dir = config.data_dir();
@@ -98,6 +99,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     })?);
     let outbox_path = config.outbox_path();
     let mut outbox = Outbox::open(&outbox_path, config.outbox.sync)?;
+    outbox.set_reserve(config.outbox.reserve_mib.saturating_mul(1 << 20));
     let epoch = outbox.begin_epoch()?;
     crate::clock::init(outbox.clock_high_water()?);
     let store = ModuleStore::new(config.module_store_dir());
@@ -172,7 +174,20 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
 
     let uplink = match &config.uplink {
         Some(u) => {
-            let reader = OutboxReader::open(&outbox_path, config.outbox.sync)?;
+            let (reader, reserved) = OutboxReader::open(&outbox_path, config.outbox.sync)?
+                .with_reserve(config.outbox.reserve_mib.saturating_mul(1 << 19));
+            match reserved {
+                Ok(true) => {}
+                Ok(false) if config.outbox.reserve_mib == 0 => {}
+                Ok(false) => warn!(
+                    path = %outbox_path.display(),
+                    reserve_mib = config.outbox.reserve_mib,
+                    "Not enough free disk for the outbox's reserve file (twice its size); it is made when there is."
+                ),
+                Err(e) => {
+                    warn!(path = %outbox_path.display(), error = %e, "Cannot make the outbox's reserve.")
+                }
+            }
             let up = Uplink::new(
                 &config,
                 u,

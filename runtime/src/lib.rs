@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod functions;
 pub mod ingest;
 pub mod message;
+pub mod metrics_help;
 pub mod outbox;
 pub mod pipeline;
 pub mod reload;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::daemon::LiveState;
 use crate::outbox::{self, OutboxStats};
+use fogline_telemetry::health::{Component, Health, Problem, ProblemKind};
 
 /// Ingest as `/status` reports it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -51,7 +52,7 @@ pub struct Status {
     /// The functions: version, breaker, held inputs, state, probation.
     pub functions: Vec<crate::pipeline::FunctionStatus>,
     /// `/healthz`'s verdict: empty when healthy.
-    pub problems: Vec<String>,
+    pub problems: Vec<Problem>,
 }
 
 #[derive(Clone)]
@@ -85,31 +86,47 @@ pub async fn serve(
     Ok(addr)
 }
 
-/// Why the daemon is wedged, if it is: work pending and no progress for
-/// `stall_after`.
-pub fn problems(live: &LiveState, now_ms: u64) -> Vec<String> {
+/// A wall clock this far behind the node clock is worth a problem.
+const CLOCK_BEHIND_MS: u64 = 60_000;
+
+/// What is wrong with the daemon, if anything (ARCHITECTURE.md I-17):
+/// work pending and no progress for `stall_after`, commits failing, a
+/// function suspended, the uplink refused, failing or stalled, deletes
+/// failing, the clock behind.
+pub fn problems(live: &LiveState, now_ms: u64) -> Vec<Problem> {
     let mut out = Vec::new();
     let stall = live.stall_after.as_millis() as u64;
     let secs = |ms: u64| format!("{:.0} s", ms as f64 / 1000.0);
     let p = &live.pipeline;
     let started = p.commit_started_ms.load(Ordering::Acquire);
+    let failure = p.failure.lock().ok().and_then(|f| f.clone());
     if started != 0 && now_ms.saturating_sub(started) > stall {
-        let failing = if p.failing.load(Ordering::Acquire) {
-            " and failing (disk full or I/O errors: see the log)"
-        } else {
-            ""
+        let (kind, why) = match &failure {
+            Some(f) if f.disk_full => (ProblemKind::DiskFull, format!(": {}", f.detail)),
+            Some(f) => (ProblemKind::StoreError, format!(": {}", f.detail)),
+            None => (ProblemKind::Wedged, String::new()),
         };
-        out.push(format!(
-            "pipeline wedged: an outbox commit has been running for {}{failing}",
-            secs(now_ms - started)
+        out.push(Problem::new(
+            Component::Pipeline,
+            kind,
+            started,
+            format!(
+                "an outbox commit has been running for {}{why}; nothing in it is acknowledged yet",
+                secs(now_ms - started)
+            ),
         ));
     } else {
         let pending = live.pending.pending_bytes();
         let last = p.last_commit_ms.load(Ordering::Acquire);
         if pending > 0 && last != 0 && now_ms.saturating_sub(last) > stall {
-            out.push(format!(
-                "pipeline wedged: {pending} bytes waiting and no commit for {}",
-                secs(now_ms - last)
+            out.push(Problem::new(
+                Component::Pipeline,
+                ProblemKind::Wedged,
+                last,
+                format!(
+                    "{pending} bytes waiting and no commit for {}",
+                    secs(now_ms - last)
+                ),
             ));
         }
     }
@@ -119,15 +136,20 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<String> {
             // (held) or go to dead letters.
             let since = f.last_error.as_ref().map(|(at, _)| *at).unwrap_or(now_ms);
             if f.breaker == "open" && now_ms.saturating_sub(since) > stall {
-                out.push(format!(
-                    "function {} suspended (circuit open) for {}, {} inputs held; last error: {}",
-                    f.owner,
-                    secs(now_ms.saturating_sub(since)),
-                    f.held,
-                    f.last_error
-                        .as_ref()
-                        .map(|(_, e)| e.as_str())
-                        .unwrap_or("?")
+                out.push(Problem::new(
+                    Component::Function,
+                    ProblemKind::Suspended,
+                    since,
+                    format!(
+                        "function {} suspended (circuit open) for {}, {} inputs held; last error: {}",
+                        f.owner,
+                        secs(now_ms.saturating_sub(since)),
+                        f.held,
+                        f.last_error
+                            .as_ref()
+                            .map(|(_, e)| e.as_str())
+                            .unwrap_or("?")
+                    ),
                 ));
             }
         }
@@ -140,25 +162,70 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<String> {
         && progress != 0
         && now_ms.saturating_sub(progress) > stall
     {
-        out.push(format!(
-            "uplink wedged: connected, {in_flight} batches in flight and no acknowledgement for {}",
-            secs(now_ms - progress)
+        out.push(Problem::new(
+            Component::Uplink,
+            ProblemKind::Stalled,
+            progress,
+            format!(
+                "connected, {in_flight} batches in flight and no acknowledgement for {}",
+                secs(now_ms - progress)
+            ),
+        ));
+    }
+    if let Some(f) = u.failure() {
+        // A refusal or a local error will not pass by itself; a peer out of
+        // reach or a flapping link may: those count after `stall_after`.
+        let lasting = now_ms.saturating_sub(f.since_ms) > stall;
+        let at_once = matches!(
+            f.kind,
+            ProblemKind::Refused | ProblemKind::StoreError | ProblemKind::ClockWrong
+        );
+        if at_once || lasting {
+            let component = if f.kind == ProblemKind::ClockWrong {
+                Component::Clock
+            } else {
+                Component::Uplink
+            };
+            out.push(Problem::new(
+                component,
+                f.kind,
+                f.since_ms,
+                format!(
+                    "{} failed session(s) or attempt(s) in {}; the latest: {}",
+                    f.count,
+                    secs(now_ms.saturating_sub(f.since_ms)),
+                    f.detail
+                ),
+            ));
+        }
+    }
+    let behind = crate::clock::behind_ms();
+    if behind > CLOCK_BEHIND_MS {
+        out.push(Problem::new(
+            Component::Clock,
+            ProblemKind::ClockWrong,
+            now_ms,
+            format!(
+                "the wall clock is {} behind the latest time this node has seen: it was stepped back, or the gateway booted without a real-time clock; ingest timestamps are held at the latest until it catches up",
+                secs(behind)
+            ),
+        ));
+    }
+    if let Some(f) = u.store_failure() {
+        out.push(Problem::new(
+            Component::Outbox,
+            f.kind,
+            f.since_ms,
+            format!("{} failure(s); the latest: {}", f.count, f.detail),
         ));
     }
     out
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    let problems = problems(&s.live, crate::clock::now_ms());
-    if problems.is_empty() {
-        Json(serde_json::json!({ "status": "ok" })).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "wedged", "problems": problems })),
-        )
-            .into_response()
-    }
+    let health = Health::of(problems(&s.live, crate::clock::now_ms()));
+    let code = StatusCode::from_u16(health.http_status()).unwrap_or(StatusCode::OK);
+    (code, Json(health)).into_response()
 }
 
 async fn status(State(s): State<AppState>) -> Response {

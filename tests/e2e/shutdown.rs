@@ -29,6 +29,9 @@ const EXIT_MARGIN: Duration = Duration::from_secs(1);
 /// The log line the worker writes for each failed commit.
 const COMMIT_FAILED: &str = "Outbox commit failed";
 const STARTED: &str = "Fogline edge daemon started.";
+/// A disk that fills to the last byte (no outbox reserve, I-28): what an
+/// operator who turned the reserve off gets.
+const NO_RESERVE: &str = "[outbox]\nreserve_mib = 0\n";
 
 // ---------------------------------------------------------------------------
 // Tests
@@ -58,7 +61,7 @@ fn sigterm_with_a_full_disk_exits_in_time_and_loses_no_acknowledged_reading() {
         &disk.path.join("edge"),
         mqtt_port,
         &uplink_toml("gw-full", &certs, cloud.quic_port),
-        "",
+        NO_RESERVE,
         &[],
     );
 
@@ -150,7 +153,7 @@ fn healthz_recovers_when_the_disk_has_room_again() {
         &disk.path.join("edge"),
         mqtt_port,
         &uplink_toml("gw-heal", &certs, cloud.quic_port),
-        "",
+        NO_RESERVE,
         &[],
     );
     let (messages, ids) = readings(0, N);
@@ -163,8 +166,8 @@ fn healthz_recovers_when_the_disk_has_room_again() {
     assert!(
         problems
             .iter()
-            .any(|p| p.contains("pipeline") && p.contains("failing")),
-        "/healthz should say the pipeline's commits fail: {problems:?}"
+            .any(|p| p.starts_with("pipeline disk_full:") && p.contains("disk is full")),
+        "/healthz should say the pipeline's commits fail for a full disk: {problems:?}"
     );
 
     disk.resize("64m");
@@ -192,6 +195,178 @@ fn healthz_recovers_when_the_disk_has_room_again() {
     let log = edge.daemon.log_text();
     assert_eq!(log.matches(STARTED).count(), 1, "{}", tail(&log, 40));
     eprintln!("healthz ok {healed_after:?} after the disk grew");
+}
+
+/// I-28: the disk fills while the uplink is down (the outbox stops at 8 MiB
+/// free and holds a 4 MiB reserve file); then the aggregator
+/// comes back, and meanwhile a log eats the room the outbox kept. The edge
+/// gives its reserve file back to delete what was acknowledged (I-28), the
+/// backlog drains, ingest resumes in the
+/// space the deletes freed, and every reading the publisher sent is
+/// acknowledged and stored exactly once — with a bounded number of
+/// sessions, not a reconnect storm.
+#[test]
+fn a_full_disk_drains_by_itself_when_the_aggregator_returns() {
+    const N: usize = 250_000;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "24m");
+    let certs = dir.path().join("certs");
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-drain"]).unwrap();
+    let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
+    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
+    let edge = start_edge(
+        dir.path(),
+        "gw-drain",
+        &disk.path.join("edge"),
+        mqtt_port,
+        &uplink_toml("gw-drain", &certs, cloud.quic_port),
+        "[outbox]\nreserve_mib = 8\nmax_batch_bytes = 1048576\n",
+        &[],
+    );
+    let reserve = edge.data_dir.join("outbox.db.reserve");
+    assert!(
+        reserve.exists(),
+        "the reserve is made at start: {}",
+        tail(&edge.daemon.log_text(), 20)
+    );
+    let (messages, ids) = readings(0, N);
+    let p = publisher(mqtt_port, "draining-sensor");
+    let acked = p.progress.clone();
+    let run = spawn_publisher(p, messages);
+    wait_for_commit_failures(&edge, &acked, N);
+    let acked_when_full = acked.load(Ordering::Acquire);
+    let problems = wait_wedged(&edge);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("pipeline disk_full:")),
+        "/healthz should say the outbox's disk is full: {problems:?}"
+    );
+    // Something else (a log) takes the room the outbox kept: only the
+    // reserve file is left for the deletes.
+    let filler = fill(&disk.path.join("filler.log"));
+
+    cloud.daemon.restart().unwrap();
+    let report = run.join().expect("publisher thread");
+    report.ensure_all_safe().unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
+            tail(&edge.daemon.log_text(), 40),
+            tail(&cloud.daemon.log_text(), 20)
+        )
+    });
+    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
+        verdict.summary(),
+        tail(&edge.daemon.log_text(), 40),
+        tail(&cloud.daemon.log_text(), 20)
+    );
+    let log = edge.daemon.log_text();
+    assert!(
+        log.contains("the disk is full for new readings"),
+        "the disk never filled:\n{}",
+        tail(&log, 40)
+    );
+    let sessions = cloud.daemon.log_text().matches("Node connected.").count();
+    assert!(
+        sessions <= 3,
+        "{sessions} sessions to drain one backlog: a reconnect storm\n{}",
+        tail(&log, 40)
+    );
+    let healthy = wait_healthy(&edge, Duration::from_secs(10));
+    assert!(healthy.is_ok(), "after the drain: {healthy:?}");
+    eprintln!(
+        "full disk drained: {acked_when_full}/{N} acknowledged when the disk filled, {filler} bytes of filler after, {sessions} session(s), reserve file {}",
+        if reserve.exists() { "kept" } else { "released" }
+    );
+}
+
+/// I-17, I-18, I-28: the aggregator's store is on a disk that fills. Its
+/// applies fail, so it acknowledges nothing and its `/healthz` says `store
+/// disk_full`; the edge backs off instead of reconnecting in a loop (a
+/// bounded number of sessions) and says `uplink flapping`. The disk grows:
+/// the backlog drains with no restart, every reading stored once, both
+/// sides healthy again.
+#[test]
+fn an_aggregator_store_on_a_full_disk_is_unhealthy_and_the_edge_backs_off() {
+    const N: usize = 30_000;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("cloud-disk"), "2m");
+    let certs = dir.path().join("certs");
+    fogline_testkit::certs::dev_bundle(&certs, &["gw-cloudfull"]).unwrap();
+    let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
+    cloud.move_store(&disk.path.join("cloud.db")).unwrap();
+    cloud.daemon.restart().unwrap();
+    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
+    let edge = start_edge(
+        dir.path(),
+        "gw-cloudfull",
+        &dir.path().join("edge-gw-cloudfull"),
+        mqtt_port,
+        &uplink_toml("gw-cloudfull", &certs, cloud.quic_port),
+        "",
+        &[],
+    );
+    let (messages, ids) = readings(0, N);
+    let p = publisher(mqtt_port, "cloudfull-sensor");
+    let run = spawn_publisher(p, messages);
+    let report = run.join().expect("publisher thread");
+    report.ensure_all_safe().unwrap();
+
+    let mut last = None;
+    let full = process::wait_until(Duration::from_secs(30), || {
+        last = cloud.healthz();
+        last.as_ref().is_some_and(|(code, v)| {
+            *code == 503
+                && v["problems"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|p| p["component"] == "store" && p["kind"] == "disk_full")
+                })
+        })
+    });
+    assert!(
+        full,
+        "the aggregator's /healthz should say its store's disk is full: {last:?}\n{}",
+        tail(&cloud.daemon.log_text(), 20)
+    );
+    let sessions_before = cloud.daemon.log_text().matches("Node connected.").count();
+    std::thread::sleep(Duration::from_secs(10));
+    let sessions = cloud.daemon.log_text().matches("Node connected.").count() - sessions_before;
+    // reconnect_max is 500 ms here: at most ~2 a second, not the 70 a
+    // second of a loop without backoff.
+    assert!(
+        sessions <= 25,
+        "{sessions} sessions in 10 s against a failing store\n{}",
+        tail(&edge.daemon.log_text(), 20)
+    );
+    let problems = wait_wedged(&edge);
+    assert!(
+        problems.iter().any(|p| p.starts_with("uplink flapping:")),
+        "/healthz of the edge: {problems:?}"
+    );
+
+    disk.resize("64m");
+    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
+        verdict.summary(),
+        tail(&edge.daemon.log_text(), 30),
+        tail(&cloud.daemon.log_text(), 20)
+    );
+    let healed = process::wait_until(Duration::from_secs(15), || {
+        cloud.healthz().is_some_and(|(code, _)| code == 200)
+    });
+    assert!(
+        healed,
+        "the aggregator healthy again: {:?}",
+        cloud.healthz()
+    );
+    let edge_ok = wait_healthy(&edge, Duration::from_secs(20));
+    assert!(edge_ok.is_ok(), "the edge healthy again: {edge_ok:?}");
+    eprintln!("store on a full disk: {sessions} sessions in 10 s of failing");
 }
 
 /// I-16, I-17, I-1: a commit that hangs (an fsync that never returns; the
@@ -501,6 +676,22 @@ fn spawn_publisher(
     })
 }
 
+/// Writes `path` until the disk is full; returns its size.
+fn fill(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
 /// Publishing without pause until the edge logs a failed commit (the disk
 /// is full).
 fn wait_for_commit_failures(edge: &Edge, acked: &AtomicUsize, n: usize) {
@@ -528,7 +719,7 @@ fn wait_wedged(edge: &Edge) -> Vec<String> {
     let wedged = process::wait_until(Duration::from_secs(5), || {
         last = healthz(edge);
         last.as_ref()
-            .is_some_and(|(code, v)| *code == 503 && v["status"] == "wedged")
+            .is_some_and(|(code, v)| *code == 503 && v["status"] == "unhealthy")
     });
     assert!(
         wedged,
@@ -536,11 +727,19 @@ fn wait_wedged(edge: &Edge) -> Vec<String> {
         tail(&edge.daemon.log_text(), 20)
     );
     let (_, v) = last.unwrap();
+    // "component kind: detail", as `status` prints them.
     let problems: Vec<String> = v["problems"]
         .as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|p| p.as_str().map(String::from))
+                .map(|p| {
+                    format!(
+                        "{} {}: {}",
+                        p["component"].as_str().unwrap_or("?"),
+                        p["kind"].as_str().unwrap_or("?"),
+                        p["detail"].as_str().unwrap_or("?")
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();

@@ -77,6 +77,27 @@ impl Cloud {
         store_cursor(&self.store, node)
     }
 
+    /// `/healthz`: status code and JSON body.
+    pub fn healthz(&self) -> Option<(u16, serde_json::Value)> {
+        let (code, body) = http_get(self.http_port, "/healthz")?;
+        Some((code, serde_json::from_str(&body).ok()?))
+    }
+
+    /// Puts the (not yet started) aggregator's store at `store` instead.
+    pub fn move_store(&mut self, store: &Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let old = format!("path = \"{}\"", self.store.display());
+        anyhow::ensure!(
+            text.contains(&old),
+            "no store path in {}",
+            self.config.display()
+        );
+        let new = format!("path = \"{}\"", store.display());
+        std::fs::write(&self.config, text.replace(&old, &new))?;
+        self.store = store.to_path_buf();
+        Ok(())
+    }
+
     /// `/api/v1/nodes` as JSON.
     pub fn nodes(&self) -> Option<serde_json::Value> {
         let (code, body) = http_get(self.http_port, "/api/v1/nodes")?;

@@ -86,11 +86,17 @@ pub enum CertError {
 /// When a certificate is valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
-    /// Start (a minute in the past by default, for clocks slightly behind).
+    /// Start ([`BACKDATE_DAYS`] in the past by default: gateways without a
+    /// real-time clock often boot with theirs behind).
     pub not_before: OffsetDateTime,
     /// End.
     pub not_after: OffsetDateTime,
 }
+
+/// Certificates are valid from this many days before they are issued, so
+/// a node whose clock is behind by up to that much still accepts them
+/// (beyond, the edge checks against the latest time it has seen).
+pub const BACKDATE_DAYS: i64 = 2;
 
 /// Default lifetime of the fleet CA.
 pub const CA_DAYS: u32 = 3650;
@@ -98,14 +104,14 @@ pub const CA_DAYS: u32 = 3650;
 pub const LEAF_DAYS: u32 = 365;
 
 impl Validity {
-    /// From a minute ago for `days` days.
+    /// From [`BACKDATE_DAYS`] ago until `days` days from now.
     pub fn days(days: u32) -> Result<Self, CertError> {
         if days == 0 {
             return Err(CertError::Validity("--days must be at least 1".into()));
         }
         let now = OffsetDateTime::now_utc();
         Ok(Self {
-            not_before: now - Duration::minutes(1),
+            not_before: now - Duration::days(BACKDATE_DAYS),
             not_after: now + Duration::days(i64::from(days)),
         })
     }
@@ -542,7 +548,7 @@ mod tests {
         dev_bundle(dir.path(), &["gw-1", "gw-2"]).unwrap();
         let der = CertificateDer::from_pem_file(dir.path().join("node-gw-1.pem")).unwrap();
         let id = fogline_transport::identity::peer_identity(&der).unwrap();
-        let days = (id.not_after - id.not_before) / 86_400;
+        let days = (id.not_after - id.not_before) / 86_400 - BACKDATE_DAYS;
         assert_eq!(days, i64::from(LEAF_DAYS), "node certificates live a year");
         let (s1, node) = certificate_serial(&dir.path().join("node-gw-1.pem")).unwrap();
         assert_eq!(node, "gw-1");

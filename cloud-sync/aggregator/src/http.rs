@@ -1,5 +1,6 @@
 //! The aggregator's HTTP side: a JSON read API to script against, plus
-//! `/metrics` (Prometheus) and `/healthz`.
+//! `/metrics` (Prometheus) and `/healthz` (200 `{"status":"ok","problems":[]}`,
+//! 503 `unhealthy` with the store's problems: the shape the edge answers).
 //!
 //! - `GET /api/v1/connections` → `[{"node","transport","remote","since_ms","serial","not_after"}]`:
 //!   the nodes connected now, over QUIC or TCP, from which address, with
@@ -17,10 +18,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fogline_telemetry::health::Health;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::service::nodes::Nodes;
+use crate::store::health::StoreHealth;
 use crate::store::{RecordQuery, Store, StoredRecord, MAX_QUERY_LIMIT};
 
 /// Default page size of `/api/v1/records`.
@@ -30,10 +33,11 @@ const DEFAULT_LIMIT: usize = 1000;
 struct AppState {
     store: Arc<dyn Store>,
     nodes: Arc<Nodes>,
+    health: Arc<StoreHealth>,
 }
 
 /// The router.
-pub fn router(store: Arc<dyn Store>, nodes: Arc<Nodes>) -> Router {
+pub fn router(store: Arc<dyn Store>, nodes: Arc<Nodes>, health: Arc<StoreHealth>) -> Router {
     let metrics = fogline_telemetry::prometheus_handle();
     Router::new()
         .route("/api/v1/nodes", get(list_nodes))
@@ -42,12 +46,24 @@ pub fn router(store: Arc<dyn Store>, nodes: Arc<Nodes>) -> Router {
             get(|State(state): State<AppState>| async move { Json(state.nodes.connections()) }),
         )
         .route("/api/v1/records", get(records))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         )
-        .with_state(AppState { store, nodes })
+        .with_state(AppState {
+            store,
+            nodes,
+            health,
+        })
+}
+
+/// `/healthz`: the shape the edge answers too (`fogline_telemetry::health`);
+/// 503 while the store fails.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let health = Health::of(state.health.problems());
+    let code = StatusCode::from_u16(health.http_status()).unwrap_or(StatusCode::OK);
+    (code, Json(health)).into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod config;
 pub mod http;
+pub mod metrics_help;
 pub mod service;
 pub mod store;
 
@@ -68,6 +69,7 @@ pub struct RunningAggregator {
 
 /// Opens the store, loads TLS material and binds both listeners.
 pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError> {
+    metrics_help::describe();
     let path = config.store.path.clone();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
@@ -81,6 +83,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     let quic_addr = server.quic_addr()?;
     let tcp_addr = server.tcp_addr();
     let nodes = server.nodes();
+    let health = server.store_health();
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| StartError::Http {
@@ -94,7 +97,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     let (shutdown, rx) = watch::channel(false);
     let quic = tokio::spawn(server.run(rx.clone()));
     let mut http_rx = rx;
-    let app = http::router(dyn_store, nodes);
+    let app = http::router(dyn_store, nodes, health);
     let http = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = http_rx.changed().await;

@@ -450,3 +450,45 @@ async fn a_source_that_keeps_failing_handshakes_is_refused_without_a_handshake()
     assert!(count("rate_limited") >= 45.0, "{metrics}");
     agg.shutdown().await;
 }
+
+/// I-30: a gateway that booted with its clock behind (no RTC) sees the
+/// aggregator's certificate as "not valid yet": the failure says so
+/// (`is_clock_behind`, not a plain refusal), and once the node clock's
+/// high-water mark (the latest time it has seen, kept in the outbox) is the
+/// floor of certificate checks, the same node connects.
+#[tokio::test]
+async fn a_node_whose_clock_is_behind_checks_against_the_latest_time_it_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    fogline_testkit::certs::dev_bundle(&certs_dir, &["gw-1"]).unwrap();
+    // Issued "an hour from now" by this machine's clock: to the node, whose
+    // clock is an hour behind the aggregator's, it is not valid yet.
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    certs::issue_server(
+        &certs_dir,
+        &["localhost".to_string()],
+        Validity::between(now + hour, now + hour * 24 * 365).unwrap(),
+        true,
+    )
+    .unwrap();
+    let agg = start(dir.path(), "").await;
+    for how in [Transport::Quic, Transport::Tcp] {
+        let client = ClientTransport::new(node_tls(&certs_dir, "gw-1")).unwrap();
+        let err = TestNode::connect(&client, how, addr(&agg, how), OUTBOX)
+            .await
+            .err()
+            .unwrap_or_else(|| {
+                panic!("{}: connected with a certificate not valid yet", how.name())
+            });
+        assert!(err.is_clock_behind(), "{}: {err}", how.name());
+    }
+    // The node has seen a time two hours later than its wall clock says.
+    let seen = fogline_telemetry::clock::now_ms() + 2 * 3_600_000;
+    fogline_transport::tls::raise_clock_floor(seen);
+    for how in [Transport::Quic, Transport::Tcp] {
+        let client = ClientTransport::new(node_tls(&certs_dir, "gw-1")).unwrap();
+        let link = TestNode::connect(&client, how, addr(&agg, how), OUTBOX).await;
+        assert!(link.is_ok(), "{}: {:?}", how.name(), link.err());
+    }
+}

@@ -239,6 +239,14 @@ impl Dialer {
         }
     }
 
+    /// Whether the session now running counts as productive: it got
+    /// something acknowledged, or it resumed and held for `stable_after`.
+    pub fn session_productive(&self, now: Instant) -> bool {
+        self.session.is_some_and(|(since, resumed, progressed)| {
+            progressed || (resumed && now.saturating_duration_since(since) >= self.cfg.stable_after)
+        })
+    }
+
     /// The node's credentials changed: whatever was refused may work now.
     pub fn credentials_changed(&mut self) {
         self.refusals = 0;
@@ -252,13 +260,8 @@ impl Dialer {
 
     /// The session ended, and how.
     pub fn disconnected_as(&mut self, ending: Ending, now: Instant) {
-        let productive = self
-            .session
-            .take()
-            .is_some_and(|(since, resumed, progressed)| {
-                progressed
-                    || (resumed && now.saturating_duration_since(since) >= self.cfg.stable_after)
-            });
+        let productive = self.session_productive(now);
+        self.session = None;
         if productive {
             self.fruitless = 0;
             self.refusals = 0;

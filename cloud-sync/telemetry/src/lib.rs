@@ -1,10 +1,11 @@
 //! `fogline-telemetry`: process-wide telemetry shared by every Fogline binary: the Prometheus
 //! recorder (one per process: the demo runs edge and aggregator in one),
-//! log setup and the shutdown signal.
+//! log setup, the shutdown signal and the health shape both `/healthz` answer.
 
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod health;
 
 use std::sync::OnceLock;
 

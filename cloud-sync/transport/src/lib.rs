@@ -144,6 +144,17 @@ impl TransportError {
         }
     }
 
+    /// Did the handshake fail because the aggregator's certificate is not
+    /// valid yet by this node's clock (a clock far behind)?
+    pub fn is_clock_behind(&self) -> bool {
+        match self {
+            TransportError::ConnectionLost(reason) | TransportError::Connect { reason, .. } => {
+                reason.contains("not valid yet") || reason.contains("NotValidYet")
+            }
+            _ => false,
+        }
+    }
+
     /// Did the peer or the network end the connection (nothing to tell the
     /// peer any more)?
     pub fn is_disconnect(&self) -> bool {

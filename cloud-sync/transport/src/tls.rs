@@ -4,6 +4,7 @@
 //! CRL.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fogline_protocol::ALPN;
@@ -157,10 +158,17 @@ pub fn server_rustls(tls: &ServerTls) -> Result<Arc<rustls::ServerConfig>, Trans
 /// The node's TLS configuration: trust servers signed by `ca`,
 /// authenticate with `cert`/`key`, resume sessions with 0-RTT.
 pub fn client_rustls(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(&tls.ca)?, provider())
+            .build()
+            .map_err(|e| {
+                TransportError::Tls(format!("server verifier from {}: {e}", tls.ca.display()))
+            })?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
-        .with_root_certificates(roots(&tls.ca)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FlooredClock { inner }))
         .with_client_auth_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)
         .map_err(|e| {
             pem_err(
@@ -171,6 +179,69 @@ pub fn client_rustls(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>, Trans
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.enable_early_data = true;
     Ok(Arc::new(config))
+}
+
+/// The latest time (ms since the epoch) this node knows has passed: its
+/// clock may start far behind after a boot without RTC, but certificates are
+/// checked against no earlier than this.
+static CLOCK_FLOOR_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Raises the time certificates are checked against to at least `ms` (the
+/// node clock's high-water mark: a time this node has already seen).
+pub fn raise_clock_floor(ms: u64) {
+    CLOCK_FLOOR_MS.fetch_max(ms, Ordering::AcqRel);
+}
+
+/// The standard server verifier, asked at the later of the wall clock and
+/// [`raise_clock_floor`]'s mark: a gateway booted with its clock behind
+/// still accepts an aggregator certificate issued before it last saw the
+/// time. The floor is a time that has passed, so no certificate is taken
+/// before its validity began.
+#[derive(Debug)]
+struct FlooredClock {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for FlooredClock {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let floor = std::time::Duration::from_millis(CLOCK_FLOOR_MS.load(Ordering::Acquire));
+        let now = if floor.as_secs() > now.as_secs() {
+            rustls::pki_types::UnixTime::since_unix_epoch(floor)
+        } else {
+            now
+        };
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// 32 bytes derived from the aggregator's private key file: the key of its

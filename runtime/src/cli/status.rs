@@ -8,14 +8,15 @@ use std::time::Duration;
 use anyhow::Context;
 use fogline_edge::config::EdgeConfig;
 use fogline_edge::outbox;
+use fogline_telemetry::health::{Health, Problem};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A minimal HTTP/1.0 GET against our own `/status` (loopback, our own
-/// server): not worth an HTTP client dependency.
-async fn fetch_status(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+/// A minimal HTTP/1.0 GET against our own daemon (loopback, our own
+/// server): not worth an HTTP client dependency. `None`: nobody answered.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await?;
         let mut buf = Vec::new();
         s.take(1 << 20).read_to_end(&mut buf).await?;
@@ -25,12 +26,29 @@ async fn fetch_status(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
         .await
         .ok()?
         .ok()?;
-    let text = String::from_utf8(buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return None;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// What the daemon said to `/status`.
+enum Answer {
+    /// Its status.
+    Status(serde_json::Value),
+    /// It answered, with an error: the daemon runs but cannot report.
+    Failed(String),
+}
+
+async fn fetch_status(addr: std::net::SocketAddr) -> Option<Answer> {
+    let (code, body) = http_get(addr, "/status").await?;
+    if code != 200 {
+        return Some(Answer::Failed(format!("HTTP {code}: {}", body.trim())));
     }
-    serde_json::from_str(body).ok()
+    Some(match serde_json::from_str(&body) {
+        Ok(v) => Answer::Status(v),
+        Err(e) => Answer::Failed(format!("an answer that is not JSON ({e})")),
+    })
 }
 
 fn ago(now: u64, t: Option<u64>) -> String {
@@ -50,24 +68,63 @@ fn ago(now: u64, t: Option<u64>) -> String {
 pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(path)?;
     let outbox_path = config.outbox_path();
-    let live = if config.metrics.enabled {
+    let answer = if config.metrics.enabled {
         let mut addr = config.metrics.listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        fetch_status(addr).await.map(|v| (addr, v))
+        fetch_status(addr).await.map(|a| (addr, a))
     } else {
         None
     };
+    let (live, daemon_error) = match answer {
+        Some((addr, Answer::Status(v))) => (Some((addr, v)), None),
+        Some((addr, Answer::Failed(e))) => (None, Some((addr, e))),
+        None => (None, None),
+    };
+    // A daemon that cannot report its status may still say what is wrong.
+    let mut daemon_health: Vec<Problem> = Vec::new();
+    if let Some((addr, _)) = &daemon_error {
+        if let Some((_, body)) = http_get(*addr, "/healthz").await {
+            if let Ok(h) = serde_json::from_str::<Health>(&body) {
+                daemon_health = h.problems;
+            }
+        }
+    }
     let stats = match &live {
         Some((_, v)) => serde_json::from_value(v["outbox"].clone())
             .context("the daemon's /status answer has no valid `outbox`")?,
-        None => outbox::read_stats(&outbox_path).with_context(|| {
-            format!(
-                "no daemon answered and the outbox {} cannot be read",
-                outbox_path.display()
-            )
-        })?,
+        None => match outbox::read_stats(&outbox_path) {
+            Ok(s) => s,
+            Err(e) if daemon_error.is_some() => {
+                let (addr, why) = daemon_error
+                    .as_ref()
+                    .map(|(a, w)| (*a, w.clone()))
+                    .unwrap_or_else(|| (config.metrics.listen, String::new()));
+                if json {
+                    let v = serde_json::json!({
+                        "node": config.node.id,
+                        "daemon_running": true,
+                        "daemon_error": why,
+                        "outbox_error": e.to_string(),
+                        "problems": daemon_health,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!("node              {}", config.node.id);
+                    println!("daemon            running, but /status at {addr} failed: {why}");
+                    println!("outbox            cannot be read: {e}");
+                    print_problems(&daemon_health, fogline_edge::clock::now_ms());
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "no daemon answered and the outbox {} cannot be read",
+                    outbox_path.display()
+                )))
+            }
+        },
     };
     let stats: outbox::OutboxStats = stats;
     let broker = live
@@ -80,10 +137,10 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let link: Option<fogline_edge::uplink::UplinkStatus> = live
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["uplink"].clone()).ok());
-    let problems: Vec<String> = live
+    let problems: Vec<Problem> = live
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["problems"].clone()).ok())
-        .unwrap_or_default();
+        .unwrap_or(daemon_health);
     let functions: Vec<fogline_edge::pipeline::FunctionStatus> = live
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["functions"].clone()).ok())
@@ -97,7 +154,8 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         let v = serde_json::json!({
             "node": config.node.id,
-            "daemon_running": live.is_some(),
+            "daemon_running": live.is_some() || daemon_error.is_some(),
+            "daemon_error": daemon_error.as_ref().map(|(_, e)| e),
             "broker_connected": broker,
             "uplink_connected": uplink,
             "uplink": link,
@@ -116,9 +174,13 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         None => "unknown (daemon not running)",
     };
     println!("node              {}", config.node.id);
-    match &live {
-        Some((addr, _)) => println!("daemon            running (status from {addr})"),
-        None => println!(
+    match (&live, &daemon_error) {
+        (Some((addr, _)), _) => println!("daemon            running (status from {addr})"),
+        (None, Some((addr, e))) => println!(
+            "daemon            running, but /status at {addr} failed: {e} (read {})",
+            outbox_path.display()
+        ),
+        (None, None) => println!(
             "daemon            not running (read {})",
             outbox_path.display()
         ),
@@ -233,11 +295,18 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             println!("health            ok");
         }
     } else {
-        for p in &problems {
-            println!("health            WEDGED: {p}");
-        }
+        print_problems(&problems, now);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_problems(problems: &[Problem], now: u64) {
+    for p in problems {
+        println!(
+            "health            UNHEALTHY since {}: {p}",
+            ago(now, Some(p.since_ms))
+        );
+    }
 }
 
 fn bytes(n: u64) -> String {

@@ -179,6 +179,7 @@ impl Default for OutboxConfig {
             max_batch_bytes: 4 << 20,
             commit_linger: Duration::from_millis(1),
             tick_interval: Duration::from_secs(1),
+            reserve_mib: 16,
         }
     }
 }

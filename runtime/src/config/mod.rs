@@ -382,6 +382,14 @@ pub struct OutboxConfig {
     /// How often functions' `tick` is called.
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,
+    /// MiB the outbox keeps for draining: new readings are not committed
+    /// (nor acknowledged) while less than this is free on its disk,
+    /// counting free pages inside it, so deleting what the aggregator
+    /// acknowledged always has room and a full disk drains by itself. Half
+    /// as much again is held in `<outbox>.reserve` and given back if
+    /// something else fills the disk. 0: none (a full disk then needs an
+    /// operator).
+    pub reserve_mib: u64,
 }
 
 /// `[uplink]`

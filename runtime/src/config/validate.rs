@@ -225,6 +225,17 @@ impl EdgeConfig {
                 self.outbox.max_batch_bytes
             ));
         }
+        // A commit of max_batch_bytes, and the checkpoint after it (the
+        // write-ahead log is checkpointed at about 4 MiB), must fit in it.
+        let need_mib = (2 * self.outbox.max_batch_bytes as u64).div_ceil(1 << 20) + 4;
+        if self.outbox.reserve_mib != 0 && self.outbox.reserve_mib < need_mib {
+            p.push(format!(
+                "outbox.reserve_mib: {} is too small for outbox.max_batch_bytes = {}: a commit and \
+                 the checkpoint after it can take 2 × max_batch_bytes + 4 MiB = {need_mib} MiB; \
+                 raise it to at least {need_mib}, or set 0 for no reserve",
+                self.outbox.reserve_mib, self.outbox.max_batch_bytes
+            ));
+        }
         for (key, linger) in [
             ("outbox.commit_linger", self.outbox.commit_linger),
             ("mqtt.commit_linger", self.mqtt.commit_linger),

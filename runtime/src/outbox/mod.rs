@@ -22,6 +22,7 @@
 //! The outbox knows nothing about MQTT or QUIC.
 
 mod functions;
+mod reserve;
 mod schema;
 mod stats;
 
@@ -37,6 +38,7 @@ pub use functions::{
     function_records, list_dead_letters, request_replay, DeadLetterFilter, FunctionRecord, Held,
     HeldInput, StateCommit, StoredDeadLetter, VersionWrite,
 };
+pub use reserve::Reserve;
 pub use stats::OutboxStats;
 
 /// What went wrong in the outbox.
@@ -50,6 +52,21 @@ pub enum OutboxError {
         /// Why.
         source: rusqlite::Error,
     },
+    /// Less room is left on the outbox's disk than the reserve it keeps for
+    /// draining: nothing more is committed until deletes free some.
+    #[error(
+        "outbox {path}: the disk is full for new readings: {room} bytes free (disk and free pages \
+         inside the outbox) of the {floor} kept for draining the backlog (outbox.reserve_mib); \
+         readings wait unacknowledged until the uplink drains it or space is freed"
+    )]
+    Full {
+        /// The file.
+        path: PathBuf,
+        /// Bytes free on its filesystem plus free pages inside it.
+        room: u64,
+        /// The reserve kept free.
+        floor: u64,
+    },
     /// A statement failed (disk full, I/O error, corrupt file...).
     #[error("outbox {path}: {op} failed: {source}")]
     Sql {
@@ -60,6 +77,18 @@ pub enum OutboxError {
         /// Why.
         source: rusqlite::Error,
     },
+}
+
+impl OutboxError {
+    /// The filesystem (or the database's size limit) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Full { .. } => true,
+            Self::Open { source, .. } | Self::Sql { source, .. } => {
+                matches!(source, rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull)
+            }
+        }
+    }
 }
 
 /// A record as the uplink sends it.
@@ -269,6 +298,18 @@ fn open_connection(
 pub struct Outbox {
     conn: Connection,
     path: PathBuf,
+    /// Bytes kept free for draining (0: none): see [`Outbox::set_reserve`].
+    floor: u64,
+}
+
+/// Bytes free on the filesystem holding `path`.
+pub fn disk_free(path: &Path) -> std::io::Result<u64> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl Outbox {
@@ -286,7 +327,36 @@ impl Outbox {
         Ok(Self {
             conn,
             path: path.to_path_buf(),
+            floor: 0,
         })
+    }
+
+    /// Keeps `bytes` free for draining: a commit is refused
+    /// ([`OutboxError::Full`]) while the filesystem's free space plus the
+    /// free pages inside the outbox are below it. Deleting acknowledged
+    /// records and the checkpoint that moves the write-ahead log into the
+    /// file need that room — a truly full disk could never drain.
+    pub fn set_reserve(&mut self, bytes: u64) {
+        self.floor = bytes;
+    }
+
+    /// Bytes a commit may still use: free on the disk plus free pages
+    /// inside the outbox (SQLite reuses them before growing the file).
+    pub fn room(&self) -> Result<u64, OutboxError> {
+        let free_pages: i64 = self
+            .conn
+            .query_row(
+                "SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.sql("read free pages"))?;
+        let disk = disk_free(&self.path).map_err(|e| OutboxError::Sql {
+            path: self.path.clone(),
+            op: "read free disk space",
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        Ok(disk.saturating_add(free_pages.max(0) as u64))
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> OutboxError + '_ {
@@ -375,7 +445,19 @@ impl Outbox {
     }
 
     /// Write one commit atomically. With `sync = full` it is on disk when this returns.
+    ///
+    /// Refused with [`OutboxError::Full`] when less than the reserve is left.
     pub fn commit(&mut self, commit: &Commit) -> Result<Committed, OutboxError> {
+        if self.floor > 0 {
+            let room = self.room()?;
+            if room < self.floor {
+                return Err(OutboxError::Full {
+                    path: self.path.clone(),
+                    room,
+                    floor: self.floor,
+                });
+            }
+        }
         let path = self.path.clone();
         let sql = |op: &'static str| {
             let path = path.clone();
@@ -499,6 +581,7 @@ impl Outbox {
 pub struct OutboxReader {
     conn: Connection,
     path: PathBuf,
+    reserve: std::cell::RefCell<Reserve>,
 }
 
 impl OutboxReader {
@@ -513,7 +596,20 @@ impl OutboxReader {
         Ok(Self {
             conn: open_connection(path, SyncMode::Normal, false)?,
             path: path.to_path_buf(),
+            reserve: std::cell::RefCell::new(Reserve::new(path, 0)),
         })
+    }
+
+    /// Keeps `bytes` of spare space beside the outbox for deleting
+    /// acknowledged records on a full disk ([`Reserve`]); makes it now if
+    /// there is room. Returns whether it is in place.
+    pub fn with_reserve(self, bytes: u64) -> (Self, std::io::Result<bool>) {
+        let made = {
+            let mut r = self.reserve.borrow_mut();
+            *r = Reserve::new(&self.path, bytes);
+            r.replenish()
+        };
+        (self, made)
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> OutboxError + '_ {
@@ -562,7 +658,47 @@ impl OutboxReader {
 
     /// Delete every record with `seq <= through`: the aggregator has applied
     /// them durably. Also records when that happened.
+    ///
+    /// Writes nothing when there is nothing to delete. On a full disk it
+    /// releases the reserve and tries once more; after deleting it takes
+    /// the reserve back now and then, when there is room.
     pub fn delete_through(&self, through: u64) -> Result<usize, OutboxError> {
+        let (acked, first): (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'acked_seq'), (SELECT MIN(seq) FROM records)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.sql("read acknowledged mark"))?;
+        let done = acked.is_some_and(|a| a as u64 >= through);
+        if done && first.is_none_or(|f| f as u64 > through) {
+            return Ok(0);
+        }
+        let n = match self.delete_through_once(through) {
+            Err(e) if e.is_disk_full() => {
+                let released = self.reserve.borrow_mut().release();
+                if released == 0 {
+                    return Err(e);
+                }
+                metrics::counter!("fogline_outbox_reserve_released_total").increment(1);
+                tracing::warn!(
+                    path = %self.path.display(),
+                    released_bytes = released,
+                    through,
+                    "The disk is full: released the outbox's reserve so acknowledged records can be deleted; it is taken back when there is room."
+                );
+                self.delete_through_once(through)?
+            }
+            r => r?,
+        };
+        if let Err(e) = self.reserve.borrow_mut().replenish_now_and_then() {
+            tracing::debug!(error = %e, "Cannot take the outbox's reserve back yet.");
+        }
+        Ok(n)
+    }
+
+    fn delete_through_once(&self, through: u64) -> Result<usize, OutboxError> {
         let tx = self
             .conn
             .unchecked_transaction()
@@ -582,7 +718,19 @@ impl OutboxReader {
     /// The aggregator says it holds everything through `cursor`: delete that,
     /// and make sure new records are numbered above it (an outbox that was
     /// wiped must not reuse numbers the aggregator would ignore as duplicates).
+    /// Writes nothing when both already hold (a reconnect on a full disk
+    /// must not fail for want of a no-op write).
     pub fn accept_cursor(&self, cursor: u64) -> Result<usize, OutboxError> {
+        let id = self.identity()?;
+        if id.next_seq > cursor
+            && id.acked_seq >= cursor
+            && id.first_unsent.is_none_or(|f| f > cursor)
+        {
+            return Ok(0);
+        }
+        if id.next_seq > cursor {
+            return self.delete_through(cursor);
+        }
         self.conn
             .execute(
                 "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'next_seq'",

@@ -48,10 +48,42 @@ pub struct PipelineHealth {
     pub commit_started_ms: AtomicU64,
     /// Commits that failed and are being retried right now.
     pub failing: AtomicBool,
+    /// Since when commits fail, whether for a full disk, and the last error.
+    pub failure: std::sync::Mutex<Option<CommitFailure>>,
     /// Commits done.
     pub commits: AtomicU64,
     /// The highest sequence number committed (the uplink sizes its batches by it).
     pub committed_seq: Arc<AtomicU64>,
+}
+
+/// Commits failing right now, for `/healthz`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitFailure {
+    /// Since when (ms since epoch).
+    pub since_ms: u64,
+    /// The disk is full (or below the outbox's reserve).
+    pub disk_full: bool,
+    /// The last error.
+    pub detail: String,
+}
+
+impl PipelineHealth {
+    fn note_failure(&self, disk_full: bool, detail: &str) {
+        if let Ok(mut f) = self.failure.lock() {
+            let since_ms = f.as_ref().map_or_else(crate::clock::now_ms, |f| f.since_ms);
+            *f = Some(CommitFailure {
+                since_ms,
+                disk_full,
+                detail: detail.to_string(),
+            });
+        }
+    }
+
+    fn clear_failure(&self) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = None;
+        }
+    }
 }
 
 /// The running worker.
@@ -542,6 +574,9 @@ fn dispatch_acks(batch: &[Chunk]) {
     }
 }
 
+/// The longest wait between retries of a failing commit.
+const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Returns false when it gave up (shutdown during a failing commit).
 fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool {
     let router = &mut w.router;
@@ -598,6 +633,8 @@ fn commit_result(
 
 fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool {
     let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u64;
+    let mut last_logged = Instant::now();
     w.health
         .commit_started_ms
         .store(crate::clock::now_ms(), Ordering::Release);
@@ -623,17 +660,29 @@ fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool
                     .store(crate::clock::now_ms(), Ordering::Release);
                 w.health.commits.fetch_add(1, Ordering::AcqRel);
                 w.health.failing.store(false, Ordering::Release);
+                if failures > 0 {
+                    w.health.clear_failure();
+                    info!(failures, "Outbox commits succeed again.");
+                }
                 return true;
             }
             Err(e) => {
                 w.health.failing.store(true, Ordering::Release);
+                w.health.note_failure(e.is_disk_full(), &e.to_string());
                 metrics::counter!("fogline_outbox_commit_failures_total").increment(1);
-                error!(error = %e, retry_in = ?backoff, "Outbox commit failed; nothing in this batch is acknowledged until it succeeds.");
+                failures += 1;
+                // Every retry while the backoff grows, then once a minute:
+                // a disk that stays full for days is not a log flood.
+                if backoff < MAX_COMMIT_BACKOFF || last_logged.elapsed() >= Duration::from_secs(60)
+                {
+                    error!(error = %e, retry_in = ?backoff, failures, "Outbox commit failed; nothing in this batch is acknowledged until it succeeds.");
+                    last_logged = Instant::now();
+                }
                 if stop.load(Ordering::Acquire) {
                     return false;
                 }
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(MAX_COMMIT_BACKOFF);
             }
         }
     }

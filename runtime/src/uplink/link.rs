@@ -190,16 +190,16 @@ impl<'a> Ctx<'a> {
                         }));
                     }
                     ClientAction::Delete { through } => {
+                        // The aggregator holds these records: a delete that
+                        // fails (full disk, I/O) costs room, not data, and
+                        // the next one covers it — the session goes on.
                         match outbox.delete_through(through).await {
                             Ok(n) => {
                                 metrics::counter!("fogline_uplink_records_acked_total")
                                     .increment(n as u64);
+                                up.deletes_work();
                             }
-                            Err(e) => session.close(CloseReason::Local {
-                                detail: format!(
-                                    "deleting acknowledged rows through {through}: {e}"
-                                ),
-                            }),
+                            Err(e) => up.deletes_fail(through, &e),
                         }
                     }
                     ClientAction::Probe => {
@@ -252,6 +252,7 @@ impl<'a> Ctx<'a> {
                         if session.stats().acked > acked {
                             up.note_ack(session.stats().acked);
                             dialer.progressed();
+                            up.state.healed();
                         }
                     }
                     Err(TransportError::Decode(e)) => session.close(CloseReason::Violation {
@@ -297,7 +298,12 @@ impl<'a> Ctx<'a> {
                     let attempt = dialer.probe(self.attempt.server, Transport::Quic);
                     probe = Some(self.probe(attempt, true, handle.rtt()));
                 }
-                _ = cert_check.tick() => match self.transport.reload_if_changed() {
+                _ = cert_check.tick() => {
+                    // An idle session that held is progress too.
+                    if dialer.session_productive(Instant::now()) {
+                        up.state.healed();
+                    }
+                    match self.transport.reload_if_changed() {
                     Ok(true) => {
                         // The aggregator checks the certificate at the
                         // handshake: reconnect to present the new one.
@@ -309,7 +315,7 @@ impl<'a> Ctx<'a> {
                     }
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "Node certificate files changed but cannot be loaded; keeping the previous ones."),
-                },
+                }},
             }
         };
         if let Some(t) = read.take() {

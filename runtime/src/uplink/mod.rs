@@ -41,6 +41,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{EdgeConfig, UplinkConfig};
 use crate::outbox::OutboxReader;
+use fogline_telemetry::health::ProblemKind;
 use link::End;
 use outbox_ops::{outbox_info, Outbox};
 
@@ -79,6 +80,44 @@ pub struct UplinkState {
     pub refusals: AtomicU64,
     /// The link now in use.
     pub link: Mutex<Option<LinkInfo>>,
+    /// Why sessions fail, since when (cleared by progress).
+    pub failure: Mutex<Option<LinkFailure>>,
+    /// Deleting acknowledged records fails (cleared by a delete that works).
+    pub store_failure: Mutex<Option<LinkFailure>>,
+}
+
+/// A run of uplink failures, for `/healthz`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkFailure {
+    /// Which kind (the latest).
+    pub kind: ProblemKind,
+    /// Since when (ms since epoch): the first failure of the run.
+    pub since_ms: u64,
+    /// The latest failure, in words.
+    pub detail: String,
+    /// Failures in the run.
+    pub count: u64,
+}
+
+/// Adds a failure to the run in `slot`.
+fn note_failure(slot: &Mutex<Option<LinkFailure>>, kind: ProblemKind, detail: String) {
+    if let Ok(mut f) = slot.lock() {
+        let (since_ms, count) = f
+            .as_ref()
+            .map_or((crate::clock::now_ms(), 0), |f| (f.since_ms, f.count));
+        *f = Some(LinkFailure {
+            kind,
+            since_ms,
+            detail,
+            count: count + 1,
+        });
+    }
+}
+
+fn clear_failure(slot: &Mutex<Option<LinkFailure>>) {
+    if let Ok(mut f) = slot.lock() {
+        *f = None;
+    }
 }
 
 /// The connection in use, for `status`.
@@ -134,6 +173,24 @@ impl UplinkState {
             fruitless: get(&self.fruitless),
             refusals: get(&self.refusals),
         }
+    }
+
+    /// The failing run of sessions, if any.
+    pub fn failure(&self) -> Option<LinkFailure> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Deleting acknowledged records fails, if it does.
+    pub fn store_failure(&self) -> Option<LinkFailure> {
+        self.store_failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// A session made progress (an acknowledgement, or it held): the run
+    /// of failures is over.
+    fn healed(&self) {
+        self.fruitless.store(0, Ordering::Release);
+        self.refusals.store(0, Ordering::Release);
+        clear_failure(&self.failure);
     }
 
     fn set_link(&self, link: Option<LinkInfo>) {
@@ -300,6 +357,7 @@ impl Uplink {
                     }
                     let server = servers.get(attempt.server).cloned().unwrap_or_default();
                     let started = Instant::now();
+                    fogline_transport::tls::raise_clock_floor(crate::clock::high_water_ms());
                     let result = async {
                         let addr = resolve(&server).await?;
                         let c = transport
@@ -321,13 +379,37 @@ impl Uplink {
                     match result {
                         Ok((c, addr)) => (c, attempt, addr),
                         Err(e) => {
-                            let ending = if e.is_refusal() {
+                            // A clock behind is not a refusal: NTP may fix
+                            // it any minute, so the usual backoff.
+                            let clock_behind = e.is_clock_behind();
+                            let ending = if e.is_refusal() && !clock_behind {
                                 Ending::Refused
                             } else {
                                 Ending::Ended
                             };
                             dialer.failed_as(attempt, ending, Instant::now());
                             self.state.failed_attempts.fetch_add(1, Ordering::AcqRel);
+                            let (kind, detail) = if clock_behind {
+                                let now = crate::clock::now_ms();
+                                (ProblemKind::ClockWrong, format!(
+                                    "{server}: the aggregator's certificate is not valid yet by this node's clock ({}): the clock is behind (no RTC, NTP not synced?); set it, or wait for NTP — readings are buffered meanwhile. {e}",
+                                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(now))
+                                ))
+                            } else if ending == Ending::Refused {
+                                (
+                                    ProblemKind::Refused,
+                                    format!("{server} over {}: {e}", attempt.transport.name()),
+                                )
+                            } else {
+                                (
+                                    ProblemKind::Unreachable,
+                                    format!("{server} over {}: {e}", attempt.transport.name()),
+                                )
+                            };
+                            if clock_behind {
+                                error!(%server, "{detail}");
+                            }
+                            note_failure(&self.state.failure, kind, detail);
                             metrics::counter!("fogline_uplink_connect_failures_total", "transport" => attempt.transport.name()).increment(1);
                             let down = dialer.down_for(Instant::now()).unwrap_or_default();
                             debug!(%server, transport = attempt.transport.name(), after = ?started.elapsed(), error = %e, "Connection attempt failed.");
@@ -391,6 +473,20 @@ impl Uplink {
             self.state
                 .refusals
                 .store(u64::from(refusals), Ordering::Release);
+            if fruitless == 0 && refusals == 0 {
+                self.state.healed();
+            } else if let End::Closed { reason, label } = &end {
+                let kind = match *label {
+                    "refused" => ProblemKind::Refused,
+                    "local" => ProblemKind::StoreError,
+                    _ => ProblemKind::Flapping,
+                };
+                note_failure(
+                    &self.state.failure,
+                    kind,
+                    format!("{server}: session ended before any progress ({label}): {reason}"),
+                );
+            }
             match end {
                 End::Shutdown => break,
                 End::Switch(c, a) => carried = Some((*c, a, addr)),
@@ -429,9 +525,30 @@ impl Uplink {
         }
     }
 
+    /// A delete of acknowledged records worked.
+    fn deletes_work(&self) {
+        clear_failure(&self.state.store_failure);
+    }
+
+    /// A delete of acknowledged records failed: logged (the first few,
+    /// then every 60th), kept for `/healthz`.
+    fn deletes_fail(&self, through: u64, e: &outbox_ops::OpError) {
+        let disk_full = matches!(e, outbox_ops::OpError::Outbox(o) if o.is_disk_full());
+        let kind = if disk_full {
+            ProblemKind::DiskFull
+        } else {
+            ProblemKind::StoreError
+        };
+        let detail = format!("deleting acknowledged records through {through}: {e}");
+        let count = self.state.store_failure().map_or(0, |f| f.count);
+        if count < 3 || count.is_multiple_of(60) {
+            warn!(through, failures = count + 1, error = %e, "Cannot delete acknowledged records; replication goes on, the next acknowledgement retries.");
+        }
+        metrics::counter!("fogline_outbox_delete_failures_total").increment(1);
+        note_failure(&self.state.store_failure, kind, detail);
+    }
+
     fn note_ack(&self, acked: u64) {
-        self.state.fruitless.store(0, Ordering::Release);
-        self.state.refusals.store(0, Ordering::Release);
         self.state.acked_seq.fetch_max(acked, Ordering::AcqRel);
         let now = crate::clock::now_ms();
         self.state.last_sync_ms.store(now, Ordering::Release);

@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::CloudConfig;
+use crate::store::health::StoreHealth;
 use crate::store::Store;
 use gate::{revoked_serials, Gate};
 use guard::{GuardConfig, HandshakeGuard, Report};
@@ -61,6 +62,7 @@ impl Service {
         let budget_bytes = limits.total_pending_bytes.clamp(1, Semaphore::MAX_PERMITS);
         let shared = Shared {
             store,
+            health: Arc::new(StoreHealth::default()),
             nodes: Arc::new(Nodes::default()),
             budget: Arc::new(Semaphore::new(budget_bytes)),
             budget_bytes,
@@ -90,7 +92,12 @@ impl Service {
         self.listener.tcp_addr()
     }
 
-    /// The live node connections.
+    /// Store failures the sessions met, for `/healthz`.
+    pub fn store_health(&self) -> Arc<StoreHealth> {
+        self.shared.health.clone()
+    }
+
+    /// Which connection speaks for each node.
     pub fn nodes(&self) -> Arc<Nodes> {
         self.shared.nodes.clone()
     }

@@ -18,11 +18,14 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::nodes::{Nodes, Turn};
+use crate::store::health::StoreHealth;
 use crate::store::{ApplyOutcome, Store};
 
 /// What every session shares.
 pub(super) struct Shared {
     pub store: Arc<dyn Store>,
+    /// Store failures, for `/healthz`.
+    pub health: Arc<StoreHealth>,
     pub nodes: Arc<Nodes>,
     /// Bytes of batches being decoded and applied, over all nodes.
     pub budget: Arc<Semaphore>,
@@ -97,9 +100,13 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                         break 'session (ErrorCode::Superseded, "superseded".into(), false);
                     }
                     info!(%node, %remote, transport = transport.name(), "Node connected.");
-                    let (store, n) = (shared.store.clone(), node.clone());
+                    let (store, n, health) =
+                        (shared.store.clone(), node.clone(), shared.health.clone());
                     cursor_task = Some(tokio::task::spawn_blocking(move || {
-                        store.cursor(&n).map_err(|e| e.to_string())
+                        store.cursor(&n).map_err(|e| {
+                            health.failed(&e, fogline_telemetry::clock::now_ms());
+                            e.to_string()
+                        })
                     }));
                 }
                 ServerAction::RecordGap(r) => {
@@ -196,22 +203,31 @@ async fn record_gap(shared: &Shared, node: &str, r: Regression) -> Result<(), St
         r.from,
         r.to
     );
-    let (store, node) = (shared.store.clone(), node.to_string());
+    let (store, node, health) = (
+        shared.store.clone(),
+        node.to_string(),
+        shared.health.clone(),
+    );
     let now = fogline_telemetry::clock::now_ms();
-    tokio::task::spawn_blocking(move || store.record_gap(&node, r.from, r.to, now))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || {
+        store.record_gap(&node, r.from, r.to, now).map_err(|e| {
+            health.failed(&e, now);
+            e.to_string()
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Waits for its share of the global budget (first come, first served),
 /// then decodes and applies on a blocking thread: zstd and record parsing
 /// never run on an async worker.
 fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutcome, ApplyFailed> {
-    let (store, budget, node) = (
+    let (store, budget, node, health) = (
         shared.store.clone(),
         shared.budget.clone(),
         node.to_string(),
+        shared.health.clone(),
     );
     let want = req.memory_bytes.clamp(1, shared.budget_bytes);
     let permits = u32::try_from(want).unwrap_or(u32::MAX);
@@ -231,9 +247,16 @@ fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutc
                     ApplyFailed::Malformed(format!("a batch that does not decode: {e}"))
                 })?;
             let now = fogline_telemetry::clock::now_ms();
-            store
-                .apply(&node, req.outbox, &decoded, req.last_seq, now)
-                .map_err(|e| ApplyFailed::Store(e.to_string()))
+            match store.apply(&node, req.outbox, &decoded, req.last_seq, now) {
+                Ok(o) => {
+                    health.worked();
+                    Ok(o)
+                }
+                Err(e) => {
+                    health.failed(&e, now);
+                    Err(ApplyFailed::Store(e.to_string()))
+                }
+            }
         })
         .await
         .map_err(|e| ApplyFailed::Store(format!("store task failed: {e}")))??;

@@ -376,7 +376,12 @@ mod tests {
         assert_eq!(s.nodes().unwrap()[0].lost_records, 10, "each gap once");
         // A node known only by its gap (a lost store) is listed.
         s.record_gap("n9", 1, 40, 8).unwrap();
-        let n9 = s.nodes().unwrap().into_iter().find(|n| n.node == "n9").unwrap();
+        let n9 = s
+            .nodes()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.node == "n9")
+            .unwrap();
         assert_eq!((n9.cursor, n9.records, n9.lost_records), (0, 0, 40));
         assert_eq!((n9.incarnation, n9.last_update_ms), (None, 8));
     }

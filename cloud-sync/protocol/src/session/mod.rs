@@ -67,10 +67,8 @@ pub struct Regression {
 /// both sides then record the same gap.
 pub fn regression(stored: StoredCursor, hello: OutboxInfo) -> Option<Regression> {
     let same = stored.incarnation.is_none_or(|i| i == hello.incarnation);
-    (same && stored.seq < hello.acked).then_some(
-        Regression {
-            from: stored.seq + 1,
-            to: hello.acked,
-        },
-    )
+    (same && stored.seq < hello.acked).then_some(Regression {
+        from: stored.seq + 1,
+        to: hello.acked,
+    })
 }

@@ -1,0 +1,217 @@
+//! HELP text for every metric the edge daemon exports (Prometheus shows it
+//! with `# HELP`), registered once at start. Functions' and the pipeline's
+//! own live with their events.
+
+/// Kind of a metric, for its `describe_*` call.
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+use Kind::{Counter, Gauge, Histogram};
+
+const HELP: &[(&str, Kind, &str)] = &[
+    (
+        "fogline_ingest_received_total",
+        Counter,
+        "Messages received, by source (endpoint or broker).",
+    ),
+    (
+        "fogline_ingest_acks_sent_total",
+        Counter,
+        "PUBACKs and PUBRECs sent after their commit.",
+    ),
+    (
+        "fogline_ingest_resends_total",
+        Counter,
+        "Resends recognised and not stored again.",
+    ),
+    (
+        "fogline_ingest_possible_duplicates_total",
+        Counter,
+        "Messages that may repeat one already stored (QoS 1 after lost state).",
+    ),
+    (
+        "fogline_ingest_marks_evicted_total",
+        Counter,
+        "QoS 1 redelivery marks dropped to stay within bounds.",
+    ),
+    (
+        "fogline_ingest_auth_failures_total",
+        Counter,
+        "MQTT connections refused for bad credentials.",
+    ),
+    (
+        "fogline_ingest_connections_total",
+        Counter,
+        "MQTT connections accepted by the endpoint.",
+    ),
+    (
+        "fogline_ingest_connections_refused_total",
+        Counter,
+        "MQTT connections refused (limits, protocol).",
+    ),
+    (
+        "fogline_ingest_connection_errors_total",
+        Counter,
+        "MQTT connections that ended in an error.",
+    ),
+    (
+        "fogline_ingest_protocol_errors_total",
+        Counter,
+        "Malformed or forbidden MQTT packets.",
+    ),
+    (
+        "fogline_ingest_sessions_expired_total",
+        Counter,
+        "MQTT sessions expired.",
+    ),
+    (
+        "fogline_ingest_subscribes_refused_total",
+        Counter,
+        "SUBSCRIBEs the endpoint refused.",
+    ),
+    (
+        "fogline_ingest_subscriptions_refused_total",
+        Counter,
+        "Subscriptions the external broker refused.",
+    ),
+    (
+        "fogline_ingest_tls_handshake_failures_total",
+        Counter,
+        "TLS handshakes of MQTT clients that failed.",
+    ),
+    (
+        "fogline_ingest_unrouted_total",
+        Counter,
+        "Messages whose topic no pipeline takes.",
+    ),
+    (
+        "fogline_ingest_wills_total",
+        Counter,
+        "Will messages published.",
+    ),
+    (
+        "fogline_ingest_broker_connected",
+        Gauge,
+        "1 while connected to the external MQTT broker.",
+    ),
+    (
+        "fogline_ingest_clients",
+        Gauge,
+        "MQTT clients connected to the endpoint.",
+    ),
+    (
+        "fogline_pipeline_messages_in_total",
+        Counter,
+        "Messages taken into pipeline batches.",
+    ),
+    (
+        "fogline_outbox_commit_seconds",
+        Histogram,
+        "Time to commit one batch into the outbox, fsync included.",
+    ),
+    (
+        "fogline_outbox_commit_failures_total",
+        Counter,
+        "Outbox commits that failed (full disk, I/O) and were retried.",
+    ),
+    (
+        "fogline_outbox_records_written_total",
+        Counter,
+        "Records committed into the outbox.",
+    ),
+    (
+        "fogline_outbox_dead_letters_written_total",
+        Counter,
+        "Dead letters committed into the outbox.",
+    ),
+    (
+        "fogline_outbox_delete_failures_total",
+        Counter,
+        "Deletes of acknowledged records that failed (retried by the next).",
+    ),
+    (
+        "fogline_outbox_reserve_released_total",
+        Counter,
+        "Times the outbox's reserve file was given back on a full disk.",
+    ),
+    (
+        "fogline_uplink_connected",
+        Gauge,
+        "1 while a session with the aggregator is up.",
+    ),
+    (
+        "fogline_uplink_acked_seq",
+        Gauge,
+        "Highest outbox sequence the aggregator acknowledged.",
+    ),
+    (
+        "fogline_uplink_connects_total",
+        Counter,
+        "Sessions established, by transport.",
+    ),
+    (
+        "fogline_uplink_connect_failures_total",
+        Counter,
+        "Connection attempts that failed, by transport.",
+    ),
+    (
+        "fogline_uplink_disconnects_total",
+        Counter,
+        "Sessions ended, by reason (silent, stalled, refused, ...).",
+    ),
+    (
+        "fogline_uplink_probes_total",
+        Counter,
+        "Fresh connections tried alongside a silent session.",
+    ),
+    (
+        "fogline_uplink_probe_switches_total",
+        Counter,
+        "Sessions moved to a probe's connection.",
+    ),
+    (
+        "fogline_uplink_zero_rtt_total",
+        Counter,
+        "Sessions whose Hello went out as 0-RTT data.",
+    ),
+    (
+        "fogline_uplink_records_sent_total",
+        Counter,
+        "Records sent in batches (resends included).",
+    ),
+    (
+        "fogline_uplink_bytes_sent_total",
+        Counter,
+        "Frame bytes sent to the aggregator.",
+    ),
+    (
+        "fogline_uplink_records_acked_total",
+        Counter,
+        "Records acknowledged by the aggregator and deleted.",
+    ),
+    (
+        "fogline_uplink_cursor_regressions_total",
+        Counter,
+        "Times the aggregator's cursor was behind its acknowledgements (records lost there).",
+    ),
+    (
+        "fogline_uplink_renumbered_total",
+        Counter,
+        "Times buffered records were renumbered above another outbox's cursor.",
+    ),
+];
+
+/// Registers every HELP text (idempotent).
+pub fn describe() {
+    for (name, kind, help) in HELP {
+        match kind {
+            Counter => metrics::describe_counter!(*name, *help),
+            Gauge => metrics::describe_gauge!(*name, *help),
+            Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
+    crate::pipeline::events::describe();
+}
