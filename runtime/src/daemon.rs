@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::EdgeConfig;
 use crate::functions::{FunctionError, FunctionRuntime, RuntimeOptions};
@@ -63,6 +63,8 @@ pub struct LiveState {
     pub stall_after: Duration,
     /// The functions: versions, breakers, held inputs, state.
     pub functions: Arc<std::sync::Mutex<Vec<FunctionStatus>>>,
+    /// Raised when the outbox is found damaged at run time.
+    pub damage: crate::outbox::salvage::DamageFlag,
 }
 
 /// A started daemon.
@@ -98,8 +100,11 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         ..RuntimeOptions::default()
     })?);
     let outbox_path = config.outbox_path();
+    check_outbox(&outbox_path, config.outbox.check_on_start)?;
+    let damage = crate::outbox::salvage::DamageFlag::default();
     let mut outbox = Outbox::open(&outbox_path, config.outbox.sync)?;
     outbox.set_reserve(config.outbox.reserve_mib.saturating_mul(1 << 20));
+    outbox.set_damage_flag(damage.clone());
     let epoch = outbox.begin_epoch()?;
     crate::clock::init(outbox.clock_high_water()?);
     let store = ModuleStore::new(config.module_store_dir());
@@ -124,6 +129,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         uplink_configured: config.uplink.is_some(),
         stall_after: config.health.stall_after,
         functions: Arc::new(std::sync::Mutex::new(Vec::new())),
+        damage: damage.clone(),
     });
     let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -174,8 +180,10 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
 
     let uplink = match &config.uplink {
         Some(u) => {
-            let (reader, reserved) = OutboxReader::open(&outbox_path, config.outbox.sync)?
-                .with_reserve(config.outbox.reserve_mib.saturating_mul(1 << 19));
+            let mut reader = OutboxReader::open(&outbox_path, config.outbox.sync)?;
+            reader.set_damage_flag(damage.clone());
+            let (reader, reserved) =
+                reader.with_reserve(config.outbox.reserve_mib.saturating_mul(1 << 19));
             match reserved {
                 Ok(true) => {}
                 Ok(false) if config.outbox.reserve_mib == 0 => {}
@@ -258,7 +266,58 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     })
 }
 
+/// Checks the outbox (within `budget`; zero: no check) and salvages it
+/// into a new file if it is damaged (I-31).
+fn check_outbox(path: &std::path::Path, budget: Duration) -> Result<(), DaemonError> {
+    use crate::outbox::salvage::{self, Integrity};
+    if budget.is_zero() || !path.exists() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    match salvage::check(path, budget)? {
+        Integrity::Ok => {
+            info!(path = %path.display(), took_ms = started.elapsed().as_millis() as u64, "Outbox integrity checked.");
+            Ok(())
+        }
+        Integrity::Unfinished => {
+            warn!(path = %path.display(), budget = ?budget, "The outbox's integrity check did not finish in outbox.check_on_start; starting without it (damage met later is still found).");
+            Ok(())
+        }
+        Integrity::Damaged(found) => {
+            error!(path = %path.display(), found = %found.join("; "), "The outbox is damaged; salvaging what can be read into a new file.");
+            salvage_outbox(path).map(drop)
+        }
+    }
+}
+
+/// Salvages the damaged outbox at `path` (the daemon stopped), logs and
+/// counts what was kept and lost (I-31).
+pub fn salvage_outbox(
+    path: &std::path::Path,
+) -> Result<crate::outbox::salvage::Salvage, DaemonError> {
+    let s = crate::outbox::salvage::recover(path)?;
+    metrics::counter!("fogline_outbox_salvaged_total").increment(1);
+    metrics::counter!("fogline_outbox_records_lost_total").increment(s.lost_records());
+    error!(
+        kept = s.records,
+        lost = s.lost_records(),
+        lost_seqs = %s.lost_ranges(),
+        unreadable = %s.unreadable.join("; "),
+        damaged_file = %s.kept_as.display(),
+        incarnation = format_args!("{:#x}", s.incarnation),
+        new_incarnation = s.new_incarnation,
+        "Outbox salvaged: replication goes on from the new file; the loss is recorded as an alarm."
+    );
+    Ok(s)
+}
+
 impl Daemon {
+    /// Resolves when the outbox is found damaged while running: the caller
+    /// restarts the daemon, whose start salvages it (I-31).
+    pub async fn damaged(&self) {
+        self.state.damage.raised().await;
+    }
+
     /// Stop within `node.shutdown_timeout` (I-16): ingest stops reading; each
     /// connection stays open until the pipeline has committed and
     /// acknowledged what it took from it, then is closed (MQTT 5: DISCONNECT

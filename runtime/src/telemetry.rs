@@ -102,8 +102,7 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<Problem> {
     let failure = p.failure.lock().ok().and_then(|f| f.clone());
     if started != 0 && now_ms.saturating_sub(started) > stall {
         let (kind, why) = match &failure {
-            Some(f) if f.disk_full => (ProblemKind::DiskFull, format!(": {}", f.detail)),
-            Some(f) => (ProblemKind::StoreError, format!(": {}", f.detail)),
+            Some(f) => (f.kind, format!(": {}", f.detail)),
             None => (ProblemKind::Wedged, String::new()),
         };
         out.push(Problem::new(
@@ -198,6 +197,14 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<Problem> {
                 ),
             ));
         }
+    }
+    if let Some((since, detail)) = live.damage.detail() {
+        out.push(Problem::new(
+            Component::Outbox,
+            ProblemKind::Corrupt,
+            since,
+            format!("the outbox is damaged ({detail}): nothing more is acknowledged into it; the daemon restarts itself to salvage it into a new file"),
+        ));
     }
     let behind = crate::clock::behind_ms();
     if behind > CLOCK_BEHIND_MS {

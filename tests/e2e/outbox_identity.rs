@@ -498,3 +498,173 @@ fn an_outbox_restored_from_an_older_copy_loses_nothing_when_it_buffered_past_the
     } = old_copy("gw-id-old-copy-past", 60);
     assert_eq!(oracle::count(&site.cloud.store), 160);
 }
+
+/// Overwrites two pages at 60 % of a stopped SQLite file with garbage: the
+/// middle of the records.
+fn damage_pages(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let pages = bytes.len() / 4096;
+    assert!(
+        pages > 20,
+        "{} is too small to damage its middle",
+        path.display()
+    );
+    for page in [pages * 3 / 5, pages * 3 / 5 + 1] {
+        bytes[page * 4096..(page + 1) * 4096].fill(0xA5);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The number in "N lost" of the edge's `outbox_damaged` alarm.
+fn lost_in_alarm(status: &serde_json::Value) -> Option<u64> {
+    let alarms = status["outbox"]["alarms"].as_array()?;
+    let detail = alarms.iter().find(|a| a["kind"] == "outbox_damaged")?["detail"].as_str()?;
+    let before = detail.split(" lost").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+/// Who finds the damage.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Finder {
+    /// The daemon's check at start.
+    Start,
+    /// The uplink, reading it (no check at start): the daemon restarts.
+    Uplink,
+    /// The operator: `fogline-edge outbox check` and `outbox recover`.
+    Operator,
+}
+
+/// Runs `fogline-edge <args>`: exit code and stdout.
+fn edge_cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(process::binary("fogline-edge").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// I-31: 20,000 readings buffered while the aggregator is down, the edge
+/// stopped, two pages in the middle of its outbox overwritten. With
+/// `check_on_start` the edge finds the damage as it starts; without, its
+/// uplink meets it and the daemon restarts itself; or the operator checks
+/// and salvages it by hand. Each way the rest is salvaged into a new file
+/// and replication goes on: every reading that was not on the damaged
+/// pages is stored exactly once, the ones that were are exactly the loss
+/// its `outbox_damaged` alarm reports, and readings published afterwards
+/// arrive.
+fn a_damaged_outbox_is_salvaged(node: &str, finder: Finder) {
+    let mut site = Site::start(node, debug_broker());
+    stop(&mut site.cloud.daemon);
+    let pipelines = passthrough(&[("readings", &["sensors/+/reading"])]);
+    let check = if finder == Finder::Start { "10s" } else { "0s" };
+    let body = site.edge_body(node, &pipelines, "").replace(
+        "[outbox]\n",
+        &format!("[outbox]\ncheck_on_start = \"{check}\"\n"),
+    ) + "connect_timeout = \"1s\"\n";
+    let mut edge = Edge::start(site.dir.path(), node, &body).unwrap();
+    site.wait_subscribed(&edge, node, 1);
+    let first = readings(0..4, 0..5_000);
+    publish(site.mosquitto.port(), QoS::AtLeastOnce, &first);
+    edge.wait_for(Duration::from_secs(60), "buffer 20000 readings", |s| {
+        s["outbox"]["backlog_records"].as_u64() == Some(20_000)
+    })
+    .unwrap();
+    stop(&mut edge.daemon);
+    damage_pages(&edge.data_dir.join("outbox.db"));
+    if finder == Finder::Operator {
+        let config = edge.config.display().to_string();
+        let (code, out) = edge_cli(&["outbox", "check", "--config", &config]);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("DAMAGED"), "{out}");
+        let (code, out) = edge_cli(&["outbox", "recover", "--config", &config]);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains("records lost") && out.contains("(kept)"),
+            "{out}"
+        );
+        let (code, out) = edge_cli(&["outbox", "check", "--config", &config]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains(": ok"), "{out}");
+        let (code, out) = edge_cli(&["outbox", "recover", "--config", &config]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("nothing to salvage"), "{out}");
+    }
+
+    edge.daemon.restart().unwrap();
+    site.cloud.daemon.restart().unwrap();
+    edge.wait_for(Duration::from_secs(60), "alarm outbox_damaged", |s| {
+        alarm_kinds(s).iter().any(|k| k == "outbox_damaged")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", site.logs(&edge)));
+    let st = status(&edge);
+    let lost = lost_in_alarm(&st).unwrap_or_else(|| panic!("no count in the alarm: {st}"));
+    assert!(
+        lost > 0 && lost < 1_000,
+        "two pages hold tens of readings: {lost}"
+    );
+    let later = readings(0..1, 10_000..10_100);
+    publish(site.mosquitto.port(), QoS::AtLeastOnce, &later);
+    let ok = process::wait_until(Duration::from_secs(60), || {
+        oracle::read_store(&site.cloud.store).is_ok_and(|r| r.len() as u64 >= 20_100 - lost)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let records = oracle::read_store(&site.cloud.store).unwrap_or_default();
+    let mut expected = ids_of(&first);
+    expected.extend(ids_of(&later));
+    let v = oracle::judge(&records, &expected);
+    assert!(
+        ok && v.duplicated.is_empty() && v.unexpected.is_empty(),
+        "{}\n{}",
+        v.summary(),
+        site.logs(&edge)
+    );
+    assert_eq!(
+        v.lost.len(),
+        lost as usize,
+        "exactly the readings the alarm counts are missing: {}",
+        v.summary()
+    );
+    let later_ids = ids_of(&later);
+    assert!(
+        v.lost.iter().all(|id| !later_ids.contains(id)),
+        "readings published after the salvage all arrive: {}",
+        v.summary()
+    );
+    let log = edge.daemon.log_text();
+    assert_eq!(
+        log.contains("Outbox salvaged"),
+        finder != Finder::Operator,
+        "{}",
+        site.logs(&edge)
+    );
+    if finder == Finder::Uplink {
+        assert!(
+            log.contains("Restarting to salvage the damaged outbox"),
+            "{}",
+            site.logs(&edge)
+        );
+    }
+    eprintln!(
+        "damaged outbox (found by {finder:?}): {lost} readings lost of 20000, the rest stored once"
+    );
+}
+
+#[test]
+fn a_damaged_outbox_found_at_start_is_salvaged_and_only_the_damaged_readings_are_lost() {
+    a_damaged_outbox_is_salvaged("gw-id-damaged-start", Finder::Start);
+}
+
+#[test]
+fn a_damaged_outbox_met_while_running_restarts_the_daemon_which_salvages_it() {
+    a_damaged_outbox_is_salvaged("gw-id-damaged-run", Finder::Uplink);
+}
+
+#[test]
+fn a_damaged_outbox_is_checked_and_salvaged_by_hand_with_the_daemon_stopped() {
+    a_damaged_outbox_is_salvaged("gw-id-damaged-hand", Finder::Operator);
+}

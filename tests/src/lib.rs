@@ -11,33 +11,22 @@ pub mod oracle;
 pub mod process;
 pub mod sensors;
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+pub mod ports;
+
+/// A free TCP port on 127.0.0.1, kept for this test ([`ports`]).
 pub fn free_tcp_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    ports::claim()
 }
 
 /// A port number free on 127.0.0.1 for both UDP and TCP (the aggregator
-/// serves QUIC and TLS-over-TCP on the same number).
+/// serves QUIC and TLS-over-TCP on the same number), kept for this test.
 pub fn free_udp_tcp_port() -> std::io::Result<u16> {
-    for _ in 0..100 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err(std::io::Error::other(
-        "no port number free for both UDP and TCP",
-    ))
+    ports::claim()
 }
 
-/// A free UDP port on 127.0.0.1 (bound then released).
+/// A free UDP port on 127.0.0.1, kept for this test.
 pub fn free_udp_port() -> std::io::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    ports::claim()
 }
 
 /// A bench's `--name N` argument, or `default`.

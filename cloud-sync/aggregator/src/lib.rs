@@ -39,6 +39,18 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The store is damaged: acknowledging from it would hide the loss.
+    #[error(
+        "store {path} is damaged ({found}): not starting on it. Restore it from a backup (the \
+         gap behind its acknowledgements is then recorded, I-9; edges keep buffering meanwhile), \
+         or move it aside to start with an empty store"
+    )]
+    StoreDamaged {
+        /// The file.
+        path: String,
+        /// What the check found.
+        found: String,
+    },
     /// The store task panicked or was cancelled.
     #[error("opening the store: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -67,7 +79,11 @@ pub struct RunningAggregator {
     http: JoinHandle<()>,
 }
 
-/// Opens the store, loads TLS material and binds both listeners.
+/// How long the store's integrity check at start may take.
+const STORE_CHECK_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the store (checking its integrity), loads TLS material and binds
+/// both listeners.
 pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError> {
     metrics_help::describe();
     let path = config.store.path.clone();
@@ -77,7 +93,25 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
             source,
         })?;
     }
-    let store = Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??);
+    let damaged = |found: String| StartError::StoreDamaged {
+        path: config.store.path.display().to_string(),
+        found,
+    };
+    let store = match tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await? {
+        Ok(store) => Arc::new(store),
+        Err(StoreError::Open { source, .. }) if fogline_integrity::is_damage(&source) => {
+            return Err(damaged(source.to_string()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let checked = store.clone();
+    match tokio::task::spawn_blocking(move || checked.quick_check(STORE_CHECK_BUDGET)).await?? {
+        fogline_integrity::Integrity::Ok => {}
+        fogline_integrity::Integrity::Damaged(found) => return Err(damaged(found.join("; "))),
+        fogline_integrity::Integrity::Unfinished => {
+            tracing::warn!(budget = ?STORE_CHECK_BUDGET, store = %config.store.path.display(), "The store's integrity check did not finish; starting without it (damage met later makes /healthz unhealthy).")
+        }
+    }
     let dyn_store: Arc<dyn Store> = store.clone();
     let server = Service::bind(&config, dyn_store.clone()).await?;
     let quic_addr = server.quic_addr()?;

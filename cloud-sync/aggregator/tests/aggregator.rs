@@ -492,3 +492,49 @@ async fn a_node_whose_clock_is_behind_checks_against_the_latest_time_it_saw() {
         assert!(link.is_ok(), "{}: {:?}", how.name(), link.err());
     }
 }
+
+/// I-31: an aggregator whose store is damaged does not start on it (it
+/// would acknowledge from a file that lost records) and says which file and
+/// what to do; the edges keep buffering meanwhile.
+#[tokio::test]
+async fn an_aggregator_refuses_to_start_on_a_damaged_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start(dir.path(), "").await;
+    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
+    let records = sample_readings(3000, 3, 9);
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    link.send(&records).await.unwrap();
+    link.acked_through(records[2999].seq).await.unwrap();
+    drop(link);
+    agg.shutdown().await;
+
+    // Scribble over the pages after the schema's: the records' b-tree and
+    // its indexes no longer hold together.
+    let db = dir.path().join("cloud.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 16 * 4096, "store too small: {}", bytes.len());
+    for b in &mut bytes[4 * 4096..12 * 4096] {
+        *b = 0xa5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+
+    let certs = dir.path().join("certs");
+    let toml = format!(
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{d}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        c = certs.display(),
+        d = db.display()
+    );
+    let err = aggregator::start(CloudConfig::parse(&toml).unwrap())
+        .await
+        .err()
+        .expect("started on a damaged store");
+    assert!(
+        matches!(err, aggregator::StartError::StoreDamaged { .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&db.display().to_string()), "{msg}");
+    assert!(msg.contains("damaged"), "{msg}");
+}

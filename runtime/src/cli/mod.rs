@@ -1,7 +1,8 @@
-//! Command-line commands: run, status, check, test-module, passwd.
+//! Command-line commands: run, status, check, test-module, dead-letters, outbox, passwd.
 
 mod check;
 mod dead_letters;
+mod outbox;
 mod status;
 mod test_module;
 
@@ -66,9 +67,40 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Check or salvage the outbox file (the daemon must be stopped to salvage).
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Hash a password for `[[broker.users]] password_hash`. Reads the
     /// password from standard input (first line), prints the hash.
     Passwd,
+}
+
+#[derive(Subcommand, Debug)]
+enum OutboxCommand {
+    /// Check the outbox's integrity (SQLite quick_check); exit 1 if damaged.
+    Check {
+        /// The edge configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Give up after this long (a large outbox takes a while).
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
+    },
+    /// Salvage what can be read of a damaged outbox into a new file (same
+    /// incarnation while its numbering is readable); report what could not
+    /// be read. The damaged file is
+    /// kept as `outbox.db.damaged-<time>`. The daemon salvages by itself at
+    /// start; this is for doing it by hand, with the daemon stopped.
+    Recover {
+        /// The edge configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Rebuild the file even if the check finds it sound.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +179,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 limit,
             } => dead_letters::replay(&config, &filter, all, limit),
         },
+        Command::Outbox { command } => match command {
+            OutboxCommand::Check { config, timeout } => outbox::check(&config, timeout.into()),
+            OutboxCommand::Recover { config, force } => outbox::recover(&config, force).await,
+        },
         Command::Passwd => passwd(),
     }
 }
@@ -174,16 +210,50 @@ fn passwd() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Restarts to salvage a damaged outbox allowed within [`RESTART_WINDOW`].
+const MAX_SALVAGE_RESTARTS: usize = 3;
+const RESTART_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
 async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(&path)?;
-    let daemon = fogline_edge::daemon::start(config)
-        .await
-        .with_context(|| format!("cannot start with {}", path.display()))?;
-    if let Some(addr) = daemon.http_addr {
-        tracing::info!(%addr, "Serving /metrics and /status.");
+    let mut restarts: Vec<std::time::Instant> = Vec::new();
+    let signal = fogline_telemetry::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let daemon = fogline_edge::daemon::start(config.clone())
+            .await
+            .with_context(|| format!("cannot start with {}", path.display()))?;
+        if let Some(addr) = daemon.http_addr {
+            tracing::info!(%addr, "Serving /metrics and /status.");
+        }
+        tokio::select! {
+            _ = &mut signal => {
+                tracing::info!("Shutting down.");
+                daemon.shutdown().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = daemon.damaged() => {
+                // I-31: stop in order (nothing unacknowledged is lost: its
+                // senders resend it) and start again: the start salvages.
+                restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+                restarts.push(std::time::Instant::now());
+                tracing::error!(restarts = restarts.len(), "Restarting to salvage the damaged outbox.");
+                daemon.shutdown().await;
+                let outbox = config.outbox_path();
+                tokio::task::spawn_blocking(move || fogline_edge::daemon::salvage_outbox(&outbox))
+                    .await
+                    .context("the salvage task failed")?
+                    .context("cannot salvage the damaged outbox")?;
+                if restarts.len() > MAX_SALVAGE_RESTARTS {
+                    anyhow::bail!(
+                        "the outbox {} was found damaged {} times in {} minutes even after salvaging: \
+                         the disk itself is probably failing; see `fogline-edge outbox check`",
+                        config.outbox_path().display(),
+                        restarts.len(),
+                        RESTART_WINDOW.as_secs() / 60
+                    );
+                }
+            }
+        }
     }
-    fogline_telemetry::shutdown_signal().await;
-    tracing::info!("Shutting down.");
-    daemon.shutdown().await;
-    Ok(ExitCode::SUCCESS)
 }

@@ -180,6 +180,7 @@ impl Default for OutboxConfig {
             commit_linger: Duration::from_millis(1),
             tick_interval: Duration::from_secs(1),
             reserve_mib: 16,
+            check_on_start: Duration::from_secs(10),
         }
     }
 }

@@ -390,6 +390,10 @@ pub struct OutboxConfig {
     /// something else fills the disk. 0: none (a full disk then needs an
     /// operator).
     pub reserve_mib: u64,
+    /// At start, check the outbox's integrity for at most this long (a
+    /// damaged file is salvaged into a new one); 0 skips the check.
+    #[serde(with = "humantime_serde")]
+    pub check_on_start: Duration,
 }
 
 /// `[uplink]`

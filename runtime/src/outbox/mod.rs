@@ -23,6 +23,7 @@
 
 mod functions;
 mod reserve;
+pub mod salvage;
 mod schema;
 mod stats;
 
@@ -67,6 +68,17 @@ pub enum OutboxError {
         /// The reserve kept free.
         floor: u64,
     },
+    /// The file was found damaged: nothing more is committed into it.
+    #[error(
+        "outbox {path} is damaged ({detail}): nothing more is acknowledged into it; it is \
+         salvaged at the next start (or by `fogline-edge outbox recover`)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
     /// A statement failed (disk full, I/O error, corrupt file...).
     #[error("outbox {path}: {op} failed: {source}")]
     Sql {
@@ -84,9 +96,33 @@ impl OutboxError {
     pub fn is_disk_full(&self) -> bool {
         match self {
             Self::Full { .. } => true,
+            Self::Damaged { .. } => false,
             Self::Open { source, .. } | Self::Sql { source, .. } => {
                 matches!(source, rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull)
             }
+        }
+    }
+}
+
+impl OutboxError {
+    /// The file is damaged.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Self::Damaged { .. } => true,
+            Self::Full { .. } => false,
+            Self::Open { source, .. } | Self::Sql { source, .. } => salvage::is_damage(source),
+        }
+    }
+
+    /// The kind of problem this is, for `/healthz`.
+    pub fn problem_kind(&self) -> fogline_telemetry::health::ProblemKind {
+        use fogline_telemetry::health::ProblemKind;
+        if self.is_disk_full() {
+            ProblemKind::DiskFull
+        } else if self.is_damage() {
+            ProblemKind::Corrupt
+        } else {
+            ProblemKind::StoreError
         }
     }
 }
@@ -300,6 +336,7 @@ pub struct Outbox {
     path: PathBuf,
     /// Bytes kept free for draining (0: none): see [`Outbox::set_reserve`].
     floor: u64,
+    damage: salvage::DamageFlag,
 }
 
 /// Bytes free on the filesystem holding `path`.
@@ -328,7 +365,13 @@ impl Outbox {
             conn,
             path: path.to_path_buf(),
             floor: 0,
+            damage: salvage::DamageFlag::default(),
         })
+    }
+
+    /// Shares `flag` with the reader: damage either finds stops commits.
+    pub fn set_damage_flag(&mut self, flag: salvage::DamageFlag) {
+        self.damage = flag;
     }
 
     /// Keeps `bytes` free for draining: a commit is refused
@@ -360,10 +403,15 @@ impl Outbox {
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> OutboxError + '_ {
-        move |source| OutboxError::Sql {
-            path: self.path.clone(),
-            op,
-            source,
+        move |source| {
+            if salvage::is_damage(&source) {
+                self.damage.raise(&format!("{op}: {source}"));
+            }
+            OutboxError::Sql {
+                path: self.path.clone(),
+                op,
+                source,
+            }
         }
     }
 
@@ -448,6 +496,22 @@ impl Outbox {
     ///
     /// Refused with [`OutboxError::Full`] when less than the reserve is left.
     pub fn commit(&mut self, commit: &Commit) -> Result<Committed, OutboxError> {
+        let r = self.commit_once(commit);
+        if let Err(e) = &r {
+            if e.is_damage() {
+                self.damage.raise(&e.to_string());
+            }
+        }
+        r
+    }
+
+    fn commit_once(&mut self, commit: &Commit) -> Result<Committed, OutboxError> {
+        if let Some((_, detail)) = self.damage.detail() {
+            return Err(OutboxError::Damaged {
+                path: self.path.clone(),
+                detail,
+            });
+        }
         if self.floor > 0 {
             let room = self.room()?;
             if room < self.floor {
@@ -459,9 +523,16 @@ impl Outbox {
             }
         }
         let path = self.path.clone();
+        let damage = self.damage.clone();
         let sql = |op: &'static str| {
             let path = path.clone();
-            move |source| OutboxError::Sql { path, op, source }
+            let damage = damage.clone();
+            move |source| {
+                if salvage::is_damage(&source) {
+                    damage.raise(&format!("{op}: {source}"));
+                }
+                OutboxError::Sql { path, op, source }
+            }
         };
         let tx = self
             .conn
@@ -582,6 +653,7 @@ pub struct OutboxReader {
     conn: Connection,
     path: PathBuf,
     reserve: std::cell::RefCell<Reserve>,
+    damage: salvage::DamageFlag,
 }
 
 impl OutboxReader {
@@ -597,7 +669,13 @@ impl OutboxReader {
             conn: open_connection(path, SyncMode::Normal, false)?,
             path: path.to_path_buf(),
             reserve: std::cell::RefCell::new(Reserve::new(path, 0)),
+            damage: salvage::DamageFlag::default(),
         })
+    }
+
+    /// Shares `flag` with the writer: damage either finds stops commits.
+    pub fn set_damage_flag(&mut self, flag: salvage::DamageFlag) {
+        self.damage = flag;
     }
 
     /// Keeps `bytes` of spare space beside the outbox for deleting
@@ -613,10 +691,15 @@ impl OutboxReader {
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> OutboxError + '_ {
-        move |source| OutboxError::Sql {
-            path: self.path.clone(),
-            op,
-            source,
+        move |source| {
+            if salvage::is_damage(&source) {
+                self.damage.raise(&format!("{op}: {source}"));
+            }
+            OutboxError::Sql {
+                path: self.path.clone(),
+                op,
+                source,
+            }
         }
     }
 

@@ -61,19 +61,19 @@ pub struct PipelineHealth {
 pub struct CommitFailure {
     /// Since when (ms since epoch).
     pub since_ms: u64,
-    /// The disk is full (or below the outbox's reserve).
-    pub disk_full: bool,
+    /// Why: a full disk, a damaged file, another store error.
+    pub kind: fogline_telemetry::health::ProblemKind,
     /// The last error.
     pub detail: String,
 }
 
 impl PipelineHealth {
-    fn note_failure(&self, disk_full: bool, detail: &str) {
+    fn note_failure(&self, kind: fogline_telemetry::health::ProblemKind, detail: &str) {
         if let Ok(mut f) = self.failure.lock() {
             let since_ms = f.as_ref().map_or_else(crate::clock::now_ms, |f| f.since_ms);
             *f = Some(CommitFailure {
                 since_ms,
-                disk_full,
+                kind,
                 detail: detail.to_string(),
             });
         }
@@ -668,7 +668,7 @@ fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool
             }
             Err(e) => {
                 w.health.failing.store(true, Ordering::Release);
-                w.health.note_failure(e.is_disk_full(), &e.to_string());
+                w.health.note_failure(e.problem_kind(), &e.to_string());
                 metrics::counter!("fogline_outbox_commit_failures_total").increment(1);
                 failures += 1;
                 // Every retry while the backoff grows, then once a minute:

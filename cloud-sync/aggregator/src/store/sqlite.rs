@@ -113,6 +113,15 @@ impl SqliteStore {
     pub fn path(&self) -> &str {
         &self.path
     }
+
+    /// `PRAGMA quick_check`, given up after `budget`.
+    pub fn quick_check(
+        &self,
+        budget: std::time::Duration,
+    ) -> Result<fogline_integrity::Integrity, StoreError> {
+        let conn = lock(&self.reader)?;
+        fogline_integrity::quick_check(&conn, budget).map_err(q_err("integrity check", None))
+    }
 }
 
 fn q_err<'a>(

@@ -2,9 +2,13 @@
 //! I-14, I-18): the real client and server sessions, the real codecs and
 //! the real dialer over a simulated link with delay, loss, cuts, UDP
 //! blocking, dropped connections, restarts of either end with their durable
-//! state kept, and a store that fails or stalls — all driven by a seed.
-//! After every run: the aggregator holds exactly the records the outbox
-//! accepted, per stream in order, once, and the outbox is empty.
+//! state kept, a store that fails or stalls, an aggregator that refuses the
+//! node for minutes and connections killed before any ack — all driven by a
+//! seed. After every run: the aggregator holds exactly the records the
+//! outbox accepted, per stream in order, once, and the outbox is empty; and
+//! within any minute without progress the edge opened at most
+//! `MAX_SESSIONS_PER_MINUTE` sessions and met at most
+//! `MAX_REFUSALS_PER_MINUTE` refusals (I-18).
 //!
 //! - `SIM_SEEDS=N` (default 1500 per shard, 4 shards) sets how many seeds
 //!   run; `SIM_SEEDS=100000` for a long local run.
@@ -101,6 +105,28 @@ fn committed_regressions() {
     }
 }
 
+/// The I-18 oracle bites: an edge that reconnects every second with no
+/// progress fails it, one whose sessions progress in between passes.
+#[test]
+fn the_reconnect_bound_catches_an_edge_that_spins() {
+    let spinning = world::Reconnects {
+        dial_sessions: (0..30).map(|i| i * 1_000).collect(),
+        ..Default::default()
+    };
+    let err = spinning.check().unwrap_err();
+    assert!(err.contains("I-18"), "{err}");
+    let productive = world::Reconnects {
+        resets: (0..30).map(|i| i * 1_000 + 500).collect(),
+        ..spinning.clone()
+    };
+    productive.check().unwrap();
+    let refused = world::Reconnects {
+        refusals: (0..10).map(|i| i * 5_000).collect(),
+        ..Default::default()
+    };
+    assert!(refused.check().is_err());
+}
+
 /// `SIM_SEED=n`: runs that one seed and prints what happened.
 #[test]
 fn replay() {
@@ -121,6 +147,9 @@ fn replay() {
 #[test]
 fn the_faults_really_happen() {
     let mut total = world::RunStats::default();
+    // The most sessions one run opened within a minute with no progress:
+    // the backoff of I-18 is really exercised, not only its calm case.
+    let mut busiest = 0;
     for seed in 0..300 {
         let stats = world::run(&Scenario::from_seed(seed)).unwrap();
         total.sessions += stats.sessions;
@@ -128,6 +157,10 @@ fn the_faults_really_happen() {
         total.resets += stats.resets;
         total.tcp_sessions += stats.tcp_sessions;
         total.store_failures += stats.store_failures;
+        total.refused_sessions += stats.refused_sessions;
+        total.refused_handshakes += stats.refused_handshakes;
+        total.flapped_sessions += stats.flapped_sessions;
+        busiest = busiest.max(stats.log.busiest_sessions());
         for (k, v) in stats.closes {
             *total.closes.entry(k).or_default() += v;
         }
@@ -138,6 +171,13 @@ fn the_faults_really_happen() {
     assert!(total.resets > 0, "{total:?}");
     assert!(total.tcp_sessions > 0, "{total:?}");
     assert!(total.store_failures > 0, "{total:?}");
+    assert!(total.refused_sessions > 0, "{total:?}");
+    assert!(total.refused_handshakes > 0, "{total:?}");
+    assert!(total.flapped_sessions > 0, "{total:?}");
+    assert!(
+        busiest >= world::MAX_SESSIONS_PER_MINUTE / 2,
+        "no failure state ran long enough to test the backoff (busiest minute {busiest})"
+    );
     for reason in ["silent", "stalled", "closed_by_aggregator"] {
         assert!(
             total.closes.get(reason).copied().unwrap_or(0) > 0,

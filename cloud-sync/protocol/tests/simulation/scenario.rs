@@ -62,7 +62,9 @@ pub enum Fault {
         /// Down time.
         down_ms: u64,
     },
-    /// Every store operation fails for `for_ms` (full disk).
+    /// Every store operation fails for `for_ms` (full disk): every session
+    /// the aggregator serves meanwhile closes with `Internal` at its cursor
+    /// read or its first apply. Long ones are a failure state (I-18).
     StoreFailing {
         /// Start.
         at_ms: u64,
@@ -82,6 +84,25 @@ pub enum Fault {
         /// When.
         at_ms: u64,
     },
+    /// The aggregator refuses the node for `for_ms` (its certificate
+    /// revoked, then reinstated): the live session is closed with
+    /// `Unauthorized` when it starts, and so is every session meanwhile,
+    /// right after it connects — or its handshake is rejected outright.
+    Refuses {
+        /// Start.
+        at_ms: u64,
+        /// Length.
+        for_ms: u64,
+    },
+    /// For `for_ms`, every connection is cut shortly after its `Welcome`,
+    /// before any ack (a middlebox that kills connections after a few
+    /// packets): sessions resume but never progress.
+    Flaps {
+        /// Start.
+        at_ms: u64,
+        /// Length.
+        for_ms: u64,
+    },
 }
 
 impl Fault {
@@ -94,6 +115,8 @@ impl Fault {
             | Fault::AggregatorRestart { at_ms, .. }
             | Fault::StoreFailing { at_ms, .. }
             | Fault::StoreStall { at_ms, .. }
+            | Fault::Refuses { at_ms, .. }
+            | Fault::Flaps { at_ms, .. }
             | Fault::DropConnection { at_ms } => at_ms,
         }
     }
@@ -104,12 +127,55 @@ impl Fault {
             Fault::Cut { at_ms, for_ms }
             | Fault::UdpBlocked { at_ms, for_ms }
             | Fault::StoreFailing { at_ms, for_ms }
-            | Fault::StoreStall { at_ms, for_ms } => at_ms + for_ms,
+            | Fault::StoreStall { at_ms, for_ms }
+            | Fault::Refuses { at_ms, for_ms }
+            | Fault::Flaps { at_ms, for_ms } => at_ms + for_ms,
             Fault::EdgeRestart { at_ms, down_ms } | Fault::AggregatorRestart { at_ms, down_ms } => {
                 at_ms + down_ms
             }
             Fault::DropConnection { at_ms } => at_ms,
         }
+    }
+
+    /// The same fault, half as long (`None` if it has no length worth
+    /// halving): for shrinking.
+    pub fn halved(&self) -> Option<Fault> {
+        let half = |d: u64| (d >= 100).then_some(d / 2);
+        Some(match *self {
+            Fault::Cut { at_ms, for_ms } => Fault::Cut {
+                at_ms,
+                for_ms: half(for_ms)?,
+            },
+            Fault::UdpBlocked { at_ms, for_ms } => Fault::UdpBlocked {
+                at_ms,
+                for_ms: half(for_ms)?,
+            },
+            Fault::EdgeRestart { at_ms, down_ms } => Fault::EdgeRestart {
+                at_ms,
+                down_ms: half(down_ms)?,
+            },
+            Fault::AggregatorRestart { at_ms, down_ms } => Fault::AggregatorRestart {
+                at_ms,
+                down_ms: half(down_ms)?,
+            },
+            Fault::StoreFailing { at_ms, for_ms } => Fault::StoreFailing {
+                at_ms,
+                for_ms: half(for_ms)?,
+            },
+            Fault::StoreStall { at_ms, for_ms } => Fault::StoreStall {
+                at_ms,
+                for_ms: half(for_ms)?,
+            },
+            Fault::Refuses { at_ms, for_ms } => Fault::Refuses {
+                at_ms,
+                for_ms: half(for_ms)?,
+            },
+            Fault::Flaps { at_ms, for_ms } => Fault::Flaps {
+                at_ms,
+                for_ms: half(for_ms)?,
+            },
+            Fault::DropConnection { .. } => return None,
+        })
     }
 }
 
@@ -126,7 +192,7 @@ impl Scenario {
         let latency_ms = (lat_min, lat_min + rng.random_range(0..150));
         let horizon = produce_over_ms.max(2_000) + 5_000;
         let n_faults = rng.random_range(0..=6);
-        let faults = (0..n_faults)
+        let mut faults: Vec<Fault> = (0..n_faults)
             .map(|_| {
                 let at_ms = rng.random_range(0..horizon);
                 match rng.random_range(0..7) {
@@ -158,6 +224,18 @@ impl Scenario {
                 }
             })
             .collect();
+        // Now and then a failure state that lasts: the aggregator refuses
+        // the node, its store fails, or connections die before any ack —
+        // up to two minutes of reconnects the backoff must pace (I-18).
+        if rng.random_bool(0.2) {
+            let at_ms = rng.random_range(0..horizon);
+            let for_ms = rng.random_range(500..120_000);
+            faults.push(match rng.random_range(0..3) {
+                0 => Fault::Refuses { at_ms, for_ms },
+                1 => Fault::Flaps { at_ms, for_ms },
+                _ => Fault::StoreFailing { at_ms, for_ms },
+            });
+        }
         Scenario {
             seed,
             records: rng.random_range(1..3_000),
@@ -183,6 +261,13 @@ impl Scenario {
             let mut s = self.clone();
             s.faults.remove(i);
             out.push(s);
+        }
+        for i in 0..self.faults.len() {
+            if let Some(f) = self.faults[i].halved() {
+                let mut s = self.clone();
+                s.faults[i] = f;
+                out.push(s);
+            }
         }
         if self.records > 1 {
             out.push(Scenario {

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use fogline_protocol::batch::{decode_batch, encode_batch, DEFAULT_ZSTD_LEVEL};
-use fogline_protocol::dial::{Attempt, DialConfig, Dialer, Transport};
+use fogline_protocol::dial::{Attempt, DialConfig, Dialer, Ending, Transport};
 use fogline_protocol::session::client::{ClientAction, ClientConfig, ClientSession, CloseReason};
 use fogline_protocol::session::resume::Resume;
 use fogline_protocol::session::server::{ApplyRequest, ServerAction, ServerConfig, ServerSession};
@@ -38,7 +38,38 @@ pub struct RunStats {
     pub resets: u64,
     pub tcp_sessions: u64,
     pub store_failures: u64,
+    /// Sessions the aggregator closed with `Unauthorized` as they connected
+    /// (or live, as the refusal began).
+    pub refused_sessions: u64,
+    /// Handshakes the aggregator rejected.
+    pub refused_handshakes: u64,
+    /// Sessions cut after their `Welcome`, before any ack.
+    pub flapped_sessions: u64,
     pub virtual_ms: u64,
+    /// When the edge tried to connect and what came of it (I-18).
+    pub log: Reconnects,
+}
+
+/// When (virtual ms) the edge reconnected, for the I-18 oracle. Each list is
+/// in time order.
+#[derive(Debug, Default, Clone)]
+pub struct Reconnects {
+    /// Attempts the dialer planned (QUIC and TCP fallback alike).
+    pub dial_attempts: Vec<u64>,
+    /// Fresh connections tried alongside a silent session, and QUIC retries
+    /// while on TCP.
+    pub probe_attempts: Vec<u64>,
+    /// Sessions opened by the dialer's attempts.
+    pub dial_sessions: Vec<u64>,
+    /// Sessions opened by a probe that won.
+    pub probe_sessions: Vec<u64>,
+    /// Refusals the dialer was told of (a rejected handshake, a session
+    /// closed with `Unauthorized`), except on sessions a probe opened.
+    pub refusals: Vec<u64>,
+    /// Moments the backoff was legitimately forgotten: a session became
+    /// productive (resumed, then an ack; or resumed and held
+    /// `stable_after`), or the edge restarted with a fresh dialer.
+    pub resets: Vec<u64>,
 }
 
 /// Runs `s` to the end and checks the invariant: the aggregator holds
@@ -47,7 +78,66 @@ pub fn run(s: &Scenario) -> Result<RunStats, String> {
     let mut w = World::new(s);
     w.run()?;
     w.check()?;
+    w.stats.log.check()?;
     Ok(w.stats)
+}
+
+/// I-18: however long a failure state lasts, the edge reconnects a bounded
+/// number of times per minute. Within any 60 s of virtual time in which the
+/// backoff was never legitimately forgotten, the dialer opens at most
+/// [`MAX_SESSIONS_PER_MINUTE`] sessions and meets at most
+/// [`MAX_REFUSALS_PER_MINUTE`] refusals. With the default policy a fruitless
+/// run waits 0.1 s doubled per session (jitter down to 75%) — nine sessions
+/// in its first minute, then about two — and refusals wait 15 s doubled, a
+/// round (QUIC, then TCP) meeting two.
+pub const MAX_SESSIONS_PER_MINUTE: usize = 12;
+/// See [`MAX_SESSIONS_PER_MINUTE`].
+pub const MAX_REFUSALS_PER_MINUTE: usize = 6;
+
+impl Reconnects {
+    /// The most sessions the dialer opened within 60 s with no reset.
+    pub fn busiest_sessions(&self) -> usize {
+        self.busiest_minute(&self.dial_sessions).0
+    }
+
+    /// Checks the I-18 bound on every 60 s window between resets.
+    pub fn check(&self) -> Result<(), String> {
+        let worst = |what: &[u64]| self.busiest_minute(what);
+        let (n, at) = worst(&self.dial_sessions);
+        if n > MAX_SESSIONS_PER_MINUTE {
+            return Err(format!(
+                "I-18: {n} sessions opened within 60 s from {at} ms with no progress between \
+                 (at most {MAX_SESSIONS_PER_MINUTE})"
+            ));
+        }
+        let (n, at) = worst(&self.refusals);
+        if n > MAX_REFUSALS_PER_MINUTE {
+            return Err(format!(
+                "I-18: {n} refusals within 60 s from {at} ms with no progress between \
+                 (at most {MAX_REFUSALS_PER_MINUTE})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The most events of `times` inside one 60 s window that holds no
+    /// reset (an event at the moment of a reset counts after it), and where
+    /// that window starts.
+    fn busiest_minute(&self, times: &[u64]) -> (usize, u64) {
+        // Which stretch between resets an event falls into.
+        let stretch = |t: u64| self.resets.partition_point(|&r| r <= t);
+        let mut best = (0, 0);
+        let mut lo = 0;
+        for hi in 0..times.len() {
+            while times[hi] - times[lo] >= 60_000 || stretch(times[lo]) != stretch(times[hi]) {
+                lo += 1;
+            }
+            if hi + 1 - lo > best.0 {
+                best = (hi + 1 - lo, times[lo]);
+            }
+        }
+        best
+    }
 }
 
 type ConnId = u64;
@@ -67,6 +157,14 @@ enum Ev {
         code: ErrorCode,
     },
     Reset {
+        conn: ConnId,
+    },
+    /// A middlebox killed `conn` (Flaps): the server side lost it at once.
+    Cut {
+        conn: ConnId,
+    },
+    /// ...and the edge finds out.
+    Lost {
         conn: ConnId,
     },
     AttemptDone {
@@ -143,6 +241,17 @@ struct Active {
     conn: ConnId,
     session: ClientSession,
     attempt: Attempt,
+    /// When it opened (the dialer's `connected`).
+    started: u64,
+    /// Opened by a probe that won.
+    probe: bool,
+    /// The outbox applied the aggregator's cursor (the dialer's `resumed`).
+    resumed: bool,
+    /// Acknowledged something after it resumed (the dialer's `progressed`).
+    progressed: bool,
+    /// How the transport lost it, as the uplink labels it (`None`: the
+    /// session closed itself).
+    lost: Option<&'static str>,
 }
 
 struct Edge {
@@ -192,6 +301,8 @@ struct Conn {
     server_dec: FrameDecoder,
     client_dec: FrameDecoder,
     inbox: VecDeque<Vec<u8>>,
+    /// Welcomed during Flaps: cut before any ack.
+    flap: bool,
 }
 
 struct World {
@@ -347,7 +458,24 @@ impl World {
 
     fn run(&mut self) -> Result<(), String> {
         let last_fault = self.s.faults.iter().map(Fault::end_ms).max().unwrap_or(0);
-        let deadline = last_fault.max(self.s.produce_over_ms) + 400_000;
+        // Room for every round trip a small window of small batches needs
+        // (one batch in flight, one record per batch: a round trip each).
+        let round_trips = (self.s.records as u64)
+            .div_ceil((self.s.window as u64).max(1) * (self.s.batch_records as u64).max(1));
+        let mut deadline = last_fault.max(self.s.produce_over_ms)
+            + 400_000
+            + round_trips * 4 * self.s.latency_ms.1;
+        if self
+            .s
+            .faults
+            .iter()
+            .any(|f| matches!(f, Fault::Refuses { .. }))
+        {
+            // A node refused for long waits up to `refused_max_delay`
+            // (jittered +25%) before it tries again: by design (in the field
+            // a renewed certificate cuts it short).
+            deadline += (dial_config().refused_max_delay * 5 / 4).as_millis() as u64;
+        }
         let mut steps = 0u64;
         loop {
             self.drive();
@@ -495,7 +623,16 @@ impl World {
                     if c.client_open {
                         c.client_open = false;
                         self.stats.resets += 1;
-                        self.client_conn_lost(conn, "connection reset by the aggregator");
+                        self.client_conn_lost(conn, None, "connection reset by the aggregator");
+                    }
+                }
+            }
+            Ev::Cut { conn } => self.cut(conn),
+            Ev::Lost { conn } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if c.client_open && c.edge_gen == self.edge.gen {
+                        c.client_open = false;
+                        self.client_conn_lost(conn, None, "connection cut by the network");
                     }
                 }
             }
@@ -672,6 +809,10 @@ impl World {
                 // As the uplink does: an acknowledgement is progress.
                 if a.session.stats().acked > acked {
                     self.edge.dialer.progressed();
+                    if a.resumed && !a.progressed {
+                        a.progressed = true;
+                        self.stats.log.resets.push(self.now);
+                    }
                 }
             }
         }
@@ -782,19 +923,45 @@ impl World {
                 return;
             }
             c.client_open = false;
-            self.client_conn_lost(conn, &format!("closed by the aggregator with {code}"));
+            self.client_conn_lost(
+                conn,
+                Some(code),
+                &format!("closed by the aggregator with {code}"),
+            );
         }
     }
 
     // ----- the edge ---------------------------------------------------
 
-    fn client_conn_lost(&mut self, conn: ConnId, why: &str) {
+    /// The transport lost `conn`: closed by the aggregator with `code`, or
+    /// reset / cut (`None`).
+    fn client_conn_lost(&mut self, conn: ConnId, code: Option<ErrorCode>, why: &str) {
         if let Some(a) = self.edge.session.as_mut().filter(|a| a.conn == conn) {
+            if !a.session.is_closed() {
+                a.lost = Some(transport_label(code));
+            }
             a.session.close(CloseReason::Peer {
-                code: ErrorCode::Ok,
+                code: code.unwrap_or(ErrorCode::Ok),
                 message: why.to_string(),
             });
         }
+    }
+
+    /// The current session is over: tells the dialer how it ended, as the
+    /// uplink does, and notes for the oracle whether it had been productive.
+    fn session_over(&mut self, ending: Ending) {
+        let Some(a) = self.edge.session.take() else {
+            return;
+        };
+        let held = MS(self.now - a.started) >= dial_config().stable_after;
+        if a.resumed && held && !a.progressed {
+            self.stats.log.resets.push(self.now);
+        }
+        if ending == Ending::Refused && !a.probe {
+            self.stats.log.refusals.push(self.now);
+        }
+        let now = self.instant(self.now);
+        self.edge.dialer.disconnected_as(ending, now);
     }
 
     fn dial(&mut self) {
@@ -823,6 +990,11 @@ impl World {
     fn start_attempt(&mut self, attempt: Attempt, probe: bool) {
         let id = self.next_attempt;
         self.next_attempt += 1;
+        if probe {
+            self.stats.log.probe_attempts.push(self.now);
+        } else {
+            self.stats.log.dial_attempts.push(self.now);
+        }
         let pending = Pending {
             id,
             attempt,
@@ -898,8 +1070,27 @@ impl World {
 
     fn attempt_done(&mut self, id: u64, ok: bool) {
         let now = self.instant(self.now);
+        // Refusing, the aggregator rejects half the handshakes (the node's
+        // certificate, at TLS) and closes the other half's sessions at once
+        // (its gate, right after accepting).
+        let handshake_refused = ok
+            && self.agg.up
+            && self.refusing()
+            && (self.edge.connecting.is_some_and(|p| p.id == id)
+                || self.edge.probe.is_some_and(|p| p.id == id))
+            && self.rng.random_bool(0.5);
+        if handshake_refused {
+            self.stats.refused_handshakes += 1;
+        }
         if let Some(p) = self.edge.connecting.filter(|p| p.id == id) {
             self.edge.connecting = None;
+            if handshake_refused {
+                // As the uplink does for a refusal at connect.
+                self.edge.dialer.failed_as(p.attempt, Ending::Refused, now);
+                self.stats.log.refusals.push(self.now);
+                self.edge.dial_at = Some(self.now);
+                return;
+            }
             if !ok || !self.agg.up {
                 self.edge.dialer.failed(p.attempt, now);
                 self.edge.dial_at = Some(self.now);
@@ -907,12 +1098,12 @@ impl World {
             }
             let hs = MS(self.now - p.started);
             self.edge.dialer.connected(p.attempt, hs, now);
-            self.open_session(p.attempt);
+            self.open_session(p.attempt, false);
             return;
         }
         if let Some(p) = self.edge.probe.filter(|p| p.id == id) {
             self.edge.probe = None;
-            if !ok || !self.agg.up {
+            if !ok || !self.agg.up || handshake_refused {
                 if p.attempt.transport == Transport::Quic {
                     self.edge.dialer.quic_retry_failed(p.attempt.server, now);
                 }
@@ -935,8 +1126,10 @@ impl World {
             if !switch {
                 return;
             }
-            if let Some(old) = self.edge.session.take() {
-                self.close_conn(old.conn, true, ErrorCode::Ok);
+            if let Some(old) = self.edge.session.as_ref().map(|a| a.conn) {
+                self.close_conn(old, true, ErrorCode::Ok);
+                // As the uplink does for a switch: the old session ended.
+                self.session_over(Ending::Ended);
             }
             self.stats.probes_won += 1;
             if self.trace {
@@ -944,11 +1137,16 @@ impl World {
             }
             let hs = MS(self.now - p.started);
             self.edge.dialer.connected(p.attempt, hs, now);
-            self.open_session(p.attempt);
+            self.open_session(p.attempt, true);
         }
     }
 
-    fn open_session(&mut self, attempt: Attempt) {
+    fn refusing(&self) -> bool {
+        self.fault_active(|f| matches!(f, Fault::Refuses { .. }))
+            .is_some()
+    }
+
+    fn open_session(&mut self, attempt: Attempt, probe: bool) {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
@@ -966,13 +1164,26 @@ impl World {
                 server_dec: FrameDecoder::new(),
                 client_dec: FrameDecoder::new(),
                 inbox: VecDeque::new(),
+                flap: false,
             },
         );
         let now = self.instant(self.now);
-        self.agg
-            .sessions
-            .insert(conn, ServerSession::new("n1", server_config(), now));
+        if self.refusing() {
+            // The aggregator's gate: closed with `Unauthorized` before it is
+            // served.
+            self.stats.refused_sessions += 1;
+            self.close_conn(conn, false, ErrorCode::Unauthorized);
+        } else {
+            self.agg
+                .sessions
+                .insert(conn, ServerSession::new("n1", server_config(), now));
+        }
         self.stats.sessions += 1;
+        if probe {
+            self.stats.log.probe_sessions.push(self.now);
+        } else {
+            self.stats.log.dial_sessions.push(self.now);
+        }
         if attempt.transport == Transport::Tcp {
             self.stats.tcp_sessions += 1;
         }
@@ -981,6 +1192,11 @@ impl World {
             conn,
             session,
             attempt,
+            started: self.now,
+            probe,
+            resumed: false,
+            progressed: false,
+            lost: None,
         });
     }
 
@@ -1029,7 +1245,7 @@ impl World {
             let Some(a) = &self.edge.session else {
                 break;
             };
-            let (conn, attempt) = (a.conn, a.attempt);
+            let (conn, attempt, lost) = (a.conn, a.attempt, a.lost);
             match action {
                 ClientAction::Send(frame) => self.send(conn, true, &frame),
                 ClientAction::Resume { decision, cursor } => {
@@ -1062,12 +1278,18 @@ impl World {
                     if self.trace {
                         eprintln!("{:>8} client closes conn {conn}: {reason}", self.now);
                     }
-                    *self.stats.closes.entry(reason.label()).or_default() += 1;
+                    // Labelled as the uplink does: a transport close with
+                    // `Unauthorized` is "refused", and a refusal for the
+                    // dialer.
+                    let label = lost.unwrap_or(reason.label());
+                    *self.stats.closes.entry(label).or_default() += 1;
                     self.close_conn(conn, true, reason.code());
-                    self.edge.session = None;
+                    self.session_over(if label == "refused" {
+                        Ending::Refused
+                    } else {
+                        Ending::Ended
+                    });
                     self.edge.probe = None;
-                    let now = self.instant(self.now);
-                    self.edge.dialer.disconnected(now);
                     self.edge.dial_at = Some(self.now);
                 }
             }
@@ -1097,6 +1319,7 @@ impl World {
                 let next = self.edge.outbox.next_seq;
                 if let Some(a) = self.edge.session.as_mut().filter(|_| current) {
                     a.session.handle_resumed(next, now);
+                    a.resumed = true;
                     self.edge.dialer.resumed();
                 }
             }
@@ -1150,7 +1373,27 @@ impl World {
             {
                 busy = true;
                 match action {
-                    ServerAction::Send(frame) => self.send(conn, false, &frame),
+                    ServerAction::Send(frame) => {
+                        let flap = self.conns.get(&conn).is_some_and(|c| c.flap);
+                        if flap && matches!(frame, Frame::Ack { .. }) {
+                            // The middlebox kills it before any ack gets out.
+                            self.cut(conn);
+                            continue;
+                        }
+                        self.send(conn, false, &frame);
+                        let flaps = self
+                            .fault_active(|f| matches!(f, Fault::Flaps { .. }))
+                            .is_some();
+                        if flaps && matches!(frame, Frame::Welcome { .. }) {
+                            // ...or shortly after the Welcome arrives.
+                            let after = self.rng.random_range(1..30);
+                            if let Some(c) = self.conns.get_mut(&conn) {
+                                c.flap = true;
+                                let t = c.floor[1] + after;
+                                self.at(t, Ev::Cut { conn });
+                            }
+                        }
+                    }
                     ServerAction::ReadCursor => {
                         // Takeover at Hello: the node's older session goes.
                         if let Some(old) = self.agg.owner.filter(|o| *o != conn) {
@@ -1344,11 +1587,42 @@ impl World {
                     }
                 }
             }
+            Fault::Refuses { .. } => {
+                // Its certificate is refused now: the aggregator closes the
+                // node's live sessions with `Unauthorized`.
+                let ids: Vec<ConnId> = self.agg.sessions.keys().copied().collect();
+                for conn in ids {
+                    self.agg.sessions.remove(&conn);
+                    self.stats.refused_sessions += 1;
+                    self.close_conn(conn, false, ErrorCode::Unauthorized);
+                }
+                self.agg.owner = None;
+            }
             Fault::Cut { .. }
             | Fault::UdpBlocked { .. }
             | Fault::StoreFailing { .. }
-            | Fault::StoreStall { .. } => {}
+            | Fault::StoreStall { .. }
+            | Fault::Flaps { .. } => {}
         }
+    }
+
+    /// A middlebox kills `conn`: the aggregator's side goes at once, the
+    /// edge finds out a latency later.
+    fn cut(&mut self, conn: ConnId) {
+        let lat = self.latency();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.server_open || c.agg_gen != self.agg.gen {
+            return;
+        }
+        c.server_open = false;
+        self.stats.flapped_sessions += 1;
+        self.agg.sessions.remove(&conn);
+        if self.agg.owner == Some(conn) {
+            self.agg.owner = None;
+        }
+        self.at(self.now + lat, Ev::Lost { conn });
     }
 
     fn fault_end(&mut self, f: Fault) {
@@ -1368,6 +1642,7 @@ impl World {
                 self.edge.outbox.epoch = self.rng.random::<u64>() | 1;
                 self.edge.outbox.epoch_start = self.edge.outbox.next_seq;
                 self.edge.dialer = Dialer::new(dial_config(), self.instant(self.now));
+                self.stats.log.resets.push(self.now);
                 self.edge.dial_at = Some(self.now);
                 self.ingest();
             }
@@ -1406,6 +1681,18 @@ impl World {
             ));
         }
         Ok(())
+    }
+}
+
+/// How the uplink labels a connection the transport lost (`runtime/src/
+/// uplink/link.rs`, `lost`): closed with `code`, or reset / cut (`None`).
+fn transport_label(code: Option<ErrorCode>) -> &'static str {
+    match code {
+        Some(ErrorCode::Unauthorized) => "refused",
+        Some(ErrorCode::Superseded) => "superseded",
+        Some(ErrorCode::ShuttingDown) => "aggregator_shutdown",
+        Some(_) => "closed_by_aggregator",
+        None => "connection_lost",
     }
 }
 
