@@ -2,16 +2,9 @@
 //! with `# HELP`), registered once at start. Functions' and the pipeline's
 //! own live with their events.
 
-/// Kind of a metric, for its `describe_*` call.
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
+use fogline_telemetry::help::{Help, Kind::*};
 
-use Kind::{Counter, Gauge, Histogram};
-
-const HELP: &[(&str, Kind, &str)] = &[
+const HELP: &[Help] = &[
     (
         "fogline_ingest_received_total",
         Counter,
@@ -206,12 +199,5 @@ const HELP: &[(&str, Kind, &str)] = &[
 
 /// Registers every HELP text (idempotent).
 pub fn describe() {
-    for (name, kind, help) in HELP {
-        match kind {
-            Counter => metrics::describe_counter!(*name, *help),
-            Gauge => metrics::describe_gauge!(*name, *help),
-            Histogram => metrics::describe_histogram!(*name, *help),
-        }
-    }
-    crate::pipeline::events::describe();
+    fogline_telemetry::help::describe(HELP);
 }

@@ -49,21 +49,10 @@ fn sigterm_with_a_full_disk_exits_in_time_and_loses_no_acknowledged_reading() {
     const N: usize = 30_000;
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "1m");
-    let certs = dir.path().join("certs");
-    fogline_testkit::certs::dev_bundle(&certs, &["gw-full"]).unwrap();
     // The aggregator starts only after the restart, so nothing drains the
     // outbox while the disk fills.
-    let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
-    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
-    let mut edge = start_edge(
-        dir.path(),
-        "gw-full",
-        &disk.path.join("edge"),
-        mqtt_port,
-        &uplink_toml("gw-full", &certs, cloud.quic_port),
-        NO_RESERVE,
-        &[],
-    );
+    let (mut cloud, mqtt_port, mut edge) =
+        edge_on_disk_cloud_idle(dir.path(), "gw-full", &disk.path.join("edge"), NO_RESERVE);
 
     let (messages, ids) = readings(0, N);
     let p = publisher(mqtt_port, "full-disk-sensor");
@@ -143,19 +132,8 @@ fn healthz_recovers_when_the_disk_has_room_again() {
     const N: usize = 30_000;
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "1m");
-    let certs = dir.path().join("certs");
-    fogline_testkit::certs::dev_bundle(&certs, &["gw-heal"]).unwrap();
-    let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
-    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
-    let edge = start_edge(
-        dir.path(),
-        "gw-heal",
-        &disk.path.join("edge"),
-        mqtt_port,
-        &uplink_toml("gw-heal", &certs, cloud.quic_port),
-        NO_RESERVE,
-        &[],
-    );
+    let (mut cloud, mqtt_port, edge) =
+        edge_on_disk_cloud_idle(dir.path(), "gw-heal", &disk.path.join("edge"), NO_RESERVE);
     let (messages, ids) = readings(0, N);
     let p = publisher(mqtt_port, "healing-sensor");
     let acked = p.progress.clone();
@@ -210,18 +188,11 @@ fn a_full_disk_drains_by_itself_when_the_aggregator_returns() {
     const N: usize = 250_000;
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "24m");
-    let certs = dir.path().join("certs");
-    fogline_testkit::certs::dev_bundle(&certs, &["gw-drain"]).unwrap();
-    let mut cloud = Cloud::configure(dir.path(), &certs).unwrap();
-    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
-    let edge = start_edge(
+    let (mut cloud, mqtt_port, edge) = edge_on_disk_cloud_idle(
         dir.path(),
         "gw-drain",
         &disk.path.join("edge"),
-        mqtt_port,
-        &uplink_toml("gw-drain", &certs, cloud.quic_port),
         "[outbox]\nreserve_mib = 8\nmax_batch_bytes = 1048576\n",
-        &[],
     );
     let reserve = edge.data_dir.join("outbox.db.reserve");
     assert!(
@@ -613,6 +584,31 @@ impl Drop for Tmpfs {
 /// functions (readings pass unchanged), `shutdown_timeout` 2 s and
 /// `stall_after` 1 s; `extra` is appended (e.g. `[log]`). Waits until it
 /// answers `/status`.
+/// Certificates for `node`, an aggregator configured but not started, and
+/// an edge with its data in `data_dir` (on a small disk) and `extra` config
+/// that replicates to it: (aggregator, the edge's MQTT port, edge).
+fn edge_on_disk_cloud_idle(
+    dir: &Path,
+    node: &str,
+    data_dir: &Path,
+    extra: &str,
+) -> (Cloud, u16, Edge) {
+    let certs = dir.join("certs");
+    fogline_testkit::certs::dev_bundle(&certs, &[node]).unwrap();
+    let cloud = Cloud::configure(dir, &certs).unwrap();
+    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
+    let edge = start_edge(
+        dir,
+        node,
+        data_dir,
+        mqtt_port,
+        &uplink_toml(node, &certs, cloud.quic_port),
+        extra,
+        &[],
+    );
+    (cloud, mqtt_port, edge)
+}
+
 fn start_edge(
     dir: &Path,
     node: &str,

@@ -1,15 +1,8 @@
 //! HELP text for every metric the aggregator exports, registered at start.
 
-/// Kind of a metric, for its `describe_*` call.
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
+use fogline_telemetry::help::{Help, Kind::*};
 
-use Kind::{Counter, Gauge, Histogram};
-
-const HELP: &[(&str, Kind, &str)] = &[
+const HELP: &[Help] = &[
     (
         "fogline_cloud_connections",
         Gauge,
@@ -69,11 +62,5 @@ const HELP: &[(&str, Kind, &str)] = &[
 
 /// Registers every HELP text (idempotent).
 pub fn describe() {
-    for (name, kind, help) in HELP {
-        match kind {
-            Counter => metrics::describe_counter!(*name, *help),
-            Gauge => metrics::describe_gauge!(*name, *help),
-            Histogram => metrics::describe_histogram!(*name, *help),
-        }
-    }
+    fogline_telemetry::help::describe(HELP);
 }

@@ -31,6 +31,12 @@ const OUTBOX: OutboxInfo = OutboxInfo {
 };
 
 async fn start(dir: &Path, extra: &str) -> RunningAggregator {
+    aggregator::start(config(dir, extra)).await.unwrap()
+}
+
+/// An aggregator's config with its files in `dir` (certificates made if
+/// missing), `extra` in its `[tls]` section.
+fn config(dir: &Path, extra: &str) -> CloudConfig {
     let certs = dir.join("certs");
     if !certs.join("ca.pem").exists() {
         fogline_testkit::certs::dev_bundle(&certs, &["gw-1", "gw-2"]).unwrap();
@@ -40,9 +46,7 @@ async fn start(dir: &Path, extra: &str) -> RunningAggregator {
         c = certs.display(),
         d = dir.display()
     );
-    aggregator::start(CloudConfig::parse(&toml).unwrap())
-        .await
-        .unwrap()
+    CloudConfig::parse(&toml).unwrap()
 }
 
 fn addr(agg: &RunningAggregator, how: Transport) -> std::net::SocketAddr {
@@ -520,13 +524,7 @@ async fn an_aggregator_refuses_to_start_on_a_damaged_store() {
     }
     std::fs::write(&db, &bytes).unwrap();
 
-    let certs = dir.path().join("certs");
-    let toml = format!(
-        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{d}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        c = certs.display(),
-        d = db.display()
-    );
-    let err = aggregator::start(CloudConfig::parse(&toml).unwrap())
+    let err = aggregator::start(config(dir.path(), ""))
         .await
         .err()
         .expect("started on a damaged store");

@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod health;
+pub mod help;
 
 use std::sync::OnceLock;
 

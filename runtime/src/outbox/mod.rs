@@ -339,6 +339,25 @@ pub struct Outbox {
     damage: salvage::DamageFlag,
 }
 
+/// An SQL error of `op` on the outbox at `path`; damage raises `damage`
+/// (I-31).
+fn sql_error<'a>(
+    path: &'a Path,
+    damage: &'a salvage::DamageFlag,
+    op: &'static str,
+) -> impl FnOnce(rusqlite::Error) -> OutboxError + 'a {
+    move |source| {
+        if salvage::is_damage(&source) {
+            damage.raise(&format!("{op}: {source}"));
+        }
+        OutboxError::Sql {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+}
+
 /// Bytes free on the filesystem holding `path`.
 pub fn disk_free(path: &Path) -> std::io::Result<u64> {
     let dir = match path.parent() {
@@ -403,16 +422,7 @@ impl Outbox {
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> OutboxError + '_ {
-        move |source| {
-            if salvage::is_damage(&source) {
-                self.damage.raise(&format!("{op}: {source}"));
-            }
-            OutboxError::Sql {
-                path: self.path.clone(),
-                op,
-                source,
-            }
-        }
+        sql_error(&self.path, &self.damage, op)
     }
 
     /// A daemon starts on this outbox: a new epoch (a random id: two copies
@@ -691,16 +701,7 @@ impl OutboxReader {
     }
 
     fn sql(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> OutboxError + '_ {
-        move |source| {
-            if salvage::is_damage(&source) {
-                self.damage.raise(&format!("{op}: {source}"));
-            }
-            OutboxError::Sql {
-                path: self.path.clone(),
-                op,
-                source,
-            }
-        }
+        sql_error(&self.path, &self.damage, op)
     }
 
     /// Records with `seq > after`, ascending, at most `max_records` and about
