@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole Fogline test suite. Installs what it needs itself: the
-# wasm32-wasip2 target, Mosquitto (Debian package) and cargo-nextest.
+# wasm32-wasip2 target, Mosquitto and libfaketime (Debian packages) and
+# cargo-nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,12 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
+if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
+  echo "Installing libfaketime (the clock tests run the edge with its clock behind)..."
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libfaketime >/dev/null
 fi
 export PATH="$PATH:/usr/sbin"
 
