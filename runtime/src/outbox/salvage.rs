@@ -379,11 +379,15 @@ pub fn recover(path: &Path) -> Result<Salvage, OutboxError> {
         },
         kept_as.display()
     );
-    tx.execute(
-        "INSERT INTO alarms (at_ms, kind, detail) VALUES (?1, 'outbox_damaged', ?2)",
-        rusqlite::params![now as i64, detail],
-    )
-    .map_err(dst_err("record the loss"))?;
+    // An alarm is for a loss (or a new numbering the aggregator will see as
+    // a gap); a rebuild that lost nothing is logged by the caller only.
+    if report.lost_records() > 0 || !report.unreadable.is_empty() || report.new_incarnation {
+        tx.execute(
+            "INSERT INTO alarms (at_ms, kind, detail) VALUES (?1, 'outbox_damaged', ?2)",
+            rusqlite::params![now as i64, detail],
+        )
+        .map_err(dst_err("record the loss"))?;
+    }
     tx.commit().map_err(dst_err("commit"))?;
     drop(src);
     dst.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
