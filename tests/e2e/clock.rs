@@ -101,8 +101,11 @@ fn a_gateway_whose_clock_is_behind_buffers_reconnects_once_it_has_seen_the_time_
         !found.iter().any(|p| p.ends_with(" refused")),
         "a clock behind is not a refusal: {found:?}"
     );
-    let st = status(&edge);
-    assert_eq!(st["outbox"]["backlog_records"], 1000, "{st}");
+    // The broker acknowledged them; the edge receives them a moment later.
+    edge.wait_for(Duration::from_secs(30), "buffer 1000 readings", |s| {
+        s["outbox"]["backlog_records"].as_u64() == Some(1000)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status(&edge)));
     assert_eq!(
         fogline_tests::deploy::store_cursor(&site.cloud.store, node),
         0
