@@ -111,14 +111,7 @@ fn sigterm_with_a_full_disk_exits_in_time_and_loses_no_acknowledged_reading() {
         report.resent_publishes
     );
 
-    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
-    assert!(
-        verdict.is_exact(),
-        "{}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
-        verdict.summary(),
-        tail(&edge.daemon.log_text(), 40),
-        tail(&cloud.daemon.log_text(), 20)
-    );
+    assert_stored_exactly(&cloud, &edge, &ids);
     let healthy = wait_healthy(&edge, Duration::from_secs(10));
     assert!(healthy.is_ok(), "after the restart: {healthy:?}");
 }
@@ -163,13 +156,7 @@ fn healthz_recovers_when_the_disk_has_room_again() {
     cloud.daemon.restart().unwrap();
     let report = run.join().expect("publisher thread");
     report.ensure_all_safe().unwrap();
-    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
-    assert!(
-        verdict.is_exact(),
-        "{}\n{}",
-        verdict.summary(),
-        tail(&edge.daemon.log_text(), 40)
-    );
+    assert_stored_exactly(&cloud, &edge, &ids);
     let log = edge.daemon.log_text();
     assert_eq!(log.matches(STARTED).count(), 1, "{}", tail(&log, 40));
     eprintln!("healthz ok {healed_after:?} after the disk grew");
@@ -226,14 +213,7 @@ fn a_full_disk_drains_by_itself_when_the_aggregator_returns() {
             tail(&cloud.daemon.log_text(), 20)
         )
     });
-    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
-    assert!(
-        verdict.is_exact(),
-        "{}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
-        verdict.summary(),
-        tail(&edge.daemon.log_text(), 40),
-        tail(&cloud.daemon.log_text(), 20)
-    );
+    assert_stored_exactly(&cloud, &edge, &ids);
     let log = edge.daemon.log_text();
     assert!(
         log.contains("the disk is full for new readings"),
@@ -319,14 +299,7 @@ fn an_aggregator_store_on_a_full_disk_is_unhealthy_and_the_edge_backs_off() {
     );
 
     disk.resize("64m");
-    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
-    assert!(
-        verdict.is_exact(),
-        "{}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
-        verdict.summary(),
-        tail(&edge.daemon.log_text(), 30),
-        tail(&cloud.daemon.log_text(), 20)
-    );
+    assert_stored_exactly(&cloud, &edge, &ids);
     let healed = process::wait_until(Duration::from_secs(15), || {
         cloud.healthz().is_some_and(|(code, _)| code == 200)
     });
@@ -391,13 +364,7 @@ fn sigterm_with_a_hung_commit_and_a_connected_uplink_exits_in_time() {
     edge.daemon.restart_with_env(&[]).unwrap();
     let report = run.join().expect("publisher thread");
     report.ensure_all_safe().unwrap();
-    let verdict = settle(&cloud.store, &ids, Duration::from_secs(60));
-    assert!(
-        verdict.is_exact(),
-        "{}\n{}",
-        verdict.summary(),
-        tail(&edge.daemon.log_text(), 40)
-    );
+    assert_stored_exactly(&cloud, &edge, &ids);
     eprintln!("hung commit: exit took {took:?}");
 }
 
@@ -842,6 +809,19 @@ fn assert_same(acked: &BTreeSet<String>, committed: &BTreeSet<String>) {
 
 /// Waits until the store holds at least as many readings as `ids` (or time
 /// runs out), a little longer so late duplicates would show, then judges.
+/// Waits (up to 60 s) for the aggregator to hold every one of `ids`, then
+/// asserts it holds each exactly once, showing both logs if not.
+fn assert_stored_exactly(cloud: &Cloud, edge: &Edge, ids: &[String]) {
+    let verdict = settle(&cloud.store, ids, Duration::from_secs(60));
+    assert!(
+        verdict.is_exact(),
+        "{}\n--- edge log ---\n{}\n--- cloud log ---\n{}",
+        verdict.summary(),
+        tail(&edge.daemon.log_text(), 40),
+        tail(&cloud.daemon.log_text(), 20)
+    );
+}
+
 fn settle(store: &Path, ids: &[String], timeout: Duration) -> oracle::Verdict {
     let expected = ids.iter().cloned().collect();
     process::wait_until(timeout, || {

@@ -402,9 +402,19 @@ impl Outbox {
         self.floor = bytes;
     }
 
-    /// Bytes a commit may still use: free on the disk plus free pages
-    /// inside the outbox (SQLite reuses them before growing the file).
+    /// Bytes a commit may still use, as far as the floor needs to know:
+    /// free on the disk, plus — only when that alone is below the floor —
+    /// free pages inside the outbox (SQLite reuses them before growing the
+    /// file). One `statvfs` per commit while the disk has room.
     pub fn room(&self) -> Result<u64, OutboxError> {
+        let disk = disk_free(&self.path).map_err(|e| OutboxError::Sql {
+            path: self.path.clone(),
+            op: "read free disk space",
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        if disk >= self.floor {
+            return Ok(disk);
+        }
         let free_pages: i64 = self
             .conn
             .query_row(
@@ -413,11 +423,6 @@ impl Outbox {
                 |r| r.get(0),
             )
             .map_err(self.sql("read free pages"))?;
-        let disk = disk_free(&self.path).map_err(|e| OutboxError::Sql {
-            path: self.path.clone(),
-            op: "read free disk space",
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        })?;
         Ok(disk.saturating_add(free_pages.max(0) as u64))
     }
 
@@ -516,10 +521,10 @@ impl Outbox {
     }
 
     fn commit_once(&mut self, commit: &Commit) -> Result<Committed, OutboxError> {
-        if let Some((_, detail)) = self.damage.detail() {
+        if self.damage.is_raised() {
             return Err(OutboxError::Damaged {
                 path: self.path.clone(),
-                detail,
+                detail: self.damage.detail().map(|d| d.1).unwrap_or_default(),
             });
         }
         if self.floor > 0 {
@@ -534,16 +539,7 @@ impl Outbox {
         }
         let path = self.path.clone();
         let damage = self.damage.clone();
-        let sql = |op: &'static str| {
-            let path = path.clone();
-            let damage = damage.clone();
-            move |source| {
-                if salvage::is_damage(&source) {
-                    damage.raise(&format!("{op}: {source}"));
-                }
-                OutboxError::Sql { path, op, source }
-            }
-        };
+        let sql = |op: &'static str| sql_error(&path, &damage, op);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
