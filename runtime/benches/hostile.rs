@@ -140,7 +140,13 @@ fn run(
     while started.elapsed().as_secs_f64() < seconds {
         let mut chunks = vec![chunk(n, &route)];
         n += HEALTHY + HOSTILE;
-        let plan = plan_batch(&mut chunks, 2, 1024, |t| router.route(t).to_vec());
+        let plan = plan_batch(
+            &mut chunks,
+            2,
+            1024,
+            fogline_edge::config::UnroutedPolicy::DeadLetter,
+            |t| router.route(t).to_vec(),
+        );
         let now = now_ms();
         let mut result = ChainResult::default();
         for (chain, msgs) in chains.iter_mut().zip(plan.per_pipeline) {

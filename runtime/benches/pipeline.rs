@@ -124,7 +124,13 @@ fn main() {
             let mut chunks = vec![chunk(b * BATCH, &route)];
             let now = ts((b + 1) * BATCH);
             let t = Instant::now();
-            let plan = plan_batch(&mut chunks, 1, 1024, |t| router.route(t).to_vec());
+            let plan = plan_batch(
+                &mut chunks,
+                1,
+                1024,
+                fogline_edge::config::UnroutedPolicy::DeadLetter,
+                |t| router.route(t).to_vec(),
+            );
             let mut result = ChainResult::default();
             for msgs in plan.per_pipeline {
                 chain.process(msgs, now, &mut result);

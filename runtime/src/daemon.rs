@@ -108,13 +108,20 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let epoch = outbox.begin_epoch()?;
     crate::clock::init(outbox.clock_high_water()?);
     let store = ModuleStore::new(config.module_store_dir());
-    let chains = pipeline::start_chains(
+    let mut chains = pipeline::start_chains(
         &config,
         &runtime,
         &mut outbox,
         &store,
         crate::clock::ingest_ms(),
     )?;
+    let mut retention = config.retention();
+    for (chain, p) in chains.iter_mut().zip(&config.pipelines) {
+        chain.lane = outbox.lane(&p.name)?;
+        retention.lanes.insert(chain.lane, config.lane_policy(p));
+    }
+    outbox.set_retention(retention)?;
+    let protected = outbox.protected_handle();
     let (replica, restored) = Replica::load(outbox.load_sessions()?);
     let broker_key = broker_client::session_key(&config);
     let (broker_session, endpoint_sessions): (Vec<_>, Vec<_>) =
@@ -149,12 +156,14 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                     .max_topic_bytes
                     .min(fogline_protocol::MAX_STREAM_NAME_BYTES),
                 tick_interval: config.outbox.tick_interval,
+                unrouted: config.ingest.unrouted,
             },
             committed: committed.clone(),
             sessions: replica,
             health: state.pipeline.clone(),
             commands: commands_rx,
             functions: state.functions.clone(),
+            warned_unrouted: Default::default(),
         },
         chunks,
     )
@@ -182,6 +191,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         Some(u) => {
             let mut reader = OutboxReader::open(&outbox_path, config.outbox.sync)?;
             reader.set_damage_flag(damage.clone());
+            reader.set_protected(protected.clone());
             let (reader, reserved) =
                 reader.with_reserve(config.outbox.reserve_mib.saturating_mul(1 << 19));
             match reserved {
@@ -297,7 +307,8 @@ pub fn salvage_outbox(
 ) -> Result<crate::outbox::salvage::Salvage, DaemonError> {
     let s = crate::outbox::salvage::recover(path)?;
     metrics::counter!("fogline_outbox_salvaged_total").increment(1);
-    metrics::counter!("fogline_outbox_records_lost_total").increment(s.lost_records());
+    metrics::counter!(crate::outbox::losses::LOSSES_TOTAL, "reason" => "corrupt")
+        .increment(s.lost_records());
     error!(
         kept = s.records,
         lost = s.lost_records(),

@@ -6,6 +6,36 @@ use fogline_telemetry::help::{Help, Kind::*};
 
 const HELP: &[Help] = &[
     (
+        crate::telemetry::BACKLOG_RECORDS,
+        Gauge,
+        "Records in the outbox waiting for the aggregator (data and loss reports).",
+    ),
+    (
+        crate::telemetry::BACKLOG_BYTES,
+        Gauge,
+        "Payload and stream-name bytes of the records waiting for the aggregator.",
+    ),
+    (
+        crate::telemetry::BACKLOG_OLDEST_AGE,
+        Gauge,
+        "Seconds since the oldest waiting record was committed (0 when none waits).",
+    ),
+    (
+        crate::telemetry::DEAD_LETTERS,
+        Gauge,
+        "Dead letters kept in the outbox.",
+    ),
+    (
+        crate::telemetry::DISK_BYTES,
+        Gauge,
+        "Bytes of the outbox database and its write-ahead log on disk.",
+    ),
+    (
+        crate::outbox::losses::LOSSES_TOTAL,
+        Counter,
+        "Records lost (quota, max_age, unrouted, dead_letter_pruned, corrupt) or dead-lettered/replayed, by reason; each also reported to the aggregator.",
+    ),
+    (
         "fogline_ingest_received_total",
         Counter,
         "Messages received, by source (endpoint or broker).",

@@ -70,7 +70,13 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let handle = fogline_telemetry::prometheus_handle();
     let app = Router::new()
-        .route("/metrics", get(move || async move { handle.render() }))
+        .route(
+            "/metrics",
+            get(move |State(s): State<AppState>| async move {
+                refresh_outbox_gauges(s.outbox).await;
+                handle.render()
+            }),
+        )
         .route("/status", get(status))
         .route("/healthz", get(healthz))
         .with_state(AppState { outbox, live });
@@ -86,6 +92,35 @@ pub async fn serve(
     Ok(addr)
 }
 
+/// The buffer's gauges, read from the outbox at each scrape (its usage is
+/// kept per lane, so this reads a few rows, never the backlog).
+async fn refresh_outbox_gauges(path: PathBuf) {
+    let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || outbox::read_stats(&path)).await else {
+        return;
+    };
+    let now = crate::clock::ingest_ms();
+    metrics::gauge!(BACKLOG_RECORDS).set(stats.backlog_records as f64);
+    metrics::gauge!(BACKLOG_BYTES).set(stats.backlog_bytes as f64);
+    let age = stats
+        .oldest_committed_ms
+        .filter(|_| stats.backlog_records > 0)
+        .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+    metrics::gauge!(BACKLOG_OLDEST_AGE).set(age);
+    metrics::gauge!(DEAD_LETTERS).set(stats.dead_letters as f64);
+    metrics::gauge!(DISK_BYTES).set(stats.disk_bytes as f64);
+}
+
+/// Records waiting for the aggregator.
+pub const BACKLOG_RECORDS: &str = "fogline_outbox_backlog_records";
+/// Their payload and stream bytes.
+pub const BACKLOG_BYTES: &str = "fogline_outbox_backlog_bytes";
+/// How long the oldest has waited.
+pub const BACKLOG_OLDEST_AGE: &str = "fogline_outbox_oldest_age_seconds";
+/// Dead letters kept.
+pub const DEAD_LETTERS: &str = "fogline_outbox_dead_letters";
+/// The outbox's files on disk.
+pub const DISK_BYTES: &str = "fogline_outbox_disk_bytes";
+
 /// A wall clock this far behind the node clock is worth a problem.
 const CLOCK_BEHIND_MS: u64 = 60_000;
 
@@ -100,7 +135,11 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<Problem> {
     let p = &live.pipeline;
     let started = p.commit_started_ms.load(Ordering::Acquire);
     let failure = p.failure.lock().ok().and_then(|f| f.clone());
-    if started != 0 && now_ms.saturating_sub(started) > stall {
+    // A full quota with `block` is the policy at work, not a stall: said at once.
+    let quota_full = failure
+        .as_ref()
+        .is_some_and(|f| f.kind == ProblemKind::QuotaFull);
+    if started != 0 && (quota_full || now_ms.saturating_sub(started) > stall) {
         let (kind, why) = match &failure {
             Some(f) => (f.kind, format!(": {}", f.detail)),
             None => (ProblemKind::Wedged, String::new()),

@@ -46,6 +46,7 @@ pub fn router(store: Arc<dyn Store>, nodes: Arc<Nodes>, health: Arc<StoreHealth>
             get(|State(state): State<AppState>| async move { Json(state.nodes.connections()) }),
         )
         .route("/api/v1/records", get(records))
+        .route("/api/v1/losses", get(losses))
         .route("/healthz", get(healthz))
         .route(
             "/metrics",
@@ -141,6 +142,44 @@ async fn records(
             let records: Vec<Value> = rows.into_iter().map(record_json).collect();
             Json(json!({ "node": node, "records": records, "next_after_seq": next }))
                 .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `/api/v1/losses?node=<id>[&after_seq=<u64>][&limit=<n>]`: the node's loss
+/// reports as it sent them, in order (I-33).
+async fn losses(
+    State(state): State<AppState>,
+    params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(p)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad query: expected node=<id>[&after_seq=<u64>][&limit=<1..10000>]",
+        );
+    };
+    let Some(node) = p.node.filter(|n| !n.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing required query parameter `node`",
+        );
+    };
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_QUERY_LIMIT {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"),
+        );
+    }
+    let after_seq = p.after_seq.unwrap_or(0);
+    let store = state.store.clone();
+    let n = node.clone();
+    match tokio::task::spawn_blocking(move || store.losses(&n, after_seq, limit)).await {
+        Ok(Ok(rows)) => {
+            let next = rows.last().map(|r| r.seq).unwrap_or(after_seq);
+            Json(json!({ "node": node, "losses": rows, "next_after_seq": next })).into_response()
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -9,11 +9,13 @@
 pub mod batch;
 pub mod dial;
 pub mod frame;
+pub mod loss;
 pub mod session;
 mod wire;
 
 pub use batch::{decode_batch, encode_batch, DecodedBatch, Record, RecordRef};
 pub use frame::{BatchFrame, BlockCodec, ErrorCode, Frame, FrameDecoder};
+pub use loss::{LossReason, LossReport, LOSS_STREAM};
 
 /// Version of the wire protocol spoken by this crate, sent in `Hello`.
 /// 2: `Hello` carries the outbox incarnation, `Welcome` the one the cursor

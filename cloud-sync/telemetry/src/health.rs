@@ -61,6 +61,9 @@ pub enum ProblemKind {
     Stalled,
     /// The wall clock looks wrong.
     ClockWrong,
+    /// A buffer quota whose policy is `block` is reached: nothing more is
+    /// acknowledged until it drains.
+    QuotaFull,
 }
 
 /// One problem.

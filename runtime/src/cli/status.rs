@@ -258,8 +258,42 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     );
     println!("last sync         {}", ago(now, stats.last_sync_ms));
     println!("acked through     seq {}", stats.acked_seq);
-    println!("dead letters      {}", stats.dead_letters);
-    println!("disk              {} bytes", stats.disk_bytes);
+    println!(
+        "dead letters      {} ({})",
+        stats.dead_letters,
+        fogline_edge::outbox::human_bytes(stats.dead_letter_bytes)
+    );
+    println!(
+        "disk              {} bytes ({})",
+        stats.disk_bytes,
+        fogline_edge::outbox::human_bytes(stats.disk_bytes)
+    );
+    // What was lost, by stream and reason (I-33): also told to the aggregator.
+    let lost: u64 = stats
+        .losses
+        .iter()
+        .filter(|l| l.reason.is_loss())
+        .map(|l| l.records)
+        .sum();
+    println!("lost              {lost} records");
+    for l in stats.losses.iter().take(20) {
+        let seqs = match (l.first_seq, l.last_seq) {
+            (Some(a), Some(b)) => format!(", seq {a}..={b}"),
+            _ => String::new(),
+        };
+        println!(
+            "  {:<18} {} records ({}) on {}{seqs}, {} to {}",
+            l.reason.as_str(),
+            l.records,
+            fogline_edge::outbox::human_bytes(l.bytes),
+            l.stream,
+            ago(now, Some(l.first_ms)),
+            ago(now, Some(l.last_ms)),
+        );
+    }
+    if stats.losses.len() > 20 {
+        println!("  … {} more streams and reasons", stats.losses.len() - 20);
+    }
     println!("outbox identity   incarnation {:#018x}", stats.incarnation);
     for f in &functions {
         print_function(f, now);

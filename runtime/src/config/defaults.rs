@@ -158,6 +158,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             max_pending_bytes: 16 << 20,
+            unrouted: super::UnroutedPolicy::DeadLetter,
         }
     }
 }
@@ -181,6 +182,10 @@ impl Default for OutboxConfig {
             tick_interval: Duration::from_secs(1),
             reserve_mib: 16,
             check_on_start: Duration::from_secs(10),
+            max_bytes: Some(bytesize::ByteSize::gib(1)),
+            max_age: None,
+            when_full: crate::outbox::WhenFull::Block,
+            dead_letter_max_bytes: bytesize::ByteSize::mib(64),
         }
     }
 }

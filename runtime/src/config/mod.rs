@@ -274,6 +274,21 @@ pub struct IngestConfig {
     /// in). When it is spent, sockets are not read: backpressure reaches the
     /// senders instead of memory growing.
     pub max_pending_bytes: usize,
+    /// What happens to a message that matches no pipeline.
+    pub unrouted: UnroutedPolicy,
+}
+
+/// `ingest.unrouted`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnroutedPolicy {
+    /// Kept as a dead letter (reason `unrouted`), counted, reported to the
+    /// aggregator, warned about once per topic: a typo in a sensor's topic
+    /// loses nothing.
+    #[default]
+    DeadLetter,
+    /// Dropped, counted and reported to the aggregator as a loss.
+    Drop,
 }
 
 /// `[health]`
@@ -348,6 +363,21 @@ pub struct PipelineConfig {
     /// Function names, applied in order. Empty: messages pass unchanged.
     #[serde(default)]
     pub functions: Vec<String>,
+    /// Drop order under `outbox.max_bytes` with `drop_oldest`: `low`
+    /// first, `high` (alerts) last.
+    #[serde(default)]
+    pub priority: crate::outbox::Priority,
+    /// Payload and stream-name bytes this pipeline's records may hold in
+    /// the outbox (`"64 MiB"`).
+    #[serde(default)]
+    pub max_bytes: Option<bytesize::ByteSize>,
+    /// How long its records may wait for the uplink (`"7d"`).
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// What its full `max_bytes` does, and whether `outbox.max_bytes` may
+    /// drop its records. Default: `outbox.when_full`.
+    #[serde(default)]
+    pub when_full: Option<crate::outbox::WhenFull>,
 }
 
 /// How hard each outbox commit is pushed to disk.
@@ -394,6 +424,40 @@ pub struct OutboxConfig {
     /// damaged file is salvaged into a new one); 0 skips the check.
     #[serde(with = "humantime_serde")]
     pub check_on_start: Duration,
+    /// Bytes the outbox may take on disk, database and write-ahead log
+    /// (`"1 GiB"`); `none` for no bound but the disk.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_bytes: Option<bytesize::ByteSize>,
+    /// How long a record may wait for the uplink (`"30d"`); none by default.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// What a full `max_bytes` does: `block` (stop acknowledging; senders
+    /// keep their data) or `drop_oldest` (newest data wins; counted).
+    pub when_full: crate::outbox::WhenFull,
+    /// Bytes of dead letters kept; the oldest beyond it are pruned and
+    /// counted as lost.
+    pub dead_letter_max_bytes: bytesize::ByteSize,
+}
+
+/// A size, or `"none"`.
+fn de_opt_size<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<bytesize::ByteSize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeOrNone {
+        Size(bytesize::ByteSize),
+        Word(String),
+    }
+    match SizeOrNone::deserialize(d)? {
+        SizeOrNone::Size(s) => Ok(Some(s)),
+        SizeOrNone::Word(w) if w == "none" => Ok(None),
+        SizeOrNone::Word(w) => w.parse::<bytesize::ByteSize>().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{w}` is not a size like \"1 GiB\" or \"none\": {e}"
+            ))
+        }),
+    }
 }
 
 /// `[uplink]`
@@ -482,6 +546,35 @@ pub struct MetricsConfig {
 }
 
 impl EdgeConfig {
+    /// Bytes of `outbox.max_bytes` kept for the write-ahead log: what
+    /// accumulates between checkpoints plus the largest commit, twice.
+    pub fn wal_allowance(&self) -> u64 {
+        (4 << 20) + 2 * self.outbox.max_batch_bytes as u64
+    }
+
+    /// The outbox's bounds from `[outbox]` (lanes are added per pipeline).
+    pub fn retention(&self) -> crate::outbox::Retention {
+        crate::outbox::Retention {
+            max_bytes: self.outbox.max_bytes.map(|b| b.as_u64()),
+            max_age: self.outbox.max_age,
+            when_full: self.outbox.when_full,
+            lanes: Default::default(),
+            dead_letter_max_bytes: self.outbox.dead_letter_max_bytes.as_u64(),
+            wal_allowance: self.wal_allowance(),
+        }
+    }
+
+    /// A pipeline's bounds in the outbox.
+    pub fn lane_policy(&self, p: &PipelineConfig) -> crate::outbox::LanePolicy {
+        crate::outbox::LanePolicy {
+            name: p.name.clone(),
+            priority: p.priority,
+            max_bytes: p.max_bytes.map(|b| b.as_u64()),
+            max_age: p.max_age,
+            when_full: p.when_full.unwrap_or(self.outbox.when_full),
+        }
+    }
+
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

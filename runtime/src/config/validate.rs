@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::time::Duration;
 
 use super::EdgeConfig;
 use crate::ingest::topic::validate_filter;
@@ -322,10 +323,56 @@ impl EdgeConfig {
                 p.push("uplink.reconnect_min: is larger than uplink.reconnect_max".to_string());
             }
         }
+        self.validate_retention(&mut p);
         if p.is_empty() {
             Ok(())
         } else {
             Err(ConfigProblems(p))
+        }
+    }
+
+    /// The outbox's bounds (I-32): each quota must hold a batch or two.
+    fn validate_retention(&self, p: &mut Vec<String>) {
+        let o = &self.outbox;
+        let batch = o.max_batch_bytes as u64;
+        if let Some(max) = o.max_bytes {
+            let min = 2 * self.wal_allowance() + 8 * (1 << 20);
+            if max.as_u64() < min {
+                p.push(format!(
+                    "outbox.max_bytes: {} is below the minimum of {} for outbox.max_batch_bytes = {} (the write-ahead log's allowance, twice, plus 8 MiB)",
+                    crate::outbox::human_bytes(max.as_u64()),
+                    crate::outbox::human_bytes(min),
+                    crate::outbox::human_bytes(batch)
+                ));
+            }
+        }
+        let min_age = Duration::from_secs(1);
+        if o.max_age.is_some_and(|a| a < min_age) {
+            p.push("outbox.max_age: must be at least 1s".to_string());
+        }
+        if o.dead_letter_max_bytes.as_u64() < 1 << 20 {
+            p.push(format!(
+                "outbox.dead_letter_max_bytes: {} is below the minimum of 1 MiB",
+                o.dead_letter_max_bytes
+            ));
+        }
+        for (i, pipe) in self.pipelines.iter().enumerate() {
+            if let Some(max) = pipe.max_bytes {
+                if max.as_u64() < 2 * batch {
+                    p.push(format!(
+                        "pipelines[{i}] ({}).max_bytes: {} cannot hold two batches of outbox.max_batch_bytes ({})",
+                        pipe.name,
+                        crate::outbox::human_bytes(max.as_u64()),
+                        crate::outbox::human_bytes(batch)
+                    ));
+                }
+            }
+            if pipe.max_age.is_some_and(|a| a < min_age) {
+                p.push(format!(
+                    "pipelines[{i}] ({}).max_age: must be at least 1s",
+                    pipe.name
+                ));
+            }
         }
     }
 }

@@ -376,6 +376,13 @@ pub(crate) fn check_stream(bytes: &[u8]) -> Result<&str, String> {
             truncate(stream, 64)
         ));
     }
+    if fogline_protocol::loss::is_reserved(stream) {
+        return Err(format!(
+            "emitted stream name `{}` is under `{}`, which the replication protocol reserves for itself",
+            truncate(stream, 64).escape_debug(),
+            fogline_protocol::loss::RESERVED_PREFIX
+        ));
+    }
     if let Some(c) = stream.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
         return Err(format!(
             "emitted stream name `{}` contains {c:?}, which a topic name cannot",

@@ -22,7 +22,9 @@
 //! The outbox knows nothing about MQTT or QUIC.
 
 mod functions;
+pub mod losses;
 mod reserve;
+pub mod retention;
 pub mod salvage;
 mod schema;
 mod stats;
@@ -39,7 +41,9 @@ pub use functions::{
     function_records, list_dead_letters, request_replay, DeadLetterFilter, FunctionRecord, Held,
     HeldInput, StateCommit, StoredDeadLetter, VersionWrite,
 };
+pub use losses::LossTotal;
 pub use reserve::Reserve;
+pub use retention::{Blocked, LanePolicy, Priority, Retention, WhenFull};
 pub use stats::OutboxStats;
 
 /// What went wrong in the outbox.
@@ -67,6 +71,19 @@ pub enum OutboxError {
         room: u64,
         /// The reserve kept free.
         floor: u64,
+    },
+    /// A quota whose policy is `block` (or with nothing left it may drop)
+    /// is reached: nothing more is committed until the uplink drains.
+    #[error(
+        "outbox {path}: {} is full: {} held, {} more in this commit, limit {}; readings wait \
+         unacknowledged until the uplink drains it (or set when_full = \"drop_oldest\")",
+        blocked.quota, human_bytes(blocked.used), human_bytes(blocked.incoming), human_bytes(blocked.limit)
+    )]
+    QuotaFull {
+        /// The file.
+        path: PathBuf,
+        /// Which quota, and its numbers.
+        blocked: Blocked,
     },
     /// The file was found damaged: nothing more is committed into it.
     #[error(
@@ -96,7 +113,7 @@ impl OutboxError {
     pub fn is_disk_full(&self) -> bool {
         match self {
             Self::Full { .. } => true,
-            Self::Damaged { .. } => false,
+            Self::Damaged { .. } | Self::QuotaFull { .. } => false,
             Self::Open { source, .. } | Self::Sql { source, .. } => {
                 matches!(source, rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull)
             }
@@ -109,7 +126,7 @@ impl OutboxError {
     pub fn is_damage(&self) -> bool {
         match self {
             Self::Damaged { .. } => true,
-            Self::Full { .. } => false,
+            Self::Full { .. } | Self::QuotaFull { .. } => false,
             Self::Open { source, .. } | Self::Sql { source, .. } => salvage::is_damage(source),
         }
     }
@@ -117,7 +134,9 @@ impl OutboxError {
     /// The kind of problem this is, for `/healthz`.
     pub fn problem_kind(&self) -> fogline_telemetry::health::ProblemKind {
         use fogline_telemetry::health::ProblemKind;
-        if self.is_disk_full() {
+        if matches!(self, Self::QuotaFull { .. }) {
+            ProblemKind::QuotaFull
+        } else if self.is_disk_full() {
             ProblemKind::DiskFull
         } else if self.is_damage() {
             ProblemKind::Corrupt
@@ -125,6 +144,30 @@ impl OutboxError {
             ProblemKind::StoreError
         }
     }
+}
+
+/// `n` bytes as `12.3 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// At most `max` bytes of `s`, cut at a char boundary.
+fn losses_detail_cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// A record as the uplink sends it.
@@ -228,6 +271,12 @@ pub struct StoredSession {
 pub struct Commit {
     /// Records to buffer, in order.
     pub records: Vec<Message>,
+    /// Which lane (pipeline) the records belong to: runs of `(lane, count)`
+    /// in order; records past the runs go to the legacy lane.
+    pub lanes: Vec<(u32, usize)>,
+    /// Losses found before the commit (unrouted messages dropped, dead
+    /// letters): written with it as loss records.
+    pub losses: Vec<fogline_protocol::LossReport>,
     /// Refused inputs.
     pub dead_letters: Vec<DeadLetter>,
     /// Ingest session changes caused by this commit's inputs.
@@ -251,6 +300,7 @@ impl Commit {
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+            && self.losses.is_empty()
             && self.dead_letters.is_empty()
             && self.sessions.is_empty()
             && self.state.is_empty()
@@ -295,8 +345,10 @@ pub struct Alarm {
 pub struct Committed {
     /// First sequence number given out (meaningless when `records == 0`).
     pub first_seq: u64,
-    /// How many records were written.
+    /// How many records were written (data and loss reports).
     pub records: usize,
+    /// Records the quotas dropped to make room.
+    pub dropped: u64,
 }
 
 fn open_connection(
@@ -337,6 +389,14 @@ pub struct Outbox {
     /// Bytes kept free for draining (0: none): see [`Outbox::set_reserve`].
     floor: u64,
     damage: salvage::DamageFlag,
+    retention: Retention,
+    /// Records at or below this seq are in flight to the aggregator: never
+    /// dropped (they may be applied, and would then count twice).
+    protected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// When the last seq mark (for `max_age`) was written.
+    last_mark_ms: u64,
+    /// When `expire` last looked (it looks at most once a second).
+    last_expire: Option<std::time::Instant>,
 }
 
 /// An SQL error of `op` on the outbox at `path`; damage raises `damage`
@@ -385,7 +445,105 @@ impl Outbox {
             path: path.to_path_buf(),
             floor: 0,
             damage: salvage::DamageFlag::default(),
+            retention: Retention {
+                dead_letter_max_bytes: u64::MAX,
+                ..Retention::default()
+            },
+            protected: Default::default(),
+            last_mark_ms: 0,
+            last_expire: None,
         })
+    }
+
+    /// Bounds the outbox (I-32). The write-ahead log is kept within the
+    /// quota's allowance for it.
+    pub fn set_retention(&mut self, retention: Retention) -> Result<(), OutboxError> {
+        if retention.max_bytes.is_some() {
+            // Checkpoint once the log holds half its allowance, and cut it
+            // back to that after: with one commit on top it stays inside.
+            let half = retention.wal_allowance as i64 / 2;
+            let page: i64 = self
+                .conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(self.sql("limit the write-ahead log"))?;
+            self.conn
+                .pragma_update(None, "journal_size_limit", half)
+                .and_then(|_| {
+                    self.conn.pragma_update(
+                        None,
+                        "wal_autocheckpoint",
+                        (half / page.max(512)).max(100),
+                    )
+                })
+                .map_err(self.sql("limit the write-ahead log"))?;
+        }
+        self.retention = retention;
+        Ok(())
+    }
+
+    /// The in-flight mark the uplink raises as it sends (see `protected`).
+    pub fn protected_handle(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.protected.clone()
+    }
+
+    /// The lane of pipeline `name`: stable across restarts and reordering.
+    pub fn lane(&self, name: &str) -> Result<u32, OutboxError> {
+        self.conn
+            .execute("INSERT OR IGNORE INTO lanes (name) VALUES (?1)", [name])
+            .and_then(|_| {
+                self.conn
+                    .query_row("SELECT id FROM lanes WHERE name = ?1", [name], |r| r.get(0))
+            })
+            .map_err(self.sql("register lane"))
+    }
+
+    /// Drops what waited longer than its `max_age` (I-32), counting it
+    /// (I-33). Returns how many records were dropped.
+    pub fn expire(&mut self) -> Result<u64, OutboxError> {
+        let has_age = self.retention.max_age.is_some()
+            || self.retention.lanes.values().any(|l| l.max_age.is_some());
+        if !has_age
+            || self.damage.is_raised()
+            || self
+                .last_expire
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(0);
+        }
+        self.last_expire = Some(std::time::Instant::now());
+        let protected = self.protected.load(std::sync::atomic::Ordering::Acquire);
+        let now = crate::clock::ingest_ms();
+        let path = self.path.clone();
+        let damage = self.damage.clone();
+        let sql = |op: &'static str| sql_error(&path, &damage, op);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin expiry"))?;
+        let mut dropped = retention::Dropped::default();
+        retention::expire(&tx, &self.retention, protected, now, &mut dropped)
+            .map_err(sql("drop expired records"))?;
+        let reports = losses::compact(dropped.into_reports());
+        if reports.is_empty() {
+            tx.commit().map_err(sql("commit expiry"))?;
+            return Ok(0);
+        }
+        let n: u64 = reports.iter().map(|r| r.records).sum();
+        let first: i64 = tx
+            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+                r.get(0)
+            })
+            .map_err(sql("read next_seq"))?;
+        let written =
+            losses::write(&tx, &reports, first as u64, now).map_err(sql("record losses"))?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
+            [first + written as i64],
+        )
+        .map_err(sql("advance next_seq"))?;
+        tx.commit().map_err(sql("commit expiry"))?;
+        log_drops(&reports);
+        Ok(n)
     }
 
     /// Shares `flag` with the reader: damage either finds stops commits.
@@ -549,27 +707,87 @@ impl Outbox {
                 r.get::<_, i64>(0)
             })
             .map_err(sql("read next_seq"))? as u64;
+        // Each record's lane, from the runs.
+        let lanes: Vec<u32> = {
+            let mut v = Vec::with_capacity(commit.records.len());
+            for &(lane, n) in &commit.lanes {
+                v.extend(std::iter::repeat_n(lane, n));
+            }
+            v.resize(commit.records.len(), retention::LEGACY_LANE);
+            v
+        };
+        let mut incoming = retention::Incoming::new();
+        for (m, &lane) in commit.records.iter().zip(&lanes) {
+            let e = incoming.entry(lane).or_default();
+            e.0 += 1;
+            e.1 += retention::record_bytes(&m.stream, &m.payload);
+        }
+        // Room under every quota first: what is dropped is reported below,
+        // in this transaction (I-32, I-33).
+        let mut dropped = retention::Dropped::default();
+        if !commit.records.is_empty() {
+            let protected = self.protected.load(std::sync::atomic::Ordering::Acquire);
+            if let Err(blocked) =
+                retention::make_room(&tx, &self.retention, &incoming, protected, &mut dropped)
+                    .map_err(sql("make room"))?
+            {
+                return Err(OutboxError::QuotaFull {
+                    path: self.path.clone(),
+                    blocked,
+                });
+            }
+        }
+        let dropped_records: u64 = dropped.count();
         if !commit.records.is_empty() {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO records (seq, stream, timestamp_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO records (seq, stream, timestamp_ms, payload, lane) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(sql("prepare insert"))?;
-            for (i, m) in commit.records.iter().enumerate() {
+            for (i, (m, lane)) in commit.records.iter().zip(&lanes).enumerate() {
                 insert
                     .execute(params![
                         (first_seq + i as u64) as i64,
                         m.stream,
                         m.timestamp_ms as i64,
-                        m.payload
+                        m.payload,
+                        lane
                     ])
                     .map_err(sql("insert record"))?;
             }
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
-                [(first_seq + commit.records.len() as u64) as i64],
+            for (lane, (n, bytes)) in &incoming {
+                retention::add_usage(&tx, *lane, *n as i64, *bytes as i64)
+                    .map_err(sql("count lane usage"))?;
+            }
+            let now = if commit.clock_ms > 0 {
+                commit.clock_ms
+            } else {
+                crate::clock::ingest_ms()
+            };
+            // One mark a second is enough for max_age.
+            if now >= self.last_mark_ms + 1000 {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO seq_marks (first_seq, at_ms) VALUES (?1, ?2)",
+                )
+                .and_then(|mut st| st.execute(params![first_seq as i64, now as i64]))
+                .map_err(sql("mark commit time"))?;
+                self.last_mark_ms = now;
+            }
+        }
+        if !commit.dead_letters.is_empty() {
+            let bytes: u64 = commit
+                .dead_letters
+                .iter()
+                .map(|d| {
+                    retention::dead_letter_bytes(&d.message.stream, &d.message.payload, &d.error)
+                })
+                .sum();
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('dead_letter_bytes', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
             )
-            .map_err(sql("advance next_seq"))?;
+            .and_then(|mut st| st.execute([bytes as i64]))
+            .map_err(sql("count dead letters"))?;
         }
         if !commit.dead_letters.is_empty() {
             let mut insert = tx
@@ -626,6 +844,31 @@ impl Outbox {
                 }
             };
         }
+        if !commit.dead_letters.is_empty() {
+            retention::prune_dead_letters(&tx, self.retention.dead_letter_max_bytes, &mut dropped)
+                .map_err(sql("prune dead letters"))?;
+        }
+        // Losses, after the records: numbered with them, applied with them.
+        let mut reports = commit.losses.clone();
+        reports.extend(dropped.into_reports());
+        let reports = losses::compact(reports);
+        let mut numbered = commit.records.len() as u64;
+        if !reports.is_empty() {
+            numbered += losses::write(
+                &tx,
+                &reports,
+                first_seq + numbered,
+                crate::clock::ingest_ms(),
+            )
+            .map_err(sql("record losses"))?;
+        }
+        if numbered > 0 {
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
+                [(first_seq + numbered) as i64],
+            )
+            .map_err(sql("advance next_seq"))?;
+        }
         functions::write(&tx, commit).map_err(sql("write function state"))?;
         if commit.clock_ms > 0 {
             tx.prepare_cached(
@@ -637,20 +880,32 @@ impl Outbox {
         // A crash in the middle of a commit: nothing of it may count.
         fail::fail_point!("outbox::commit::before", |_| std::process::abort());
         tx.commit().map_err(sql("commit"))?;
+        log_drops(&reports);
         Ok(Committed {
             first_seq,
-            records: commit.records.len(),
+            records: numbered as usize,
+            dropped: dropped_records,
         })
     }
+}
 
-    /// Keep the dead-letter table bounded: drop all but the newest `keep`.
-    pub fn prune_dead_letters(&mut self, keep: u64) -> Result<usize, OutboxError> {
-        self.conn
-            .execute(
-                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
-                [keep as i64],
-            )
-            .map_err(self.sql("prune dead letters"))
+/// One warning per drop run, with the numbers (drops come in runs of about
+/// 1 % of the quota, so this is not a flood).
+fn log_drops(reports: &[fogline_protocol::LossReport]) {
+    for r in reports {
+        metrics::counter!(losses::LOSSES_TOTAL, "reason" => r.reason.as_str()).increment(r.records);
+    }
+    for r in reports.iter().filter(|r| r.reason.is_loss()) {
+        tracing::warn!(
+            stream = %r.stream,
+            reason = %r.reason,
+            records = r.records,
+            bytes = r.bytes,
+            first_seq = ?r.first_seq,
+            last_seq = ?r.last_seq,
+            detail = r.detail.as_deref().unwrap_or(""),
+            "Records dropped; the loss is counted and reported to the aggregator."
+        );
     }
 }
 
@@ -660,6 +915,10 @@ pub struct OutboxReader {
     path: PathBuf,
     reserve: std::cell::RefCell<Reserve>,
     damage: salvage::DamageFlag,
+    /// Raised to the last seq read (about to be in flight), reset to the
+    /// aggregator's cursor when a session starts: the writer's quotas never
+    /// drop a record that may be applied (it would count twice).
+    protected: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl OutboxReader {
@@ -676,7 +935,13 @@ impl OutboxReader {
             path: path.to_path_buf(),
             reserve: std::cell::RefCell::new(Reserve::new(path, 0)),
             damage: salvage::DamageFlag::default(),
+            protected: Default::default(),
         })
+    }
+
+    /// Shares the in-flight mark with the writer ([`Outbox::protected_handle`]).
+    pub fn set_protected(&mut self, mark: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.protected = mark;
     }
 
     /// Shares `flag` with the writer: damage either finds stops commits.
@@ -733,6 +998,10 @@ impl OutboxReader {
                 break;
             }
         }
+        if let Some(last) = out.last() {
+            self.protected
+                .fetch_max(last.seq, std::sync::atomic::Ordering::AcqRel);
+        }
         Ok(out)
     }
 
@@ -783,6 +1052,7 @@ impl OutboxReader {
             .conn
             .unchecked_transaction()
             .map_err(self.sql("begin delete"))?;
+        retention::subtract_through(&tx, through).map_err(self.sql("count lane usage"))?;
         let n = tx
             .execute("DELETE FROM records WHERE seq <= ?1", [through as i64])
             .map_err(self.sql("delete acknowledged"))?;
@@ -801,6 +1071,10 @@ impl OutboxReader {
     /// Writes nothing when both already hold (a reconnect on a full disk
     /// must not fail for want of a no-op write).
     pub fn accept_cursor(&self, cursor: u64) -> Result<usize, OutboxError> {
+        // A session starts: nothing is in flight, the aggregator holds
+        // everything through the cursor.
+        self.protected
+            .store(cursor, std::sync::atomic::Ordering::Release);
         let id = self.identity()?;
         if id.next_seq > cursor
             && id.acked_seq >= cursor
@@ -861,6 +1135,8 @@ impl OutboxReader {
     /// taken as already applied. Returns how many records moved and by how
     /// much. The acknowledged mark restarts at `cursor`.
     pub fn renumber_above(&self, cursor: u64) -> Result<(usize, u64), OutboxError> {
+        self.protected
+            .store(cursor, std::sync::atomic::Ordering::Release);
         let tx = self
             .conn
             .unchecked_transaction()

@@ -133,6 +133,9 @@ const OTHER_TABLES: &[(&str, bool)] = &[
     ("function_versions", true),
     ("function_state", false),
     ("held", true),
+    ("lanes", true),
+    ("seq_marks", true),
+    ("losses", false),
 ];
 
 /// `meta` keys carried over (the incarnation and epoch are new).
@@ -217,12 +220,25 @@ pub fn recover(path: &Path) -> Result<Salvage, OutboxError> {
         }
     };
     let mut copied_seqs = Vec::new();
-    let columns = "seq, stream, timestamp_ms, payload";
+    // Lanes (I-32) where the file has them.
+    let has_lane = src
+        .prepare("SELECT 1 FROM pragma_table_info('records') WHERE name = 'lane'")
+        .and_then(|mut st| st.exists([]))
+        .unwrap_or(false);
+    let (columns, insert_sql) = if has_lane {
+        (
+            "seq, stream, timestamp_ms, payload, lane",
+            "INSERT INTO records (seq, stream, timestamp_ms, payload, lane) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+    } else {
+        (
+            "seq, stream, timestamp_ms, payload",
+            "INSERT INTO records (seq, stream, timestamp_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+        )
+    };
     let mut insert_records = |rows: Vec<Vec<Value>>| -> Result<(), OutboxError> {
         let mut st = tx
-            .prepare_cached(
-                "INSERT INTO records (seq, stream, timestamp_ms, payload) VALUES (?1, ?2, ?3, ?4)",
-            )
+            .prepare_cached(insert_sql)
             .map_err(dst_err("copy records"))?;
         for row in rows {
             if let Some(Value::Integer(seq)) = row.first() {
@@ -253,6 +269,14 @@ pub fn recover(path: &Path) -> Result<Salvage, OutboxError> {
 
     let mut other_rows = 0u64;
     for (table, rowid) in OTHER_TABLES {
+        // A file from an older version may not have every table.
+        let absent = src
+            .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+            .and_then(|mut st| st.exists([table]))
+            .is_ok_and(|exists| !exists);
+        if absent {
+            continue;
+        }
         let cols: Vec<String> = tx
             .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
             .and_then(|mut st| {
@@ -313,12 +337,40 @@ pub fn recover(path: &Path) -> Result<Salvage, OutboxError> {
         .map_err(dst_err("copy meta"))?;
     }
     // Numbering goes on above everything the old file numbered.
-    let next = hi.max(copied_seqs.last().copied().unwrap_or(0)) + 1;
+    let mut next = hi.max(copied_seqs.last().copied().unwrap_or(0)) + 1;
+    // What is lost is reported to the aggregator like any loss (I-33): one
+    // record, numbered above everything, with the sequence range.
+    let lost_count: u64 = lost.iter().map(|(a, b)| b - a + 1).sum();
+    if lost_count > 0 {
+        let now = crate::clock::now_ms();
+        let mut ranges: String = lost
+            .iter()
+            .map(|(a, b)| format!("{a}..={b}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if ranges.len() > 1000 {
+            ranges = format!("{}…", super::losses_detail_cut(&ranges, 1000));
+        }
+        let report = fogline_protocol::LossReport {
+            stream: super::losses::MANY_STREAMS.into(),
+            reason: fogline_protocol::LossReason::Corrupt,
+            detail: Some(format!("unreadable in a damaged outbox: seq {ranges}")),
+            records: lost_count,
+            bytes: 0,
+            first_seq: lost.first().map(|r| r.0),
+            last_seq: lost.last().map(|r| r.1),
+            first_ms: now,
+            last_ms: now,
+        };
+        super::losses::write(&tx, &[report], next, now).map_err(dst_err("record the loss"))?;
+        next += 1;
+    }
     tx.execute(
         "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'next_seq'",
         [next as i64],
     )
     .map_err(dst_err("copy meta"))?;
+    super::retention::rebuild_usage(&tx).map_err(dst_err("count lane usage"))?;
     // The same incarnation while the numbering is known: the aggregator's
     // cursor then deletes what it already holds and nothing arrives twice;
     // lost records are a gap in the numbering. Without a readable
@@ -563,9 +615,16 @@ mod tests {
         let r = crate::outbox::OutboxReader::open(&path, SyncMode::Normal).unwrap();
         let id = r.identity().unwrap();
         assert_eq!(id.incarnation, s.incarnation);
-        assert_eq!((id.next_seq, id.acked_seq), (5001, 1000));
+        // The loss is reported to the aggregator (I-33): one record, 5001.
+        assert_eq!((id.next_seq, id.acked_seq), (5002, 1000));
+        let report = r.read_after(5000, 1, 1 << 20).unwrap();
+        assert_eq!(report[0].stream, fogline_protocol::LOSS_STREAM);
+        let report = fogline_protocol::LossReport::decode(&report[0].payload).unwrap();
+        assert_eq!(report.reason, fogline_protocol::LossReason::Corrupt);
+        assert_eq!(report.records, s.lost_records());
         let stats = crate::outbox::read_stats(&path).unwrap();
-        assert_eq!(stats.backlog_records, s.records);
+        assert_eq!(stats.backlog_records, s.records + 1);
+        assert_eq!(stats.losses[0].records, s.lost_records());
         assert_eq!(stats.dead_letters, 1);
         assert!(
             stats.alarms.iter().any(|a| a.kind == "outbox_damaged"
@@ -576,7 +635,7 @@ mod tests {
         // In order, none twice.
         let recs = r.read_after(1000, 10_000, usize::MAX).unwrap();
         assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq));
-        assert_eq!(recs.len() as u64, s.records);
+        assert_eq!(recs.len() as u64, s.records + 1, "and the loss report");
     }
 
     #[test]

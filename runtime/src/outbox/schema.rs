@@ -107,6 +107,44 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         "TEXT NOT NULL DEFAULT 'input'",
     )?;
     add_column(conn, "dead_letters", "replay", "INTEGER NOT NULL DEFAULT 0")?;
+    // Bounds and loss accounting (I-32, I-33): each record's lane (its
+    // pipeline), usage per lane moved with the rows, commit times by seq
+    // (for max_age), and what was lost, by stream and reason.
+    add_column(conn, "records", "lane", "INTEGER NOT NULL DEFAULT 1")?;
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS records_by_lane ON records (lane, seq);
+         CREATE TABLE IF NOT EXISTS lanes (
+             id   INTEGER PRIMARY KEY,
+             name TEXT NOT NULL UNIQUE
+         );
+         INSERT OR IGNORE INTO lanes (id, name) VALUES (0, '$fogline/loss'), (1, '(before lanes)');
+         CREATE TABLE IF NOT EXISTS lane_usage (
+             lane    INTEGER PRIMARY KEY,
+             records INTEGER NOT NULL,
+             bytes   INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS seq_marks (
+             first_seq INTEGER PRIMARY KEY,
+             at_ms     INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS losses (
+             stream    TEXT    NOT NULL,
+             reason    TEXT    NOT NULL,
+             records   INTEGER NOT NULL,
+             bytes     INTEGER NOT NULL,
+             first_seq INTEGER,
+             last_seq  INTEGER,
+             first_ms  INTEGER NOT NULL,
+             last_ms   INTEGER NOT NULL,
+             PRIMARY KEY (stream, reason)
+         ) WITHOUT ROWID;",
+    )?;
+    let counted: bool = conn
+        .prepare("SELECT 1 FROM meta WHERE key = 'usage_counted'")?
+        .exists([])?;
+    if !counted {
+        super::retention::rebuild_usage(conn)?;
+    }
     Ok(())
 }
 

@@ -34,6 +34,15 @@ pub struct OutboxStats {
     /// The most recent alarms (newest first, at most 5).
     #[serde(default)]
     pub alarms: Vec<super::Alarm>,
+    /// When the oldest buffered record was committed (node clock).
+    #[serde(default)]
+    pub oldest_committed_ms: Option<u64>,
+    /// Bytes the dead letters hold.
+    #[serde(default)]
+    pub dead_letter_bytes: u64,
+    /// What was lost (or dead-lettered), by stream and reason (I-33).
+    #[serde(default)]
+    pub losses: Vec<super::LossTotal>,
 }
 
 fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
@@ -47,9 +56,10 @@ pub(super) fn read(conn: &Connection, path: &Path) -> Result<OutboxStats, Outbox
         op: "read stats",
         source,
     };
+    // Kept per lane with the rows: no scan of a large backlog.
     let (records, bytes): (i64, i64) = conn
         .query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records",
+            "SELECT COALESCE(SUM(records), 0), COALESCE(SUM(bytes), 0) FROM lane_usage",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -95,5 +105,11 @@ pub(super) fn read(conn: &Connection, path: &Path) -> Result<OutboxStats, Outbox
         disk_bytes: file("") + file("-wal"),
         incarnation: meta(conn, "incarnation").map_err(sql)?.unwrap_or(0) as u64,
         alarms,
+        oldest_committed_ms: super::retention::oldest_committed_ms(conn).map_err(sql)?,
+        dead_letter_bytes: meta(conn, "dead_letter_bytes")
+            .map_err(sql)?
+            .unwrap_or(0)
+            .max(0) as u64,
+        losses: super::losses::totals(conn).map_err(sql)?,
     })
 }

@@ -2,9 +2,13 @@
 //! replication protocol imposes are checked here, before anything can enter
 //! the outbox (ARCHITECTURE.md I-6).
 
+use crate::config::UnroutedPolicy;
 use crate::ingest::{Chunk, Received};
 use crate::message::Message;
 use crate::outbox::DeadLetter;
+
+/// The dead-letter `function` and `reason` of a message no pipeline takes.
+pub const UNROUTED: &str = "unrouted";
 
 /// Refused payloads keep this much in the dead-letter table.
 const DEAD_LETTER_KEEP: usize = 1024;
@@ -24,6 +28,10 @@ pub struct BatchPlan {
     pub messages: usize,
     /// Messages that matched no pipeline.
     pub unrouted: usize,
+    /// Unrouted messages dropped (`ingest.unrouted = "drop"`), to report.
+    pub dropped: Vec<fogline_protocol::LossReport>,
+    /// Topics of unrouted messages in this batch.
+    pub unrouted_topics: Vec<String>,
 }
 
 fn human(bytes: usize) -> String {
@@ -78,6 +86,7 @@ pub fn plan_batch(
     chunks: &mut [Chunk],
     pipelines: usize,
     max_topic: usize,
+    unrouted: UnroutedPolicy,
     mut route: impl FnMut(&str) -> Vec<usize>,
 ) -> BatchPlan {
     let mut plan = BatchPlan {
@@ -138,6 +147,15 @@ pub fn plan_batch(
                 refused(TOPIC_NAME_INVALID, dead, &mut plan);
                 continue;
             }
+            if fogline_protocol::loss::is_reserved(&topic) {
+                let error = format!(
+                    "topic `{topic}` is under `{}`, which the replication protocol reserves for itself",
+                    fogline_protocol::loss::RESERVED_PREFIX
+                );
+                let dead = refuse("reserved_topic", error, topic, payload, at);
+                refused(TOPIC_NAME_INVALID, dead, &mut plan);
+                continue;
+            }
             if payload.len() > max_payload {
                 let error = format!(
                     "payload is {}, limit is {} (topic {topic}); first {DEAD_LETTER_KEEP} bytes kept",
@@ -151,6 +169,37 @@ pub fn plan_batch(
             let routes = route(&topic);
             let Some((&last, rest)) = routes.split_last() else {
                 plan.unrouted += 1;
+                if !plan.unrouted_topics.contains(&topic) {
+                    plan.unrouted_topics.push(topic.clone());
+                }
+                match unrouted {
+                    UnroutedPolicy::DeadLetter => plan.dead_letters.push(DeadLetter {
+                        pipeline: "ingest".into(),
+                        function: UNROUTED.into(),
+                        reason: UNROUTED.into(),
+                        stage: crate::outbox::Stage::Input,
+                        error: format!(
+                            "topic `{topic}` matches no pipeline (ingest.unrouted = \"dead_letter\"); replay it once a pipeline takes it"
+                        ),
+                        payload_size: payload.len(),
+                        message: Message {
+                            stream: topic,
+                            timestamp_ms: at,
+                            payload,
+                        },
+                    }),
+                    UnroutedPolicy::Drop => plan.dropped.push(fogline_protocol::LossReport {
+                        bytes: (topic.len() + payload.len()) as u64,
+                        stream: topic,
+                        reason: fogline_protocol::LossReason::Unrouted,
+                        detail: Some("ingest.unrouted = \"drop\"".into()),
+                        records: 1,
+                        first_seq: None,
+                        last_seq: None,
+                        first_ms: at,
+                        last_ms: at,
+                    }),
+                }
                 continue;
             };
             let message = Message {
@@ -197,8 +246,9 @@ mod tests {
         chunk.push(item(b"ok/2", 101, 3));
         chunk.push(item(&[0xff, 0xfe], 1, 4));
         chunk.push(item(b"nobody", 1, 5));
+        chunk.push(item(b"$fogline/loss", 1, 6));
         let mut chunks = vec![chunk];
-        let plan = plan_batch(&mut chunks, 1, 1024, |t| {
+        let plan = plan_batch(&mut chunks, 1, 1024, UnroutedPolicy::Drop, |t| {
             if t.starts_with("ok/") {
                 vec![0]
             } else {
@@ -206,17 +256,40 @@ mod tests {
             }
         });
         assert_eq!(plan.per_pipeline[0].len(), 1);
-        assert_eq!(plan.dead_letters.len(), 3);
+        assert_eq!(
+            plan.dead_letters.len(),
+            4,
+            "a reserved topic is refused too"
+        );
+        assert_eq!(plan.dead_letters[3].reason, "reserved_topic");
         assert_eq!(plan.unrouted, 1);
+        assert_eq!(plan.dropped.len(), 1, "dropped, and reported (I-33)");
+        assert_eq!(plan.dropped[0].stream, "nobody");
         let reasons: Vec<u8> = chunks[0]
             .items
             .iter()
             .map(|i| i.ack.unwrap().reason)
             .collect();
-        assert_eq!(reasons, vec![0, 0x90, 0x97, 0x90, 0]);
+        assert_eq!(reasons, vec![0, 0x90, 0x97, 0x90, 0, 0x90]);
         assert!(plan.dead_letters[0].error.contains("2000 bytes"));
         assert!(plan.dead_letters[0].message.stream.len() <= 1024 + 3);
         assert_eq!(plan.dead_letters[1].message.payload.len(), 101);
+    }
+
+    /// I-33: by default a message no pipeline takes is kept as a dead letter.
+    #[test]
+    fn unrouted_messages_are_dead_letters_by_default() {
+        let (route, _rx) = AckRoute::new(true);
+        let mut chunk = Chunk::new(Some(route), 100);
+        chunk.push(item(b"typo/1", 10, 1));
+        let mut chunks = vec![chunk];
+        let plan = plan_batch(&mut chunks, 1, 1024, UnroutedPolicy::DeadLetter, |_| vec![]);
+        assert_eq!(plan.unrouted, 1);
+        assert!(plan.dropped.is_empty());
+        assert_eq!(plan.dead_letters.len(), 1);
+        assert_eq!(plan.dead_letters[0].reason, UNROUTED);
+        assert_eq!(plan.dead_letters[0].message.payload.len(), 10, "kept whole");
+        assert_eq!(plan.unrouted_topics, vec!["typo/1".to_string()]);
     }
 
     #[test]
@@ -225,7 +298,9 @@ mod tests {
         let mut chunk = Chunk::new(Some(route), 100);
         chunk.push(item(&[b'a'; 2000], 10, 2));
         let mut chunks = vec![chunk];
-        let plan = plan_batch(&mut chunks, 1, 1024, |_| vec![0]);
+        let plan = plan_batch(&mut chunks, 1, 1024, UnroutedPolicy::DeadLetter, |_| {
+            vec![0]
+        });
         assert_eq!(plan.dead_letters.len(), 1);
         assert_eq!(chunks[0].items[0].ack.unwrap().reason, 0);
     }

@@ -21,6 +21,10 @@ pub struct ChainResult {
     pub state: Vec<StateCommit>,
     /// Versions promoted or rolled back.
     pub lifecycle: Vec<Lifecycle>,
+    /// Which lane each run of `outputs` belongs to: `(lane, count)`.
+    pub lanes: Vec<(u32, usize)>,
+    /// Losses to report with the commit (dead letters replayed...).
+    pub losses: Vec<fogline_protocol::LossReport>,
 }
 
 impl ChainResult {
@@ -39,6 +43,8 @@ impl ChainResult {
             held_consumed,
             state,
             lifecycle,
+            lanes,
+            losses,
         } = self;
         dead_letters.append(&mut chain_dead);
         let versions = lifecycle
@@ -71,6 +77,8 @@ impl ChainResult {
             .collect();
         Commit {
             records: outputs,
+            lanes,
+            losses,
             dead_letters,
             sessions,
             state,
@@ -87,13 +95,19 @@ impl ChainResult {
 pub struct Chain {
     /// The pipeline's name.
     pub name: String,
+    /// Its lane in the outbox (quotas, drop order).
+    pub lane: u32,
     slots: Vec<FunctionSlot>,
 }
 
 impl Chain {
     /// A chain over its function slots, in order.
     pub fn new(name: String, slots: Vec<FunctionSlot>) -> Self {
-        Self { name, slots }
+        Self {
+            name,
+            lane: crate::outbox::retention::LEGACY_LANE,
+            slots,
+        }
     }
 
     /// The function slots, in order.
@@ -126,6 +140,13 @@ impl Chain {
                 return;
             }
             batch = slot.run(batch, now_ms, from_held && n == from, result);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        match result.lanes.last_mut() {
+            Some((lane, n)) if *lane == self.lane => *n += batch.len(),
+            _ => result.lanes.push((self.lane, batch.len())),
         }
         result.outputs.append(&mut batch);
     }

@@ -37,6 +37,8 @@ pub struct WorkerOptions {
     pub max_topic: usize,
     /// How often functions tick.
     pub tick_interval: Duration,
+    /// What happens to messages no pipeline takes.
+    pub unrouted: crate::config::UnroutedPolicy,
 }
 
 /// Progress the health check reads.
@@ -131,6 +133,8 @@ pub struct Worker {
     pub commands: mpsc::UnboundedReceiver<WorkerCommand>,
     /// The functions as `status` shows them, refreshed by the worker.
     pub functions: Arc<Mutex<Vec<FunctionStatus>>>,
+    /// Topics already warned about as unrouted.
+    pub warned_unrouted: std::collections::HashSet<String>,
 }
 
 /// A request to the worker, applied between batches.
@@ -205,7 +209,6 @@ enum Wake {
 fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>, rt: &tokio::runtime::Runtime) {
     let mut next_tick = Instant::now() + w.options.tick_interval;
     let mut next_housekeeping = Instant::now();
-    let mut batches: u64 = 0;
     let mut commands_open = true;
     publish_status(&w);
     loop {
@@ -297,12 +300,6 @@ fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>, rt: &tokio::
             dispatch_acks(&batch);
             // Dropping the chunks returns their bytes to the ingest budget.
             drop(batch);
-            batches += 1;
-            if batches.is_multiple_of(1024) {
-                if let Err(e) = w.outbox.prune_dead_letters(100_000) {
-                    error!(error = %e, "Pruning dead letters failed.");
-                }
-            }
         }
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + w.options.tick_interval;
@@ -319,6 +316,10 @@ fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>, rt: &tokio::
             next_housekeeping = Instant::now() + HOUSEKEEPING;
             if !drain_held(&mut w, &stop) || !replay_dead_letters(&mut w, &stop) {
                 break;
+            }
+            // max_age (I-32): records that waited too long are dropped and counted.
+            if let Err(e) = w.outbox.expire() {
+                error!(error = %e, "Dropping expired records failed; tried again shortly.");
             }
             publish_status(&w);
         }
@@ -414,6 +415,32 @@ fn replay_dead_letters(w: &mut Worker, stop: &AtomicBool) -> bool {
     let mut again = Vec::new();
     for d in requests {
         replayed.push(d.id);
+        let original = d.to_dead_letter();
+        result.losses.push(fogline_protocol::LossReport {
+            stream: original.message.stream.clone(),
+            reason: fogline_protocol::LossReason::Replayed,
+            detail: Some(original.reason.clone()),
+            records: 1,
+            bytes: (original.message.stream.len() + original.payload_size) as u64,
+            first_seq: None,
+            last_seq: None,
+            first_ms: original.message.timestamp_ms,
+            last_ms: original.message.timestamp_ms,
+        });
+        // A message no pipeline took: routed again, by its topic.
+        if d.pipeline == "ingest" && d.function == super::batch::UNROUTED {
+            let routes = w.router.route(&original.message.stream).to_vec();
+            if routes.is_empty() {
+                again.push(original);
+                continue;
+            }
+            for i in routes {
+                if let Some(chain) = w.chains.get_mut(i) {
+                    chain.run_from(0, vec![original.message.clone()], now, false, &mut result);
+                }
+            }
+            continue;
+        }
         let chain = w.chains.iter_mut().find(|c| c.name == d.pipeline);
         let step = chain.as_ref().and_then(|c| {
             c.slots()
@@ -574,21 +601,82 @@ fn dispatch_acks(batch: &[Chunk]) {
     }
 }
 
+/// At most this many topics are remembered as warned about.
+const MAX_WARNED_TOPICS: usize = 1024;
+
+/// One warning per topic that matched no pipeline (bounded).
+fn warn_unrouted(
+    warned: &mut std::collections::HashSet<String>,
+    topics: &[String],
+    policy: crate::config::UnroutedPolicy,
+) {
+    for t in topics {
+        if warned.len() >= MAX_WARNED_TOPICS || !warned.insert(t.clone()) {
+            continue;
+        }
+        match policy {
+            crate::config::UnroutedPolicy::DeadLetter => warn!(
+                topic = %t,
+                "A message matched no pipeline: kept as a dead letter (reason `unrouted`), reported to the aggregator. Add a pipeline for it and run `fogline-edge dead-letters replay`; warned once per topic."
+            ),
+            crate::config::UnroutedPolicy::Drop => warn!(
+                topic = %t,
+                "A message matched no pipeline: dropped (ingest.unrouted = \"drop\"), counted and reported to the aggregator as a loss; warned once per topic."
+            ),
+        }
+    }
+}
+
+/// One report per stream and dead-letter reason.
+fn dead_letter_reports(dead: &[crate::outbox::DeadLetter]) -> Vec<fogline_protocol::LossReport> {
+    let mut by: std::collections::BTreeMap<(&str, &str), fogline_protocol::LossReport> =
+        std::collections::BTreeMap::new();
+    for d in dead {
+        let r = fogline_protocol::LossReport {
+            stream: d.message.stream.clone(),
+            reason: fogline_protocol::LossReason::DeadLettered,
+            detail: Some(d.reason.clone()),
+            records: 1,
+            bytes: (d.message.stream.len() + d.payload_size) as u64,
+            first_seq: None,
+            last_seq: None,
+            first_ms: d.message.timestamp_ms,
+            last_ms: d.message.timestamp_ms,
+        };
+        by.entry((&d.message.stream, &d.reason))
+            .and_modify(|e| e.absorb(&r))
+            .or_insert(r);
+    }
+    by.into_values().collect()
+}
+
 /// The longest wait between retries of a failing commit.
 const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Returns false when it gave up (shutdown during a failing commit).
 fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool {
     let router = &mut w.router;
-    let plan = plan_batch(batch, w.chains.len(), w.options.max_topic, |t| {
-        router.route(t).to_vec()
-    });
+    let plan = plan_batch(
+        batch,
+        w.chains.len(),
+        w.options.max_topic,
+        w.options.unrouted,
+        |t| router.route(t).to_vec(),
+    );
     metrics::counter!("fogline_pipeline_messages_in_total").increment(plan.messages as u64);
     if plan.unrouted > 0 {
         metrics::counter!("fogline_ingest_unrouted_total").increment(plan.unrouted as u64);
+        warn_unrouted(
+            &mut w.warned_unrouted,
+            &plan.unrouted_topics,
+            w.options.unrouted,
+        );
     }
     let now = crate::clock::ingest_ms();
-    let mut result = ChainResult::default();
+    let mut result = ChainResult {
+        losses: plan.dropped,
+        ..ChainResult::default()
+    };
     for (chain, msgs) in w.chains.iter_mut().zip(plan.per_pipeline) {
         if !msgs.is_empty() {
             chain.process(msgs, now, &mut result);
@@ -612,7 +700,11 @@ fn commit_result(
     replayed: Vec<i64>,
     stop: &AtomicBool,
 ) -> bool {
-    let commit = result.into_commit(dead_letters, sessions, replayed);
+    let mut commit = result.into_commit(dead_letters, sessions, replayed);
+    // Dead letters are reported to the aggregator too (I-33): not lost,
+    // but not delivered either.
+    let reported = dead_letter_reports(&commit.dead_letters);
+    commit.losses.extend(reported);
     for d in &commit.dead_letters {
         metrics::counter!(
             super::events::DEAD_LETTERS_TOTAL,

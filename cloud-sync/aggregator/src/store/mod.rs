@@ -101,6 +101,60 @@ pub struct NodeSummary {
     /// Records this store acknowledged and later lost (restored from a
     /// backup), summed over every recorded gap.
     pub lost_records: u64,
+    /// What the node reported it lost or dead-lettered, by stream and
+    /// reason (I-33).
+    pub losses: Vec<LossSummary>,
+}
+
+/// A node's losses on one stream for one reason, summed over its reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LossSummary {
+    /// The stream (`*`: many streams, or unreadable rows).
+    pub stream: String,
+    /// `quota`, `max_age`, `unrouted`, `dead_letter_pruned`, `corrupt` (lost);
+    /// `dead_lettered`, `replayed` (kept on the gateway, replayed).
+    pub reason: String,
+    /// Records (or messages).
+    pub records: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The node's sequence numbers they had, first and last.
+    pub first_seq: Option<u64>,
+    /// See `first_seq`.
+    pub last_seq: Option<u64>,
+    /// Their time range (ms since the Unix epoch).
+    pub first_ms: u64,
+    /// See `first_ms`.
+    pub last_ms: u64,
+    /// How many reports were summed.
+    pub reports: u64,
+}
+
+/// One loss report as the node sent it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredLoss {
+    /// The report's own sequence number.
+    pub seq: u64,
+    /// The stream.
+    pub stream: String,
+    /// Why (see [`LossSummary::reason`]).
+    pub reason: String,
+    /// More about why.
+    pub detail: Option<String>,
+    /// Records.
+    pub records: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Sequence range of what was lost, where it had numbers.
+    pub first_seq: Option<u64>,
+    /// See `first_seq`.
+    pub last_seq: Option<u64>,
+    /// Time range.
+    pub first_ms: u64,
+    /// See `first_ms`.
+    pub last_ms: u64,
+    /// When the aggregator applied the report.
+    pub received_ms: u64,
 }
 
 /// Storage for applied records and per-node cursors. Methods block: call them
@@ -129,4 +183,12 @@ pub trait Store: Send + Sync + 'static {
     fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError>;
     /// All known nodes.
     fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError>;
+    /// `node`'s loss reports with seq above `after_seq`, ascending, at most
+    /// `limit` (capped at [`MAX_QUERY_LIMIT`]).
+    fn losses(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLoss>, StoreError>;
 }

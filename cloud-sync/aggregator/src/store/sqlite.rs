@@ -6,10 +6,12 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ApplyOutcome, NodeSummary, RecordQuery, Store, StoreError, StoredRecord, MAX_QUERY_LIMIT,
+    ApplyOutcome, LossSummary, NodeSummary, RecordQuery, Store, StoreError, StoredLoss,
+    StoredRecord, MAX_QUERY_LIMIT,
 };
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::DecodedBatch;
+use fogline_protocol::{LossReport, LOSS_STREAM};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -26,6 +28,23 @@ CREATE TABLE IF NOT EXISTS cursors (
     seq INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
+-- What each node lost or dead-lettered, as it reported it (I-33): one row
+-- per loss record, applied exactly once with the data.
+CREATE TABLE IF NOT EXISTS losses (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    first_seq INTEGER,
+    last_seq INTEGER,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (node, seq)
+) WITHOUT ROWID;
 -- Acknowledged records a node's store lost (a restore from backup).
 CREATE TABLE IF NOT EXISTS gaps (
     node TEXT NOT NULL,
@@ -135,6 +154,56 @@ fn q_err<'a>(
     }
 }
 
+fn insert_loss(
+    conn: &Connection,
+    node: &str,
+    seq: u64,
+    l: &LossReport,
+    now_ms: u64,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO losses (node, seq, stream, reason, detail, records, bytes, \
+         first_seq, last_seq, first_ms, last_ms, received_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        node,
+        to_sql(seq),
+        l.stream,
+        l.reason.as_str(),
+        l.detail,
+        to_sql(l.records),
+        to_sql(l.bytes),
+        l.first_seq.map(to_sql),
+        l.last_seq.map(to_sql),
+        to_sql(l.first_ms),
+        to_sql(l.last_ms),
+        to_sql(now_ms)
+    ])
+}
+
+fn loss_summaries(conn: &Connection, node: &str) -> rusqlite::Result<Vec<LossSummary>> {
+    conn.prepare_cached(
+        "SELECT stream, reason, SUM(records), SUM(bytes), MIN(first_seq), MAX(last_seq), \
+         MIN(first_ms), MAX(last_ms), COUNT(*) FROM losses WHERE node = ?1 \
+         GROUP BY stream, reason ORDER BY SUM(records) DESC, stream, reason LIMIT 1000",
+    )?
+    .query_map([node], |r| {
+        Ok(LossSummary {
+            stream: r.get(0)?,
+            reason: r.get(1)?,
+            records: from_sql(r.get(2)?),
+            bytes: from_sql(r.get(3)?),
+            first_seq: r.get::<_, Option<i64>>(4)?.map(from_sql),
+            last_seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
+            first_ms: from_sql(r.get(6)?),
+            last_ms: from_sql(r.get(7)?),
+            reports: from_sql(r.get(8)?),
+        })
+    })?
+    .collect()
+}
+
 fn read_cursor(conn: &Connection, node: &str) -> Result<StoredCursor, StoreError> {
     conn.prepare_cached("SELECT seq, incarnation, epoch FROM cursors WHERE node = ?1")
         .and_then(|mut st| {
@@ -178,6 +247,28 @@ impl Store for SqliteStore {
                 if r.seq <= cursor {
                     skipped += 1;
                     continue;
+                }
+                // A loss report is filed apart from the data (I-33); one
+                // that does not parse is kept as a record, never dropped.
+                if r.stream == LOSS_STREAM {
+                    match LossReport::decode(r.payload) {
+                        Ok(l) => {
+                            let n = insert_loss(&tx, node, r.seq, &l, now_ms)
+                                .map_err(err("insert loss report"))?;
+                            if n == 1 {
+                                inserted += 1;
+                            } else {
+                                skipped += 1;
+                            }
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(
+                            node,
+                            seq = r.seq,
+                            error = %e,
+                            "A loss report does not parse; stored as an ordinary record."
+                        ),
+                    }
                 }
                 let n = ins
                     .execute(params![
@@ -300,11 +391,53 @@ impl Store for SqliteStore {
                     records: from_sql(r.get(3)?),
                     incarnation: r.get::<_, Option<i64>>(4)?.map(from_sql),
                     lost_records: from_sql(r.get(5)?),
+                    losses: Vec::new(),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()
         })
+        .and_then(|mut nodes| {
+            for n in &mut nodes {
+                n.losses = loss_summaries(&conn, &n.node)?;
+            }
+            Ok(nodes)
+        })
         .map_err(q_err("list nodes", None))
+    }
+
+    fn losses(
+        &self,
+        node: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLoss>, StoreError> {
+        let conn = lock(&self.reader)?;
+        conn.prepare_cached(
+            "SELECT seq, stream, reason, detail, records, bytes, first_seq, last_seq, first_ms, \
+             last_ms, received_ms FROM losses WHERE node = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )
+        .and_then(|mut st| {
+            st.query_map(
+                params![node, to_sql(after_seq), limit.min(MAX_QUERY_LIMIT) as i64],
+                |r| {
+                    Ok(StoredLoss {
+                        seq: from_sql(r.get(0)?),
+                        stream: r.get(1)?,
+                        reason: r.get(2)?,
+                        detail: r.get(3)?,
+                        records: from_sql(r.get(4)?),
+                        bytes: from_sql(r.get(5)?),
+                        first_seq: r.get::<_, Option<i64>>(6)?.map(from_sql),
+                        last_seq: r.get::<_, Option<i64>>(7)?.map(from_sql),
+                        first_ms: from_sql(r.get(8)?),
+                        last_ms: from_sql(r.get(9)?),
+                        received_ms: from_sql(r.get(10)?),
+                    })
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(q_err("query losses", Some(node)))
     }
 }
 
@@ -321,6 +454,60 @@ mod tests {
             return Vec::new();
         }
         vec![decode_batch(&encode_batch(records, 3).unwrap()).unwrap()]
+    }
+
+    /// I-33: a loss report rides the ordered stream: filed apart from the
+    /// data, exactly once, summed per stream and reason for `/api/v1/nodes`.
+    #[test]
+    fn loss_reports_are_filed_once_and_summed() {
+        let (_d, s) = store();
+        let report = |first: u64, last: u64| fogline_protocol::LossReport {
+            stream: "s/1".into(),
+            reason: fogline_protocol::LossReason::Quota,
+            detail: Some("outbox.max_bytes".into()),
+            records: last - first + 1,
+            bytes: 10 * (last - first + 1),
+            first_seq: Some(first),
+            last_seq: Some(last),
+            first_ms: first,
+            last_ms: last,
+        };
+        let rec = |seq: u64, stream: &str, payload: Vec<u8>| Record {
+            seq,
+            stream: stream.into(),
+            timestamp_ms: seq,
+            payload,
+        };
+        let batch = vec![
+            rec(11, "s/1", b"{}".to_vec()),
+            rec(12, LOSS_STREAM, report(1, 10).encode()),
+            rec(23, "s/1", b"{}".to_vec()),
+            rec(24, LOSS_STREAM, report(13, 22).encode()),
+            rec(25, LOSS_STREAM, b"not json".to_vec()),
+        ];
+        let out = s.apply("n", (1, 1), &b(&batch), 25, 5).unwrap();
+        assert_eq!(out.inserted, 5);
+        // Applied again (a resend): nothing twice.
+        let again = s.apply("n", (1, 1), &b(&batch), 25, 6).unwrap();
+        assert_eq!((again.inserted, again.skipped), (0, 5));
+        let data: Vec<u64> = all(&s, "n");
+        assert_eq!(
+            data,
+            vec![11, 23, 25],
+            "an unreadable report is kept as data"
+        );
+        let nodes = s.nodes().unwrap();
+        let l = &nodes[0].losses;
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].records, l[0].reports), (20, 2));
+        assert_eq!((l[0].first_seq, l[0].last_seq), (Some(1), Some(22)));
+        assert_eq!(l[0].reason, "quota");
+        let listed = s.losses("n", 0, 10).unwrap();
+        assert_eq!(
+            listed.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![12, 24]
+        );
+        assert_eq!(s.losses("n", 12, 10).unwrap().len(), 1);
     }
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
