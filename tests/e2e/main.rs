@@ -8,6 +8,7 @@ mod crash;
 mod endpoint;
 mod external;
 mod functions;
+mod losses;
 mod outbox_identity;
 mod shutdown;
 mod uplink_links;

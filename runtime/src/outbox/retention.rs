@@ -318,9 +318,9 @@ pub fn make_room(
                 limit,
             }));
         }
-        // Room for this commit and a little more, so a full lane does not
-        // drop (and report) on every commit.
-        let need = used + add - limit + limit / 100;
+        // Room for this commit and 5 % more, so a full lane does not drop
+        // (and report) on every commit.
+        let need = used + add - limit + limit / 20;
         let freed = drop_from_lane(
             conn,
             lane,
@@ -374,8 +374,8 @@ pub fn make_room(
         }));
     }
     let over = used + add - limit;
-    // In lane bytes, plus 1 % of the quota so drops come in runs.
-    let mut need = (over as f64 / ratio) as u64 + limit / 100;
+    // In lane bytes, plus 2 % of the quota so drops come in runs.
+    let mut need = (over as f64 / ratio) as u64 + limit / 50;
     let mut lanes: Vec<(Priority, u64, u32)> = Vec::new();
     for (&lane, u) in &usage {
         if lane == REPORT_LANE || u.0 == 0 {
