@@ -1,13 +1,20 @@
 //! MQTT 3.1.1 and 5 packets, through rumqttc's codec (`mqttbytes`), reduced
-//! to what ingest needs on both sides: the native endpoint (server side) and
-//! the client that subscribes to an external broker.
+//! to what Fogline needs on every side: the edge's native endpoint (server
+//! side), the edge's client of an external broker, and the tests' raw-socket
+//! client — one codec, so the tests cannot drift from production.
 //!
 //! No packet is parsed by hand here: framing, limits and fields come from
-//! `rumqttc::mqttbytes::v4` and `rumqttc::v5::mqttbytes::v5`. This module
+//! `rumqttc::mqttbytes::v4` and `rumqttc::v5::mqttbytes::v5`. This crate
 //! picks the version, normalises the two into one [`Inbound`], and encodes
-//! the few packets we send. Decoding never panics on hostile input: the codec
-//! is called under `catch_unwind`, so a bug in it costs one connection, not
-//! the daemon.
+//! the packets either side sends. Decoding is two steps, header first:
+//! [`framing`] reads the fixed header and checks the announced size against
+//! the limit before anything more is buffered, then [`decode`] decodes a
+//! whole frame. Decoding never panics on hostile input: the codec is called
+//! under `catch_unwind`, so a bug in it costs one connection, not the daemon.
+//!
+//! **Invariant:** this crate knows nothing about sockets, sessions, the
+//! pipeline or time.
+#![warn(missing_docs)]
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -228,6 +235,73 @@ fn v5_err(e: V5Error, max: usize) -> CodecError {
     }
 }
 
+/// What the fixed header at the front of a buffer announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Not even the fixed header (type byte and remaining length) is whole.
+    NeedHeader,
+    /// A packet of `len` bytes, fixed header included, within the limit;
+    /// whole when the buffer holds at least `len` bytes.
+    Packet {
+        /// Frame length, fixed header included.
+        len: usize,
+    },
+}
+
+/// Reads the fixed header at the front of `buf` and checks the size it
+/// announces against `max_packet` (on the remaining length, as the codec
+/// does), before the packet is buffered: a caller knows from the first few
+/// bytes how much a packet will hold, and refuses or budgets for it.
+pub fn framing(buf: &[u8], max_packet: usize) -> Result<Framing, CodecError> {
+    match rumqttc::mqttbytes::check(buf.iter(), max_packet) {
+        Ok(h) => Ok(Framing::Packet {
+            len: h.frame_length(),
+        }),
+        Err(V4Error::PayloadSizeLimitExceeded(size)) => Err(CodecError::TooLarge {
+            size,
+            max: max_packet,
+        }),
+        Err(V4Error::InsufficientBytes(missing)) => {
+            // The codec says "missing bytes" both for a header cut short and
+            // for a body: the header is whole once a length byte without its
+            // continuation bit has arrived.
+            let header_whole = buf
+                .get(1..)
+                .is_some_and(|rest| rest.iter().take(4).any(|b| b & 0x80 == 0));
+            Ok(if header_whole {
+                Framing::Packet {
+                    len: buf.len().saturating_add(missing),
+                }
+            } else {
+                Framing::NeedHeader
+            })
+        }
+        Err(e) => Err(CodecError::Malformed {
+            version: "MQTT",
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Whether `buf` holds a whole frame: `Ok(false)` means more bytes are
+/// needed, and the codec is not called until they are (it consumes a frame
+/// before decoding its body, so a body that ends early is malformed, never
+/// "wait for more").
+fn frame_ready(buf: &[u8], max_packet: usize) -> Result<bool, CodecError> {
+    Ok(match framing(buf, max_packet)? {
+        Framing::NeedHeader => false,
+        Framing::Packet { len } => buf.len() >= len,
+    })
+}
+
+/// A body that ended before its fields did: the frame is consumed already.
+fn truncated(version: &'static str) -> CodecError {
+    CodecError::Malformed {
+        version,
+        reason: "a field runs past the end of its packet".into(),
+    }
+}
+
 /// Decodes the next packet from `buf`, consuming it. `Ok(None)`: more bytes
 /// are needed. `version` is `None` before CONNECT: the first packet is then
 /// decoded as whichever version it declares. Nothing beyond `max_packet`
@@ -246,7 +320,10 @@ pub fn decode(
         None => {
             // Both codecs frame identically; the CONNECT's protocol level
             // picks the version. Try v5 on a copy so a v3.1.1 CONNECT can be
-            // re-read from the untouched buffer.
+            // re-read from the untouched buffer (copied only once whole).
+            if !frame_ready(buf, max_packet)? {
+                return Ok(None);
+            }
             let mut probe = buf.clone();
             match decode_v5(&mut probe, max_packet) {
                 Ok(Some(p)) => {
@@ -262,9 +339,12 @@ pub fn decode(
 }
 
 fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecError> {
+    if !frame_ready(buf, max)? {
+        return Ok(None);
+    }
     let packet = match guarded("MQTT 3.1.1", || v4::Packet::read(buf, max))? {
         Ok(p) => p,
-        Err(V4Error::InsufficientBytes(_)) => return Ok(None),
+        Err(V4Error::InsufficientBytes(_)) => return Err(truncated("MQTT 3.1.1")),
         Err(e) => return Err(v4_err(e, max)),
     };
     Ok(Some(match packet {
@@ -350,10 +430,13 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
             Some(_) => {}
         }
     }
+    if !frame_ready(buf, max)? {
+        return Ok(None);
+    }
     let limit = u32::try_from(max).unwrap_or(u32::MAX);
     let packet = match guarded("MQTT 5", || v5::Packet::read(buf, Some(limit)))? {
         Ok(p) => p,
-        Err(V5Error::InsufficientBytes(_)) => return Ok(None),
+        Err(V5Error::InsufficientBytes(_)) => return Err(truncated("MQTT 5")),
         Err(e) => return Err(v5_err(e, max)),
     };
     Ok(Some(match packet {
@@ -896,17 +979,6 @@ pub fn encode_unsubscribe(
     Ok(())
 }
 
-/// A stable 64-bit digest of topic and payload (xxh3, whose output is fixed
-/// by its specification): what identifies a message's content across
-/// restarts when recognising redeliveries.
-pub fn digest(topic: &[u8], payload: &[u8]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&(topic.len() as u64).to_le_bytes());
-    h.update(topic);
-    h.update(payload);
-    h.digest()
-}
-
 /// The meaning of a v5 reason code / v3 return code, for error messages.
 pub fn reason_name(code: u8) -> &'static str {
     match code {
@@ -1102,11 +1174,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn the_digest_separates_topic_from_payload() {
-        assert_ne!(digest(b"a", b"bc"), digest(b"ab", b"c"));
-        assert_eq!(digest(b"t", b"1"), digest(b"t", b"1"));
     }
 }
