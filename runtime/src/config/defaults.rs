@@ -142,7 +142,7 @@ impl Default for BrokerConfig {
             connect_rate_per_ip: 20,
             connect_burst_per_ip: 100,
             max_connect_bytes: 64 * 1024,
-            max_preconnect_bytes: 4 << 20,
+            max_preconnect_bytes: None,
             idle_timeout: Duration::from_secs(600),
             auth_workers: 1,
             auth_queue: 32,

@@ -242,7 +242,8 @@ pub struct BrokerConfig {
     /// Bytes that all connections still before their CONNECT may buffer
     /// together; they come out of `ingest.max_pending_bytes` and may take
     /// at most a quarter of it. A connection that finds no room is closed.
-    pub max_preconnect_bytes: usize,
+    /// Default: 4 MiB, or a quarter of `ingest.max_pending_bytes` if less.
+    pub max_preconnect_bytes: Option<usize>,
     /// Server-side idle limit of an MQTT 3.1.1 client that asked for keep
     /// alive 0 ("never"): closed after this long without a packet. (MQTT 5
     /// clients are told `max_keep_alive` instead.)
@@ -598,6 +599,22 @@ impl EdgeConfig {
     /// The external broker's address.
     pub fn ingest_broker(&self) -> String {
         self.mqtt.broker.clone()
+    }
+
+    /// `broker.max_preconnect_bytes` or its default.
+    pub fn broker_max_preconnect(&self) -> usize {
+        self.broker
+            .max_preconnect_bytes
+            .unwrap_or((4 << 20).min(self.ingest.max_pending_bytes / 4))
+    }
+
+    /// Largest CONNECT before authentication: `broker.max_connect_bytes`,
+    /// within the pre-CONNECT share and the maximum packet size.
+    pub fn broker_max_connect(&self) -> usize {
+        self.broker
+            .max_connect_bytes
+            .min(self.broker_max_preconnect())
+            .min(self.broker_max_packet())
     }
 
     /// The native endpoint's largest packet.

@@ -104,16 +104,17 @@ impl EdgeConfig {
                 b.connect_burst_per_ip, b.connect_rate_per_ip
             ));
         }
-        if b.max_connect_bytes < 1024 || b.max_connect_bytes > b.max_preconnect_bytes {
+        if b.max_connect_bytes < 1024 {
             p.push(format!(
-                "broker.max_connect_bytes: {} is outside 1024..={} (broker.max_preconnect_bytes)",
-                b.max_connect_bytes, b.max_preconnect_bytes
+                "broker.max_connect_bytes: {} is below 1024 (a CONNECT with credentials and a will needs room)",
+                b.max_connect_bytes
             ));
         }
-        if b.max_preconnect_bytes > budget / 4 {
+        let preconnect = self.broker_max_preconnect();
+        if preconnect < 1024 || preconnect > budget / 4 {
             p.push(format!(
-                "broker.max_preconnect_bytes: {} is more than a quarter of ingest.max_pending_bytes ({budget}), which it is taken from",
-                b.max_preconnect_bytes
+                "broker.max_preconnect_bytes: {preconnect} is outside 1024..={} (a quarter of ingest.max_pending_bytes, {budget}, which it is taken from)",
+                budget / 4
             ));
         }
         if b.connect_timeout.is_zero() || b.connect_timeout > std::time::Duration::from_secs(300) {

@@ -103,14 +103,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 Ok(Framing::NeedHeader) => HEADER_READ,
                 Ok(Framing::Packet { len }) => len,
                 Err(codec::CodecError::TooLarge { size, max }) => {
-                    // Answer in 3.1.1, which every client understands.
-                    self.refuse(
+                    // Answer in 3.1.1, which every client understands. Not
+                    // logged above debug: a flood of these must not flood
+                    // the log too (the metric counts them).
+                    metrics::counter!(CONNECTIONS_REFUSED, "reason" => codec::reason_name(0x95))
+                        .increment(1);
+                    codec::encode_connack(
+                        &mut self.wbuf,
                         Version::V311,
-                        0x95,
-                        &format!("CONNECT of {size} bytes, the limit before authentication is {max} (broker.max_connect_bytes)"),
-                    )
-                    .await;
-                    return Err(End::Lost("CONNECT too large".into()));
+                        &ConnAckOut {
+                            code: 0x95,
+                            ..ConnAckOut::default()
+                        },
+                    );
+                    let _ = self.flush().await;
+                    return Err(End::Lost(format!(
+                        "CONNECT of {size} bytes, the limit before authentication is {max} (broker.max_connect_bytes)"
+                    )));
                 }
                 Err(e) => return Err(End::Lost(format!("bad CONNECT: {e}"))),
             };
@@ -515,7 +524,7 @@ where
                         break;
                     }
                 }
-                Inbound::PubRel(pkid) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
+                Inbound::PubRel(pkid, _) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
                     metrics::counter!("fogline_ingest_subscribes_refused_total").increment(1);
@@ -534,7 +543,7 @@ where
                 Inbound::Unsubscribe(pkid, n) => {
                     codec::encode_unsuback(&mut c.wbuf, version, pkid, n)
                 }
-                Inbound::Disconnect(reason, expiry) => {
+                Inbound::Disconnect(reason, expiry, _) => {
                     if expiry.is_some_and(|e| e > 0) && lease.meta.expiry_secs == 0 {
                         end = Some(End::close(
                             0x82,

@@ -145,13 +145,13 @@ impl Endpoint {
             max_keep_alive: b.max_keep_alive,
             max_session_expiry: b.max_session_expiry,
             connect_timeout: b.connect_timeout,
-            max_connect_bytes: b.max_connect_bytes,
+            max_connect_bytes: config.broker_max_connect(),
             idle_timeout: b.idle_timeout,
             max_connections: b.max_connections,
             drain_timeout: drain_timeout(config),
         };
         let shared = Arc::new(Shared {
-            preconnect: PreConnect::new(sink.clone(), b.max_preconnect_bytes),
+            preconnect: PreConnect::new(sink.clone(), config.broker_max_preconnect()),
             sink,
             sessions: sessions.clone(),
             auth: Authenticator::new(
