@@ -2,6 +2,7 @@
 //! with `# HELP`), registered once at start. Functions' and the pipeline's
 //! own live with their events.
 
+use crate::ingest::endpoint::events as endpoint;
 use fogline_telemetry::help::{Help, Kind::*};
 
 const HELP: &[Help] = &[
@@ -71,9 +72,29 @@ const HELP: &[Help] = &[
         "MQTT connections accepted by the endpoint.",
     ),
     (
-        "fogline_ingest_connections_refused_total",
+        endpoint::CONNECTIONS_REFUSED,
         Counter,
-        "MQTT connections refused (limits, protocol).",
+        "MQTT connections refused or cut, by reason: a CONNACK reason, or per_ip, rate, max_connections, budget, connect_timeout, idle, auth_busy (I-34).",
+    ),
+    (
+        endpoint::PRECONNECT_BYTES,
+        Gauge,
+        "Bytes buffered by MQTT connections still before their CONNECT (out of ingest.max_pending_bytes, at most broker.max_preconnect_bytes).",
+    ),
+    (
+        endpoint::PRECONNECT_CONNECTIONS,
+        Gauge,
+        "MQTT connections accepted and not yet past CONNECT (TLS handshake included).",
+    ),
+    (
+        endpoint::PENDING_WILL_BYTES,
+        Gauge,
+        "Bytes of will messages waiting for their delay (at most broker.max_pending_will_bytes).",
+    ),
+    (
+        endpoint::WILLS_HURRIED,
+        Counter,
+        "Will messages published before their delay because broker.max_pending_will_bytes was spent.",
     ),
     (
         "fogline_ingest_connection_errors_total",
@@ -111,7 +132,7 @@ const HELP: &[Help] = &[
         "Messages whose topic no pipeline takes.",
     ),
     (
-        "fogline_ingest_wills_total",
+        endpoint::WILLS,
         Counter,
         "Will messages published.",
     ),

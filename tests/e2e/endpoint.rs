@@ -9,28 +9,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fogline_mqtt::{self as codec, ConnectOut, Inbound};
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::{
     Connection, IdAlloc, Incoming, Options, Outcome, PublishReport, Publisher, QoS, Version,
 };
 use fogline_tests::{oracle, process, sensors};
-use rumqttc::mqttbytes::v4;
 
 use crate::{rt, tail};
 
 /// An aggregator and one edge whose native endpoint feeds a pass-through
 /// pipeline for `sensors/#` and `counter/#`.
-struct Gateway {
-    dir: tempfile::TempDir,
-    cloud: Cloud,
-    edge: Edge,
-    port: u16,
+pub(crate) struct Gateway {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) cloud: Cloud,
+    pub(crate) edge: Edge,
+    pub(crate) port: u16,
 }
 
 const NODE: &str = "gw-mqtt";
 
 impl Gateway {
-    fn start(broker_extra: &str, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(broker_extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         fogline_testkit::certs::dev_bundle(&certs, &[NODE, "sensor-a", "sensor-b"]).unwrap();
@@ -59,7 +59,7 @@ impl Gateway {
         self.dir.path().join("certs")
     }
 
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
@@ -74,7 +74,7 @@ impl Gateway {
         );
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         format!(
             "--- edge ---\n{}\n--- cloud ---\n{}",
             tail(&self.edge.daemon.log_text(), 60),
@@ -84,7 +84,7 @@ impl Gateway {
 }
 
 /// `count` readings with unique ids, ~100-byte JSON, on 8 sensor topics.
-fn readings(count: usize) -> (Vec<(String, Bytes)>, Vec<String>) {
+pub(crate) fn readings(count: usize) -> (Vec<(String, Bytes)>, Vec<String>) {
     let mut msgs = Vec::with_capacity(count);
     let mut ids = Vec::with_capacity(count);
     for i in 0..count {
@@ -520,16 +520,16 @@ fn sessions_survive_restarts_wills_are_published_and_silent_clients_are_closed()
     let port = g.port;
     let will = std::thread::spawn(move || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let mut connect = v4::Connect::new("willing");
+        let mut connect = ConnectOut::new(codec::Version::V311, "willing");
         connect.keep_alive = 30;
-        connect.last_will = Some(v4::LastWill::new(
-            "wills/willing",
-            "{\"id\":\"will-1\"}",
-            rumqttc::mqttbytes::QoS::AtLeastOnce,
-            false,
-        ));
+        connect.will = Some(codec::Will {
+            topic: Bytes::from_static(b"wills/willing"),
+            payload: Bytes::from_static(b"{\"id\":\"will-1\"}"),
+            qos: 1,
+            delay_secs: 0,
+        });
         let mut b = BytesMut::new();
-        connect.write(&mut b).unwrap();
+        codec::encode_connect(&mut b, &connect).unwrap();
         std::io::Write::write_all(&mut s, &b).unwrap();
         let mut buf = [0u8; 4];
         std::io::Read::read_exact(&mut s, &mut buf).unwrap();
@@ -673,26 +673,28 @@ async fn tls_publish(
         .connect(ServerName::try_from("localhost")?, tcp)
         .await?;
     let mut out = BytesMut::new();
-    v4::Connect::new(id).write(&mut out)?;
-    let mut p = v4::Publish::new(
-        sensors::topic(5),
-        rumqttc::mqttbytes::QoS::AtLeastOnce,
-        sensors::payload(5, 0, 1),
-    );
-    p.pkid = 9;
-    p.write(&mut out)?;
+    let v = codec::Version::V311;
+    codec::encode_connect(&mut out, &ConnectOut::new(v, id))?;
+    codec::encode_publish(
+        &mut out,
+        v,
+        sensors::topic(5).as_bytes(),
+        Bytes::from(sensors::payload(5, 0, 1)),
+        1,
+        9,
+        false,
+        false,
+    )?;
     tls.write_all(&out).await?;
     tls.flush().await?;
     let mut inb = BytesMut::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match v4::Packet::read(&mut inb, 1 << 16) {
-            Ok(v4::Packet::ConnAck(a)) => {
-                anyhow::ensure!(a.code == v4::ConnectReturnCode::Success, "CONNACK {a:?}")
-            }
-            Ok(v4::Packet::PubAck(a)) => return Ok(a.pkid),
-            Ok(other) => anyhow::bail!("unexpected {other:?}"),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+        match codec::decode(&mut inb, Some(v), 1 << 16) {
+            Ok(Some(Inbound::ConnAck(a))) => anyhow::ensure!(a.code == 0, "CONNACK {a:?}"),
+            Ok(Some(Inbound::PubAck(pkid, _))) => return Ok(pkid),
+            Ok(Some(other)) => anyhow::bail!("unexpected {other:?}"),
+            Ok(None) => {
                 anyhow::ensure!(Instant::now() < deadline, "no PUBACK in time");
                 let mut buf = [0u8; 1024];
                 let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await??;

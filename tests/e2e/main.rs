@@ -6,6 +6,7 @@ mod bad_input;
 mod clock;
 mod crash;
 mod endpoint;
+mod endpoint_limits;
 mod external;
 mod functions;
 mod losses;

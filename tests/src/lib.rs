@@ -5,6 +5,7 @@
 #![allow(missing_docs)]
 
 pub mod deploy;
+pub mod flood;
 pub mod mosquitto;
 pub mod mqtt_raw;
 pub mod oracle;

@@ -1,9 +1,9 @@
 //! A fast raw-socket MQTT client for end-to-end tests, fault tests and
 //! benchmarks.
 //!
-//! Packets are encoded and decoded with rumqttc's codec
-//! (`rumqttc::mqttbytes::v4` for MQTT 3.1.1, `rumqttc::v5::mqttbytes::v5` for
-//! MQTT 5). Everything else is here in plain sight — socket, buffering,
+//! Packets are encoded and decoded with the edge's own codec, crate
+//! `fogline-mqtt` (one codec everywhere: the tests cannot drift from what
+//! production speaks). Everything else is here in plain sight — socket, buffering,
 //! packet ids, DUP flags, retries — so a test controls exactly what goes on
 //! the wire. rumqttc's `AsyncClient`/`EventLoop` is not used: it hides packet
 //! ids and DUP flags, and is too slow to serve as a reference.
@@ -33,8 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, Bytes, BytesMut};
-use rumqttc::mqttbytes::v4;
-use rumqttc::v5::mqttbytes::v5;
+use fogline_mqtt::{self as codec, ConnectOut, Inbound};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -102,6 +101,8 @@ pub struct Options {
     pub max_packet_size: usize,
     /// Limit for TCP connect, and separately for the CONNACK.
     pub connect_timeout: Duration,
+    /// Will message (MQTT 5: with its delay when non-zero).
+    pub will: Option<codec::Will>,
 }
 
 impl Options {
@@ -120,6 +121,7 @@ impl Options {
             receive_maximum: None,
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
+            will: None,
         }
     }
 
@@ -214,54 +216,9 @@ pub fn is_closed(err: &anyhow::Error) -> bool {
 }
 
 /// Name of an MQTT 5 reason code (CONNACK, PUBACK, PUBREC, SUBACK,
-/// DISCONNECT, ...), as in the specification.
+/// DISCONNECT, ...), as in the specification (the codec's table).
 pub fn reason_text(code: u8) -> &'static str {
-    match code {
-        0x00 => "success",
-        0x01 => "granted QoS 1",
-        0x02 => "granted QoS 2",
-        0x04 => "disconnect with will message",
-        0x10 => "no matching subscribers",
-        0x11 => "no subscription existed",
-        0x18 => "continue authentication",
-        0x19 => "re-authenticate",
-        0x80 => "unspecified error",
-        0x81 => "malformed packet",
-        0x82 => "protocol error",
-        0x83 => "implementation specific error",
-        0x84 => "unsupported protocol version",
-        0x85 => "client identifier not valid",
-        0x86 => "bad user name or password",
-        0x87 => "not authorized",
-        0x88 => "server unavailable",
-        0x89 => "server busy",
-        0x8A => "banned",
-        0x8B => "server shutting down",
-        0x8C => "bad authentication method",
-        0x8D => "keep alive timeout",
-        0x8E => "session taken over",
-        0x8F => "topic filter invalid",
-        0x90 => "topic name invalid",
-        0x91 => "packet identifier in use",
-        0x92 => "packet identifier not found",
-        0x93 => "receive maximum exceeded",
-        0x94 => "topic alias invalid",
-        0x95 => "packet too large",
-        0x96 => "message rate too high",
-        0x97 => "quota exceeded",
-        0x98 => "administrative action",
-        0x99 => "payload format invalid",
-        0x9A => "retain not supported",
-        0x9B => "QoS not supported",
-        0x9C => "use another server",
-        0x9D => "server moved",
-        0x9E => "shared subscriptions not supported",
-        0x9F => "connection rate exceeded",
-        0xA0 => "maximum connect time",
-        0xA1 => "subscription identifiers not supported",
-        0xA2 => "wildcard subscriptions not supported",
-        _ => "unknown reason code",
-    }
+    codec::reason_name(code)
 }
 
 fn connack_v311_text(code: u8) -> &'static str {
@@ -327,335 +284,78 @@ pub enum Incoming {
     },
 }
 
-/// Decode one packet from the front of `rx` if it is complete.
-///
-/// Completeness is checked with the codec's `check` first: rumqttc's
-/// `Packet::read` consumes the frame before decoding its body, so an
-/// `InsufficientBytes` from inside a body means "malformed", not "wait".
+/// Decode one packet from the front of `rx` if it is complete, with the
+/// production codec (header bound check first, then the frame), and turn it
+/// into the test's view of it.
 fn decode(version: Version, rx: &mut BytesMut, max_size: usize) -> Result<Option<Incoming>> {
-    if rx.is_empty() {
+    let Some(p) = codec::decode(rx, Some(version.codec()), max_size)
+        .map_err(|e| anyhow!("bad {version} packet from the peer: {e}"))?
+    else {
         return Ok(None);
-    }
-    match version {
-        Version::V311 => {
-            use rumqttc::mqttbytes::Error as E;
-            match rumqttc::mqttbytes::check(rx.iter(), max_size) {
-                Ok(_) => {}
-                Err(E::InsufficientBytes(_)) => return Ok(None),
-                Err(e) => bail!("bad MQTT 3.1.1 packet from the peer: {e}"),
-            }
-            let p = v4::Packet::read(rx, max_size)
-                .map_err(|e| anyhow!("malformed MQTT 3.1.1 packet from the peer: {e}"))?;
-            from_v4(p).map(Some)
-        }
-        Version::V5 => {
-            use rumqttc::v5::mqttbytes::Error as E;
-            let max = u32::try_from(max_size).unwrap_or(u32::MAX);
-            let header = match v5::check(rx.iter(), Some(max)) {
-                Ok(h) => h,
-                Err(E::InsufficientBytes(_)) => return Ok(None),
-                Err(e) => bail!("bad MQTT 5 packet from the peer: {e}"),
-            };
-            // rumqttc 0.25 cannot decode a DISCONNECT without properties
-            // (remaining length 0 or 1), which MQTT 5 allows and mosquitto
-            // sends (E0 01 8E on session take-over): the reason code, if
-            // any, is its only byte.
-            if rx[0] == 0xE0 && header.frame_length() <= 3 {
-                let frame = rx.split_to(header.frame_length());
-                return Ok(Some(Incoming::Disconnect {
-                    reason: frame.get(2).copied().unwrap_or(0),
-                    reason_string: None,
-                }));
-            }
-            let p = v5::Packet::read(rx, Some(max))
-                .map_err(|e| anyhow!("malformed MQTT 5 packet from the peer: {e}"))?;
-            from_v5(p).map(Some)
-        }
-    }
-}
-
-fn from_v4(p: v4::Packet) -> Result<Incoming> {
-    Ok(match p {
-        v4::Packet::ConnAck(a) => Incoming::ConnAck(Box::new(ConnAck {
+    };
+    Ok(Some(match p {
+        Inbound::ConnAck(a) => Incoming::ConnAck(Box::new(ConnAck {
             session_present: a.session_present,
-            code: a.code as u8,
-            ..ConnAck::default()
+            code: a.code,
+            receive_maximum: a.receive_maximum,
+            maximum_packet_size: a.max_packet_size,
+            assigned_client_id: a.assigned_client_id,
+            session_expiry_secs: a.session_expiry,
+            server_keep_alive: a.server_keep_alive,
+            topic_alias_maximum: a.topic_alias_max,
+            maximum_qos: a.max_qos,
+            retain_available: a.retain_available,
+            reason_string: a.reason_string,
         })),
-        v4::Packet::Publish(p) => Incoming::Publish {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            pkid: p.pkid,
-            dup: p.dup,
-            retain: p.retain,
-        },
-        v4::Packet::PubAck(a) => Incoming::PubAck {
-            pkid: a.pkid,
-            reason: 0,
-        },
-        v4::Packet::PubRec(a) => Incoming::PubRec {
-            pkid: a.pkid,
-            reason: 0,
-        },
-        v4::Packet::PubRel(a) => Incoming::PubRel {
-            pkid: a.pkid,
-            reason: 0,
-        },
-        v4::Packet::PubComp(a) => Incoming::PubComp {
-            pkid: a.pkid,
-            reason: 0,
-        },
-        v4::Packet::SubAck(a) => Incoming::SubAck {
-            pkid: a.pkid,
-            codes: a
-                .return_codes
-                .iter()
-                .map(|c| match c {
-                    v4::SubscribeReasonCode::Success(q) => *q as u8,
-                    v4::SubscribeReasonCode::Failure => 0x80,
-                })
-                .collect(),
-        },
-        v4::Packet::UnsubAck(a) => Incoming::UnsubAck {
-            pkid: a.pkid,
-            codes: Vec::new(),
-        },
-        v4::Packet::PingResp => Incoming::PingResp,
-        v4::Packet::Disconnect => Incoming::Disconnect {
-            reason: 0,
-            reason_string: None,
-        },
-        v4::Packet::Connect(_) => bail!("the peer sent CONNECT, which only clients send"),
-        v4::Packet::Subscribe(_) => bail!("the peer sent SUBSCRIBE, which only clients send"),
-        v4::Packet::Unsubscribe(_) => {
-            bail!("the peer sent UNSUBSCRIBE, which only clients send")
-        }
-        v4::Packet::PingReq => bail!("the peer sent PINGREQ, which only clients send"),
-    })
-}
-
-fn from_v5(p: v5::Packet) -> Result<Incoming> {
-    Ok(match p {
-        v5::Packet::ConnAck(a) => {
-            let mut c = ConnAck {
-                session_present: a.session_present,
-                code: v5_connack_code(a.code),
-                ..ConnAck::default()
-            };
-            if let Some(p) = a.properties {
-                c.receive_maximum = p.receive_max;
-                c.maximum_packet_size = p.max_packet_size;
-                c.assigned_client_id = p.assigned_client_identifier;
-                c.session_expiry_secs = p.session_expiry_interval;
-                c.server_keep_alive = p.server_keep_alive;
-                c.topic_alias_maximum = p.topic_alias_max;
-                c.maximum_qos = p.max_qos;
-                c.retain_available = p.retain_available;
-                c.reason_string = p.reason_string;
-            }
-            Incoming::ConnAck(Box::new(c))
-        }
-        v5::Packet::Publish(p) => Incoming::Publish {
+        Inbound::Publish(p) => Incoming::Publish {
             topic: String::from_utf8(p.topic.to_vec())
                 .map_err(|_| anyhow!("PUBLISH topic from the peer is not UTF-8"))?,
             payload: p.payload,
-            qos: qos_from_v5(p.qos),
+            qos: qos_of(p.qos),
             pkid: p.pkid,
             dup: p.dup,
             retain: p.retain,
         },
-        v5::Packet::PubAck(a) => Incoming::PubAck {
-            pkid: a.pkid,
-            reason: v5_puback_code(a.reason),
+        Inbound::PubAck(pkid, reason) => Incoming::PubAck { pkid, reason },
+        Inbound::PubRec(pkid, reason) => Incoming::PubRec { pkid, reason },
+        Inbound::PubRel(pkid, reason) => Incoming::PubRel { pkid, reason },
+        Inbound::PubComp(pkid, reason) => Incoming::PubComp { pkid, reason },
+        Inbound::SubAck(pkid, codes) => Incoming::SubAck { pkid, codes },
+        Inbound::UnsubAck(pkid, codes) => Incoming::UnsubAck { pkid, codes },
+        Inbound::PingResp => Incoming::PingResp,
+        Inbound::Disconnect(reason, _, reason_string) => Incoming::Disconnect {
+            reason,
+            reason_string,
         },
-        v5::Packet::PubRec(a) => Incoming::PubRec {
-            pkid: a.pkid,
-            reason: v5_pubrec_code(a.reason),
-        },
-        v5::Packet::PubRel(a) => Incoming::PubRel {
-            pkid: a.pkid,
-            reason: match a.reason {
-                v5::PubRelReason::Success => 0,
-                v5::PubRelReason::PacketIdentifierNotFound => 0x92,
-            },
-        },
-        v5::Packet::PubComp(a) => Incoming::PubComp {
-            pkid: a.pkid,
-            reason: match a.reason {
-                v5::PubCompReason::Success => 0,
-                v5::PubCompReason::PacketIdentifierNotFound => 0x92,
-            },
-        },
-        v5::Packet::SubAck(a) => Incoming::SubAck {
-            pkid: a.pkid,
-            codes: a.return_codes.iter().map(|c| v5_suback_code(*c)).collect(),
-        },
-        v5::Packet::UnsubAck(a) => Incoming::UnsubAck {
-            pkid: a.pkid,
-            codes: a.reasons.iter().map(|r| v5_unsuback_code(*r)).collect(),
-        },
-        v5::Packet::PingResp(_) => Incoming::PingResp,
-        v5::Packet::Disconnect(d) => Incoming::Disconnect {
-            reason: d.reason_code as u8,
-            reason_string: d.properties.and_then(|p| p.reason_string),
-        },
-        v5::Packet::Auth(_) => bail!("the peer sent AUTH, which this client does not support"),
-        v5::Packet::Connect(..) => bail!("the peer sent CONNECT, which only clients send"),
-        v5::Packet::Subscribe(_) => bail!("the peer sent SUBSCRIBE, which only clients send"),
-        v5::Packet::Unsubscribe(_) => {
-            bail!("the peer sent UNSUBSCRIBE, which only clients send")
-        }
-        v5::Packet::PingReq(_) => bail!("the peer sent PINGREQ, which only clients send"),
-    })
+        Inbound::Auth => bail!("the peer sent AUTH, which this client does not support"),
+        other => bail!("the peer sent {other:?}, which only clients send"),
+    }))
 }
 
-// rumqttc decodes MQTT 5 reason codes into enums and keeps the mapping back
-// to bytes private; these are the spec's values (checked against the codec's
-// own encoder in the tests below).
-
-fn v5_connack_code(c: v5::ConnectReturnCode) -> u8 {
-    use v5::ConnectReturnCode as C;
-    match c {
-        C::Success => 0x00,
-        C::RefusedProtocolVersion => 0x01,
-        C::BadClientId => 0x02,
-        C::ServiceUnavailable => 0x03,
-        C::UnspecifiedError => 0x80,
-        C::MalformedPacket => 0x81,
-        C::ProtocolError => 0x82,
-        C::ImplementationSpecificError => 0x83,
-        C::UnsupportedProtocolVersion => 0x84,
-        C::ClientIdentifierNotValid => 0x85,
-        C::BadUserNamePassword => 0x86,
-        C::NotAuthorized => 0x87,
-        C::ServerUnavailable => 0x88,
-        C::ServerBusy => 0x89,
-        C::Banned => 0x8A,
-        C::BadAuthenticationMethod => 0x8C,
-        C::TopicNameInvalid => 0x90,
-        C::PacketTooLarge => 0x95,
-        C::QuotaExceeded => 0x97,
-        C::PayloadFormatInvalid => 0x99,
-        C::RetainNotSupported => 0x9A,
-        C::QoSNotSupported => 0x9B,
-        C::UseAnotherServer => 0x9C,
-        C::ServerMoved => 0x9D,
-        C::ConnectionRateExceeded => 0x9F,
-    }
+fn qos_u8(q: QoS) -> u8 {
+    q as u8
 }
 
-fn v5_puback_code(r: v5::PubAckReason) -> u8 {
-    use v5::PubAckReason as R;
-    match r {
-        R::Success => 0x00,
-        R::NoMatchingSubscribers => 0x10,
-        R::UnspecifiedError => 0x80,
-        R::ImplementationSpecificError => 0x83,
-        R::NotAuthorized => 0x87,
-        R::TopicNameInvalid => 0x90,
-        R::PacketIdentifierInUse => 0x91,
-        R::QuotaExceeded => 0x97,
-        R::PayloadFormatInvalid => 0x99,
-    }
-}
-
-fn v5_pubrec_code(r: v5::PubRecReason) -> u8 {
-    use v5::PubRecReason as R;
-    match r {
-        R::Success => 0x00,
-        R::NoMatchingSubscribers => 0x10,
-        R::UnspecifiedError => 0x80,
-        R::ImplementationSpecificError => 0x83,
-        R::NotAuthorized => 0x87,
-        R::TopicNameInvalid => 0x90,
-        R::PacketIdentifierInUse => 0x91,
-        R::QuotaExceeded => 0x97,
-        R::PayloadFormatInvalid => 0x99,
-    }
-}
-
-fn v5_suback_code(c: v5::SubscribeReasonCode) -> u8 {
-    use v5::SubscribeReasonCode as S;
-    match c {
-        S::Success(q) => q as u8,
-        S::Failure | S::Unspecified => 0x80,
-        S::ImplementationSpecific => 0x83,
-        S::NotAuthorized => 0x87,
-        S::TopicFilterInvalid => 0x8F,
-        S::PkidInUse => 0x91,
-        S::QuotaExceeded => 0x97,
-        S::SharedSubscriptionsNotSupported => 0x9E,
-        S::SubscriptionIdNotSupported => 0xA1,
-        S::WildcardSubscriptionsNotSupported => 0xA2,
-    }
-}
-
-fn v5_unsuback_code(r: v5::UnsubAckReason) -> u8 {
-    use v5::UnsubAckReason as U;
-    match r {
-        U::Success => 0x00,
-        U::NoSubscriptionExisted => 0x11,
-        U::UnspecifiedError => 0x80,
-        U::ImplementationSpecificError => 0x83,
-        U::NotAuthorized => 0x87,
-        U::TopicFilterInvalid => 0x8F,
-        U::PacketIdentifierInUse => 0x91,
-    }
-}
-
-fn qos_to_v5(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
-    use rumqttc::v5::mqttbytes::QoS as Q;
+fn qos_of(q: u8) -> QoS {
     match q {
-        QoS::AtMostOnce => Q::AtMostOnce,
-        QoS::AtLeastOnce => Q::AtLeastOnce,
-        QoS::ExactlyOnce => Q::ExactlyOnce,
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
     }
 }
 
-fn qos_from_v5(q: rumqttc::v5::mqttbytes::QoS) -> QoS {
-    use rumqttc::v5::mqttbytes::QoS as Q;
-    match q {
-        Q::AtMostOnce => QoS::AtMostOnce,
-        Q::AtLeastOnce => QoS::AtLeastOnce,
-        Q::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-/// Run a codec encoder on `tx`, undoing a partial write if it fails (some
-/// rumqttc encoders fail half-way, e.g. on packet id 0).
-fn encode<E: fmt::Display>(
-    tx: &mut BytesMut,
-    what: &str,
-    write: impl FnOnce(&mut BytesMut) -> std::result::Result<usize, E>,
-) -> Result<()> {
-    let mark = tx.len();
-    match write(tx) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            tx.truncate(mark);
-            Err(anyhow!("cannot encode {what}: {e}"))
+impl Version {
+    fn codec(self) -> codec::Version {
+        match self {
+            Version::V311 => codec::Version::V311,
+            Version::V5 => codec::Version::V5,
         }
     }
 }
 
-/// MQTT 5 DISCONNECT. rumqttc 0.25 mis-encodes a reason code without
-/// properties (remaining length 1, then 2 bytes: the stray 0 would be read
-/// as the next packet), and encoding empty properties drops the reason; a
-/// Reason String property gives a correct packet.
-fn encode_disconnect_v5(tx: &mut BytesMut, reason: u8) -> Result<()> {
-    let code = v5::DisconnectReasonCode::try_from(reason).map_err(|_| {
-        anyhow!("0x{reason:02X} is not a DISCONNECT reason code (send_raw can send it)")
-    })?;
-    let mut d = v5::Disconnect::new(code);
-    if reason != 0 {
-        d.properties = Some(v5::DisconnectProperties {
-            session_expiry_interval: None,
-            reason_string: Some(reason_text(reason).to_owned()),
-            user_properties: Vec::new(),
-            server_reference: None,
-        });
-    }
-    encode(tx, "DISCONNECT", |b| d.write(b))
+/// Turns a codec refusal into the test's error.
+fn encoded(what: &str, r: std::result::Result<(), codec::CodecError>) -> Result<()> {
+    r.map_err(|e| anyhow!("cannot encode {what}: {e}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -746,40 +446,20 @@ impl Connection {
     /// Queue a CONNECT built from `opts`.
     pub fn send_connect(&mut self, opts: &Options) -> Result<()> {
         let has_login = opts.username.is_some() || opts.password.is_some();
-        let user = opts.username.clone().unwrap_or_default();
-        let pass = opts.password.clone().unwrap_or_default();
-        match opts.version {
-            Version::V311 => {
-                let connect = v4::Connect {
-                    protocol: rumqttc::mqttbytes::Protocol::V4,
-                    keep_alive: opts.keep_alive_secs,
-                    client_id: opts.client_id.clone(),
-                    clean_session: opts.clean_start,
-                    last_will: None,
-                    login: has_login.then(|| v4::Login::new(user, pass)),
-                };
-                encode(&mut self.tx, "CONNECT", |b| connect.write(b))
-            }
-            Version::V5 => {
-                let properties =
-                    if opts.session_expiry_secs.is_some() || opts.receive_maximum.is_some() {
-                        let mut p = v5::ConnectProperties::new();
-                        p.session_expiry_interval = opts.session_expiry_secs;
-                        p.receive_maximum = opts.receive_maximum;
-                        Some(p)
-                    } else {
-                        None
-                    };
-                let connect = v5::Connect {
-                    keep_alive: opts.keep_alive_secs,
-                    client_id: opts.client_id.clone(),
-                    clean_start: opts.clean_start,
-                    properties,
-                };
-                let login = has_login.then(|| v5::Login::new(user, pass));
-                encode(&mut self.tx, "CONNECT", |b| connect.write(&None, &login, b))
-            }
-        }
+        let v5 = opts.version == Version::V5;
+        let connect = ConnectOut {
+            version: opts.version.codec(),
+            client_id: opts.client_id.clone(),
+            clean_start: opts.clean_start,
+            keep_alive: opts.keep_alive_secs,
+            session_expiry: opts.session_expiry_secs.filter(|_| v5),
+            receive_maximum: opts.receive_maximum.filter(|_| v5),
+            max_packet_size: None,
+            username: has_login.then(|| opts.username.clone().unwrap_or_default()),
+            password: opts.password.clone(),
+            will: opts.will.clone(),
+        };
+        encoded("CONNECT", codec::encode_connect(&mut self.tx, &connect))
     }
 
     /// Protocol version of this connection.
@@ -814,34 +494,26 @@ impl Connection {
         if topic.len() > usize::from(u16::MAX) {
             bail!("topic of {} bytes is longer than MQTT allows", topic.len());
         }
-        let pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
-        match self.version {
-            Version::V311 => {
-                let p = v4::Publish {
-                    dup,
-                    qos,
-                    retain: false,
-                    topic: topic.to_owned(),
-                    pkid,
-                    payload: payload.clone(),
-                };
-                self.check_outgoing(p.size())?;
-                encode(&mut self.tx, "PUBLISH", |b| p.write(b))
-            }
-            Version::V5 => {
-                let p = v5::Publish {
-                    dup,
-                    qos: qos_to_v5(qos),
-                    retain: false,
-                    topic: Bytes::copy_from_slice(topic.as_bytes()),
-                    pkid,
-                    payload: payload.clone(),
-                    properties: None,
-                };
-                self.check_outgoing(p.size())?;
-                encode(&mut self.tx, "PUBLISH", |b| p.write(b))
-            }
+        let mark = self.tx.len();
+        encoded(
+            "PUBLISH",
+            codec::encode_publish(
+                &mut self.tx,
+                self.version.codec(),
+                topic.as_bytes(),
+                payload.clone(),
+                qos_u8(qos),
+                pkid,
+                dup,
+                false,
+            ),
+        )?;
+        let size = self.tx.len() - mark;
+        if let Err(e) = self.check_outgoing(size) {
+            self.tx.truncate(mark);
+            return Err(e);
         }
+        Ok(())
     }
 
     fn check_outgoing(&self, size: usize) -> Result<()> {
@@ -855,42 +527,44 @@ impl Connection {
 
     /// Queue a PUBACK (acknowledging a QoS 1 PUBLISH from the broker).
     pub fn puback(&mut self, pkid: u16) -> Result<()> {
-        match self.version {
-            Version::V311 => encode(&mut self.tx, "PUBACK", |b| v4::PubAck::new(pkid).write(b)),
-            Version::V5 => encode(&mut self.tx, "PUBACK", |b| {
-                v5::PubAck::new(pkid, None).write(b)
-            }),
-        }
+        codec::encode_ack(
+            &mut self.tx,
+            self.version.codec(),
+            codec::AckKind::PubAck,
+            pkid,
+            0,
+        );
+        Ok(())
     }
 
     /// Queue a PUBREC (first answer to a QoS 2 PUBLISH from the broker).
     pub fn pubrec(&mut self, pkid: u16) -> Result<()> {
-        match self.version {
-            Version::V311 => encode(&mut self.tx, "PUBREC", |b| v4::PubRec::new(pkid).write(b)),
-            Version::V5 => encode(&mut self.tx, "PUBREC", |b| {
-                v5::PubRec::new(pkid, None).write(b)
-            }),
-        }
+        codec::encode_ack(
+            &mut self.tx,
+            self.version.codec(),
+            codec::AckKind::PubRec,
+            pkid,
+            0,
+        );
+        Ok(())
     }
 
     /// Queue a PUBREL (after the broker's PUBREC for our QoS 2 PUBLISH).
     pub fn pubrel(&mut self, pkid: u16) -> Result<()> {
-        match self.version {
-            Version::V311 => encode(&mut self.tx, "PUBREL", |b| v4::PubRel::new(pkid).write(b)),
-            Version::V5 => encode(&mut self.tx, "PUBREL", |b| {
-                v5::PubRel::new(pkid, None).write(b)
-            }),
-        }
+        codec::encode_pubrel(&mut self.tx, self.version.codec(), pkid);
+        Ok(())
     }
 
     /// Queue a PUBCOMP (after the broker's PUBREL).
     pub fn pubcomp(&mut self, pkid: u16) -> Result<()> {
-        match self.version {
-            Version::V311 => encode(&mut self.tx, "PUBCOMP", |b| v4::PubComp::new(pkid).write(b)),
-            Version::V5 => encode(&mut self.tx, "PUBCOMP", |b| {
-                v5::PubComp::new(pkid, None).write(b)
-            }),
-        }
+        codec::encode_ack(
+            &mut self.tx,
+            self.version.codec(),
+            codec::AckKind::PubComp,
+            pkid,
+            0,
+        );
+        Ok(())
     }
 
     /// Queue a SUBSCRIBE for `filters` (filter, maximum QoS).
@@ -898,29 +572,14 @@ impl Connection {
         if filters.is_empty() {
             bail!("SUBSCRIBE needs at least one filter");
         }
-        match self.version {
-            Version::V311 => {
-                let s = v4::Subscribe {
-                    pkid,
-                    filters: filters
-                        .iter()
-                        .map(|(f, q)| v4::SubscribeFilter::new((*f).to_owned(), *q))
-                        .collect(),
-                };
-                encode(&mut self.tx, "SUBSCRIBE", |b| s.write(b))
-            }
-            Version::V5 => {
-                let s = v5::Subscribe {
-                    pkid,
-                    filters: filters
-                        .iter()
-                        .map(|(f, q)| v5::Filter::new(*f, qos_to_v5(*q)))
-                        .collect(),
-                    properties: None,
-                };
-                encode(&mut self.tx, "SUBSCRIBE", |b| s.write(b))
-            }
-        }
+        let filters: Vec<(String, u8)> = filters
+            .iter()
+            .map(|(f, q)| ((*f).to_owned(), qos_u8(*q)))
+            .collect();
+        encoded(
+            "SUBSCRIBE",
+            codec::encode_subscribe_each(&mut self.tx, self.version.codec(), pkid, &filters),
+        )
     }
 
     /// Queue an UNSUBSCRIBE.
@@ -929,41 +588,26 @@ impl Connection {
             bail!("UNSUBSCRIBE needs at least one filter");
         }
         let filters: Vec<String> = filters.iter().map(|f| (*f).to_owned()).collect();
-        match self.version {
-            Version::V311 => {
-                let u = v4::Unsubscribe {
-                    pkid,
-                    topics: filters,
-                };
-                encode(&mut self.tx, "UNSUBSCRIBE", |b| u.write(b))
-            }
-            Version::V5 => {
-                let u = v5::Unsubscribe {
-                    pkid,
-                    filters,
-                    properties: None,
-                };
-                encode(&mut self.tx, "UNSUBSCRIBE", |b| u.write(b))
-            }
-        }
+        encoded(
+            "UNSUBSCRIBE",
+            codec::encode_unsubscribe(&mut self.tx, self.version.codec(), pkid, &filters),
+        )
     }
 
     /// Queue a PINGREQ.
     pub fn pingreq(&mut self) -> Result<()> {
-        match self.version {
-            Version::V311 => encode(&mut self.tx, "PINGREQ", |b| v4::PingReq.write(b)),
-            Version::V5 => encode(&mut self.tx, "PINGREQ", v5::PingReq::write),
-        }
+        codec::encode_pingreq(&mut self.tx, self.version.codec());
+        Ok(())
     }
 
     /// Queue a DISCONNECT; `reason` is an MQTT 5 reason code (ignored for
     /// 3.1.1, whose DISCONNECT has none). A non-zero reason goes with its
     /// name as Reason String.
     pub fn disconnect(&mut self, reason: u8) -> Result<()> {
-        match self.version {
-            Version::V311 => encode(&mut self.tx, "DISCONNECT", |b| v4::Disconnect.write(b)),
-            Version::V5 => encode_disconnect_v5(&mut self.tx, reason),
+        if !codec::encode_disconnect(&mut self.tx, self.version.codec(), reason, None, false) {
+            bail!("cannot encode DISCONNECT {reason:#04x}");
         }
+        Ok(())
     }
 
     /// Queue arbitrary bytes, for malformed-packet tests.
@@ -2230,119 +1874,34 @@ mod tests {
         assert_eq!(pool.alloc(|_| false), Some(6));
     }
 
-    /// The reason-code tables must agree with the codec's own encoder.
-    #[test]
-    fn v5_reason_tables_match_the_codec() -> Result<()> {
-        use v5::PubAckReason as R;
-        for reason in [
-            R::Success,
-            R::NoMatchingSubscribers,
-            R::UnspecifiedError,
-            R::ImplementationSpecificError,
-            R::NotAuthorized,
-            R::TopicNameInvalid,
-            R::PacketIdentifierInUse,
-            R::QuotaExceeded,
-            R::PayloadFormatInvalid,
-        ] {
-            let mut b = BytesMut::new();
-            v5::PubAck {
-                pkid: 9,
-                reason,
-                properties: None,
-            }
-            .write(&mut b)
-            .map_err(|e| anyhow!("{e}"))?;
-            let wire = if b.len() > 4 { b[4] } else { 0 };
-            assert_eq!(wire, v5_puback_code(reason), "{reason:?}");
-            let mut rx = b.clone();
-            match decode(Version::V5, &mut rx, 1024)? {
-                Some(Incoming::PubAck { pkid: 9, reason: r }) => assert_eq!(r, wire),
-                other => panic!("decoded {other:?}"),
-            }
-            // PUBREC has the same table.
-            b[0] = 0x50;
-            let mut rx = b;
-            match decode(Version::V5, &mut rx, 1024)? {
-                Some(Incoming::PubRec { pkid: 9, reason: r }) => assert_eq!(r, wire),
-                other => panic!("decoded {other:?}"),
-            }
-        }
-        use v5::ConnectReturnCode as C;
-        for code in [
-            C::Success,
-            C::UnspecifiedError,
-            C::MalformedPacket,
-            C::ProtocolError,
-            C::ImplementationSpecificError,
-            C::UnsupportedProtocolVersion,
-            C::ClientIdentifierNotValid,
-            C::BadUserNamePassword,
-            C::NotAuthorized,
-            C::ServerUnavailable,
-            C::ServerBusy,
-            C::Banned,
-            C::BadAuthenticationMethod,
-            C::TopicNameInvalid,
-            C::PacketTooLarge,
-            C::QuotaExceeded,
-            C::PayloadFormatInvalid,
-            C::RetainNotSupported,
-            C::QoSNotSupported,
-            C::UseAnotherServer,
-            C::ServerMoved,
-            C::ConnectionRateExceeded,
-        ] {
-            let mut b = BytesMut::new();
-            v5::ConnAck {
-                session_present: false,
-                code,
-                properties: None,
-            }
-            .write(&mut b)
-            .map_err(|e| anyhow!("{e}"))?;
-            assert_eq!(b[3], v5_connack_code(code), "{code:?}");
-        }
-        use v5::SubscribeReasonCode as S;
-        for code in [
-            S::Success(rumqttc::v5::mqttbytes::QoS::ExactlyOnce),
-            S::Unspecified,
-            S::ImplementationSpecific,
-            S::NotAuthorized,
-            S::TopicFilterInvalid,
-            S::PkidInUse,
-            S::QuotaExceeded,
-            S::SharedSubscriptionsNotSupported,
-            S::SubscriptionIdNotSupported,
-            S::WildcardSubscriptionsNotSupported,
-        ] {
-            let mut b = BytesMut::new();
-            v5::SubAck {
-                pkid: 3,
-                return_codes: vec![code],
-                properties: None,
-            }
-            .write(&mut b)
-            .map_err(|e| anyhow!("{e}"))?;
-            assert_eq!(b[5], v5_suback_code(code), "{code:?}");
-        }
-        Ok(())
-    }
-
     #[test]
     fn decode_waits_for_whole_packets_and_bounds_size() -> Result<()> {
-        // pkid 0 at QoS 1 is refused by the encoder: encode() must undo it.
-        let mut tx = BytesMut::new();
-        let r = encode(&mut tx, "PUBLISH", |t| {
-            v4::Publish::new("a/b", QoS::AtLeastOnce, vec![1u8]).write(t)
-        });
-        assert!(r.is_err() && tx.is_empty());
+        // pkid 0 at QoS 1 is refused by the encoder, which leaves nothing.
+        let mut c = BytesMut::new();
+        let r = codec::encode_publish(
+            &mut c,
+            codec::Version::V311,
+            b"a/b",
+            Bytes::from_static(&[1]),
+            1,
+            0,
+            false,
+            false,
+        );
+        assert!(r.is_err() && c.is_empty());
 
-        let mut p = v4::Publish::new("a/b", QoS::AtLeastOnce, vec![7u8; 300]);
-        p.pkid = 5;
-        p.dup = true;
         let mut full = BytesMut::new();
-        p.write(&mut full).map_err(|e| anyhow!("{e}"))?;
+        codec::encode_publish(
+            &mut full,
+            codec::Version::V311,
+            b"a/b",
+            Bytes::from(vec![7u8; 300]),
+            1,
+            5,
+            true,
+            false,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         let mut part = BytesMut::from(&full[..100]);
         assert_eq!(decode(Version::V311, &mut part, 1024)?, None);
         assert_eq!(part.len(), 100, "an incomplete packet stays buffered");
@@ -2360,7 +1919,10 @@ mod tests {
         }
         let mut whole = full;
         let err = decode(Version::V311, &mut whole, 100).err();
-        assert!(format!("{err:?}").contains("limit"), "{err:?}");
+        assert!(
+            format!("{err:?}").contains("maximum packet size"),
+            "{err:?}"
+        );
         Ok(())
     }
 
@@ -2409,9 +1971,10 @@ mod tests {
     #[test]
     fn v5_disconnect_encodes_correctly() -> Result<()> {
         let mut b = BytesMut::new();
-        encode_disconnect_v5(&mut b, 0)?;
+        let v = codec::Version::V5;
+        assert!(codec::encode_disconnect(&mut b, v, 0, None, false));
         assert_eq!(&b[..], &[0xE0, 0x00]);
-        encode_disconnect_v5(&mut b, 0x8B)?;
+        assert!(codec::encode_disconnect(&mut b, v, 0x8B, None, false));
         assert_eq!(
             decode(Version::V5, &mut b, 1024)?,
             Some(Incoming::Disconnect {
@@ -2427,7 +1990,6 @@ mod tests {
             })
         );
         assert!(b.is_empty(), "stray bytes after DISCONNECT: {b:?}");
-        assert!(encode_disconnect_v5(&mut b, 0x01).is_err() && b.is_empty());
         Ok(())
     }
 

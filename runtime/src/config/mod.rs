@@ -222,9 +222,42 @@ pub struct BrokerConfig {
     /// (MQTT 3.1.1 clean session 0 sessions get exactly this).
     #[serde(with = "humantime_serde")]
     pub max_session_expiry: Duration,
-    /// Deadline from TCP accept (and TLS handshake) to CONNECT.
+    /// Deadline from TCP accept to a complete CONNECT, TLS handshake
+    /// included: silent, half-open and slow (slowloris) sockets are closed
+    /// then.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Most simultaneous connections from one IP address (counted from
+    /// accept, before CONNECT); more are closed at once.
+    pub max_connections_per_ip: usize,
+    /// Connections one IP address may open per second, on average; a burst
+    /// of `connect_burst_per_ip` is allowed. More are closed at accept.
+    pub connect_rate_per_ip: u32,
+    /// Connections one IP address may open at once before
+    /// `connect_rate_per_ip` applies.
+    pub connect_burst_per_ip: u32,
+    /// Largest CONNECT accepted (before authentication: a client that is
+    /// not yet known buffers at most this). Larger: CONNACK 0x95 / closed.
+    pub max_connect_bytes: usize,
+    /// Bytes that all connections still before their CONNECT may buffer
+    /// together; they come out of `ingest.max_pending_bytes` and may take
+    /// at most a quarter of it. A connection that finds no room is closed.
+    /// Default: 4 MiB, or a quarter of `ingest.max_pending_bytes` if less.
+    pub max_preconnect_bytes: Option<usize>,
+    /// Server-side idle limit of an MQTT 3.1.1 client that asked for keep
+    /// alive 0 ("never"): closed after this long without a packet. (MQTT 5
+    /// clients are told `max_keep_alive` instead.)
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Argon2 password verifications run at once (each holds ~7 MiB for
+    /// tens of milliseconds).
+    pub auth_workers: usize,
+    /// CONNECTs waiting for a password verification; beyond, refused with
+    /// CONNACK 0x89 server busy (MQTT 3.1.1: 3 server unavailable).
+    pub auth_queue: usize,
+    /// Bytes of wills waiting for their delay (MQTT 5 Will Delay Interval),
+    /// all sessions together. A will that does not fit is published at once.
+    pub max_pending_will_bytes: usize,
     /// Accept clients without credentials or client certificate. Default:
     /// true when no `[[broker.users]]` and no `tls.client_ca` are set.
     pub allow_anonymous: Option<bool>,
@@ -659,6 +692,22 @@ impl EdgeConfig {
     /// The external broker's address.
     pub fn ingest_broker(&self) -> String {
         self.mqtt.broker.clone()
+    }
+
+    /// `broker.max_preconnect_bytes` or its default.
+    pub fn broker_max_preconnect(&self) -> usize {
+        self.broker
+            .max_preconnect_bytes
+            .unwrap_or((4 << 20).min(self.ingest.max_pending_bytes / 4))
+    }
+
+    /// Largest CONNECT before authentication: `broker.max_connect_bytes`,
+    /// within the pre-CONNECT share and the maximum packet size.
+    pub fn broker_max_connect(&self) -> usize {
+        self.broker
+            .max_connect_bytes
+            .min(self.broker_max_preconnect())
+            .min(self.broker_max_packet())
     }
 
     /// The native endpoint's largest packet.

@@ -90,6 +90,64 @@ impl EdgeConfig {
         if b.max_connections == 0 {
             p.push("broker.max_connections: must be at least 1".to_string());
         }
+        if b.max_connections_per_ip == 0 {
+            p.push("broker.max_connections_per_ip: must be at least 1".to_string());
+        }
+        if b.connect_rate_per_ip == 0 {
+            p.push(
+                "broker.connect_rate_per_ip: must be at least 1 (connections per second)"
+                    .to_string(),
+            );
+        }
+        if b.connect_burst_per_ip < b.connect_rate_per_ip {
+            p.push(format!(
+                "broker.connect_burst_per_ip: {} is below broker.connect_rate_per_ip ({})",
+                b.connect_burst_per_ip, b.connect_rate_per_ip
+            ));
+        }
+        if b.max_connect_bytes < 1024 {
+            p.push(format!(
+                "broker.max_connect_bytes: {} is below 1024 (a CONNECT with credentials and a will needs room)",
+                b.max_connect_bytes
+            ));
+        }
+        let preconnect = self.broker_max_preconnect();
+        if preconnect < 1024 || preconnect > budget / 4 {
+            p.push(format!(
+                "broker.max_preconnect_bytes: {preconnect} is outside 1024..={} (a quarter of ingest.max_pending_bytes, {budget}, which it is taken from)",
+                budget / 4
+            ));
+        }
+        if b.connect_timeout.is_zero() || b.connect_timeout > std::time::Duration::from_secs(300) {
+            p.push(format!(
+                "broker.connect_timeout: {:?} is outside (0, 5min]",
+                b.connect_timeout
+            ));
+        }
+        if b.idle_timeout < std::time::Duration::from_secs(1) {
+            p.push(format!(
+                "broker.idle_timeout: {:?} is below 1s (keep alive 0 needs a server-side idle limit)",
+                b.idle_timeout
+            ));
+        }
+        if b.auth_workers == 0 || b.auth_workers > 64 {
+            p.push(format!(
+                "broker.auth_workers: {} is outside 1..=64",
+                b.auth_workers
+            ));
+        }
+        if b.auth_queue > 100_000 {
+            p.push(format!(
+                "broker.auth_queue: {} is above 100000",
+                b.auth_queue
+            ));
+        }
+        if b.max_pending_will_bytes > budget {
+            p.push(format!(
+                "broker.max_pending_will_bytes: {} is larger than ingest.max_pending_bytes ({budget})",
+                b.max_pending_will_bytes
+            ));
+        }
         if b.max_sessions == 0 {
             p.push("broker.max_sessions: must be at least 1".to_string());
         }

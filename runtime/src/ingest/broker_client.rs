@@ -246,11 +246,12 @@ async fn session(
             client_id: s.client_id.clone(),
             clean_start: false,
             keep_alive: s.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
-            session_expiry: s.session_expiry,
-            receive_maximum: s.receive_maximum,
-            max_packet_size: u32::try_from(s.max_packet).unwrap_or(u32::MAX),
+            session_expiry: Some(s.session_expiry),
+            receive_maximum: Some(s.receive_maximum),
+            max_packet_size: Some(u32::try_from(s.max_packet).unwrap_or(u32::MAX)),
             username: s.username.clone(),
             password: s.password.clone(),
+            will: None,
         },
     )
     .map_err(|e| proto(e.to_string()))?;
@@ -348,7 +349,7 @@ async fn session(
             };
             match packet {
                 Inbound::Publish(p) => intake.publish(sender, p, &mut chunk),
-                Inbound::PubRel(pkid) => intake.pubrel(sender, pkid, &mut chunk),
+                Inbound::PubRel(pkid, _) => intake.pubrel(sender, pkid, &mut chunk),
                 Inbound::SubAck(pkid, codes) if pkid == SUBSCRIBE_PKID => {
                     let mut refused = Vec::new();
                     for (filter, code) in s
@@ -376,8 +377,8 @@ async fn session(
                         ..SessionMeta::default()
                     });
                 }
-                Inbound::UnsubAck(_) | Inbound::SubAck(..) | Inbound::PingResp => {}
-                Inbound::Disconnect(code, _) => {
+                Inbound::UnsubAck(..) | Inbound::SubAck(..) | Inbound::PingResp => {}
+                Inbound::Disconnect(code, ..) => {
                     return Err(proto(format!(
                         "the broker sent DISCONNECT {code:#04x} ({})",
                         codec::reason_name(code)

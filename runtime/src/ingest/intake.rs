@@ -63,11 +63,19 @@ impl Intake {
                 return;
             }
             1 => (
-                state.on_qos1(p.pkid, p.dup, codec::digest(&p.topic, &p.payload)),
+                state.on_qos1(
+                    p.pkid,
+                    p.dup,
+                    super::redelivery::digest(&p.topic, &p.payload),
+                ),
                 AckKind::PubAck,
             ),
             _ => (
-                state.on_qos2(p.pkid, p.dup, codec::digest(&p.topic, &p.payload)),
+                state.on_qos2(
+                    p.pkid,
+                    p.dup,
+                    super::redelivery::digest(&p.topic, &p.payload),
+                ),
                 AckKind::PubRec,
             ),
         };

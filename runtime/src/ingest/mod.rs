@@ -19,7 +19,8 @@
 //! - Ingest knows nothing about functions, SQLite or QUIC.
 
 pub mod broker_client;
-pub mod codec;
+/// The MQTT codec (crate `fogline-mqtt`, `runtime/mqtt-codec/`).
+pub use fogline_mqtt as codec;
 pub mod endpoint;
 mod intake;
 pub mod redelivery;
@@ -223,6 +224,30 @@ impl IngestSink {
     /// Bytes queued and not yet committed.
     pub fn pending_bytes(&self) -> usize {
         self.meter().pending_bytes()
+    }
+
+    /// Takes `n` bytes of the budget for bytes received but not yet queued
+    /// (a packet still arriving), if they are free now. Never waits: who
+    /// cannot wait (a connection before its CONNECT) is refused instead.
+    pub fn try_reserve(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = n.min(self.capacity) as u32;
+        self.budget.clone().try_acquire_many_owned(n).ok()
+    }
+
+    /// Waits for `n` bytes of the budget for bytes received but not yet
+    /// queued. The caller holds nothing else of the budget while it waits
+    /// (it releases the permit before queueing the decoded chunk), so
+    /// waiters cannot block each other.
+    ///
+    /// # Cancel safety
+    /// Cancelling gives up the place in the queue and takes nothing.
+    pub async fn reserve(&self, n: usize) -> Result<OwnedSemaphorePermit, SinkClosed> {
+        let n = n.min(self.capacity) as u32;
+        self.budget
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| SinkClosed)
     }
 
     /// A handle that reads the queue's fill without keeping it open.

@@ -4,7 +4,8 @@
 //! session; another identity cannot take it over.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -50,6 +51,12 @@ pub struct Refusal {
 }
 
 /// Authenticates CONNECTs.
+///
+/// Password checks cost the same for a user that does not exist (a dummy
+/// hash with the users' parameters is verified and fails), so user names
+/// cannot be found by timing; they run `workers` at a time on blocking
+/// threads, with at most `queue` CONNECTs waiting — beyond, the CONNECT is
+/// refused at once as busy (0x89), never queued without bound.
 pub struct Authenticator {
     users: HashMap<String, String>,
     allow_anonymous: bool,
@@ -57,14 +64,56 @@ pub struct Authenticator {
     /// reconnecting sensor does not pay for Argon2 again (and no plaintext
     /// password is kept).
     verified: Mutex<HashMap<String, [u8; 32]>>,
-    /// One Argon2 verification at a time: each needs ~19 MiB and tens of
+    /// Verifications running at once: each needs several MiB and tens of
     /// milliseconds; a CONNECT flood must not take the gateway's memory.
-    argon: Semaphore,
+    argon: Arc<Semaphore>,
+    /// Verifications admitted (running or waiting) and the most there may be.
+    admitted: AtomicUsize,
+    max_admitted: usize,
+    /// Verified in place of an unknown user's hash.
+    dummy: String,
+    /// Dummy verifications done (for tests and the curious).
+    dummy_checks: AtomicU64,
+}
+
+/// A hash of a random password with the same algorithm and parameters as
+/// `like` (the first user's), so verifying against it costs what a real
+/// user's verification costs.
+fn dummy_hash(like: Option<&str>) -> String {
+    let password: [u8; 16] = rand::random();
+    let built = like
+        .and_then(|phc| PasswordHash::new(phc).ok())
+        .and_then(|h| {
+            let alg = argon2::Algorithm::try_from(h.algorithm).ok()?;
+            let version = h
+                .version
+                .and_then(|v| argon2::Version::try_from(v).ok())
+                .unwrap_or_default();
+            let params = argon2::Params::try_from(&h).ok()?;
+            let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).ok()?;
+            Argon2::new(alg, version, params)
+                .hash_password(&password, &salt)
+                .ok()
+                .map(|h| h.to_string())
+        });
+    built
+        .or_else(|| hash_password(&String::from_utf8_lossy(&password)).ok())
+        .unwrap_or_default()
+}
+
+/// Gives back an admitted verification's place.
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Authenticator {
-    /// From the config.
-    pub fn new(users: &[BrokerUser], allow_anonymous: bool) -> Self {
+    /// From the config: `workers` verifications at once, `queue` waiting.
+    pub fn new(users: &[BrokerUser], allow_anonymous: bool, workers: usize, queue: usize) -> Self {
+        let workers = workers.max(1);
         Self {
             users: users
                 .iter()
@@ -72,12 +121,63 @@ impl Authenticator {
                 .collect(),
             allow_anonymous,
             verified: Mutex::new(HashMap::new()),
-            argon: Semaphore::new(1),
+            argon: Arc::new(Semaphore::new(workers)),
+            admitted: AtomicUsize::new(0),
+            max_admitted: workers.saturating_add(queue),
+            dummy: if users.is_empty() {
+                String::new()
+            } else {
+                dummy_hash(users.first().map(|u| u.password_hash.as_str()))
+            },
+            dummy_checks: AtomicU64::new(0),
         }
+    }
+
+    /// Unknown users checked against the dummy hash so far.
+    pub fn dummy_verifications(&self) -> u64 {
+        self.dummy_checks.load(Ordering::Relaxed)
+    }
+
+    /// Verifies `password` against `hash` on the bounded pool, or refuses
+    /// at once as busy when `workers + queue` verifications are admitted.
+    async fn verify(&self, hash: &str, password: &str) -> Result<bool, Refusal> {
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_admitted).then_some(n + 1)
+            })
+            .map_err(|n| Refusal {
+                code: 0x89,
+                reason: format!(
+                    "{n} password checks running or waiting (broker.auth_workers + broker.auth_queue = {})",
+                    self.max_admitted
+                ),
+            })?;
+        let _admitted = Admitted(&self.admitted);
+        let _permit = self
+            .argon
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Refusal {
+                code: 0x88,
+                reason: "authenticator closed".into(),
+            })?;
+        let (hash, pw) = (hash.to_string(), password.to_string());
+        Ok(tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false))
     }
 
     /// The identity owning the session: `user:<name>`, `cert:<cn>`, or
     /// `None` for an anonymous client.
+    ///
+    /// # Cancel safety
+    /// Cancelling gives the verification's place back; a verification
+    /// already on a blocking thread finishes there, unobserved.
     pub async fn check(
         &self,
         username: Option<&str>,
@@ -85,30 +185,21 @@ impl Authenticator {
         certificate_cn: Option<&str>,
     ) -> Result<Option<String>, Refusal> {
         if let (Some(user), false) = (username, self.users.is_empty()) {
+            let password = password.unwrap_or("");
             let Some(hash) = self.users.get(user) else {
+                // Pay what a known user pays, then refuse the same way.
+                self.dummy_checks.fetch_add(1, Ordering::Relaxed);
+                let _ = self.verify(&self.dummy, password).await?;
                 return Err(Refusal {
                     code: 0x86,
                     reason: format!("unknown user `{user}`"),
                 });
             };
-            let password = password.unwrap_or("");
             let fingerprint: [u8; 32] = Sha256::digest(password.as_bytes()).into();
             let cached =
                 self.verified.lock().ok().and_then(|m| m.get(user).copied()) == Some(fingerprint);
             if !cached {
-                let _permit = self.argon.acquire().await.map_err(|_| Refusal {
-                    code: 0x88,
-                    reason: "authenticator closed".into(),
-                })?;
-                let (hash, pw) = (hash.clone(), password.to_string());
-                let ok = tokio::task::spawn_blocking(move || {
-                    PasswordHash::new(&hash)
-                        .map(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
-                        .unwrap_or(false)
-                })
-                .await
-                .unwrap_or(false);
-                if !ok {
+                if !self.verify(hash, password).await? {
                     return Err(Refusal {
                         code: 0x86,
                         reason: format!("wrong password for user `{user}`"),
@@ -154,7 +245,7 @@ mod tests {
             name: "sensor".into(),
             password_hash: hash,
         }];
-        let a = Authenticator::new(&users, false);
+        let a = Authenticator::new(&users, false, 1, 8);
         assert_eq!(
             a.check(Some("sensor"), Some("s3cret"), None).await.unwrap(),
             Some("user:sensor".into())
@@ -180,7 +271,59 @@ mod tests {
             a.check(None, None, Some("s1")).await.unwrap(),
             Some("cert:s1".into())
         );
-        let open = Authenticator::new(&[], true);
+        let open = Authenticator::new(&[], true, 1, 8);
         assert_eq!(open.check(None, None, None).await.unwrap(), None);
+    }
+
+    /// I-34: an unknown user costs a verification against the dummy hash,
+    /// like a known one with a wrong password, and is refused the same way.
+    #[tokio::test]
+    async fn unknown_users_pay_for_a_dummy_verification() {
+        let users = vec![BrokerUser {
+            name: "sensor".into(),
+            password_hash: hash_password("s3cret").unwrap(),
+        }];
+        let a = Authenticator::new(&users, false, 1, 8);
+        check_hash(&a.dummy).unwrap();
+        assert_eq!(
+            PasswordHash::new(&a.dummy).unwrap().params,
+            PasswordHash::new(&users[0].password_hash).unwrap().params,
+            "the dummy costs what a user's hash costs"
+        );
+        let unknown = a.check(Some("who"), Some("x"), None).await.unwrap_err();
+        let wrong = a.check(Some("sensor"), Some("x"), None).await.unwrap_err();
+        assert_eq!(a.dummy_verifications(), 1);
+        assert_eq!(unknown.code, wrong.code);
+    }
+
+    /// I-34: verifications beyond workers + queue are refused as busy at
+    /// once (0x89; MQTT 3.1.1 maps it to 3, server unavailable).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_as_busy() {
+        let users = vec![BrokerUser {
+            name: "sensor".into(),
+            password_hash: hash_password("s3cret").unwrap(),
+        }];
+        let a = Arc::new(Authenticator::new(&users, false, 1, 2));
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    a.check(Some("sensor"), Some(&format!("wrong{i}")), None)
+                        .await
+                        .unwrap_err()
+                        .code
+                })
+            })
+            .collect();
+        let mut codes = Vec::new();
+        for t in tasks {
+            codes.push(t.await.unwrap());
+        }
+        let busy = codes.iter().filter(|c| **c == 0x89).count();
+        let checked = codes.iter().filter(|c| **c == 0x86).count();
+        assert!(busy >= 9 && checked >= 1, "{codes:x?}");
+        assert_eq!(busy + checked, 12);
+        assert_eq!(a.admitted.load(Ordering::Acquire), 0, "places given back");
     }
 }

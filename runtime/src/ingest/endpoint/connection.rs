@@ -17,17 +17,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::admission::Admitted;
+use super::budget::Charge;
+use super::events::{Cut, CONNECTIONS_REFUSED};
 use super::sessions::{Lease, OpenRequest};
-use super::Shared;
-use crate::ingest::codec::{self, ConnAckOut, ConnectIn, Inbound, Version, Will};
+use super::{PreConnectGauge, Shared};
+use crate::ingest::codec::{self, ConnAckOut, ConnectIn, Framing, Inbound, Version};
 use crate::ingest::intake::Intake;
 use crate::ingest::session_store::SessionUpdate;
-use crate::ingest::{AckRoute, Chunk, Item, Received};
+use crate::ingest::{AckRoute, Chunk};
 
 /// Most items one chunk carries (one read of a fast client is ~600).
 const CHUNK_ITEMS: usize = 4096;
-/// Read granularity.
+/// Read granularity after CONNECT; a packet larger than this is given its
+/// size from the ingest budget before the rest of it is read.
 const READ_BYTES: usize = 64 * 1024;
+/// What is read before CONNECT until its fixed header is known (a typical
+/// CONNECT is whole in it).
+const HEADER_READ: usize = 256;
 /// Longest client id accepted.
 const MAX_CLIENT_ID: usize = 256;
 /// What subscribers are told.
@@ -72,9 +79,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         Ok(())
     }
 
-    /// Reads until a whole CONNECT is buffered.
-    async fn read_connect(&mut self) -> Result<Box<ConnectIn>, End> {
-        let max = self.shared.limits.max_packet;
+    /// Reads until a whole CONNECT is buffered. Every byte buffered is
+    /// charged to the pre-CONNECT share first (I-34), and nothing is read
+    /// beyond what the CONNECT's header announces (or [`HEADER_READ`]
+    /// before it is known).
+    async fn read_connect(&mut self, charge: &mut Charge) -> Result<Box<ConnectIn>, End> {
+        let max = self
+            .shared
+            .limits
+            .max_connect_bytes
+            .min(self.shared.limits.max_packet);
         loop {
             // The first byte already tells: anything but CONNECT (HTTP,
             // garbage, a port scan) is dropped without waiting for more.
@@ -85,6 +99,30 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     )));
                 }
             }
+            let want = match codec::framing(&self.rbuf, max) {
+                Ok(Framing::NeedHeader) => HEADER_READ,
+                Ok(Framing::Packet { len }) => len,
+                Err(codec::CodecError::TooLarge { size, max }) => {
+                    // Answer in 3.1.1, which every client understands. Not
+                    // logged above debug: a flood of these must not flood
+                    // the log too (the metric counts them).
+                    metrics::counter!(CONNECTIONS_REFUSED, "reason" => codec::reason_name(0x95))
+                        .increment(1);
+                    codec::encode_connack(
+                        &mut self.wbuf,
+                        Version::V311,
+                        &ConnAckOut {
+                            code: 0x95,
+                            ..ConnAckOut::default()
+                        },
+                    );
+                    let _ = self.flush().await;
+                    return Err(End::Lost(format!(
+                        "CONNECT of {size} bytes, the limit before authentication is {max} (broker.max_connect_bytes)"
+                    )));
+                }
+                Err(e) => return Err(End::Lost(format!("bad CONNECT: {e}"))),
+            };
             match codec::decode(&mut self.rbuf, None, max) {
                 Ok(Some(Inbound::Connect(c))) => return Ok(c),
                 Ok(Some(other)) => {
@@ -110,8 +148,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 }
                 Err(e) => return Err(End::Lost(format!("bad CONNECT: {e}"))),
             }
-            self.rbuf.reserve(READ_BYTES.min(max));
-            match self.rd.read_buf(&mut self.rbuf).await {
+            if let Err(cut) = charge.grow_to(want) {
+                cut.count();
+                return Err(End::Lost(format!(
+                    "no room for {want} bytes before CONNECT (broker.max_preconnect_bytes, ingest.max_pending_bytes)"
+                )));
+            }
+            let room = want.saturating_sub(self.rbuf.len()).max(1);
+            self.rbuf.reserve(room);
+            match (&mut self.rd)
+                .take(room as u64)
+                .read_buf(&mut self.rbuf)
+                .await
+            {
                 Ok(0) => return Err(End::Lost("closed before CONNECT".into())),
                 Ok(_) => {}
                 Err(e) => return Err(End::Lost(format!("read failed before CONNECT: {e}"))),
@@ -120,7 +169,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     }
 
     async fn refuse(&mut self, version: Version, code: u8, why: &str) {
-        metrics::counter!("fogline_ingest_connections_refused_total", "reason" => codec::reason_name(code)).increment(1);
+        metrics::counter!(CONNECTIONS_REFUSED, "reason" => codec::reason_name(code)).increment(1);
+        self.answer_refusal(version, code, why).await;
+    }
+
+    /// Sends the refusing CONNACK; the caller counted it.
+    async fn answer_refusal(&mut self, version: Version, code: u8, why: &str) {
         warn!(peer = %self.peer, code = format!("{code:#04x}"), reason = %why, "Refused an MQTT connection.");
         codec::encode_connack(
             &mut self.wbuf,
@@ -134,26 +188,31 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     }
 }
 
-/// Serves one connection until it ends.
+/// Serves one admitted connection until it ends. `deadline`: accept +
+/// `connect_timeout`, for the whole CONNECT.
 pub(super) async fn serve<S>(
     io: S,
     peer: SocketAddr,
     certificate_cn: Option<String>,
     shared: Arc<Shared>,
+    _admitted: Admitted,
+    mut pre: PreConnectGauge,
+    deadline: Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (rd, wr) = tokio::io::split(io);
+    // Nothing is allocated for a connection before it sends something.
     let mut c = Conn {
         rd,
         wr,
-        rbuf: BytesMut::with_capacity(4096),
-        wbuf: BytesMut::with_capacity(4096),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
         peer,
         shared: shared.clone(),
     };
-    let connect = match tokio::time::timeout(shared.limits.connect_timeout, c.read_connect()).await
-    {
+    let mut charge = shared.preconnect.charge();
+    let connect = match tokio::time::timeout_at(deadline, c.read_connect(&mut charge)).await {
         Ok(Ok(connect)) => connect,
         Ok(Err(End::Lost(why))) => {
             metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
@@ -162,23 +221,13 @@ pub(super) async fn serve<S>(
         }
         Ok(Err(_)) => return,
         Err(_) => {
-            debug!(%peer, timeout = ?shared.limits.connect_timeout, "No CONNECT in time; closing.");
+            Cut::ConnectTimeout.count();
+            debug!(%peer, timeout = ?shared.limits.connect_timeout, buffered = c.rbuf.len(), "No complete CONNECT within broker.connect_timeout of accept; closing.");
             return;
         }
     };
+    pre.done();
     let version = connect.version;
-    let Some(_slot) = shared.connections.clone().try_acquire_owned().ok() else {
-        c.refuse(
-            version,
-            0x97,
-            &format!(
-                "{} connections already (broker.max_connections)",
-                shared.limits.max_connections
-            ),
-        )
-        .await;
-        return;
-    };
     if connect.auth_method.is_some() {
         c.refuse(
             version,
@@ -223,6 +272,16 @@ pub(super) async fn serve<S>(
         .await
     {
         Ok(o) => o,
+        Err(r) if r.code == 0x89 => {
+            Cut::AuthBusy.count();
+            c.answer_refusal(
+                version,
+                r.code,
+                &format!("client `{client_id}`: {}", r.reason),
+            )
+            .await;
+            return;
+        }
         Err(r) => {
             metrics::counter!("fogline_ingest_auth_failures_total").increment(1);
             c.refuse(
@@ -258,6 +317,10 @@ pub(super) async fn serve<S>(
             return;
         }
     };
+    // Trusted now: its CONNECT's bytes leave the pre-CONNECT share, and a
+    // will it left pending is not published (it is back).
+    drop(charge);
+    shared.wills.cancel(&client_id);
     let max_keep_alive = limits
         .max_keep_alive
         .as_secs()
@@ -351,43 +414,9 @@ pub(super) async fn serve<S>(
         .store(shared.sessions.len() as u64, Ordering::Release);
     if publish_will {
         if let Some(w) = will {
-            publish_will_later(shared.clone(), client_id, lease.generation, w, expiry);
+            super::wills::on_disconnect(&shared, &client_id, lease.generation, w, expiry).await;
         }
     }
-}
-
-/// Publishes a will into the pipeline, after its delay unless the client's
-/// session was resumed meanwhile (MQTT 5 §3.1.3.2.2).
-fn publish_will_later(
-    shared: Arc<Shared>,
-    client_id: String,
-    generation: u64,
-    will: Will,
-    expiry: u32,
-) {
-    tokio::spawn(async move {
-        // Published when the will delay or the session ends, whichever is first.
-        let delay = will.delay_secs.min(expiry);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-            let now = shared.sessions.generation(&client_id);
-            if now.is_some_and(|g| g != generation) {
-                return; // reconnected: no will
-            }
-        }
-        metrics::counter!("fogline_ingest_wills_total").increment(1);
-        debug!(client = %client_id, "Publishing the will message.");
-        let mut chunk = Chunk::new(None, shared.limits.max_payload);
-        chunk.push(Item {
-            message: Some(Received {
-                topic: will.topic.to_vec(),
-                payload: will.payload.to_vec(),
-                received_ms: crate::clock::ingest_ms(),
-            }),
-            ack: None,
-        });
-        let _ = shared.sink.send(chunk).await;
-    });
 }
 
 /// The connection's life after CONNACK.
@@ -413,8 +442,25 @@ where
         "endpoint",
         (version == Version::V5).then_some(limits.receive_maximum),
     );
-    let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    // Keep alive 0 ("never", only MQTT 3.1.1 gets it) still has a
+    // server-side idle limit: a silent client does not hold its slot forever.
+    let (idle_limit, idle_what) = if keep_alive > 0 {
+        (
+            Duration::from_millis(u64::from(keep_alive) * 1500),
+            format!("1.5 × keep alive ({keep_alive} s)"),
+        )
+    } else {
+        (
+            limits.idle_timeout,
+            format!(
+                "broker.idle_timeout ({:?}; the client asked for keep alive 0)",
+                limits.idle_timeout
+            ),
+        )
+    };
     let mut last_rx = Instant::now();
+    // The ingest budget's bytes for a large packet still arriving (I-12).
+    let mut packet_permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut shutdown = shared.shutdown.clone();
     let mut first = true;
     if let Err(e) = c.flush().await {
@@ -424,6 +470,7 @@ where
         // Everything buffered becomes one chunk.
         let mut chunk = Chunk::new(Some(route.clone()), limits.max_payload);
         let mut end = None;
+        let buffered = c.rbuf.len();
         while chunk.items.len() < CHUNK_ITEMS {
             // MQTT 3.1.1 has no receive maximum: beyond ours, stop reading.
             if version == Version::V311 && intake.in_flight.len() >= rm {
@@ -477,7 +524,7 @@ where
                         break;
                     }
                 }
-                Inbound::PubRel(pkid) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
+                Inbound::PubRel(pkid, _) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
                     metrics::counter!("fogline_ingest_subscribes_refused_total").increment(1);
@@ -496,7 +543,7 @@ where
                 Inbound::Unsubscribe(pkid, n) => {
                     codec::encode_unsuback(&mut c.wbuf, version, pkid, n)
                 }
-                Inbound::Disconnect(reason, expiry) => {
+                Inbound::Disconnect(reason, expiry, _) => {
                     if expiry.is_some_and(|e| e > 0) && lease.meta.expiry_secs == 0 {
                         end = Some(End::close(
                             0x82,
@@ -523,6 +570,11 @@ where
                     break;
                 }
             }
+        }
+        if c.rbuf.len() < buffered {
+            // The packet it was held for is decoded: its bytes are the
+            // chunk's now, counted when the chunk is queued.
+            packet_permit = None;
         }
         intake.report(&mut lease.state);
         if lease.state.is_persistent() {
@@ -554,12 +606,23 @@ where
             return End::Lost(format!("write failed: {e}"));
         }
         let can_read = !(version == Version::V311 && intake.in_flight.len() >= rm);
-        let idle_at = idle_limit.map(|d| last_rx + d);
+        // A packet larger than one read waits for its bytes in the ingest
+        // budget before the rest of it is read.
+        let large = match codec::framing(&c.rbuf, limits.max_packet) {
+            Ok(Framing::Packet { len }) if len > READ_BYTES && len > c.rbuf.len() => Some(len),
+            _ => None,
+        };
+        let need_permit = large.is_some() && packet_permit.is_none();
+        let idle_at = last_rx + idle_limit;
         tokio::select! {
+            p = shared.sink.reserve(large.unwrap_or(0)), if can_read && need_permit => match p {
+                Ok(p) => packet_permit = Some(p),
+                Err(_) => return End::close(0x8B, "the daemon is shutting down"),
+            },
             r = async {
                 c.rbuf.reserve(READ_BYTES);
                 c.rd.read_buf(&mut c.rbuf).await
-            }, if can_read => match r {
+            }, if can_read && !need_permit => match r {
                 Ok(0) => return End::Lost("connection closed without DISCONNECT".into()),
                 Ok(_) => last_rx = Instant::now(),
                 Err(e) => return End::Lost(format!("read failed: {e}")),
@@ -572,12 +635,10 @@ where
                     intake.write_acks(&mut c.wbuf, version, batch);
                 }
             }
-            _ = async {
-                match idle_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            } => return End::close(0x8D, format!("nothing received for 1.5 × keep alive ({keep_alive} s)")),
+            _ = tokio::time::sleep_until(idle_at) => {
+                Cut::Idle.count();
+                return End::close(0x8D, format!("nothing received for {idle_what}"));
+            }
             _ = lease.kick.notified() => return End::close(0x8E, "another connection took the client id over"),
             _ = shutdown.changed() => {
                 return shutting_down(c, &mut intake, &mut acks, version, limits).await;

@@ -6,29 +6,46 @@
 //! is written only after the outbox commit holding its outputs is durable
 //! (ARCHITECTURE.md I-1). SUBSCRIBE is refused with a reason.
 //!
+//! It is bounded before it trusts (I-34): a connection takes its slot at
+//! accept, before TLS and CONNECT, and everything it does until its CONNECT
+//! is authenticated is limited in time, bytes and rate.
+//!
+//! - `admission`: slots, per-address connection limit and rate, at accept.
+//! - `budget`: bytes buffered before CONNECT, and of large packets.
 //! - `connection`: one client's protocol state machine.
 //! - `sessions`: client ids, takeover, persistence, expiry.
+//! - `wills`: wills waiting for their delay, one per client id, bounded.
 //! - `auth`: users (Argon2 hashes), certificates, anonymous.
 //! - `tls`: the rustls acceptor.
+//! - `events`: metric names and the reasons connections are cut.
 
+pub mod admission;
 pub mod auth;
+pub mod budget;
 mod connection;
+pub mod events;
 pub mod sessions;
 pub mod tls;
+pub mod wills;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::session_store::{RestoredSession, SessionUpdate};
 use super::{Chunk, IngestSink, IngestState};
 use crate::config::EdgeConfig;
+use admission::{Admission, Admitted, PerIp};
 use auth::Authenticator;
+use budget::PreConnect;
+use events::{Cut, PRECONNECT_CONNECTIONS};
 use sessions::Sessions;
+use wills::Wills;
 
 /// How often expired sessions are swept.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
@@ -46,8 +63,12 @@ pub struct Limits {
     pub max_keep_alive: Duration,
     /// Longest session expiry granted.
     pub max_session_expiry: Duration,
-    /// Accept → CONNECT deadline.
+    /// Accept → complete CONNECT deadline, TLS handshake included.
     pub connect_timeout: Duration,
+    /// Largest CONNECT (before authentication).
+    pub max_connect_bytes: usize,
+    /// Idle limit of an MQTT 3.1.1 client with keep alive 0.
+    pub idle_timeout: Duration,
     /// Simultaneous connections.
     pub max_connections: usize,
     /// On shutdown, how long a connection waits for the acknowledgements of
@@ -72,7 +93,9 @@ pub(crate) struct Shared {
     pub limits: Limits,
     pub state: Arc<IngestState>,
     pub shutdown: watch::Receiver<bool>,
-    pub connections: Arc<Semaphore>,
+    pub admission: Arc<Admission>,
+    pub preconnect: Arc<PreConnect>,
+    pub wills: Wills,
 }
 
 /// Why the endpoint could not start.
@@ -122,17 +145,33 @@ impl Endpoint {
             max_keep_alive: b.max_keep_alive,
             max_session_expiry: b.max_session_expiry,
             connect_timeout: b.connect_timeout,
+            max_connect_bytes: config.broker_max_connect(),
+            idle_timeout: b.idle_timeout,
             max_connections: b.max_connections,
             drain_timeout: drain_timeout(config),
         };
         let shared = Arc::new(Shared {
+            preconnect: PreConnect::new(sink.clone(), config.broker_max_preconnect()),
             sink,
             sessions: sessions.clone(),
-            auth: Authenticator::new(&b.users, config.broker_allows_anonymous()),
+            auth: Authenticator::new(
+                &b.users,
+                config.broker_allows_anonymous(),
+                b.auth_workers,
+                b.auth_queue,
+            ),
             limits,
             state,
             shutdown: shutdown.clone(),
-            connections: Arc::new(Semaphore::new(b.max_connections)),
+            admission: Arc::new(Admission::new(
+                b.max_connections,
+                PerIp {
+                    max_connections: b.max_connections_per_ip,
+                    rate: b.connect_rate_per_ip,
+                    burst: b.connect_burst_per_ip,
+                },
+            )),
+            wills: Wills::new(b.max_pending_will_bytes),
         });
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
@@ -184,6 +223,7 @@ impl Endpoint {
                 shutdown.clone(),
             )));
         }
+        tasks.push(tokio::spawn(wills::run(shared.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(sweep_expired(shared.clone(), shutdown)));
         for (key, addr) in &addrs {
             info!(%key, %addr, "MQTT endpoint listening (MQTT 3.1.1 and 5).");
@@ -207,8 +247,10 @@ impl Endpoint {
     }
 }
 
-/// Accepts connections until shutdown; each is served on its own task,
-/// after a TLS handshake when `tls` is set.
+/// Accepts connections until shutdown. Each is admitted first (slot,
+/// per-address limit and rate) or closed at once; then served on its own
+/// task, after a TLS handshake when `tls` is set, with `connect_timeout`
+/// running from now.
 async fn accept(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -228,12 +270,52 @@ async fn accept(
                 }
             },
         };
+        let accepted = Instant::now();
+        let admitted = match shared.admission.admit(peer.ip(), accepted.into_std()) {
+            Ok(a) => a,
+            Err(cut) => {
+                // Closed before anything is read or allocated for it.
+                cut.count();
+                debug!(%peer, reason = cut.label(), "Connection refused at accept.");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let pre = PreConnectGauge::new();
+        let deadline = accepted + shared.limits.connect_timeout;
         let shared = shared.clone();
         match tls.clone() {
-            None => tokio::spawn(connection::serve(stream, peer, None, shared)),
-            Some(acceptor) => tokio::spawn(serve_tls(acceptor, stream, peer, shared)),
+            None => tokio::spawn(connection::serve(
+                stream, peer, None, shared, admitted, pre, deadline,
+            )),
+            Some(acceptor) => tokio::spawn(serve_tls(
+                acceptor, stream, peer, shared, admitted, pre, deadline,
+            )),
         };
+    }
+}
+
+/// Counts a connection as "before CONNECT" until dropped.
+pub(crate) struct PreConnectGauge(bool);
+
+impl PreConnectGauge {
+    fn new() -> Self {
+        metrics::gauge!(PRECONNECT_CONNECTIONS).increment(1.0);
+        Self(true)
+    }
+
+    /// The connection is past CONNECT (or gone).
+    pub(crate) fn done(&mut self) {
+        if std::mem::take(&mut self.0) {
+            metrics::gauge!(PRECONNECT_CONNECTIONS).decrement(1.0);
+        }
+    }
+}
+
+impl Drop for PreConnectGauge {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 
@@ -242,18 +324,25 @@ async fn serve_tls(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    admitted: Admitted,
+    pre: PreConnectGauge,
+    deadline: Instant,
 ) {
-    let timeout = shared.limits.connect_timeout;
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    // The handshake runs on the connection's slot and within its
+    // connect_timeout (I-34).
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let cn = tls::client_cn(tls.get_ref().1.peer_certificates());
-            connection::serve(tls, peer, cn, shared).await;
+            connection::serve(tls, peer, cn, shared, admitted, pre, deadline).await;
         }
         Ok(Err(e)) => {
             metrics::counter!("fogline_ingest_tls_handshake_failures_total").increment(1);
             warn!(%peer, error = %e, "TLS handshake failed (a client without TLS, or a certificate not from broker.tls.client_ca).");
         }
-        Err(_) => debug!(%peer, "TLS handshake timed out."),
+        Err(_) => {
+            Cut::ConnectTimeout.count();
+            debug!(%peer, "TLS handshake not done within broker.connect_timeout; closing.");
+        }
     }
 }
 
