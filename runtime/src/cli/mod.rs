@@ -30,6 +30,8 @@ enum Command {
         config: PathBuf,
     },
     /// Show backlog, oldest unsynced record, disk use, last sync, connections.
+    /// Exit status: 0 running and healthy, 1 running but unhealthy (or
+    /// unable to report), 3 not running.
     Status {
         /// The edge configuration file.
         #[arg(long, short)]
