@@ -257,12 +257,18 @@ const AT_START: &[Series] = &[
         "fogline_uplink_connect_failures_total",
         &[("transport", "quic")],
     ),
-    ("fogline_uplink_connect_failures_total", &[("transport", "tcp")]),
+    (
+        "fogline_uplink_connect_failures_total",
+        &[("transport", "tcp")],
+    ),
 ];
 
 /// Registers every HELP text, the build, and every series known at start
 /// at zero (idempotent: values set since are kept).
 pub fn describe() {
+    // The recorder first: whatever is described or registered before it
+    // exists goes to the no-op recorder and is lost.
+    let _ = fogline_telemetry::prometheus_handle();
     fogline_telemetry::help::describe(HELP);
     crate::pipeline::events::describe();
     fogline_telemetry::register_build_info(
@@ -279,10 +285,18 @@ pub fn describe() {
     metrics::counter!(crate::clock::CLOCK_STEPS_TOTAL).increment(0);
 }
 
-/// Registers each configured function's series at zero.
-pub fn describe_functions<'a>(names: impl IntoIterator<Item = &'a String>) {
+/// Registers each configured function's series at zero: per function,
+/// and per `pipeline/function` for the breaker's.
+pub fn describe_functions(config: &crate::config::EdgeConfig) {
     use crate::functions::events::*;
-    for f in names {
+    for p in &config.pipelines {
+        for f in &p.functions {
+            let owner = format!("{}/{f}", p.name);
+            metrics::counter!(crate::pipeline::events::BREAKER_OPENED_TOTAL, "function" => owner)
+                .increment(0);
+        }
+    }
+    for f in config.functions.keys() {
         for kind in ["process", "tick"] {
             metrics::counter!(CALLS_TOTAL, "function" => f.clone(), "kind" => kind).increment(0);
         }

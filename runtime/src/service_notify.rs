@@ -21,7 +21,10 @@ use crate::daemon::LiveState;
 
 /// Tells the service manager the daemon is up, with a one-line status.
 pub fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)], "READY=1");
+    send(
+        &[NotifyState::Ready, NotifyState::Status(status)],
+        "READY=1",
+    );
 }
 
 /// Tells the service manager the daemon is stopping.

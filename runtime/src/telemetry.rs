@@ -233,9 +233,7 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<Problem> {
 async fn metrics(State(s): State<AppState>) -> String {
     // One statvfs: cheap enough to do on the scrape.
     match outbox::disk_free(&s.outbox) {
-        Ok(free) => {
-            metrics::gauge!(crate::metrics_help::OUTBOX_DISK_FREE_BYTES).set(free as f64)
-        }
+        Ok(free) => metrics::gauge!(crate::metrics_help::OUTBOX_DISK_FREE_BYTES).set(free as f64),
         Err(e) => {
             tracing::debug!(error = %e, path = %s.outbox.display(), "Cannot read the outbox disk's free space.")
         }

@@ -87,7 +87,10 @@ async fn every_series_has_help_and_type_and_the_operator_series_exist_from_start
         .map(|(n, _)| n.clone())
         .collect();
     let mut families = BTreeSet::new();
-    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let f = family(line, &histograms);
         assert!(help.contains(&f), "no # HELP for {f} ({line})\n{text}");
         assert!(types.contains_key(&f), "no # TYPE for {f} ({line})");

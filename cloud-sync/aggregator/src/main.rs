@@ -149,7 +149,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
             running.quic_addr, tcp, running.http_addr
         );
         // Under systemd (Type=notify): up and serving. Outside it, nothing.
-        let status = format!("QUIC {}, TCP/TLS {tcp}, HTTP {}", running.quic_addr, running.http_addr);
+        let status = format!(
+            "QUIC {}, TCP/TLS {tcp}, HTTP {}",
+            running.quic_addr, running.http_addr
+        );
         if let Err(e) = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&status),

@@ -41,12 +41,7 @@ pub fn render() -> String {
             "Virtual memory size, in bytes.",
             u(m.virtual_memory_bytes),
         ),
-        (
-            NAMES[3],
-            "gauge",
-            "Open file descriptors.",
-            u(m.open_fds),
-        ),
+        (NAMES[3], "gauge", "Open file descriptors.", u(m.open_fds)),
         (
             NAMES[4],
             "gauge",
@@ -59,7 +54,12 @@ pub fn render() -> String {
             "Start time of the process, in seconds since the Unix epoch.",
             u(m.start_time_seconds),
         ),
-        (NAMES[6], "gauge", "OS threads of the process.", u(m.threads)),
+        (
+            NAMES[6],
+            "gauge",
+            "OS threads of the process.",
+            u(m.threads),
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, value) in series {

@@ -200,8 +200,7 @@ fn the_edge_subscribing_to_its_own_endpoint_is_refused_naming_both_keys() {
         "[broker]\nembedded = true\n[mqtt]\nbroker = \"127.0.0.1:1883\"\n",
     ] {
         let c = EdgeConfig::parse(&format!("{text}{pipes}"), Path::new(".")).unwrap();
-        c.validate()
-            .unwrap_or_else(|p| panic!("{text}\n{p}"));
+        c.validate().unwrap_or_else(|p| panic!("{text}\n{p}"));
     }
 }
 
@@ -241,7 +240,10 @@ fn contradictions_between_sections_are_reported_with_their_values() {
 fn both_example_configs_parse_and_differ_only_in_the_way_in() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let native = example();
-    assert!(native.broker.embedded, "the newcomer's default needs no broker");
+    assert!(
+        native.broker.embedded,
+        "the newcomer's default needs no broker"
+    );
     assert!(!native.external_broker_enabled());
     let text = std::fs::read_to_string(dir.join("edge-mosquitto.toml")).unwrap();
     let external = EdgeConfig::parse(&text, &dir).unwrap();
@@ -264,5 +266,8 @@ fn the_packaged_default_config_is_valid_as_installed() {
     c.validate().unwrap();
     assert_eq!(c.data_dir(), Path::new("/var/lib/fogline"));
     assert!(c.broker.embedded && !c.external_broker_enabled());
-    assert!(c.uplink.is_none(), "buffers until the operator adds [uplink]");
+    assert!(
+        c.uplink.is_none(),
+        "buffers until the operator adds [uplink]"
+    );
 }
