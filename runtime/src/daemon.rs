@@ -87,6 +87,7 @@ pub struct Daemon {
 /// initialised before ingest listens, so a bad module fails the start.
 pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     crate::metrics_help::describe();
+    crate::metrics_help::describe_functions(&config);
     let started = std::time::Instant::now();
     let io = |what: String| move |source| DaemonError::Io { what, source };
     let data_dir = config.data_dir();

@@ -13,5 +13,6 @@ pub mod metrics_help;
 pub mod outbox;
 pub mod pipeline;
 pub mod reload;
+pub mod service_notify;
 pub mod telemetry;
 pub mod uplink;

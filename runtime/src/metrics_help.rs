@@ -1,9 +1,13 @@
 //! HELP text for every metric the edge daemon exports (Prometheus shows it
-//! with `# HELP`), registered once at start. Functions' and the pipeline's
-//! own live with their events.
+//! with `# HELP`), registered once at start, and the series registered at
+//! zero then, so dashboards and rates see them before their first event.
+//! Functions' and the pipeline's own HELP live with their events.
 
 use crate::ingest::endpoint::events as endpoint;
-use fogline_telemetry::help::{Help, Kind::*};
+use fogline_telemetry::help::{register_zero, Help, Kind::*, Series};
+
+/// Free bytes on the outbox's filesystem, read at each scrape.
+pub const OUTBOX_DISK_FREE_BYTES: &str = "fogline_outbox_disk_free_bytes";
 
 const HELP: &[Help] = &[
     (
@@ -157,6 +161,26 @@ const HELP: &[Help] = &[
         "Time to commit one batch into the outbox, fsync included.",
     ),
     (
+        "fogline_ingest_refused_total",
+        Counter,
+        "Messages refused at ingest (a topic or payload over a limit) and kept as dead letters, by check.",
+    ),
+    (
+        OUTBOX_DISK_FREE_BYTES,
+        Gauge,
+        "Bytes free (for unprivileged writers) on the filesystem holding the outbox, read at each scrape.",
+    ),
+    (
+        "fogline_outbox_salvaged_total",
+        Counter,
+        "Times a damaged outbox was salvaged into a new file.",
+    ),
+    (
+        "fogline_outbox_records_lost_total",
+        Counter,
+        "Records that could not be read back from a damaged outbox (each recorded as an alarm).",
+    ),
+    (
         "fogline_outbox_commit_failures_total",
         Counter,
         "Outbox commits that failed (full disk, I/O) and were retried.",
@@ -248,7 +272,88 @@ const HELP: &[Help] = &[
     ),
 ];
 
-/// Registers every HELP text (idempotent).
+/// Metrics of [`HELP`] that always carry labels: never registered bare.
+const LABELLED: &[&str] = &[
+    "fogline_ingest_received_total",
+    "fogline_ingest_acks_sent_total",
+    "fogline_ingest_resends_total",
+    "fogline_ingest_possible_duplicates_total",
+    "fogline_ingest_marks_evicted_total",
+    "fogline_ingest_connections_refused_total",
+    "fogline_ingest_refused_total",
+    "fogline_uplink_connects_total",
+    "fogline_uplink_connect_failures_total",
+    "fogline_uplink_disconnects_total",
+];
+
+/// Labelled series whose label values are known before any event.
+const AT_START: &[Series] = &[
+    ("fogline_ingest_received_total", &[("source", "endpoint")]),
+    ("fogline_ingest_received_total", &[("source", "broker")]),
+    ("fogline_ingest_acks_sent_total", &[("source", "endpoint")]),
+    ("fogline_ingest_acks_sent_total", &[("source", "broker")]),
+    ("fogline_ingest_resends_total", &[("source", "endpoint")]),
+    ("fogline_ingest_resends_total", &[("source", "broker")]),
+    (
+        "fogline_ingest_possible_duplicates_total",
+        &[("source", "endpoint")],
+    ),
+    (
+        "fogline_ingest_possible_duplicates_total",
+        &[("source", "broker")],
+    ),
+    ("fogline_uplink_connects_total", &[("transport", "quic")]),
+    ("fogline_uplink_connects_total", &[("transport", "tcp")]),
+    (
+        "fogline_uplink_connect_failures_total",
+        &[("transport", "quic")],
+    ),
+    (
+        "fogline_uplink_connect_failures_total",
+        &[("transport", "tcp")],
+    ),
+];
+
+/// Registers every HELP text, the build, and every series known at start
+/// at zero (idempotent: values set since are kept).
 pub fn describe() {
+    // The recorder first: whatever is described or registered before it
+    // exists goes to the no-op recorder and is lost.
+    let _ = fogline_telemetry::prometheus_handle();
     fogline_telemetry::help::describe(HELP);
+    crate::pipeline::events::describe();
+    fogline_telemetry::register_build_info(
+        env!("CARGO_PKG_VERSION"),
+        option_env!("FOGLINE_GIT_SHA"),
+    );
+    let bare: Vec<Series> = HELP
+        .iter()
+        .filter(|(name, _, _)| !LABELLED.contains(name))
+        .map(|(name, _, _)| (*name, &[][..]))
+        .collect();
+    register_zero(HELP, &bare);
+    register_zero(HELP, AT_START);
+    metrics::counter!(crate::clock::CLOCK_STEPS_TOTAL).increment(0);
+}
+
+/// Registers each configured function's series at zero: per function,
+/// and per `pipeline/function` for the breaker's.
+pub fn describe_functions(config: &crate::config::EdgeConfig) {
+    use crate::functions::events::*;
+    for p in &config.pipelines {
+        for f in &p.functions {
+            let owner = format!("{}/{f}", p.name);
+            metrics::counter!(crate::pipeline::events::BREAKER_OPENED_TOTAL, "function" => owner)
+                .increment(0);
+        }
+    }
+    for f in config.functions.keys() {
+        for kind in ["process", "tick"] {
+            metrics::counter!(CALLS_TOTAL, "function" => f.clone(), "kind" => kind).increment(0);
+        }
+        let _ = metrics::histogram!(CALL_SECONDS, "function" => f.clone());
+        let _ = metrics::histogram!(CALL_CPU_SECONDS, "function" => f.clone());
+        metrics::counter!(RESTARTS_TOTAL, "function" => f.clone()).increment(0);
+        metrics::gauge!(STATE_BYTES, "function" => f.clone()).increment(0.0);
+    }
 }

@@ -68,15 +68,8 @@ pub async fn serve(
     live: Arc<LiveState>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
-    let handle = fogline_telemetry::prometheus_handle();
     let app = Router::new()
-        .route(
-            "/metrics",
-            get(move |State(s): State<AppState>| async move {
-                refresh_outbox_gauges(s.outbox).await;
-                handle.render()
-            }),
-        )
+        .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/healthz", get(healthz))
         .with_state(AppState { outbox, live });
@@ -266,6 +259,20 @@ pub fn problems(live: &LiveState, now_ms: u64) -> Vec<Problem> {
         ));
     }
     out
+}
+
+/// The recorder's series, the process metrics, and the outbox disk's free
+/// space as of now.
+async fn metrics(State(s): State<AppState>) -> String {
+    refresh_outbox_gauges(s.outbox.clone()).await;
+    // One statvfs: cheap enough to do on the scrape.
+    match outbox::disk_free(&s.outbox) {
+        Ok(free) => metrics::gauge!(crate::metrics_help::OUTBOX_DISK_FREE_BYTES).set(free as f64),
+        Err(e) => {
+            tracing::debug!(error = %e, path = %s.outbox.display(), "Cannot read the outbox disk's free space.")
+        }
+    }
+    fogline_telemetry::render_metrics(&fogline_telemetry::prometheus_handle())
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {

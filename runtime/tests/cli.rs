@@ -125,9 +125,10 @@ fn status_reads_the_outbox_when_no_daemon_runs() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "not running is exit 3: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("daemon            not running"), "{stdout}");

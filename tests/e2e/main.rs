@@ -188,9 +188,7 @@ impl Cluster {
             &["status", "--json", "--config", self.edge_config.to_str()?],
         )
         .ok()?;
-        if !out.status.success() {
-            return None;
-        }
+        // Exit 1 (unhealthy) and 3 (not running) still print the status.
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         if v["daemon_running"].as_bool() == Some(true) {
             Some(v)

@@ -50,7 +50,7 @@ pub fn router(store: Arc<dyn Store>, nodes: Arc<Nodes>, health: Arc<StoreHealth>
         .route("/healthz", get(healthz))
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics.render())),
+            get(move || std::future::ready(fogline_telemetry::render_metrics(&metrics))),
         )
         .with_state(AppState {
             store,

@@ -148,8 +148,20 @@ fn run(path: &Path) -> anyhow::Result<()> {
             "fogline-cloud listening: QUIC {}  TCP/TLS {}  HTTP http://{}",
             running.quic_addr, tcp, running.http_addr
         );
+        // Under systemd (Type=notify): up and serving. Outside it, nothing.
+        let status = format!(
+            "QUIC {}, TCP/TLS {tcp}, HTTP {}",
+            running.quic_addr, running.http_addr
+        );
+        if let Err(e) = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]) {
+            tracing::warn!(error = %e, "Cannot notify the service manager.");
+        }
         fogline_telemetry::shutdown_signal().await;
         tracing::info!("Shutting down.");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         running.shutdown().await;
         Ok(())
     })

@@ -1,6 +1,6 @@
 //! HELP text for every metric the aggregator exports, registered at start.
 
-use fogline_telemetry::help::{Help, Kind::*};
+use fogline_telemetry::help::{register_zero, Help, Kind::*, Series};
 
 const HELP: &[Help] = &[
     (
@@ -60,7 +60,38 @@ const HELP: &[Help] = &[
     ),
 ];
 
-/// Registers every HELP text (idempotent).
+/// Every series known before any event, registered at zero at start.
+const AT_START: &[Series] = &[
+    ("fogline_cloud_connections", &[("transport", "quic")]),
+    ("fogline_cloud_connections", &[("transport", "tcp")]),
+    (
+        "fogline_cloud_connections_rejected_total",
+        &[("reason", "certificate")],
+    ),
+    (
+        "fogline_cloud_connections_rejected_total",
+        &[("reason", "handshake")],
+    ),
+    (
+        "fogline_cloud_connections_rejected_total",
+        &[("reason", "rate_limited")],
+    ),
+    ("fogline_cloud_records_applied_total", &[]),
+    ("fogline_cloud_records_skipped_total", &[]),
+    ("fogline_cloud_records_lost_total", &[]),
+    ("fogline_cloud_cursor_regressions_total", &[]),
+    ("fogline_cloud_apply_seconds", &[]),
+    ("fogline_cloud_tls_reloads_total", &[]),
+    ("fogline_cloud_tls_reload_failures_total", &[]),
+];
+
+/// Registers every HELP text, the build, and the series known at start at
+/// zero (idempotent).
 pub fn describe() {
     fogline_telemetry::help::describe(HELP);
+    fogline_telemetry::register_build_info(
+        env!("CARGO_PKG_VERSION"),
+        option_env!("FOGLINE_GIT_SHA"),
+    );
+    register_zero(HELP, AT_START);
 }

@@ -26,3 +26,27 @@ pub fn describe(table: &[Help]) {
         }
     }
 }
+
+/// A series known before any event: a name and its labels (none, a
+/// source, a transport).
+pub type Series = (&'static str, &'static [(&'static str, &'static str)]);
+
+/// Registers each series at zero, as the kind `table` gives its name, so a
+/// dashboard sees it — and a rate starts at 0 — before its first event.
+/// `increment(0)` changes no value set since: this may run again, on a
+/// daemon restart. A histogram is rendered with empty buckets.
+pub fn register_zero(table: &[Help], series: &[Series]) {
+    for (name, labels) in series {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, *v))
+            .collect();
+        match table.iter().find(|(n, _, _)| n == name).map(|(_, k, _)| k) {
+            Some(Kind::Gauge) => metrics::gauge!(*name, labels).increment(0.0),
+            Some(Kind::Histogram) => {
+                let _ = metrics::histogram!(*name, labels);
+            }
+            Some(Kind::Counter) | None => metrics::counter!(*name, labels).increment(0),
+        }
+    }
+}

@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod health;
 pub mod help;
+pub mod process;
 
 use std::sync::OnceLock;
 
@@ -40,6 +41,29 @@ pub fn prometheus_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// What `/metrics` answers: every series of the recorder, then the process
+/// metrics (read now).
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&process::render());
+    text
+}
+
+/// `fogline_build_info{version, git_sha}` = 1: which build is running
+/// (`git_sha` only when the build knew it, from `FOGLINE_GIT_SHA`).
+pub fn register_build_info(version: &'static str, git_sha: Option<&'static str>) {
+    metrics::describe_gauge!(
+        "fogline_build_info",
+        "Always 1; the labels say which build runs (version, git_sha when known)."
+    );
+    match git_sha.filter(|s| !s.is_empty()) {
+        Some(sha) => {
+            metrics::gauge!("fogline_build_info", "version" => version, "git_sha" => sha).set(1.0)
+        }
+        None => metrics::gauge!("fogline_build_info", "version" => version).set(1.0),
+    }
 }
 
 /// Logs to stderr with `tracing`, filtered by `RUST_LOG` (else `default`,

@@ -30,6 +30,8 @@ enum Command {
         config: PathBuf,
     },
     /// Show backlog, oldest unsynced record, disk use, last sync, connections.
+    /// Exit status: 0 running and healthy, 1 running but unhealthy (or
+    /// unable to report), 3 not running.
     Status {
         /// The edge configuration file.
         #[arg(long, short)]
@@ -210,6 +212,21 @@ fn passwd() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The one-line status the service manager shows (`systemctl status`).
+fn ready_status(config: &EdgeConfig, daemon: &fogline_edge::daemon::Daemon) -> String {
+    let mut parts = vec![format!("node {}", config.node.id)];
+    if let Some(a) = daemon.broker_addr {
+        parts.push(format!("MQTT endpoint {a}"));
+    }
+    if config.external_broker_enabled() {
+        parts.push(format!("subscribed to {}", config.ingest_broker()));
+    }
+    if let Some(a) = daemon.http_addr {
+        parts.push(format!("metrics http://{a}/metrics"));
+    }
+    parts.join(", ")
+}
+
 /// Restarts to salvage a damaged outbox allowed within [`RESTART_WINDOW`].
 const MAX_SALVAGE_RESTARTS: usize = 3;
 const RESTART_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
@@ -226,10 +243,19 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
         if let Some(addr) = daemon.http_addr {
             tracing::info!(%addr, "Serving /metrics and /status.");
         }
+        fogline_edge::service_notify::ready(&ready_status(&config, &daemon));
+        let watchdog = fogline_edge::service_notify::spawn_watchdog(daemon.state.clone());
+        let stop = |daemon: fogline_edge::daemon::Daemon| async move {
+            daemon.shutdown().await;
+            if let Some(w) = watchdog {
+                w.abort();
+            }
+        };
         tokio::select! {
             _ = &mut signal => {
                 tracing::info!("Shutting down.");
-                daemon.shutdown().await;
+                fogline_edge::service_notify::stopping();
+                stop(daemon).await;
                 return Ok(ExitCode::SUCCESS);
             }
             _ = daemon.damaged() => {
@@ -238,7 +264,7 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
                 restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
                 restarts.push(std::time::Instant::now());
                 tracing::error!(restarts = restarts.len(), "Restarting to salvage the damaged outbox.");
-                daemon.shutdown().await;
+                stop(daemon).await;
                 let outbox = config.outbox_path();
                 tokio::task::spawn_blocking(move || fogline_edge::daemon::salvage_outbox(&outbox))
                     .await

@@ -65,6 +65,20 @@ fn ago(now: u64, t: Option<u64>) -> String {
     }
 }
 
+/// Exit codes, as `systemctl status` and LSB init scripts use them: 0 the
+/// daemon runs and is healthy, 1 it runs but is unhealthy (or cannot
+/// report), 3 it is not running. Scripts and probes can act on them.
+const EXIT_UNHEALTHY: u8 = 1;
+const EXIT_NOT_RUNNING: u8 = 3;
+
+fn exit_code(running: bool, healthy: bool) -> ExitCode {
+    match (running, healthy) {
+        (false, _) => ExitCode::from(EXIT_NOT_RUNNING),
+        (true, false) => ExitCode::from(EXIT_UNHEALTHY),
+        (true, true) => ExitCode::SUCCESS,
+    }
+}
+
 pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(path)?;
     let outbox_path = config.outbox_path();
@@ -116,13 +130,16 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     println!("outbox            cannot be read: {e}");
                     print_problems(&daemon_health, fogline_edge::clock::now_ms());
                 }
-                return Ok(ExitCode::FAILURE);
+                return Ok(ExitCode::from(EXIT_UNHEALTHY));
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "no daemon answered and the outbox {} cannot be read",
+                // Not running, and never ran here (or its outbox is gone).
+                eprintln!(
+                    "fogline-edge is not running (nothing answered on {}), and its outbox {} cannot be read: {e}",
+                    config.metrics.listen,
                     outbox_path.display()
-                )))
+                );
+                return Ok(ExitCode::from(EXIT_NOT_RUNNING));
             }
         },
     };
@@ -151,6 +168,10 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         Vec::new()
     };
+    let code = exit_code(
+        live.is_some() || daemon_error.is_some(),
+        problems.is_empty() && daemon_error.is_none(),
+    );
     if json {
         let v = serde_json::json!({
             "node": config.node.id,
@@ -165,7 +186,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "functions": if live.is_some() { serde_json::to_value(&functions)? } else { serde_json::to_value(&recorded)? },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     let now = fogline_edge::clock::now_ms();
     let yes_no = |b: Option<bool>| match b {
@@ -331,7 +352,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print_problems(&problems, now);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 fn print_problems(problems: &[Problem], now: u64) {

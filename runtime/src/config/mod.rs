@@ -4,6 +4,7 @@
 //! parsing, [`EdgeConfig::validate`] reports every problem at once, each naming
 //! the key it is about.
 
+mod conflicts;
 mod defaults;
 mod validate;
 

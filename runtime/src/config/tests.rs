@@ -163,3 +163,111 @@ fn limits_are_checked_against_the_replication_protocol() {
         assert!(p.contains(needle), "missing {needle:?} in:\n{p}");
     }
 }
+
+#[test]
+fn the_edge_subscribing_to_its_own_endpoint_is_refused_naming_both_keys() {
+    let pipes = "[[pipelines]]\nname = \"p\"\ntopics = [\"a/#\"]\n";
+    for (text, listen) in [
+        // Asked for explicitly, at the default address.
+        (
+            "[broker]\nembedded = true\n[mqtt]\nenabled = true\n",
+            "127.0.0.1:1883",
+        ),
+        // Another spelling of the same address.
+        (
+            "[broker]\nembedded = true\n[mqtt]\nbroker = \"localhost:1883\"\n",
+            "127.0.0.1:1883",
+        ),
+        // A wildcard listener takes loopback connections.
+        (
+            "[broker]\nembedded = true\nlisten = \"0.0.0.0:1999\"\n[mqtt]\nbroker = \"127.0.0.1:1999\"\n",
+            "0.0.0.0:1999",
+        ),
+    ] {
+        let c = EdgeConfig::parse(&format!("{text}{pipes}"), Path::new(".")).unwrap();
+        let p = c.validate().unwrap_err().to_string();
+        assert!(
+            p.contains("is this gateway's own MQTT endpoint")
+                && p.contains(&format!("broker.listen = {listen}")),
+            "{text}\n{p}"
+        );
+    }
+    // Another broker on another port or host is fine, and so is the
+    // default [mqtt] beside the endpoint (it is then off).
+    for text in [
+        "[broker]\nembedded = true\n[mqtt]\nbroker = \"127.0.0.1:1884\"\n",
+        "[broker]\nembedded = true\n[mqtt]\nbroker = \"10.0.0.5:1883\"\n",
+        "[broker]\nembedded = true\n[mqtt]\nbroker = \"127.0.0.1:1883\"\n",
+    ] {
+        let c = EdgeConfig::parse(&format!("{text}{pipes}"), Path::new(".")).unwrap();
+        c.validate().unwrap_or_else(|p| panic!("{text}\n{p}"));
+    }
+}
+
+#[test]
+fn contradictions_between_sections_are_reported_with_their_values() {
+    let pipes = "[[pipelines]]\nname = \"p\"\ntopics = [\"a/#\"]\n";
+    let cases = [
+        (
+            "[broker]\nembedded = true\n[metrics]\nlisten = \"127.0.0.1:1883\"\n",
+            "metrics.listen: 127.0.0.1:1883 is also broker.listen (127.0.0.1:1883)",
+        ),
+        (
+            "[broker]\nembedded = true\nlisten = \"0.0.0.0:2000\"\nlisten_v5 = \"127.0.0.1:2000\"\n",
+            "broker.listen_v5: 127.0.0.1:2000 is also broker.listen (0.0.0.0:2000)",
+        ),
+        (
+            "[mqtt]\nenabled = false\n",
+            "mqtt.enabled: false, and broker.embedded is false too",
+        ),
+        (
+            "[broker.tls]\ncert = \"c\"\nkey = \"k\"\n",
+            "broker.tls: set, but broker.embedded = false",
+        ),
+        (
+            "[uplink]\nservers = [\"a:1\"]\nca = \"x\"\ncert = \"y\"\nkey = \"z\"\nrefused_delay = \"20m\"\n",
+            "uplink.refused_delay: 1200s is above uplink.refused_max_delay (600s)",
+        ),
+    ];
+    for (text, needle) in cases {
+        let c = EdgeConfig::parse(&format!("{text}{pipes}"), Path::new(".")).unwrap();
+        let p = c.validate().unwrap_err().to_string();
+        assert!(p.contains(needle), "missing {needle:?} in:\n{p}");
+    }
+}
+
+#[test]
+fn both_example_configs_parse_and_differ_only_in_the_way_in() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let native = example();
+    assert!(
+        native.broker.embedded,
+        "the newcomer's default needs no broker"
+    );
+    assert!(!native.external_broker_enabled());
+    let text = std::fs::read_to_string(dir.join("edge-mosquitto.toml")).unwrap();
+    let external = EdgeConfig::parse(&text, &dir).unwrap();
+    assert!(!external.broker.embedded);
+    assert!(external.external_broker_enabled());
+    assert_eq!(external.mqtt.broker, "127.0.0.1:1883");
+    assert_eq!(external.node.id, native.node.id);
+    assert_eq!(external.pipelines.len(), native.pipelines.len());
+    assert_eq!(
+        external.uplink.as_ref().map(|u| u.cert.clone()),
+        native.uplink.as_ref().map(|u| u.cert.clone())
+    );
+}
+
+#[test]
+fn the_packaged_default_config_is_valid_as_installed() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("debian/edge.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let c = EdgeConfig::parse(&text, Path::new("/etc/fogline")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.data_dir(), Path::new("/var/lib/fogline"));
+    assert!(c.broker.embedded && !c.external_broker_enabled());
+    assert!(
+        c.uplink.is_none(),
+        "buffers until the operator adds [uplink]"
+    );
+}

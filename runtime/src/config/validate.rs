@@ -378,10 +378,20 @@ impl EdgeConfig {
                 p.push("uplink.max_in_flight: must be at least 1".to_string());
             }
             if u.reconnect_min > u.reconnect_max {
-                p.push("uplink.reconnect_min: is larger than uplink.reconnect_max".to_string());
+                p.push(format!(
+                    "uplink.reconnect_min: {:?} is above uplink.reconnect_max ({:?})",
+                    u.reconnect_min, u.reconnect_max
+                ));
+            }
+            if u.refused_delay > u.refused_max_delay {
+                p.push(format!(
+                    "uplink.refused_delay: {:?} is above uplink.refused_max_delay ({:?})",
+                    u.refused_delay, u.refused_max_delay
+                ));
             }
         }
         self.validate_retention(&mut p);
+        self.check_conflicts(&mut p);
         if p.is_empty() {
             Ok(())
         } else {
