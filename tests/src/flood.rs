@@ -138,14 +138,11 @@ impl Flood {
                 let kind = Kind::ALL[i % Kind::ALL.len()];
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        match connect_from(from, port).await {
-                            Ok(s) => {
-                                opened.fetch_add(1, Ordering::Relaxed);
-                                if misbehave(kind, s).await {
-                                    closed.fetch_add(1, Ordering::Relaxed);
-                                }
+                        if let Ok(s) = connect_from(from, port).await {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                            if misbehave(kind, s).await {
+                                closed.fetch_add(1, Ordering::Relaxed);
                             }
-                            Err(_) => {}
                         }
                         // Come back, as a botnet does.
                         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -24,9 +24,10 @@ use rumqttc::v5::mqttbytes::Error as V5Error;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 
 /// The MQTT protocol version a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Version {
     /// MQTT 3.1.1 (protocol level 4).
+    #[default]
     V311,
     /// MQTT 5 (protocol level 5).
     V5,
@@ -906,7 +907,6 @@ pub struct ConnectOut {
     pub will: Option<Will>,
 }
 
-/// The version's default CONNECT, for an id.
 impl ConnectOut {
     /// Clean start, no keep alive, no properties, no login, no will.
     pub fn new(version: Version, client_id: impl Into<String>) -> Self {
@@ -916,12 +916,6 @@ impl ConnectOut {
             clean_start: true,
             ..Self::default()
         }
-    }
-}
-
-impl Default for Version {
-    fn default() -> Self {
-        Version::V311
     }
 }
 
