@@ -907,7 +907,6 @@ pub struct ConnectOut {
     pub will: Option<Will>,
 }
 
-/// The version's default CONNECT, for an id.
 impl ConnectOut {
     /// Clean start, no keep alive, no properties, no login, no will.
     pub fn new(version: Version, client_id: impl Into<String>) -> Self {
