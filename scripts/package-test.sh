@@ -14,7 +14,6 @@ cd "$(dirname "$0")/.."
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 DEB="$(ls -t "$TARGET_DIR"/debian/fogline-edge_*.deb 2>/dev/null | head -1 || true)"
 [ -n "$DEB" ] || { echo "no $TARGET_DIR/debian/fogline-edge_*.deb: run scripts/package.sh first"; exit 1; }
-UNIT=/lib/systemd/system/fogline-edge.service
 WORK="$(mktemp -d)"
 DAEMON_PID=""
 cleanup() {
@@ -29,10 +28,12 @@ fail() { echo "FAIL: $*"; [ -f "$WORK/daemon.log" ] && tail -30 "$WORK/daemon.lo
 echo "== dpkg -i $(basename "$DEB")"
 dpkg -i "$DEB"
 dpkg-deb --contents "$DEB" | awk '{print "   " $6}'
+# /lib or /usr/lib, as the distribution has it.
+UNIT="$(dpkg -L fogline-edge | grep '/systemd/system/fogline-edge.service$' | head -1)"
 getent passwd fogline >/dev/null || fail "postinst made no user fogline"
 [ "$(stat -c %U "/var/lib/fogline")" = fogline ] || fail "/var/lib/fogline is not fogline's"
 [ -f /etc/fogline/edge.toml ] || fail "no /etc/fogline/edge.toml"
-[ -f "$UNIT" ] || fail "no $UNIT"
+[ -n "$UNIT" ] && [ -f "$UNIT" ] || fail "the package installs no fogline-edge.service"
 [ -x /usr/bin/fogline-edge ] || fail "no /usr/bin/fogline-edge"
 
 if command -v systemd-analyze >/dev/null 2>&1; then
