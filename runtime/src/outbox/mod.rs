@@ -459,22 +459,18 @@ impl Outbox {
     /// quota's allowance for it.
     pub fn set_retention(&mut self, retention: Retention) -> Result<(), OutboxError> {
         if retention.max_bytes.is_some() {
-            // Checkpoint once the log holds half its allowance, and cut it
-            // back to that after: with one commit on top it stays inside.
+            // Checkpoint once the log holds half its allowance: with one
+            // commit on top it stays inside. The file is not truncated
+            // after (no `journal_size_limit`): on a full disk the log must
+            // reuse the blocks it has, so acknowledged records can still be
+            // deleted (I-28).
             let half = retention.wal_allowance as i64 / 2;
             let page: i64 = self
                 .conn
                 .query_row("PRAGMA page_size", [], |r| r.get(0))
                 .map_err(self.sql("limit the write-ahead log"))?;
             self.conn
-                .pragma_update(None, "journal_size_limit", half)
-                .and_then(|_| {
-                    self.conn.pragma_update(
-                        None,
-                        "wal_autocheckpoint",
-                        (half / page.max(512)).max(100),
-                    )
-                })
+                .pragma_update(None, "wal_autocheckpoint", (half / page.max(512)).max(100))
                 .map_err(self.sql("limit the write-ahead log"))?;
         }
         self.retention = retention;
