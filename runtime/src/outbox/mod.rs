@@ -170,6 +170,9 @@ fn losses_detail_cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// SQLite's default `wal_autocheckpoint`, in pages.
+const DEFAULT_AUTOCHECKPOINT: i64 = 1000;
+
 /// A record as the uplink sends it.
 pub type Record = fogline_protocol::Record;
 
@@ -459,8 +462,9 @@ impl Outbox {
     /// quota's allowance for it.
     pub fn set_retention(&mut self, retention: Retention) -> Result<(), OutboxError> {
         if retention.max_bytes.is_some() {
-            // Checkpoint once the log holds half its allowance: with one
-            // commit on top it stays inside. The file is not truncated
+            // Checkpoint once the log holds half its allowance (never less
+            // than SQLite's default: the allowance is at least that plus two
+            // commits): with one commit on top it stays inside. The file is not truncated
             // after (no `journal_size_limit`): on a full disk the log must
             // reuse the blocks it has, so acknowledged records can still be
             // deleted (I-28).
@@ -470,7 +474,11 @@ impl Outbox {
                 .query_row("PRAGMA page_size", [], |r| r.get(0))
                 .map_err(self.sql("limit the write-ahead log"))?;
             self.conn
-                .pragma_update(None, "wal_autocheckpoint", (half / page.max(512)).max(100))
+                .pragma_update(
+                    None,
+                    "wal_autocheckpoint",
+                    (half / page.max(512)).max(DEFAULT_AUTOCHECKPOINT),
+                )
                 .map_err(self.sql("limit the write-ahead log"))?;
         }
         self.retention = retention;
