@@ -156,7 +156,8 @@ fn priorities_decide_what_goes_first() {
         max_bytes: Some(24 << 20),
         when_full: WhenFull::DropOldest,
         dead_letter_max_bytes: u64::MAX,
-        wal_allowance: 4 << 20,
+        // As `EdgeConfig::wal_allowance` makes it for max_batch_bytes = 1 MiB.
+        wal_allowance: (4 << 20) + 2 * (1 << 20),
         ..Retention::default()
     };
     p.lanes.insert(
