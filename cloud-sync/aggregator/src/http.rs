@@ -105,30 +105,46 @@ fn record_json(r: StoredRecord) -> Value {
     v
 }
 
+/// A paged query's parameters: the node (required), `after_seq` (0) and
+/// `limit` (checked), or the 400 answer naming what was wrong.
+fn page(
+    params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+    expected: &str,
+) -> Result<(RecordsParams, String, u64, usize), Response> {
+    let Ok(Query(mut p)) = params else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: expected {expected}"),
+        ));
+    };
+    let Some(node) = p.node.take().filter(|n| !n.is_empty()) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "missing required query parameter `node`",
+        ));
+    };
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_QUERY_LIMIT {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"),
+        ));
+    }
+    let after_seq = p.after_seq.unwrap_or(0);
+    Ok((p, node, after_seq, limit))
+}
+
 async fn records(
     State(state): State<AppState>,
     params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let Ok(Query(p)) = params else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad query: expected node=<id>[&stream=<topic>][&after_seq=<u64>][&limit=<1..10000>]",
-        );
+    let (p, node, after_seq, limit) = match page(
+        params,
+        "node=<id>[&stream=<topic>][&after_seq=<u64>][&limit=<1..10000>]",
+    ) {
+        Ok(v) => v,
+        Err(r) => return r,
     };
-    let Some(node) = p.node.filter(|n| !n.is_empty()) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "missing required query parameter `node`",
-        );
-    };
-    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_QUERY_LIMIT {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"),
-        );
-    }
-    let after_seq = p.after_seq.unwrap_or(0);
     let query = RecordQuery {
         node: node.clone(),
         stream: p.stream,
@@ -154,26 +170,11 @@ async fn losses(
     State(state): State<AppState>,
     params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let Ok(Query(p)) = params else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad query: expected node=<id>[&after_seq=<u64>][&limit=<1..10000>]",
-        );
-    };
-    let Some(node) = p.node.filter(|n| !n.is_empty()) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "missing required query parameter `node`",
-        );
-    };
-    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_QUERY_LIMIT {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"),
-        );
-    }
-    let after_seq = p.after_seq.unwrap_or(0);
+    let (_, node, after_seq, limit) =
+        match page(params, "node=<id>[&after_seq=<u64>][&limit=<1..10000>]") {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
     let store = state.store.clone();
     let n = node.clone();
     match tokio::task::spawn_blocking(move || store.losses(&n, after_seq, limit)).await {
