@@ -110,25 +110,25 @@ fn record_json(r: StoredRecord) -> Value {
 fn page(
     params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
     expected: &str,
-) -> Result<(RecordsParams, String, u64, usize), Response> {
+) -> Result<(RecordsParams, String, u64, usize), Box<Response>> {
     let Ok(Query(mut p)) = params else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("bad query: expected {expected}"),
-        ));
+        )));
     };
     let Some(node) = p.node.take().filter(|n| !n.is_empty()) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "missing required query parameter `node`",
-        ));
+        )));
     };
     let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_QUERY_LIMIT {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"),
-        ));
+        )));
     }
     let after_seq = p.after_seq.unwrap_or(0);
     Ok((p, node, after_seq, limit))
@@ -143,7 +143,7 @@ async fn records(
         "node=<id>[&stream=<topic>][&after_seq=<u64>][&limit=<1..10000>]",
     ) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let query = RecordQuery {
         node: node.clone(),
@@ -173,7 +173,7 @@ async fn losses(
     let (_, node, after_seq, limit) =
         match page(params, "node=<id>[&after_seq=<u64>][&limit=<1..10000>]") {
             Ok(v) => v,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
     let store = state.store.clone();
     let n = node.clone();
