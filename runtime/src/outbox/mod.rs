@@ -443,6 +443,15 @@ impl Outbox {
             }
         }
         let conn = open_connection(path, sync, false)?;
+        // What the last run sent stays protected until a session's cursor.
+        let sent: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'sent_seq'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| OutboxError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -452,7 +461,7 @@ impl Outbox {
                 dead_letter_max_bytes: u64::MAX,
                 ..Retention::default()
             },
-            protected: Default::default(),
+            protected: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(sent.max(0) as u64)),
             last_mark_ms: 0,
             last_expire: None,
         })
@@ -943,6 +952,22 @@ impl OutboxReader {
         })
     }
 
+    /// A session starts with the aggregator holding everything through
+    /// `cursor`: nothing above it is in flight.
+    /// Best effort on disk: a stale mark there only protects more after a
+    /// restart, and a reconnect on a full disk must not fail for it (I-28).
+    fn reset_sent(&self, cursor: u64) -> Result<(), OutboxError> {
+        self.protected
+            .store(cursor, std::sync::atomic::Ordering::Release);
+        if let Err(e) = self.conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'sent_seq' AND value != ?1",
+            [cursor as i64],
+        ) {
+            tracing::debug!(error = %e, "Cannot note the sent mark.");
+        }
+        Ok(())
+    }
+
     /// Shares the in-flight mark with the writer ([`Outbox::protected_handle`]).
     pub fn set_protected(&mut self, mark: std::sync::Arc<std::sync::atomic::AtomicU64>) {
         self.protected = mark;
@@ -1003,8 +1028,20 @@ impl OutboxReader {
             }
         }
         if let Some(last) = out.last() {
-            self.protected
+            let before = self
+                .protected
                 .fetch_max(last.seq, std::sync::atomic::Ordering::AcqRel);
+            // Kept in the file too: after a restart, what the last run sent
+            // may have been applied, and stays protected until the next
+            // session's cursor says (a failed write only costs that).
+            if last.seq > before {
+                if let Err(e) = self.conn.execute(
+                    "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'sent_seq'",
+                    [last.seq as i64],
+                ) {
+                    tracing::debug!(error = %e, "Cannot note the sent mark.");
+                }
+            }
         }
         Ok(out)
     }
@@ -1077,8 +1114,7 @@ impl OutboxReader {
     pub fn accept_cursor(&self, cursor: u64) -> Result<usize, OutboxError> {
         // A session starts: nothing is in flight, the aggregator holds
         // everything through the cursor.
-        self.protected
-            .store(cursor, std::sync::atomic::Ordering::Release);
+        self.reset_sent(cursor)?;
         let id = self.identity()?;
         if id.next_seq > cursor
             && id.acked_seq >= cursor
@@ -1139,8 +1175,7 @@ impl OutboxReader {
     /// taken as already applied. Returns how many records moved and by how
     /// much. The acknowledged mark restarts at `cursor`.
     pub fn renumber_above(&self, cursor: u64) -> Result<(usize, u64), OutboxError> {
-        self.protected
-            .store(cursor, std::sync::atomic::Ordering::Release);
+        self.reset_sent(cursor)?;
         let tx = self
             .conn
             .unchecked_transaction()

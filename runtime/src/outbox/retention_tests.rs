@@ -230,6 +230,12 @@ fn records_in_flight_are_not_dropped() {
         "in flight kept: {data:?}"
     );
     assert!(reports.iter().all(|l| l.first_seq.is_some_and(|f| f > 5)));
+    // Across a restart too: what the last run sent may have been applied.
+    let sent = w.protected_handle().load(Ordering::Acquire);
+    assert!(sent >= 5);
+    drop((w, r));
+    let (w, r, _) = open(&dir);
+    assert_eq!(w.protected_handle().load(Ordering::Acquire), sent);
     // A new session's cursor releases them.
     r.accept_cursor(0).unwrap();
     assert_eq!(w.protected_handle().load(Ordering::Acquire), 0);

@@ -139,6 +139,8 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              PRIMARY KEY (stream, reason)
          ) WITHOUT ROWID;",
     )?;
+    // The highest seq the uplink read (sent) since its last session start.
+    conn.execute_batch("INSERT OR IGNORE INTO meta (key, value) VALUES ('sent_seq', 0);")?;
     let counted: bool = conn
         .prepare("SELECT 1 FROM meta WHERE key = 'usage_counted'")?
         .exists([])?;
