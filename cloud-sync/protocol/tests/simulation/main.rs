@@ -160,6 +160,7 @@ fn the_faults_really_happen() {
         total.refused_sessions += stats.refused_sessions;
         total.refused_handshakes += stats.refused_handshakes;
         total.flapped_sessions += stats.flapped_sessions;
+        total.lost += stats.lost;
         busiest = busiest.max(stats.log.busiest_sessions());
         for (k, v) in stats.closes {
             *total.closes.entry(k).or_default() += v;
@@ -174,6 +175,8 @@ fn the_faults_really_happen() {
     assert!(total.refused_sessions > 0, "{total:?}");
     assert!(total.refused_handshakes > 0, "{total:?}");
     assert!(total.flapped_sessions > 0, "{total:?}");
+    // I-33: quotas really drop (and the oracle counts what they dropped).
+    assert!(total.lost > 0, "{total:?}");
     assert!(
         busiest >= world::MAX_SESSIONS_PER_MINUTE / 2,
         "no failure state ran long enough to test the backoff (busiest minute {busiest})"

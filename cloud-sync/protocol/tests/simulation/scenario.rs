@@ -27,6 +27,11 @@ pub struct Scenario {
     pub batch_records: usize,
     /// What goes wrong, and when.
     pub faults: Vec<Fault>,
+    /// The outbox holds at most this many data records, dropping the
+    /// oldest not in flight (`drop_oldest`) and reporting each drop as a
+    /// loss record (I-32, I-33); none: unbounded.
+    #[serde(default)]
+    pub max_rows: Option<u32>,
 }
 
 /// One fault, starting `at_ms` after the run starts.
@@ -250,6 +255,7 @@ impl Scenario {
             window: rng.random_range(1..10),
             batch_records: rng.random_range(1..600),
             faults,
+            max_rows: rng.random_bool(0.3).then(|| rng.random_range(20..2_000)),
         }
     }
 
@@ -268,6 +274,12 @@ impl Scenario {
                 s.faults[i] = f;
                 out.push(s);
             }
+        }
+        if self.max_rows.is_some() {
+            out.push(Scenario {
+                max_rows: None,
+                ..self.clone()
+            });
         }
         if self.records > 1 {
             out.push(Scenario {

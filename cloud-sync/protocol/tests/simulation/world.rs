@@ -23,7 +23,9 @@ use fogline_protocol::session::client::{ClientAction, ClientConfig, ClientSessio
 use fogline_protocol::session::resume::Resume;
 use fogline_protocol::session::server::{ApplyRequest, ServerAction, ServerConfig, ServerSession};
 use fogline_protocol::session::{OutboxInfo, StoredCursor};
-use fogline_protocol::{ErrorCode, Frame, FrameDecoder, Record};
+use fogline_protocol::{
+    ErrorCode, Frame, FrameDecoder, LossReason, LossReport, Record, LOSS_STREAM,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -46,6 +48,8 @@ pub struct RunStats {
     /// Sessions cut after their `Welcome`, before any ack.
     pub flapped_sessions: u64,
     pub virtual_ms: u64,
+    /// Records the outbox's quota dropped, as the aggregator was told (I-33).
+    pub lost: u64,
     /// When the edge tried to connect and what came of it (I-18).
     pub log: Reconnects,
 }
@@ -186,6 +190,13 @@ enum Ev {
 #[derive(Debug, Clone)]
 struct Outbox {
     rows: BTreeMap<u64, (u32, u64)>,
+    /// Loss records by seq (kept apart from `rows`; they ride the stream).
+    reports: BTreeMap<u64, LossReport>,
+    /// Highest seq read since the last session start (durable, as
+    /// `meta.sent_seq`): never dropped.
+    protected: u64,
+    /// Reports of the drop in progress, numbered after its commit's rows.
+    pending_reports: Vec<LossReport>,
     next_seq: u64,
     incarnation: u64,
     acked: u64,
@@ -206,20 +217,72 @@ impl Outbox {
 
     fn delete_through(&mut self, seq: u64) {
         self.rows = self.rows.split_off(&(seq + 1));
+        self.reports = self.reports.split_off(&(seq + 1));
         self.acked = self.acked.max(seq);
     }
 
-    fn records_after(&self, after: u64, max: usize) -> Vec<Record> {
-        self.rows
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.reports.is_empty()
+    }
+
+    fn records_after(&mut self, after: u64, max: usize) -> Vec<Record> {
+        let data = self
+            .rows
             .range(after + 1..)
-            .take(max.max(1))
             .map(|(&seq, &(stream, id))| Record {
                 seq,
                 stream: format!("sensors/s{stream}"),
                 timestamp_ms: id,
                 payload: format!("{{\"id\":{id}}}").into_bytes(),
-            })
-            .collect()
+            });
+        let losses = self.reports.range(after + 1..).map(|(&seq, r)| Record {
+            seq,
+            stream: LOSS_STREAM.into(),
+            timestamp_ms: 0,
+            payload: r.encode(),
+        });
+        let mut out: Vec<Record> = data.chain(losses).collect();
+        out.sort_by_key(|r| r.seq);
+        out.truncate(max.max(1));
+        if let Some(last) = out.last() {
+            self.protected = self.protected.max(last.seq);
+        }
+        out
+    }
+
+    /// Makes room for `n` records under `max` by dropping the oldest not
+    /// in flight, reported per stream in loss records numbered after them
+    /// — as `runtime/src/outbox/retention.rs` does. Returns how many of the
+    /// `n` fit (the rest wait at the broker: nothing left to drop).
+    fn make_room(&mut self, max: u64, n: u64) -> u64 {
+        let held = self.rows.len() as u64;
+        let over = (held + n).saturating_sub(max);
+        let victims: Vec<u64> = self
+            .rows
+            .range(self.protected + 1..)
+            .map(|(&seq, _)| seq)
+            .take(over as usize)
+            .collect();
+        let mut by_stream: BTreeMap<u32, LossReport> = BTreeMap::new();
+        for seq in &victims {
+            if let Some((stream, _)) = self.rows.remove(seq) {
+                let r = by_stream.entry(stream).or_insert_with(|| LossReport {
+                    stream: format!("sensors/s{stream}"),
+                    reason: LossReason::Quota,
+                    detail: None,
+                    records: 0,
+                    bytes: 0,
+                    first_seq: Some(*seq),
+                    last_seq: Some(*seq),
+                    first_ms: 0,
+                    last_ms: 0,
+                });
+                r.records += 1;
+                r.last_seq = Some(*seq);
+            }
+        }
+        self.pending_reports.extend(by_stream.into_values());
+        max.saturating_sub(self.rows.len() as u64).min(n)
     }
 }
 
@@ -279,6 +342,8 @@ struct Agg {
     gen: u64,
     up: bool,
     rows: BTreeMap<u64, (u32, u64)>,
+    /// Loss records applied, by seq.
+    losses: BTreeMap<u64, LossReport>,
     cursor: StoredCursor,
     sessions: BTreeMap<ConnId, ServerSession>,
     owner: Option<ConnId>,
@@ -337,6 +402,9 @@ impl World {
         let mut rng = StdRng::seed_from_u64(s.seed);
         let outbox = Outbox {
             rows: BTreeMap::new(),
+            reports: BTreeMap::new(),
+            protected: 0,
+            pending_reports: Vec::new(),
             next_seq: 1,
             incarnation: rng.random(),
             acked: 0,
@@ -375,6 +443,7 @@ impl World {
                 gen: 0,
                 up: true,
                 rows: BTreeMap::new(),
+                losses: BTreeMap::new(),
                 cursor: StoredCursor::default(),
                 sessions: BTreeMap::new(),
                 owner: None,
@@ -484,6 +553,7 @@ impl World {
             }
             if self.converged() {
                 self.stats.virtual_ms = self.now;
+                self.stats.lost = self.lost();
                 return Ok(());
             }
             let Some(next) = self.next_time() else {
@@ -524,8 +594,8 @@ impl World {
             && self.faults_active.iter().all(|a| !a)
             && self.now >= self.s.faults.iter().map(Fault::end_ms).max().unwrap_or(0)
             && self.edge.up
-            && self.edge.outbox.rows.is_empty()
-            && self.agg.rows.len() as u64 == self.produced
+            && self.edge.outbox.is_empty()
+            && self.agg.rows.len() as u64 + self.lost() == self.produced
     }
 
     fn next_time(&self) -> Option<u64> {
@@ -684,14 +754,23 @@ impl World {
             return;
         }
         let first_id = self.produced - self.edge.backlog;
-        for id in first_id..self.produced {
+        let mut take = self.edge.backlog;
+        if let Some(max) = self.s.max_rows {
+            take = self.edge.outbox.make_room(u64::from(max), take);
+        }
+        for id in first_id..first_id + take {
             let stream = (id % u64::from(self.s.streams.max(1))) as u32;
             let seq = self.edge.outbox.next_seq;
             self.edge.outbox.next_seq += 1;
             self.edge.outbox.rows.insert(seq, (stream, id));
             self.accepted.entry(stream).or_default().push(id);
         }
-        self.edge.backlog = 0;
+        for r in std::mem::take(&mut self.edge.outbox.pending_reports) {
+            let seq = self.edge.outbox.next_seq;
+            self.edge.outbox.next_seq += 1;
+            self.edge.outbox.reports.insert(seq, r);
+        }
+        self.edge.backlog -= take;
         let committed = self.edge.outbox.next_seq - 1;
         let now = self.instant(self.now);
         if let Some(a) = &mut self.edge.session {
@@ -1313,6 +1392,8 @@ impl World {
         let current = self.edge.session.as_ref().is_some_and(|a| a.conn == conn);
         match op {
             OutOp::Resume { decision, cursor } => {
+                // A session starts: nothing above the cursor is in flight.
+                self.edge.outbox.protected = cursor;
                 if decision == Resume::Continue {
                     self.edge.outbox.delete_through(cursor);
                 }
@@ -1352,6 +1433,11 @@ impl World {
                 }
                 self.edge.outbox.delete_through(through);
             }
+        }
+        // Room may have come back (a delete, a cursor): what the broker
+        // held comes in.
+        if self.s.max_rows.is_some() && self.edge.backlog > 0 {
+            self.ingest();
         }
     }
 
@@ -1477,6 +1563,15 @@ impl World {
                 }
             };
             for r in decoded.iter().filter(|r| r.seq > cursor) {
+                if r.stream == LOSS_STREAM {
+                    match LossReport::decode(r.payload) {
+                        Ok(l) => {
+                            self.agg.losses.insert(r.seq, l);
+                        }
+                        Err(e) => self.fail(format!("a loss record does not decode: {e}")),
+                    }
+                    continue;
+                }
                 let id: u64 = std::str::from_utf8(r.payload)
                     .ok()
                     .and_then(|p| {
@@ -1664,21 +1759,73 @@ impl World {
 
     // ----- the oracle -------------------------------------------------
 
+    /// Records the aggregator was told were dropped.
+    fn lost(&self) -> u64 {
+        self.agg.losses.values().map(|l| l.records).sum()
+    }
+
+    /// I-33: every record the outbox accepted is delivered once, in order
+    /// per stream, or counted as lost in a loss record the aggregator
+    /// applied — and nothing else. Without a quota nothing is lost.
     fn check(&self) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
         let mut per_stream: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut seqs: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for (&seq, &(stream, id)) in &self.agg.rows {
             if !seen.insert(id) {
                 return Err(format!("record {id} stored twice (again at seq {seq})"));
             }
             per_stream.entry(stream).or_default().push(id);
+            seqs.entry(stream).or_default().push(seq);
         }
-        let lost = self.produced - seen.len() as u64;
-        if lost != 0 || per_stream != self.accepted {
-            return Err(format!(
-                "the store differs from what the outbox accepted: {lost} missing; per-stream order equal: {}",
-                per_stream == self.accepted
-            ));
+        let mut lost: BTreeMap<String, u64> = BTreeMap::new();
+        for l in self.agg.losses.values() {
+            *lost.entry(l.stream.clone()).or_default() += l.records;
+            // What a report says was dropped was not delivered.
+            let stream: u32 = l
+                .stream
+                .trim_start_matches("sensors/s")
+                .parse()
+                .unwrap_or(u32::MAX);
+            let (Some(a), Some(b)) = (l.first_seq, l.last_seq) else {
+                return Err(format!("a loss record without its seq range: {l:?}"));
+            };
+            if let Some(s) = seqs
+                .get(&stream)
+                .and_then(|v| v.iter().find(|s| (a..=b).contains(*s)))
+            {
+                return Err(format!(
+                    "seq {s} of {} was delivered and reported lost ({a}..={b})",
+                    l.stream
+                ));
+            }
+        }
+        if self.s.max_rows.is_none() && !lost.is_empty() {
+            return Err(format!("losses without a quota: {lost:?}"));
+        }
+        for (stream, accepted) in &self.accepted {
+            let delivered = per_stream.get(stream).map_or(&[][..], Vec::as_slice);
+            let counted = lost
+                .get(&format!("sensors/s{stream}"))
+                .copied()
+                .unwrap_or(0);
+            // Delivered in order: a subsequence of what was accepted.
+            let mut it = accepted.iter();
+            if !delivered.iter().all(|d| it.any(|a| a == d)) {
+                return Err(format!(
+                    "stream {stream}: delivered out of order or not accepted"
+                ));
+            }
+            if delivered.len() as u64 + counted != accepted.len() as u64 {
+                return Err(format!(
+                    "stream {stream}: {} delivered + {counted} counted as lost != {} accepted",
+                    delivered.len(),
+                    accepted.len()
+                ));
+            }
+        }
+        if per_stream.keys().any(|k| !self.accepted.contains_key(k)) {
+            return Err("records of a stream the outbox never accepted".into());
         }
         Ok(())
     }
