@@ -9,6 +9,9 @@
 //! readings pass); `window-avg` (1 s tumbling windows per sensor, its open
 //! windows committed with every batch).
 //!
+//! Each run also prints the bytes it wrote per reading (`/proc/self/io`),
+//! the flash wear, against the reference's per row.
+//!
 //! cargo bench -p fogline-edge --bench pipeline [-- --batches N]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -63,6 +66,22 @@ struct Run {
     msgs_per_s: f64,
     records: usize,
     state_writes: usize,
+    /// Bytes this process wrote (`/proc/self/io` `wchar`) per reading.
+    written_per_reading: f64,
+}
+
+/// Bytes written so far by this process, as the kernel counts them
+/// (`wchar`: every write(2), WAL and checkpoints included) — what wears the
+/// flash, before the filesystem's own amplification.
+fn written_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn main() {
@@ -70,6 +89,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     // Reference: the same rows, prepared insert, one fsynced transaction per batch.
+    let written_before = written_bytes();
     let reference = {
         let conn = rusqlite::Connection::open(dir.path().join("reference.db")).unwrap();
         conn.execute_batch(
@@ -98,6 +118,7 @@ fn main() {
         }
         (batches * BATCH) as f64 / total.as_secs_f64()
     };
+    let reference_written = (written_bytes() - written_before) as f64 / (batches * BATCH) as f64;
 
     let rt = FunctionRuntime::new(RuntimeOptions::default()).unwrap();
     let threshold = rt.load(fogline_modules::threshold()).unwrap();
@@ -116,6 +137,18 @@ fn main() {
         let mut router = Router::new(vec![vec!["sensors/+/reading".into()]]);
         let path = dir.path().join(format!("outbox-{name}.db"));
         let mut outbox = Outbox::open(&path, SyncMode::Full).unwrap();
+        // As the daemon runs it by default: a 1 GiB quota checked per
+        // commit, the pipeline's lane.
+        outbox
+            .set_retention(fogline_edge::outbox::Retention {
+                max_bytes: Some(1 << 30),
+                wal_allowance: (4 << 20) + 2 * (4 << 20),
+                dead_letter_max_bytes: 64 << 20,
+                ..Default::default()
+            })
+            .unwrap();
+        chain.lane = outbox.lane(name).unwrap();
+        let written_before = written_bytes();
         let (route, _rx) = AckRoute::new(false);
         let mut total = Duration::ZERO;
         let mut records = 0;
@@ -147,6 +180,8 @@ fn main() {
             msgs_per_s: (batches * BATCH) as f64 / total.as_secs_f64(),
             records,
             state_writes,
+            written_per_reading: (written_bytes() - written_before) as f64
+                / (batches * BATCH) as f64,
         }
     };
     let pass = run("pass", None);
@@ -160,7 +195,9 @@ fn main() {
     );
     let total = batches * BATCH;
     println!("pipeline bench: {batches} batches of {BATCH} readings, fsync per batch");
-    println!("  reference  bare rusqlite prepared insert          {reference:>12.0} rows/s");
+    println!(
+        "  reference  bare rusqlite prepared insert          {reference:>12.0} rows/s   {reference_written:.0} bytes written per row"
+    );
     for (label, r, target) in [
         ("chunks → route → empty chain → outbox", &pass, ""),
         (
@@ -180,6 +217,11 @@ fn main() {
             r.msgs_per_s / reference,
             r.records,
             r.state_writes,
+        );
+        println!(
+            "             flash wear: {:.0} bytes written per reading ({:.2}× the reference's per row)",
+            r.written_per_reading,
+            r.written_per_reading / reference_written.max(1.0),
         );
     }
 }
