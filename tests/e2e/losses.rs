@@ -35,7 +35,7 @@ fn every_drop_is_counted_and_the_cloud_is_told() {
          [outbox]\ntick_interval = \"200ms\"\nmax_batch_bytes = 65536\n{uplink}",
         uplink = uplink_toml(NODE, &certs, cloud.quic_port)
     );
-    let edge = Edge::start(dir.path(), NODE, &body).unwrap();
+    let mut edge = Edge::start(dir.path(), NODE, &body).unwrap();
     let logs = |edge: &Edge, cloud: &Cloud| {
         format!(
             "--- edge ---\n{}\n--- cloud ---\n{}",
@@ -180,4 +180,58 @@ fn every_drop_is_counted_and_the_cloud_is_told() {
         "{text}"
     );
     assert!(text.contains("dead_lettered"), "{text}");
+
+    // The typo's pipeline is added; a replay routes the dead letters again
+    // by their topic: delivered now, and the cloud is told (`replayed`).
+    crate::external::stop(&mut edge.daemon);
+    let config = std::fs::read_to_string(&edge.config).unwrap().replace(
+        "[outbox]",
+        "[[pipelines]]\nname = \"typos\"\ntopics = [\"sensorz/#\"]\nfunctions = []\n[outbox]",
+    );
+    std::fs::write(&edge.config, config).unwrap();
+    edge.daemon.restart().unwrap();
+    let out = std::process::Command::new(process::binary("fogline-edge").unwrap())
+        .args([
+            "dead-letters",
+            "replay",
+            "--config",
+            &edge.config.to_string_lossy(),
+            "--reason",
+            "unrouted",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed = process::wait_until(Duration::from_secs(30), || {
+        stored(&cloud.store)
+            .iter()
+            .filter(|r| r.stream == "sensorz/typo/reading")
+            .count()
+            == 5
+    });
+    assert!(
+        replayed,
+        "the replayed typos arrived:\n{}",
+        logs(&edge, &cloud)
+    );
+    let told = process::wait_until(Duration::from_secs(30), || {
+        cloud.nodes().is_some_and(|n| {
+            n.as_array().into_iter().flatten().any(|n| {
+                n["losses"].as_array().into_iter().flatten().any(|l| {
+                    l["stream"] == "sensorz/typo/reading"
+                        && l["reason"] == "replayed"
+                        && l["records"].as_u64() == Some(5)
+                })
+            })
+        })
+    });
+    assert!(
+        told,
+        "the cloud knows they were replayed:\n{}",
+        logs(&edge, &cloud)
+    );
 }
