@@ -36,6 +36,7 @@ pub mod events;
 mod imports;
 mod instance;
 mod output;
+pub(crate) use output::truncate;
 mod sandbox;
 #[cfg(test)]
 pub(crate) mod tests;

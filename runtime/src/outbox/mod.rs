@@ -161,15 +161,6 @@ pub fn human_bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-/// At most `max` bytes of `s`, cut at a char boundary.
-fn losses_detail_cut(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// SQLite's default `wal_autocheckpoint`, in pages.
 const DEFAULT_AUTOCHECKPOINT: i64 = 1000;
 

@@ -208,11 +208,16 @@ impl Dropped {
             first_ms: ts,
             last_ms: ts,
         };
+        self.add(r);
+        self.bytes += bytes;
+    }
+
+    /// Folds `r` into the report of its stream and reason.
+    fn add(&mut self, r: LossReport) {
         self.by_stream
-            .entry((stream.to_string(), reason))
+            .entry((r.stream.clone(), r.reason))
             .and_modify(|e| e.absorb(&r))
             .or_insert(r);
-        self.bytes += bytes;
     }
 
     /// Records dropped.
@@ -537,8 +542,8 @@ pub fn prune_dead_letters(
             let size = r.get::<_, i64>(3)?.max(0) as u64;
             let bytes = r.get::<_, i64>(4)?.max(0) as u64;
             let reason: String = r.get(5)?;
-            let report = LossReport {
-                stream: stream.clone(),
+            out.add(LossReport {
+                stream,
                 reason: LossReason::DeadLetterPruned,
                 detail: Some(reason),
                 records: 1,
@@ -547,11 +552,7 @@ pub fn prune_dead_letters(
                 last_seq: None,
                 first_ms: ts,
                 last_ms: ts,
-            };
-            out.by_stream
-                .entry((stream, LossReason::DeadLetterPruned))
-                .and_modify(|e| e.absorb(&report))
-                .or_insert(report);
+            });
             freed += bytes;
             last = Some(id);
         }

@@ -349,7 +349,7 @@ pub fn recover(path: &Path) -> Result<Salvage, OutboxError> {
             .collect::<Vec<_>>()
             .join(", ");
         if ranges.len() > 1000 {
-            ranges = format!("{}…", super::losses_detail_cut(&ranges, 1000));
+            ranges = format!("{}…", crate::functions::truncate(&ranges, 1000));
         }
         let report = fogline_protocol::LossReport {
             stream: super::losses::MANY_STREAMS.into(),
