@@ -1327,7 +1327,9 @@ impl World {
             let (conn, attempt, lost) = (a.conn, a.attempt, a.lost);
             match action {
                 ClientAction::Send(frame) => self.send(conn, true, &frame),
-                ClientAction::Resume { decision, cursor } => {
+                ClientAction::Resume {
+                    decision, cursor, ..
+                } => {
                     if decision != Resume::Continue {
                         self.fail(format!(
                             "unexpected resume decision {decision:?} for cursor {cursor} (outbox {:?})",
@@ -1344,7 +1346,7 @@ impl World {
                     .edge
                     .ops
                     .push_back((conn, OutOp::Read { after, max_records })),
-                ClientAction::Delete { through } => {
+                ClientAction::Delete { through, .. } => {
                     self.edge.ops.push_back((conn, OutOp::Delete { through }))
                 }
                 ClientAction::Probe => {
@@ -1601,9 +1603,10 @@ impl World {
             }
         }
         self.agg.cursor = StoredCursor {
-            seq: cursor.max(req.last_seq),
+            seq: cursor.max(req.through),
             incarnation: Some(req.outbox.0),
             epoch: req.outbox.1,
+            top: self.agg.rows.keys().next_back().copied().unwrap_or(0),
         };
         Ok(self.agg.cursor.seq)
     }
