@@ -295,13 +295,12 @@ impl OutboxReader {
         // Never below the last one's (new lanes start above it).
         plan.floor = plan.floor.max(plan.floor());
         self.protected.with_lanes(|l| *l = plan.marks());
-        // What this run sent stays protected across a restart until the
-        // next session's cursor (best effort, as in order).
-        if let Err(e) = self.conn.execute(
-            "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'sent_seq'",
-            [last as i64],
-        ) {
-            tracing::debug!(error = %e, "Cannot note the sent mark.");
+        // What was sent stays protected across a restart until a cursor
+        // passes it (best effort: a failed write only protects less after
+        // a restart, and a full disk must not stop the uplink, I-28).
+        if let Err(e) = retention::InFlightMarks::store(&self.conn, &self.protected.lanes_joined())
+        {
+            tracing::debug!(error = %e, "Cannot note the sent marks.");
         }
         Ok(Some((records, plan.floor)))
     }

@@ -444,6 +444,11 @@ impl Outbox {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let carried =
+            retention::InFlightMarks::load(&conn).map_err(|source| OutboxError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -453,7 +458,10 @@ impl Outbox {
                 dead_letter_max_bytes: u64::MAX,
                 ..Retention::default()
             },
-            protected: std::sync::Arc::new(retention::InFlightMarks::new(sent.max(0) as u64)),
+            protected: std::sync::Arc::new(retention::InFlightMarks::new(
+                sent.max(0) as u64,
+                carried,
+            )),
             last_mark_ms: 0,
             last_expire: None,
         })
@@ -963,6 +971,12 @@ impl OutboxReader {
     fn reset_sent(&self, cursor: u64) -> Result<(), OutboxError> {
         self.protected.reset(cursor);
         self.plan.replace(None);
+        if let Err(e) = self.conn.execute(
+            "DELETE FROM sent_marks WHERE MAX(after, COALESCE(live_hi, 0)) <= ?1",
+            [cursor as i64],
+        ) {
+            tracing::debug!(error = %e, "Cannot prune the sent marks.");
+        }
         if let Err(e) = self.conn.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'sent_seq' AND value != ?1",
             [cursor as i64],

@@ -202,12 +202,20 @@ impl Protect {
 }
 
 impl InFlightMarks {
-    /// Marks with everything at or below `below` protected.
-    pub fn new(below: u64) -> Self {
+    /// Marks with everything at or below `below` protected, and what
+    /// earlier sessions sent out of order (`carried`).
+    pub fn new(below: u64, carried: HashMap<u32, LaneSent>) -> Self {
         Self {
             below: below.into(),
+            carried: std::sync::Mutex::new(carried),
             ..Self::default()
         }
+    }
+
+    /// Every lane's marks, this session's and carried, joined (what to
+    /// keep across a restart).
+    pub fn lanes_joined(&self) -> HashMap<u32, LaneSent> {
+        self.snapshot().lanes
     }
 
     /// The marks now.
@@ -245,6 +253,41 @@ impl InFlightMarks {
             *e = e.join(s);
         }
         carried.retain(|_, s| s.highest() > cursor);
+    }
+
+    /// Reads the per-lane marks kept in `sent_marks`.
+    pub fn load(conn: &Connection) -> rusqlite::Result<HashMap<u32, LaneSent>> {
+        let mut st = conn.prepare("SELECT lane, after, live_lo, live_hi FROM sent_marks")?;
+        let rows = st.query_map([], |r| {
+            let lo: Option<i64> = r.get(2)?;
+            let hi: Option<i64> = r.get(3)?;
+            Ok((
+                r.get::<_, u32>(0)?,
+                LaneSent {
+                    after: r.get::<_, i64>(1)?.max(0) as u64,
+                    live: lo.zip(hi).map(|(l, h)| (l.max(0) as u64, h.max(0) as u64)),
+                },
+            ))
+        })?;
+        rows.collect()
+    }
+
+    /// Keeps `lanes` in `sent_marks`, replacing what was there.
+    pub fn store(conn: &Connection, lanes: &HashMap<u32, LaneSent>) -> rusqlite::Result<()> {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM sent_marks", [])?;
+        for (lane, s) in lanes {
+            tx.execute(
+                "INSERT INTO sent_marks (lane, after, live_lo, live_hi) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    lane,
+                    s.after as i64,
+                    s.live.map(|l| l.0 as i64),
+                    s.live.map(|l| l.1 as i64)
+                ],
+            )?;
+        }
+        tx.commit()
     }
 
     /// Changes the per-lane marks.
