@@ -396,7 +396,10 @@ fn usage(conn: &Connection) -> rusqlite::Result<HashMap<u32, (u64, u64)>> {
 /// Per stream, what a drop removed.
 #[derive(Default)]
 pub struct Dropped {
-    by_stream: BTreeMap<(String, LossReason), LossReport>,
+    by_stream: BTreeMap<(String, LossReason, u32), LossReport>,
+    /// Bumped where a drop steps over records in flight: a report's seq
+    /// range never spans a record that was delivered.
+    part: u32,
     /// Bytes freed (lane measure).
     pub bytes: u64,
 }
@@ -429,7 +432,7 @@ impl Dropped {
     /// Folds `r` into the report of its stream and reason.
     fn add(&mut self, r: LossReport) {
         self.by_stream
-            .entry((r.stream.clone(), r.reason))
+            .entry((r.stream.clone(), r.reason, self.part))
             .and_modify(|e| e.absorb(&r))
             .or_insert(r);
     }
@@ -495,6 +498,9 @@ fn drop_from_lane(
                 break;
             }
             let seq = r.get::<_, i64>(0)? as u64;
+            if skip_lo <= skip_hi && seq > skip_hi && last.is_none_or(|l| l < skip_lo) {
+                out.part += 1;
+            }
             let stream: String = r.get(1)?;
             let ts = r.get::<_, i64>(2)?.max(0) as u64;
             let bytes = r.get::<_, i64>(3)?.max(0) as u64;
