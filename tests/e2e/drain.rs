@@ -71,7 +71,7 @@ fn alerts_and_live_readings_overtake_the_backlog_and_everything_arrives_once() {
          {uplink}drain = \"live_first\"\nbatch_records = 20\nmax_in_flight = 1\n",
         uplink = uplink_toml(NODE, &certs, cloud.quic_port)
     );
-    let mut edge = Edge::start(dir.path(), NODE, &body).unwrap();
+    let edge = Edge::start(dir.path(), NODE, &body).unwrap();
     let logs = |edge: &Edge, cloud: &Cloud| {
         format!(
             "--- edge ---\n{}\n--- cloud ---\n{}",
@@ -82,7 +82,11 @@ fn alerts_and_live_readings_overtake_the_backlog_and_everything_arrives_once() {
     let listening = process::wait_until(Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    assert!(listening, "endpoint never listened:\n{}", logs(&edge, &cloud));
+    assert!(
+        listening,
+        "endpoint never listened:\n{}",
+        logs(&edge, &cloud)
+    );
 
     // The aggregator is down: 4 sensors × 1500 readings, then 40 alerts.
     let backlog = readings(0..4, 0..1500);
@@ -93,7 +97,11 @@ fn alerts_and_live_readings_overtake_the_backlog_and_everything_arrives_once() {
     let ok = process::wait_until(Duration::from_secs(60), || {
         edge.metric("fogline_ingest_received_total") >= taken
     });
-    assert!(ok, "the edge did not take everything in:\n{}", logs(&edge, &cloud));
+    assert!(
+        ok,
+        "the edge did not take everything in:\n{}",
+        logs(&edge, &cloud)
+    );
     std::thread::sleep(Duration::from_millis(500));
 
     // The uplink comes back; readings keep arriving during the drain.
@@ -147,5 +155,9 @@ fn alerts_and_live_readings_overtake_the_backlog_and_everything_arrives_once() {
         edge.status()
             .is_some_and(|s| s["outbox"]["backlog_records"].as_u64() == Some(0))
     });
-    assert!(drained, "the outbox did not empty:\n{}", logs(&edge, &cloud));
+    assert!(
+        drained,
+        "the outbox did not empty:\n{}",
+        logs(&edge, &cloud)
+    );
 }

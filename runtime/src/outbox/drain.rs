@@ -133,7 +133,7 @@ impl Plan {
         let live_first = match policy.order {
             DrainOrder::OldestFirst => false,
             DrainOrder::LiveFirst => true,
-            DrainOrder::Interleaved => self.turn % 2 == 0,
+            DrainOrder::Interleaved => self.turn.is_multiple_of(2),
         };
         let mut idx: Vec<usize> = (0..self.segments.len()).collect();
         // Rotating the start by the turn shares the link between lanes of

@@ -59,13 +59,22 @@ struct Agg {
 
 impl Agg {
     fn apply(&mut self, r: &OutboxReader, records: &[Record], floor: u64) {
-        assert!(floor >= self.last_floor, "floor went down: {floor} after {}", self.last_floor);
+        assert!(
+            floor >= self.last_floor,
+            "floor went down: {floor} after {}",
+            self.last_floor
+        );
         self.last_floor = floor;
-        let lane = if records[0].stream == "s/11" { ALERTS } else { BULK };
+        let lane = if records[0].stream == "s/11" {
+            ALERTS
+        } else {
+            BULK
+        };
         self.arrivals
             .push((lane, records[0].seq, records[records.len() - 1].seq));
         for rec in records {
-            if rec.seq > self.cursor && self.applied.insert(rec.seq) && rec.stream.starts_with("s/") {
+            if rec.seq > self.cursor && self.applied.insert(rec.seq) && rec.stream.starts_with("s/")
+            {
                 self.data.insert(rec.seq);
             }
         }
@@ -84,14 +93,20 @@ impl Agg {
             .filter(|s| !self.applied.contains(s))
             .filter(|s| {
                 r.conn
-                    .query_row("SELECT COUNT(*) FROM records WHERE seq = ?1", [*s as i64], |x| {
-                        x.get::<_, i64>(0)
-                    })
+                    .query_row(
+                        "SELECT COUNT(*) FROM records WHERE seq = ?1",
+                        [*s as i64],
+                        |x| x.get::<_, i64>(0),
+                    )
                     .unwrap()
                     > 0
             })
             .count();
-        assert_eq!(missing, 0, "cursor {} passed unsent records ({held} held)", self.cursor);
+        assert_eq!(
+            missing, 0,
+            "cursor {} passed unsent records ({held} held)",
+            self.cursor
+        );
     }
 }
 
@@ -151,7 +166,11 @@ fn alerts_drain_before_the_backlog_and_everything_arrives_once() {
     assert_eq!(left, 0, "acknowledged records are deleted");
     let usage: i64 = r
         .conn
-        .query_row("SELECT COALESCE(SUM(records), 0) FROM lane_usage", [], |x| x.get(0))
+        .query_row(
+            "SELECT COALESCE(SUM(records), 0) FROM lane_usage",
+            [],
+            |x| x.get(0),
+        )
         .unwrap();
     assert_eq!(usage, 0, "lane usage moved with the deletes");
 }
@@ -246,9 +265,11 @@ fn a_resend_after_a_lost_ack_is_applied_once_and_sent_records_are_never_dropped(
     commit(&mut w, BULK, 400);
     let held = |seq: u64| -> bool {
         r.conn
-            .query_row("SELECT COUNT(*) FROM records WHERE seq = ?1", [seq as i64], |x| {
-                x.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT COUNT(*) FROM records WHERE seq = ?1",
+                [seq as i64],
+                |x| x.get::<_, i64>(0),
+            )
             .unwrap()
             > 0
     };
@@ -260,7 +281,10 @@ fn a_resend_after_a_lost_ack_is_applied_once_and_sent_records_are_never_dropped(
     r.accept_cursor(agg.cursor).unwrap();
     // The carried marks still protect what the last session sent.
     commit(&mut w, BULK, 100);
-    assert!(live.iter().all(|x| held(x.seq)), "still kept after the reconnect");
+    assert!(
+        live.iter().all(|x| held(x.seq)),
+        "still kept after the reconnect"
+    );
     r.start_plan(agg.cursor).unwrap();
     agg.last_floor = 0;
     drain(&r, &mut agg, 100);
@@ -330,9 +354,11 @@ fn what_was_sent_out_of_order_stays_protected_across_a_restart() {
     commit(&mut w, BULK, 100);
     let held = |seq: u64| -> bool {
         r.conn
-            .query_row("SELECT COUNT(*) FROM records WHERE seq = ?1", [seq as i64], |x| {
-                x.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT COUNT(*) FROM records WHERE seq = ?1",
+                [seq as i64],
+                |x| x.get::<_, i64>(0),
+            )
             .unwrap()
             > 0
     };

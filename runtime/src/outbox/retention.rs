@@ -99,9 +99,10 @@ impl Retention {
     pub fn may_drop(&self) -> bool {
         self.max_age.is_some()
             || (self.max_bytes.is_some() && self.when_full == WhenFull::DropOldest)
-            || self.lanes.values().any(|l| {
-                l.max_age.is_some() || (l.when_full == WhenFull::DropOldest)
-            })
+            || self
+                .lanes
+                .values()
+                .any(|l| l.max_age.is_some() || (l.when_full == WhenFull::DropOldest))
     }
 }
 

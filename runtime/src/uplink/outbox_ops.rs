@@ -147,7 +147,9 @@ impl Outbox {
                 // Above everything the aggregator stores for this node: what
                 // it applied out of order lies above its cursor.
                 let above = top.max(cursor);
-                let (moved, offset) = self.run(move |r| Ok(r.renumber_above(cursor, above)?)).await?;
+                let (moved, offset) = self
+                    .run(move |r| Ok(r.renumber_above(cursor, above)?))
+                    .await?;
                 if ahead || moved > 0 {
                     metrics::counter!("fogline_uplink_renumbered_total").increment(1);
                     let detail = if ahead {

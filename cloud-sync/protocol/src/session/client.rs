@@ -232,10 +232,7 @@ pub struct ClientStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitWelcome,
-    Resuming {
-        decision: Resume,
-        cursor: u64,
-    },
+    Resuming { decision: Resume, cursor: u64 },
     Active,
     Closed,
 }
@@ -778,16 +775,34 @@ mod tests {
         s.handle_read(Some(batch(51, 60)), t0);
         // Window of 2 is full: no read.
         assert_eq!(actions(&mut s).len(), 1);
-        s.handle_frame(Frame::Ack { up_to: 50, applied: Some(1) }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 50,
+                applied: Some(1),
+            },
+            t0,
+        );
         // One batch still in flight, 6 pending deletes: not yet.
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ClientAction::Read { after: 60, .. }]
         ));
         s.handle_read(None, t0);
-        s.handle_frame(Frame::Ack { up_to: 60, applied: Some(2) }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 60,
+                applied: Some(2),
+            },
+            t0,
+        );
         // Nothing in flight: delete at once.
-        assert_eq!(actions(&mut s), vec![ClientAction::Delete { through: 60, batches: 2 }]);
+        assert_eq!(
+            actions(&mut s),
+            vec![ClientAction::Delete {
+                through: 60,
+                batches: 2
+            }]
+        );
         assert_eq!(s.stats().acked, 60);
         assert_eq!(s.stats().records_acked, 20);
     }
@@ -799,7 +814,13 @@ mod tests {
         actions(&mut s);
         s.handle_read(Some(batch(1, 10)), t0);
         actions(&mut s);
-        s.handle_frame(Frame::Ack { up_to: 11, applied: None }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 11,
+                applied: None,
+            },
+            t0,
+        );
         let a = actions(&mut s);
         assert!(
             matches!(
@@ -947,7 +968,13 @@ mod tests {
         ));
         let mut s = ClientSession::new(ClientConfig::default(), outbox(1), t0);
         actions(&mut s);
-        s.handle_frame(Frame::Ack { up_to: 1, applied: None }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 1,
+                applied: None,
+            },
+            t0,
+        );
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ClientAction::Close(CloseReason::Violation { .. })]

@@ -61,10 +61,8 @@ pub fn reconcile(outbox: OutboxInfo, w: Welcomed) -> Resume {
     let seen = w.top.max(cursor);
     let ours =
         w.incarnation == outbox.incarnation || (w.incarnation == 0 && seen < outbox.next_seq);
-    let forked = w.incarnation != 0
-        && w.epoch != 0
-        && w.epoch != outbox.epoch
-        && outbox.epoch_start <= seen;
+    let forked =
+        w.incarnation != 0 && w.epoch != 0 && w.epoch != outbox.epoch && outbox.epoch_start <= seen;
     if !ours {
         Resume::Foreign
     } else if seen >= outbox.next_seq || forked {
@@ -179,7 +177,13 @@ mod tests {
         assert_eq!(reconcile(same, top), Resume::Continue);
         // This file never numbered 400: an older copy.
         assert_eq!(
-            reconcile(OutboxInfo { epoch: 5, ..outbox(7, 301, 100) }, top),
+            reconcile(
+                OutboxInfo {
+                    epoch: 5,
+                    ..outbox(7, 301, 100)
+                },
+                top
+            ),
             Resume::Ahead
         );
         // A restart numbering from 201 would collide with what is stored.

@@ -75,7 +75,9 @@ pub enum WindowError {
     },
     /// The aggregator counted more applied batches than were sent, or fewer
     /// than before.
-    #[error("ack says {applied} batches applied; {acked} were acknowledged before and {sent} sent")]
+    #[error(
+        "ack says {applied} batches applied; {acked} were acknowledged before and {sent} sent"
+    )]
     AppliedOutOfRange {
         /// What the ack said.
         applied: u64,
@@ -306,7 +308,10 @@ mod tests {
         assert_eq!((p.batches, p.records, s.acked()), (1, 40, 50));
         // A floor going down is refused; so is a count beyond what was sent.
         assert!(matches!(
-            s.check_send(&InFlight { floor: 40, ..backlog }),
+            s.check_send(&InFlight {
+                floor: 40,
+                ..backlog
+            }),
             Err(WindowError::NotAfterAcked { .. })
         ));
         assert!(matches!(

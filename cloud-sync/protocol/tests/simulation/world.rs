@@ -240,7 +240,12 @@ impl Seg {
 impl Outbox {
     fn lane_seqs(&self, lane: u8, from: u64, until: u64, n: usize) -> Vec<u64> {
         if lane == 2 {
-            return self.reports.range(from..until).map(|(s, _)| *s).take(n).collect();
+            return self
+                .reports
+                .range(from..until)
+                .map(|(s, _)| *s)
+                .take(n)
+                .collect();
         }
         self.rows
             .range(from..until)
@@ -1530,11 +1535,10 @@ impl World {
                     .edge
                     .ops
                     .push_back((conn, OutOp::Read { after, max_records })),
-                ClientAction::Delete { through, batches } => {
-                    self.edge
-                        .ops
-                        .push_back((conn, OutOp::Delete { through, batches }))
-                }
+                ClientAction::Delete { through, batches } => self
+                    .edge
+                    .ops
+                    .push_back((conn, OutOp::Delete { through, batches })),
                 ClientAction::Probe => {
                     if self.edge.probe.is_none() {
                         let p = self.edge.dialer.probe(attempt.server, attempt.transport);
@@ -1631,7 +1635,10 @@ impl World {
                     ));
                 }
                 let gone = self.edge.outbox.delete_acked(through, batches);
-                if let Some(seq) = gone.iter().find(|s| !self.agg.rows.contains_key(s) && !self.agg.losses.contains_key(s)) {
+                if let Some(seq) = gone
+                    .iter()
+                    .find(|s| !self.agg.rows.contains_key(s) && !self.agg.losses.contains_key(s))
+                {
                     self.fail(format!(
                         "the edge deletes seq {seq}, acknowledged out of order, but the store does not hold it"
                     ));
