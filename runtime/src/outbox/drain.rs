@@ -363,10 +363,7 @@ impl OutboxReader {
         }
         let mut n = 0;
         if !done.is_empty() {
-            let tx = self
-                .conn
-                .unchecked_transaction()
-                .map_err(self.sql("begin delete"))?;
+            let tx = super::write_tx(&self.conn).map_err(self.sql("begin delete"))?;
             for b in &done {
                 retention::subtract_range(&tx, b.lane, b.first, b.last)
                     .map_err(self.sql("count lane usage"))?;

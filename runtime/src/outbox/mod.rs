@@ -413,6 +413,14 @@ fn sql_error<'a>(
     }
 }
 
+/// A write transaction on a shared handle that takes the write lock at
+/// once: a deferred one that read first cannot take it after the other
+/// connection committed (`SQLITE_BUSY_SNAPSHOT`, which no busy timeout
+/// waits out), and a delete would fail for nothing.
+pub(crate) fn write_tx(conn: &Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+}
+
 /// Bytes free on the filesystem holding `path`.
 pub fn disk_free(path: &Path) -> std::io::Result<u64> {
     let dir = match path.parent() {
@@ -1106,10 +1114,7 @@ impl OutboxReader {
     }
 
     fn delete_through_once(&self, through: u64) -> Result<usize, OutboxError> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(self.sql("begin delete"))?;
+        let tx = write_tx(&self.conn).map_err(self.sql("begin delete"))?;
         retention::subtract_through(&tx, through).map_err(self.sql("count lane usage"))?;
         let n = tx
             .execute("DELETE FROM records WHERE seq <= ?1", [through as i64])
@@ -1198,10 +1203,7 @@ impl OutboxReader {
     pub fn renumber_above(&self, cursor: u64, above: u64) -> Result<(usize, u64), OutboxError> {
         self.reset_sent(cursor)?;
         let above = above.max(cursor);
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(self.sql("begin renumber"))?;
+        let tx = write_tx(&self.conn).map_err(self.sql("begin renumber"))?;
         // Take the write lock first so the pipeline cannot number records in between.
         tx.execute("UPDATE meta SET value = value WHERE key = 'next_seq'", [])
             .map_err(self.sql("renumber"))?;

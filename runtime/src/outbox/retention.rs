@@ -275,7 +275,7 @@ impl InFlightMarks {
 
     /// Keeps `lanes` in `sent_marks`, replacing what was there.
     pub fn store(conn: &Connection, lanes: &HashMap<u32, LaneSent>) -> rusqlite::Result<()> {
-        let tx = conn.unchecked_transaction()?;
+        let tx = super::write_tx(conn)?;
         tx.execute("DELETE FROM sent_marks", [])?;
         for (lane, s) in lanes {
             tx.execute(
