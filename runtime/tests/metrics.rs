@@ -106,7 +106,7 @@ async fn every_series_has_help_and_type_and_the_operator_series_exist_from_start
         "histograms, not summaries: {types:?}"
     );
     for name in [
-        "fogline_build_info",
+        fogline_telemetry::BUILD_INFO,
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",
@@ -129,7 +129,8 @@ async fn every_series_has_help_and_type_and_the_operator_series_exist_from_start
     assert_eq!(types["process_cpu_seconds_total"], "counter");
     assert!(
         text.contains(&format!(
-            "fogline_build_info{{version=\"{}\"",
+            "{}{{version=\"{}\"",
+            fogline_telemetry::BUILD_INFO,
             env!("CARGO_PKG_VERSION")
         )),
         "{text}"
