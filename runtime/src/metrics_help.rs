@@ -6,7 +6,9 @@
 
 use crate::ingest::endpoint::events as endpoint;
 use crate::ingest::events as ingest;
+use crate::outbox::events as outbox;
 use crate::pipeline::events as pipeline;
+use crate::uplink::events as uplink;
 use fogline_telemetry::help::{register_zero, Help, Kind::*, Series};
 
 /// Free bytes on the outbox's filesystem, read at each scrape.
@@ -49,92 +51,19 @@ const HELP: &[Help] = &[
         Gauge,
         "Bytes free (for unprivileged writers) on the filesystem holding the outbox, read at each scrape.",
     ),
-    (
-        "fogline_outbox_salvaged_total",
-        Counter,
-        "Times a damaged outbox was salvaged into a new file.",
-    ),
-    (
-        "fogline_outbox_delete_failures_total",
-        Counter,
-        "Deletes of acknowledged records that failed (retried by the next).",
-    ),
-    (
-        "fogline_outbox_reserve_released_total",
-        Counter,
-        "Times the outbox's reserve file was given back on a full disk.",
-    ),
-    (
-        "fogline_uplink_connected",
-        Gauge,
-        "1 while a session with the aggregator is up.",
-    ),
-    (
-        "fogline_uplink_acked_seq",
-        Gauge,
-        "Highest outbox sequence the aggregator acknowledged.",
-    ),
-    (
-        "fogline_uplink_connects_total",
-        Counter,
-        "Sessions established, by transport.",
-    ),
-    (
-        "fogline_uplink_connect_failures_total",
-        Counter,
-        "Connection attempts that failed, by transport.",
-    ),
-    (
-        "fogline_uplink_disconnects_total",
-        Counter,
-        "Sessions ended, by reason (silent, stalled, refused, ...).",
-    ),
-    (
-        "fogline_uplink_probes_total",
-        Counter,
-        "Fresh connections tried alongside a silent session.",
-    ),
-    (
-        "fogline_uplink_probe_switches_total",
-        Counter,
-        "Sessions moved to a probe's connection.",
-    ),
-    (
-        "fogline_uplink_zero_rtt_total",
-        Counter,
-        "Sessions whose Hello went out as 0-RTT data.",
-    ),
-    (
-        "fogline_uplink_records_sent_total",
-        Counter,
-        "Records sent in batches (resends included).",
-    ),
-    (
-        "fogline_uplink_bytes_sent_total",
-        Counter,
-        "Frame bytes sent to the aggregator.",
-    ),
-    (
-        "fogline_uplink_records_acked_total",
-        Counter,
-        "Records acknowledged by the aggregator and deleted.",
-    ),
-    (
-        "fogline_uplink_cursor_regressions_total",
-        Counter,
-        "Times the aggregator's cursor was behind its acknowledgements (records lost there).",
-    ),
-    (
-        "fogline_uplink_renumbered_total",
-        Counter,
-        "Times buffered records were renumbered above another outbox's cursor.",
-    ),
 ];
 
 /// Every HELP table: this module's (metrics without an events module of
 /// their own) and each part's. Their names are registered bare at start,
 /// those of [`LABELLED`] excepted.
-const TABLES: &[&[Help]] = &[HELP, ingest::HELP, endpoint::HELP, pipeline::HELP];
+const TABLES: &[&[Help]] = &[
+    HELP,
+    ingest::HELP,
+    endpoint::HELP,
+    pipeline::HELP,
+    outbox::HELP,
+    uplink::HELP,
+];
 
 /// Metrics of [`TABLES`] that always carry labels: never registered bare.
 const LABELLED: &[&str] = &[
@@ -149,9 +78,9 @@ const LABELLED: &[&str] = &[
     pipeline::HELD_TOTAL,
     pipeline::SWAPS_TOTAL,
     pipeline::DEAD_LETTERS_TOTAL,
-    "fogline_uplink_connects_total",
-    "fogline_uplink_connect_failures_total",
-    "fogline_uplink_disconnects_total",
+    uplink::CONNECTS_TOTAL,
+    uplink::CONNECT_FAILURES_TOTAL,
+    uplink::DISCONNECTS_TOTAL,
 ];
 
 /// Labelled series whose label values are known before any event.
@@ -164,16 +93,10 @@ const AT_START: &[Series] = &[
     (ingest::RESENDS_TOTAL, &[("source", "broker")]),
     (ingest::POSSIBLE_DUPLICATES_TOTAL, &[("source", "endpoint")]),
     (ingest::POSSIBLE_DUPLICATES_TOTAL, &[("source", "broker")]),
-    ("fogline_uplink_connects_total", &[("transport", "quic")]),
-    ("fogline_uplink_connects_total", &[("transport", "tcp")]),
-    (
-        "fogline_uplink_connect_failures_total",
-        &[("transport", "quic")],
-    ),
-    (
-        "fogline_uplink_connect_failures_total",
-        &[("transport", "tcp")],
-    ),
+    (uplink::CONNECTS_TOTAL, &[("transport", "quic")]),
+    (uplink::CONNECTS_TOTAL, &[("transport", "tcp")]),
+    (uplink::CONNECT_FAILURES_TOTAL, &[("transport", "quic")]),
+    (uplink::CONNECT_FAILURES_TOTAL, &[("transport", "tcp")]),
 ];
 
 /// Registers every HELP text, the build, and every series known at start
@@ -186,6 +109,8 @@ pub fn describe() {
     ingest::describe();
     endpoint::describe();
     pipeline::describe();
+    outbox::describe();
+    uplink::describe();
     fogline_telemetry::register_build_info(
         env!("CARGO_PKG_VERSION"),
         option_env!("FOGLINE_GIT_SHA"),

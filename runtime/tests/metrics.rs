@@ -13,6 +13,7 @@ use fogline_edge::functions::events as functions;
 use fogline_edge::ingest::events as ingest;
 use fogline_edge::metrics_help;
 use fogline_edge::pipeline::events as pipeline;
+use fogline_edge::uplink::events as uplink;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -116,8 +117,8 @@ async fn every_series_has_help_and_type_and_the_operator_series_exist_from_start
         pipeline::COMMIT_SECONDS,
         pipeline::RECORDS_WRITTEN_TOTAL,
         ingest::RECEIVED_TOTAL,
-        "fogline_uplink_connected",
-        "fogline_uplink_connects_total",
+        uplink::CONNECTED,
+        uplink::CONNECTS_TOTAL,
         functions::CALLS_TOTAL,
         functions::CALL_SECONDS,
         pipeline::BREAKER_OPENED_TOTAL,

@@ -3,17 +3,11 @@
 //! part's events (`events.rs`).
 
 use crate::service::events::{self as service, Rejected};
-use fogline_telemetry::help::{register_zero, Help, Kind::*, Series};
+use crate::store::events as store;
+use fogline_telemetry::help::{register_zero, Help, Series};
 
-/// HELP of the metrics no part's events module names.
-const HELP: &[Help] = &[(
-    "fogline_cloud_store_failures_total",
-    Counter,
-    "Store reads and writes that failed, by kind (disk_full, corrupt, error).",
-)];
-
-/// Every HELP table: this module's and each part's.
-const TABLES: &[&[Help]] = &[HELP, service::HELP];
+/// Every HELP table: each part's.
+const TABLES: &[&[Help]] = &[service::HELP, store::HELP];
 
 /// Every series known before any event, registered at zero at start.
 const AT_START: &[Series] = &[
@@ -43,8 +37,8 @@ const AT_START: &[Series] = &[
 /// Registers every HELP text, the build, and the series known at start at
 /// zero (idempotent).
 pub fn describe() {
-    fogline_telemetry::help::describe(HELP);
     service::describe();
+    store::describe();
     fogline_telemetry::register_build_info(
         env!("CARGO_PKG_VERSION"),
         option_env!("FOGLINE_GIT_SHA"),

@@ -21,6 +21,7 @@
 //!
 //! The outbox knows nothing about MQTT or QUIC.
 
+pub mod events;
 mod functions;
 pub mod losses;
 mod reserve;
@@ -1062,7 +1063,7 @@ impl OutboxReader {
                 if released == 0 {
                     return Err(e);
                 }
-                metrics::counter!("fogline_outbox_reserve_released_total").increment(1);
+                metrics::counter!(events::RESERVE_RELEASED_TOTAL).increment(1);
                 tracing::warn!(
                     path = %self.path.display(),
                     released_bytes = released,

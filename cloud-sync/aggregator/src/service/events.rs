@@ -156,3 +156,37 @@ impl TlsReloadFailed<'_> {
         tracing::warn!(error = %self.error, "TLS files changed but cannot be loaded; keeping the previous ones.");
     }
 }
+
+/// The store is behind what it acknowledged to a node: records it cannot
+/// have back, recorded as a gap.
+pub struct CursorRegressed {
+    /// How many records.
+    pub lost: u64,
+}
+
+impl CursorRegressed {
+    /// Count it.
+    pub fn emit(&self) {
+        metrics::counter!(CURSOR_REGRESSIONS_TOTAL).increment(1);
+        metrics::counter!(RECORDS_LOST_TOTAL).increment(self.lost);
+    }
+}
+
+/// A group of batches was decoded and applied, its commit done.
+pub struct BatchesApplied {
+    /// Time to decode and apply, commit included.
+    pub elapsed: std::time::Duration,
+    /// Records stored.
+    pub inserted: usize,
+    /// Records already stored, skipped.
+    pub skipped: usize,
+}
+
+impl BatchesApplied {
+    /// Count it.
+    pub fn emit(&self) {
+        metrics::histogram!(APPLY_SECONDS).record(self.elapsed.as_secs_f64());
+        metrics::counter!(RECORDS_APPLIED_TOTAL).increment(self.inserted as u64);
+        metrics::counter!(RECORDS_SKIPPED_TOTAL).increment(self.skipped as u64);
+    }
+}
