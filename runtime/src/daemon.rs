@@ -121,6 +121,14 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         chain.lane = outbox.lane(&p.name)?;
         retention.lanes.insert(chain.lane, config.lane_policy(p));
     }
+    let drain = crate::outbox::drain::DrainPolicy {
+        order: config.uplink.as_ref().map(|u| u.drain).unwrap_or_default(),
+        priorities: retention
+            .lanes
+            .iter()
+            .map(|(lane, p)| (*lane, p.priority))
+            .collect(),
+    };
     outbox.set_retention(retention)?;
     let protected = outbox.protected_handle();
     let (replica, restored) = Replica::load(outbox.load_sessions()?);
@@ -193,6 +201,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
             let mut reader = OutboxReader::open(&outbox_path, config.outbox.sync)?;
             reader.set_damage_flag(damage.clone());
             reader.set_protected(protected.clone());
+            reader.set_drain(drain);
             let (reader, reserved) =
                 reader.with_reserve(config.outbox.reserve_mib.saturating_mul(1 << 19));
             match reserved {

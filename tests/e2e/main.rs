@@ -5,6 +5,7 @@
 mod bad_input;
 mod clock;
 mod crash;
+mod drain;
 mod endpoint;
 mod endpoint_limits;
 mod external;

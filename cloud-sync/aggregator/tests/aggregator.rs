@@ -373,6 +373,7 @@ async fn a_batch_that_does_not_decode_closes_the_session_as_malformed_and_stores
         raw_len: junk.len() as u32,
         codec: fogline_protocol::BlockCodec::None,
         block: junk,
+        floor: 11,
     };
     link.conn
         .writer

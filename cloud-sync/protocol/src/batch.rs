@@ -244,6 +244,8 @@ pub fn encode_batch(records: &[Record], zstd_level: i32) -> Result<BatchFrame, B
         raw_len: raw_len as u32,
         codec,
         block,
+        // In order unless the sender says otherwise (see BatchFrame::floor).
+        floor: last.seq.saturating_add(1),
     })
 }
 
@@ -652,7 +654,7 @@ pub(crate) mod tests {
             zstd in any::<bool>(),
         ) {
             let codec = if zstd { BlockCodec::Zstd } else { BlockCodec::None };
-            let frame = BatchFrame { first_seq: 1, last_seq: 5, record_count: count, raw_len, codec, block };
+            let frame = BatchFrame { first_seq: 1, last_seq: 5, record_count: count, raw_len, codec, block, floor: 6 };
             let _ = decode_batch(&frame);
         }
 
@@ -677,6 +679,7 @@ pub(crate) mod tests {
                 raw_len: raw.len() as u32,
                 codec: BlockCodec::Zstd,
                 block,
+                floor: 0,
             };
             let _ = decode_batch(&frame);
             let frame = BatchFrame { codec: BlockCodec::None, block: raw, ..frame };
@@ -699,6 +702,7 @@ pub(crate) mod tests {
             raw_len: u32::MAX,
             codec: BlockCodec::Zstd,
             block: block.clone(),
+            floor: 2,
         };
         assert!(matches!(
             decode_batch(&frame),

@@ -7,18 +7,24 @@
 //! Hello   (0x01) := protocol_version:varint  agent:str  incarnation:varint  next_seq:varint  acked:varint
 //!                   epoch:varint  epoch_start:varint
 //! Welcome (0x02) := node_id:str  cursor:varint  incarnation:varint (0: none recorded)  epoch:varint
+//!                   [top:varint]                                  (to v4 nodes)
 //! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint
-//!                   codec:u8 (v3; v2 has none and means zstd)  block:rest
-//! Ack     (0x04) := up_to:varint
+//!                   codec:u8 (v3; v2 has none and means zstd)  floor:varint (v4)  block:rest
+//! Ack     (0x04) := up_to:varint  [applied:varint]                (to v4 nodes)
 //! Error   (0x05) := code:varint  message:str
 //! Ping    (0x06) := nonce:varint                                  (v3)
 //! Pong    (0x07) := nonce:varint                                  (v3)
 //! str     := len:varint  utf8-bytes
 //! ```
 //!
-//! The layout of every frame but `Batch` is the same in versions 2 and 3;
+//! The layout of every frame but `Batch` is the same in versions 2 to 4;
 //! a receiver learns the peer's version from `Hello` and decodes `Batch`
-//! accordingly ([`FrameDecoder::set_peer_version`]).
+//! accordingly ([`FrameDecoder::set_peer_version`]). Version 4 lets a node
+//! send its records out of seq order (drain priorities, live data first):
+//! `Batch.floor` says below which seq nothing remains to be sent, `Ack`
+//! counts the batches applied and `Welcome` names the highest seq stored.
+//! The aggregator writes `top` and `applied` only to nodes of version 4
+//! (a trailing field an older node would call malformed).
 
 use super::wire::{put_str, put_varint, Reader};
 use super::{
@@ -154,6 +160,13 @@ pub struct BatchFrame {
     pub codec: BlockCodec,
     /// The columnar block, see [`super::batch`].
     pub block: Vec<u8>,
+    /// Every record of the node numbered below this is in this batch, in a
+    /// batch sent before it on this connection, already acknowledged, or
+    /// will never be sent (dropped, and reported as a loss): the
+    /// aggregator's cursor may move to `floor - 1` once the batch is
+    /// applied. Records in order make it `last_seq + 1`, which is what a
+    /// batch of version 2 or 3 means.
+    pub floor: u64,
 }
 
 impl BatchFrame {
@@ -198,13 +211,22 @@ pub enum Frame {
         incarnation: u64,
         /// The outbox epoch recorded with the cursor (0: none).
         epoch: u64,
+        /// The highest seq of this node the store holds, which may be above
+        /// the cursor when the node sent out of order (`None`: not sent,
+        /// to nodes before version 4; then it is the cursor).
+        top: Option<u64>,
     },
     /// Edge → aggregator: records to apply.
     Batch(BatchFrame),
-    /// Aggregator → edge: every record with seq ≤ `up_to` is durably applied.
+    /// Aggregator → edge: every record with seq ≤ `up_to` is durably
+    /// applied (or will never come), and so are the first `applied`
+    /// batches of this connection.
     Ack {
-        /// Cumulative acknowledgement.
+        /// The node's cursor after the apply.
         up_to: u64,
+        /// Batches of this connection applied so far (`None`: not sent, to
+        /// nodes before version 4).
+        applied: Option<u64>,
     },
     /// Either direction: the sender is about to close the connection.
     Error {
@@ -302,6 +324,7 @@ impl Frame {
                 cursor,
                 incarnation,
                 epoch,
+                top,
             } => {
                 check_text("Welcome.node_id", node_id)?;
                 out.push(T_WELCOME);
@@ -309,6 +332,9 @@ impl Frame {
                 put_varint(out, *cursor);
                 put_varint(out, *incarnation);
                 put_varint(out, *epoch);
+                if let Some(top) = top {
+                    put_varint(out, *top);
+                }
             }
             Frame::Batch(b) => {
                 out.push(T_BATCH);
@@ -317,11 +343,15 @@ impl Frame {
                 put_varint(out, u64::from(b.record_count));
                 put_varint(out, u64::from(b.raw_len));
                 out.push(b.codec.to_u8());
+                put_varint(out, b.floor);
                 out.extend_from_slice(&b.block);
             }
-            Frame::Ack { up_to } => {
+            Frame::Ack { up_to, applied } => {
                 out.push(T_ACK);
                 put_varint(out, *up_to);
+                if let Some(n) = applied {
+                    put_varint(out, *n);
+                }
             }
             Frame::Error { code, message } => {
                 check_text("Error.message", message)?;
@@ -392,6 +422,11 @@ impl Frame {
                 cursor: r.varint("Welcome.cursor")?,
                 incarnation: r.varint("Welcome.incarnation")?,
                 epoch: r.varint("Welcome.epoch")?,
+                top: if r.remaining() > 0 {
+                    Some(r.varint("Welcome.top")?)
+                } else {
+                    None
+                },
             },
             T_BATCH => {
                 let first_seq = r.varint("Batch.first_seq")?;
@@ -414,6 +449,11 @@ impl Frame {
                         }
                     }
                 };
+                let floor = if version < 4 {
+                    last_seq.saturating_add(1)
+                } else {
+                    r.varint("Batch.floor")?
+                };
                 let block = r.rest().to_vec();
                 Frame::Batch(BatchFrame {
                     first_seq,
@@ -422,10 +462,16 @@ impl Frame {
                     raw_len,
                     codec,
                     block,
+                    floor,
                 })
             }
             T_ACK => Frame::Ack {
                 up_to: r.varint("Ack.up_to")?,
+                applied: if r.remaining() > 0 {
+                    Some(r.varint("Ack.applied")?)
+                } else {
+                    None
+                },
             },
             T_ERROR => Frame::Error {
                 code: ErrorCode::from_u32(r.varint_max("Error.code", u64::from(u32::MAX))? as u32),
@@ -556,24 +602,31 @@ pub(crate) mod tests {
                     }
                 }
             ),
-            ("[A-Za-z0-9._-]{1,128}", any::<[u64; 3]>()).prop_map(
-                |(node_id, [cursor, incarnation, epoch])| Frame::Welcome {
-                    node_id,
-                    cursor,
-                    incarnation,
-                    epoch,
-                }
-            ),
+            (
+                "[A-Za-z0-9._-]{1,128}",
+                any::<[u64; 3]>(),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(node_id, [cursor, incarnation, epoch], top)| {
+                    Frame::Welcome {
+                        node_id,
+                        cursor,
+                        incarnation,
+                        epoch,
+                        top,
+                    }
+                }),
             (
                 any::<u64>(),
                 any::<u64>(),
                 0u32..1000,
                 0u32..100_000,
                 any::<bool>(),
-                proptest::collection::vec(any::<u8>(), 0..300)
+                proptest::collection::vec(any::<u8>(), 0..300),
+                any::<u64>(),
             )
                 .prop_map(
-                    |(first_seq, last_seq, record_count, raw_len, zstd, block)| {
+                    |(first_seq, last_seq, record_count, raw_len, zstd, block, floor)| {
                         Frame::Batch(BatchFrame {
                             first_seq,
                             last_seq,
@@ -585,12 +638,14 @@ pub(crate) mod tests {
                                 BlockCodec::None
                             },
                             block,
+                            floor,
                         })
                     }
                 ),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
-            any::<u64>().prop_map(|up_to| Frame::Ack { up_to }),
+            (any::<u64>(), proptest::option::of(any::<u64>()))
+                .prop_map(|(up_to, applied)| Frame::Ack { up_to, applied }),
             (any::<u32>(), ".{0,60}").prop_map(|(c, message)| Frame::Error {
                 code: ErrorCode::from_u32(c),
                 message
@@ -679,6 +734,7 @@ pub(crate) mod tests {
             raw_len: 1,
             codec: BlockCodec::None,
             block: vec![0; MAX_FRAME_BYTES],
+            floor: 2,
         });
         let mut out = vec![7];
         assert!(matches!(
@@ -695,7 +751,7 @@ pub(crate) mod tests {
             Err(DecodeError::UnknownFrameType(0x7f))
         );
         assert!(matches!(
-            Frame::decode_body(&[T_ACK, 5, 0], PROTOCOL_VERSION),
+            Frame::decode_body(&[T_ACK, 5, 0, 0], PROTOCOL_VERSION),
             Err(DecodeError::TrailingBytes {
                 what: "Ack",
                 count: 1
@@ -727,6 +783,7 @@ pub(crate) mod tests {
                 raw_len: 40,
                 codec: BlockCodec::Zstd,
                 block: vec![0xAA, 0xBB],
+                floor: 10,
             })
         );
         // The same bytes as version 3: 0xAA is not a codec.
@@ -737,5 +794,37 @@ pub(crate) mod tests {
         wire.extend_from_slice(&body);
         dec.push(&wire);
         assert_eq!(dec.next_frame().unwrap(), Some(v2));
+    }
+
+    #[test]
+    fn version_4_batches_carry_their_floor_and_older_ones_imply_it() {
+        let b = BatchFrame {
+            first_seq: 20,
+            last_seq: 29,
+            record_count: 10,
+            raw_len: 1,
+            codec: BlockCodec::None,
+            block: vec![7],
+            floor: 5,
+        };
+        let wire = Frame::Batch(b.clone()).to_bytes().unwrap();
+        assert_eq!(
+            Frame::decode_body(&wire[4..], 4).unwrap(),
+            Frame::Batch(b.clone())
+        );
+        // A version 3 batch (no floor byte) means "in order": floor = last + 1.
+        let v3: Vec<u8> = [T_BATCH, 20, 29, 10, 1, 0, 7].to_vec();
+        assert_eq!(
+            Frame::decode_body(&v3, 3).unwrap(),
+            Frame::Batch(BatchFrame { floor: 30, ..b })
+        );
+        // Ack and Welcome without their version-4 fields still decode.
+        assert_eq!(
+            Frame::decode_body(&[T_ACK, 9], 4).unwrap(),
+            Frame::Ack {
+                up_to: 9,
+                applied: None
+            }
+        );
     }
 }

@@ -19,8 +19,9 @@ pub use loss::{LossReason, LossReport, LOSS_STREAM};
 
 /// Version of the wire protocol spoken by this crate, sent in `Hello`.
 /// 2: `Hello` carries the outbox incarnation, `Welcome` the one the cursor
-/// belongs to. 3: `Batch` carries its block codec; `Ping`/`Pong`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// belongs to. 3: `Batch` carries its block codec; `Ping`/`Pong`. 4: records
+/// may be sent out of seq order — `Batch.floor`, `Ack.applied`, `Welcome.top`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Oldest version an aggregator still serves (edges are upgraded after it).
 pub const MIN_PROTOCOL_VERSION: u32 = 2;

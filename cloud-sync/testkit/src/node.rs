@@ -101,7 +101,7 @@ impl TestNode {
     pub async fn next_ack(&mut self) -> Result<u64, TransportError> {
         loop {
             match next(&mut self.conn).await? {
-                Frame::Ack { up_to } => return Ok(up_to),
+                Frame::Ack { up_to, .. } => return Ok(up_to),
                 Frame::Pong { .. } => {}
                 other => {
                     return Err(TransportError::ConnectionLost(format!(

@@ -397,8 +397,9 @@ pub struct PipelineConfig {
     /// Function names, applied in order. Empty: messages pass unchanged.
     #[serde(default)]
     pub functions: Vec<String>,
-    /// Drop order under `outbox.max_bytes` with `drop_oldest`: `low`
-    /// first, `high` (alerts) last.
+    /// `high` (alerts) drains to the aggregator first and is dropped last
+    /// under `outbox.max_bytes` with `drop_oldest`; `low` drains last and is
+    /// dropped first.
     #[serde(default)]
     pub priority: crate::outbox::Priority,
     /// Payload and stream-name bytes this pipeline's records may hold in
@@ -517,6 +518,12 @@ pub struct UplinkConfig {
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
+    /// The order within one pipeline priority when a backlog drains:
+    /// `oldest_first` (default), `live_first` (what arrives now goes
+    /// before the backlog) or `interleaved` (one batch of each in turn).
+    /// Pipelines of `priority = "high"` always drain first, `low` last.
+    #[serde(default)]
+    pub drain: crate::outbox::drain::DrainOrder,
     /// Most records per batch.
     #[serde(default = "defaults::uplink_batch_records")]
     pub batch_records: usize,

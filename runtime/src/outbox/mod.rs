@@ -21,6 +21,7 @@
 //!
 //! The outbox knows nothing about MQTT or QUIC.
 
+pub mod drain;
 pub mod events;
 mod functions;
 pub mod losses;
@@ -385,9 +386,9 @@ pub struct Outbox {
     floor: u64,
     damage: salvage::DamageFlag,
     retention: Retention,
-    /// Records at or below this seq are in flight to the aggregator: never
-    /// dropped (they may be applied, and would then count twice).
-    protected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Records in flight to the aggregator: never dropped (they may be
+    /// applied, and would then count twice).
+    protected: std::sync::Arc<retention::InFlightMarks>,
     /// When the last seq mark (for `max_age`) was written.
     last_mark_ms: u64,
     /// When `expire` last looked (it looks at most once a second).
@@ -444,6 +445,11 @@ impl Outbox {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let carried =
+            retention::InFlightMarks::load(&conn).map_err(|source| OutboxError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -453,7 +459,10 @@ impl Outbox {
                 dead_letter_max_bytes: u64::MAX,
                 ..Retention::default()
             },
-            protected: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(sent.max(0) as u64)),
+            protected: std::sync::Arc::new(retention::InFlightMarks::new(
+                sent.max(0) as u64,
+                carried,
+            )),
             last_mark_ms: 0,
             last_expire: None,
         })
@@ -486,8 +495,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// The in-flight mark the uplink raises as it sends (see `protected`).
-    pub fn protected_handle(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    /// The in-flight marks the uplink raises as it sends (see `protected`).
+    pub fn protected_handle(&self) -> std::sync::Arc<retention::InFlightMarks> {
         self.protected.clone()
     }
 
@@ -516,7 +525,9 @@ impl Outbox {
             return Ok(0);
         }
         self.last_expire = Some(std::time::Instant::now());
-        let protected = self.protected.load(std::sync::atomic::Ordering::Acquire);
+        let marks = self.protected.clone();
+        let _reading = marks.reading();
+        let protected = marks.snapshot();
         let now = crate::clock::ingest_ms();
         let path = self.path.clone();
         let damage = self.damage.clone();
@@ -526,7 +537,7 @@ impl Outbox {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("begin expiry"))?;
         let mut dropped = retention::Dropped::default();
-        retention::expire(&tx, &self.retention, protected, now, &mut dropped)
+        retention::expire(&tx, &self.retention, &protected, now, &mut dropped)
             .map_err(sql("drop expired records"))?;
         let reports = losses::compact(dropped.into_reports());
         if reports.is_empty() {
@@ -690,6 +701,11 @@ impl Outbox {
                 detail: self.damage.detail().map(|d| d.1).unwrap_or_default(),
             });
         }
+        // A commit that may drop holds off the uplink's reads until it is
+        // committed: a record read after the marks were copied would be
+        // sent and reported lost.
+        let marks = self.protected.clone();
+        let _reading = self.retention.may_drop().then(|| marks.reading());
         if self.floor > 0 {
             let room = self.room()?;
             if room < self.floor {
@@ -731,9 +747,9 @@ impl Outbox {
         // in this transaction (I-32, I-33).
         let mut dropped = retention::Dropped::default();
         if !commit.records.is_empty() {
-            let protected = self.protected.load(std::sync::atomic::Ordering::Acquire);
+            let protected = self.protected.snapshot();
             if let Err(blocked) =
-                retention::make_room(&tx, &self.retention, &incoming, protected, &mut dropped)
+                retention::make_room(&tx, &self.retention, &incoming, &protected, &mut dropped)
                     .map_err(sql("make room"))?
             {
                 return Err(OutboxError::QuotaFull {
@@ -920,10 +936,13 @@ pub struct OutboxReader {
     path: PathBuf,
     reserve: std::cell::RefCell<Reserve>,
     damage: salvage::DamageFlag,
-    /// Raised to the last seq read (about to be in flight), reset to the
+    /// Raised over what is read (about to be in flight), reset to the
     /// aggregator's cursor when a session starts: the writer's quotas never
     /// drop a record that may be applied (it would count twice).
-    protected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    protected: std::sync::Arc<retention::InFlightMarks>,
+    /// Sending out of seq order: the policy and this session's plan.
+    drain: drain::DrainPolicy,
+    plan: std::cell::RefCell<Option<drain::Plan>>,
 }
 
 impl OutboxReader {
@@ -941,6 +960,8 @@ impl OutboxReader {
             reserve: std::cell::RefCell::new(Reserve::new(path, 0)),
             damage: salvage::DamageFlag::default(),
             protected: Default::default(),
+            drain: drain::DrainPolicy::default(),
+            plan: std::cell::RefCell::new(None),
         })
     }
 
@@ -949,8 +970,14 @@ impl OutboxReader {
     /// Best effort on disk: a stale mark there only protects more after a
     /// restart, and a reconnect on a full disk must not fail for it (I-28).
     fn reset_sent(&self, cursor: u64) -> Result<(), OutboxError> {
-        self.protected
-            .store(cursor, std::sync::atomic::Ordering::Release);
+        self.protected.reset(cursor);
+        self.plan.replace(None);
+        if let Err(e) = self.conn.execute(
+            "DELETE FROM sent_marks WHERE MAX(after, COALESCE(live_hi, 0)) <= ?1",
+            [cursor as i64],
+        ) {
+            tracing::debug!(error = %e, "Cannot prune the sent marks.");
+        }
         if let Err(e) = self.conn.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'sent_seq' AND value != ?1",
             [cursor as i64],
@@ -960,9 +987,9 @@ impl OutboxReader {
         Ok(())
     }
 
-    /// Shares the in-flight mark with the writer ([`Outbox::protected_handle`]).
-    pub fn set_protected(&mut self, mark: std::sync::Arc<std::sync::atomic::AtomicU64>) {
-        self.protected = mark;
+    /// Shares the in-flight marks with the writer ([`Outbox::protected_handle`]).
+    pub fn set_protected(&mut self, marks: std::sync::Arc<retention::InFlightMarks>) {
+        self.protected = marks;
     }
 
     /// Shares `flag` with the writer: damage either finds stops commits.
@@ -995,6 +1022,7 @@ impl OutboxReader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, OutboxError> {
+        let _reading = self.protected.reading();
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -1020,9 +1048,7 @@ impl OutboxReader {
             }
         }
         if let Some(last) = out.last() {
-            let before = self
-                .protected
-                .fetch_max(last.seq, std::sync::atomic::Ordering::AcqRel);
+            let before = self.protected.raise(last.seq);
             // Kept in the file too: after a restart, what the last run sent
             // may have been applied, and stays protected until the next
             // session's cursor says (a failed write only costs that).
@@ -1166,8 +1192,13 @@ impl OutboxReader {
     /// another outbox (or an older copy of this one), so nothing here may be
     /// taken as already applied. Returns how many records moved and by how
     /// much. The acknowledged mark restarts at `cursor`.
-    pub fn renumber_above(&self, cursor: u64) -> Result<(usize, u64), OutboxError> {
+    ///
+    /// `above` (≥ `cursor`) is the highest seq the aggregator stores for the
+    /// node, above its cursor when the node sent out of order: the records
+    /// move above that.
+    pub fn renumber_above(&self, cursor: u64, above: u64) -> Result<(usize, u64), OutboxError> {
         self.reset_sent(cursor)?;
+        let above = above.max(cursor);
         let tx = self
             .conn
             .unchecked_transaction()
@@ -1179,7 +1210,7 @@ impl OutboxReader {
             .query_row("SELECT MIN(seq) FROM records", [], |r| r.get(0))
             .map_err(self.sql("renumber"))?;
         let offset = match first {
-            Some(f) if (f as u64) <= cursor => cursor + 1 - f as u64,
+            Some(f) if (f as u64) <= above => above + 1 - f as u64,
             _ => 0,
         };
         let mut moved = 0;
@@ -1194,7 +1225,7 @@ impl OutboxReader {
         }
         tx.execute(
             "UPDATE meta SET value = MAX(value + ?1, ?2) WHERE key = 'next_seq'",
-            params![offset as i64, (cursor + 1) as i64],
+            params![offset as i64, (above + 1) as i64],
         )
         .map_err(self.sql("renumber"))?;
         tx.execute(
@@ -1205,7 +1236,7 @@ impl OutboxReader {
         // The numbering of this epoch now starts above the cursor.
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch_start', ?1)",
-            [(cursor + 1) as i64],
+            [(above + 1) as i64],
         )
         .map_err(self.sql("renumber"))?;
         tx.commit().map_err(self.sql("commit renumber"))?;

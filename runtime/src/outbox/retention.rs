@@ -94,6 +94,18 @@ pub struct Retention {
     pub wal_allowance: u64,
 }
 
+impl Retention {
+    /// Whether any policy drops records (`drop_oldest` or an age limit).
+    pub fn may_drop(&self) -> bool {
+        self.max_age.is_some()
+            || (self.max_bytes.is_some() && self.when_full == WhenFull::DropOldest)
+            || self
+                .lanes
+                .values()
+                .any(|l| l.max_age.is_some() || (l.when_full == WhenFull::DropOldest))
+    }
+}
+
 /// A quota that refuses the commit (`block`, or nothing left to drop).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
@@ -105,6 +117,193 @@ pub struct Blocked {
     pub incoming: u64,
     /// Its limit.
     pub limit: u64,
+}
+
+/// What the uplink sent and the aggregator may have applied: never dropped
+/// (it would count as delivered and as lost). Shared by the reader, which
+/// raises the marks as it reads, and the writer, which drops around them.
+#[derive(Debug, Default)]
+pub struct InFlightMarks {
+    /// Every record at or below this seq (sending in seq order, and what
+    /// the last run sent until a session's cursor says otherwise).
+    below: std::sync::atomic::AtomicU64,
+    /// Per lane, sending out of order (drain priorities, live data first).
+    lanes: std::sync::Mutex<HashMap<u32, LaneSent>>,
+    /// What earlier sessions sent out of order above their cursor: it may
+    /// have been applied without the ack arriving, so it stays protected
+    /// until a cursor passes it.
+    carried: std::sync::Mutex<HashMap<u32, LaneSent>>,
+    /// Held by the reader from its read to its marks, and by the writer
+    /// from its drops to its commit: a record is never read, then dropped
+    /// under a mark taken before the read.
+    pub(super) reading: std::sync::Mutex<()>,
+}
+
+/// What was sent of one lane: its records in `(.., after]` and in `live`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneSent {
+    /// Every record of the lane at or below this was sent.
+    pub after: u64,
+    /// And those in this range (the live part, sent first).
+    pub live: Option<(u64, u64)>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A copy of the marks for one decision.
+#[derive(Debug, Clone, Default)]
+pub struct Protect {
+    below: u64,
+    lanes: HashMap<u32, LaneSent>,
+}
+
+impl LaneSent {
+    /// Protects what either protects (the live ranges joined).
+    fn join(self, other: LaneSent) -> LaneSent {
+        let live = match (self.live, other.live) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+            (a, b) => a.or(b),
+        };
+        LaneSent {
+            after: self.after.max(other.after),
+            live,
+        }
+    }
+
+    fn highest(&self) -> u64 {
+        self.live.map_or(self.after, |l| l.1.max(self.after))
+    }
+}
+
+impl Protect {
+    /// Everything at or below `below` protected (tests, and in-order sends).
+    pub fn below(below: u64) -> Self {
+        Self {
+            below,
+            lanes: HashMap::new(),
+        }
+    }
+
+    /// For `lane`: records at or below the first are protected, and those
+    /// in the inclusive range of the second two.
+    fn lane(&self, lane: u32) -> (u64, u64, u64) {
+        match self.lanes.get(&lane) {
+            Some(l) => {
+                let (lo, hi) = l.live.unwrap_or((1, 0));
+                (l.after.max(self.below), lo, hi)
+            }
+            None => (self.below, 1, 0),
+        }
+    }
+}
+
+impl InFlightMarks {
+    /// Marks with everything at or below `below` protected, and what
+    /// earlier sessions sent out of order (`carried`).
+    pub fn new(below: u64, carried: HashMap<u32, LaneSent>) -> Self {
+        Self {
+            below: below.into(),
+            carried: std::sync::Mutex::new(carried),
+            ..Self::default()
+        }
+    }
+
+    /// Every lane's marks, this session's and carried, joined (what to
+    /// keep across a restart).
+    pub fn lanes_joined(&self) -> HashMap<u32, LaneSent> {
+        self.snapshot().lanes
+    }
+
+    /// The marks now.
+    pub fn snapshot(&self) -> Protect {
+        let mut lanes = self.with_lanes(|l| l.clone());
+        for (lane, c) in lock(&self.carried).iter() {
+            let e = lanes.entry(*lane).or_insert(*c);
+            *e = e.join(*c);
+        }
+        Protect {
+            below: self.below(),
+            lanes,
+        }
+    }
+
+    /// Everything at or below this is protected.
+    pub fn below(&self) -> u64 {
+        self.below.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sent in order through `seq`.
+    pub fn raise(&self, seq: u64) -> u64 {
+        self.below
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// A session starts at `cursor`: nothing above it is in flight.
+    pub fn reset(&self, cursor: u64) {
+        self.below
+            .store(cursor, std::sync::atomic::Ordering::Release);
+        let sent = self.with_lanes(std::mem::take);
+        let mut carried = lock(&self.carried);
+        for (lane, s) in sent {
+            let e = carried.entry(lane).or_insert(s);
+            *e = e.join(s);
+        }
+        carried.retain(|_, s| s.highest() > cursor);
+    }
+
+    /// Reads the per-lane marks kept in `sent_marks`.
+    pub fn load(conn: &Connection) -> rusqlite::Result<HashMap<u32, LaneSent>> {
+        let mut st = conn.prepare("SELECT lane, after, live_lo, live_hi FROM sent_marks")?;
+        let rows = st.query_map([], |r| {
+            let lo: Option<i64> = r.get(2)?;
+            let hi: Option<i64> = r.get(3)?;
+            Ok((
+                r.get::<_, u32>(0)?,
+                LaneSent {
+                    after: r.get::<_, i64>(1)?.max(0) as u64,
+                    live: lo.zip(hi).map(|(l, h)| (l.max(0) as u64, h.max(0) as u64)),
+                },
+            ))
+        })?;
+        rows.collect()
+    }
+
+    /// Keeps `lanes` in `sent_marks`, replacing what was there.
+    pub fn store(conn: &Connection, lanes: &HashMap<u32, LaneSent>) -> rusqlite::Result<()> {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM sent_marks", [])?;
+        for (lane, s) in lanes {
+            tx.execute(
+                "INSERT INTO sent_marks (lane, after, live_lo, live_hi) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    lane,
+                    s.after as i64,
+                    s.live.map(|l| l.0 as i64),
+                    s.live.map(|l| l.1 as i64)
+                ],
+            )?;
+        }
+        tx.commit()
+    }
+
+    /// Changes the per-lane marks.
+    pub fn with_lanes<T>(&self, f: impl FnOnce(&mut HashMap<u32, LaneSent>) -> T) -> T {
+        f(&mut lock(&self.lanes))
+    }
+
+    /// The lock a reader holds from its read to its marks (and a dropping
+    /// writer to its commit).
+    pub fn reading(&self) -> std::sync::MutexGuard<'_, ()> {
+        match self.reading.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
 }
 
 /// Bytes a record counts for in its lane.
@@ -138,6 +337,22 @@ pub fn subtract_through(conn: &Connection, through: u64) -> rusqlite::Result<()>
         .query_map([through as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     for (lane, n, b) in gone {
+        add_usage(conn, lane, -n, -b)?;
+    }
+    Ok(())
+}
+
+/// Moves usage for the records of `lane` numbered `first..=last`, about to
+/// be deleted.
+pub fn subtract_range(conn: &Connection, lane: u32, first: u64, last: u64) -> rusqlite::Result<()> {
+    let (n, b): (i64, i64) = conn
+        .prepare_cached(&format!(
+            "SELECT COUNT(*), COALESCE(SUM({RECORD_BYTES_SQL}), 0) FROM records WHERE lane = ?1 AND seq BETWEEN ?2 AND ?3"
+        ))?
+        .query_row(params![lane, first as i64, last as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    if n > 0 {
         add_usage(conn, lane, -n, -b)?;
     }
     Ok(())
@@ -182,7 +397,10 @@ fn usage(conn: &Connection) -> rusqlite::Result<HashMap<u32, (u64, u64)>> {
 /// Per stream, what a drop removed.
 #[derive(Default)]
 pub struct Dropped {
-    by_stream: BTreeMap<(String, LossReason), LossReport>,
+    by_stream: BTreeMap<(String, LossReason, u32), LossReport>,
+    /// Bumped where a drop steps over records in flight: a report's seq
+    /// range never spans a record that was delivered.
+    part: u32,
     /// Bytes freed (lane measure).
     pub bytes: u64,
 }
@@ -215,7 +433,7 @@ impl Dropped {
     /// Folds `r` into the report of its stream and reason.
     fn add(&mut self, r: LossReport) {
         self.by_stream
-            .entry((r.stream.clone(), r.reason))
+            .entry((r.stream.clone(), r.reason, self.part))
             .and_modify(|e| e.absorb(&r))
             .or_insert(r);
     }
@@ -243,12 +461,12 @@ enum Until {
     Below(u64),
 }
 
-/// Drops records of `lane` above `protected`, oldest first, as far as
-/// `until` says. Returns the bytes freed.
+/// Drops records of `lane` that `protected` allows, oldest first, as far
+/// as `until` says. Returns the bytes freed.
 fn drop_from_lane(
     conn: &Connection,
     lane: u32,
-    protected: u64,
+    protected: &Protect,
     until: Until,
     reason: LossReason,
     detail: &str,
@@ -258,21 +476,32 @@ fn drop_from_lane(
         Until::Freed(n) => (Some(n), None),
         Until::Below(b) => (None, Some(b)),
     };
+    let (after, skip_lo, skip_hi) = protected.lane(lane);
     let mut freed = 0u64;
     let mut count = 0i64;
     let mut last = None;
     {
         let mut st = conn.prepare_cached(&format!(
             "SELECT seq, stream, timestamp_ms, {RECORD_BYTES_SQL} FROM records \
-             WHERE lane = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq LIMIT 100000"
+             WHERE lane = ?1 AND seq > ?2 AND seq < ?3 AND NOT (seq BETWEEN ?4 AND ?5) \
+             ORDER BY seq LIMIT 100000"
         ))?;
         let below = below_seq.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
-        let mut rows = st.query(params![lane, protected as i64, below])?;
+        let mut rows = st.query(params![
+            lane,
+            after as i64,
+            below,
+            skip_lo as i64,
+            skip_hi as i64
+        ])?;
         while let Some(r) = rows.next()? {
             if need.is_some_and(|n| freed >= n) {
                 break;
             }
             let seq = r.get::<_, i64>(0)? as u64;
+            if skip_lo <= skip_hi && seq > skip_hi && last.is_none_or(|l| l < skip_lo) {
+                out.part += 1;
+            }
             let stream: String = r.get(1)?;
             let ts = r.get::<_, i64>(2)?.max(0) as u64;
             let bytes = r.get::<_, i64>(3)?.max(0) as u64;
@@ -283,8 +512,16 @@ fn drop_from_lane(
         }
     }
     if let Some(last) = last {
-        conn.prepare_cached("DELETE FROM records WHERE lane = ?1 AND seq > ?2 AND seq <= ?3")?
-            .execute(params![lane, protected as i64, last as i64])?;
+        conn.prepare_cached(
+            "DELETE FROM records WHERE lane = ?1 AND seq > ?2 AND seq <= ?3 AND NOT (seq BETWEEN ?4 AND ?5)",
+        )?
+        .execute(params![
+            lane,
+            after as i64,
+            last as i64,
+            skip_lo as i64,
+            skip_hi as i64
+        ])?;
         add_usage(conn, lane, -count, -(freed as i64))?;
     }
     Ok(freed)
@@ -294,13 +531,13 @@ fn drop_from_lane(
 pub type Incoming = HashMap<u32, (u64, u64)>;
 
 /// Makes room for `incoming` under every quota, dropping what the policies
-/// allow (records at or below `protected` are in flight and never dropped).
+/// allow (records `protected` says are in flight are never dropped).
 /// `Err` when a quota refuses the commit.
 pub fn make_room(
     conn: &Connection,
     policy: &Retention,
     incoming: &Incoming,
-    protected: u64,
+    protected: &Protect,
     out: &mut Dropped,
 ) -> rusqlite::Result<Result<(), Blocked>> {
     let usage = usage(conn)?;
@@ -390,9 +627,15 @@ pub fn make_room(
         if lp.is_some_and(|l| l.when_full == WhenFull::Block) {
             continue;
         }
+        let (after, skip_lo, skip_hi) = protected.lane(lane);
         let oldest: Option<i64> = conn
-            .prepare_cached("SELECT MIN(seq) FROM records WHERE lane = ?1 AND seq > ?2")?
-            .query_row(params![lane, protected as i64], |r| r.get(0))?;
+            .prepare_cached(
+                "SELECT MIN(seq) FROM records WHERE lane = ?1 AND seq > ?2 AND NOT (seq BETWEEN ?3 AND ?4)",
+            )?
+            .query_row(
+                params![lane, after as i64, skip_lo as i64, skip_hi as i64],
+                |r| r.get(0),
+            )?;
         if let Some(oldest) = oldest {
             lanes.push((
                 lp.map_or(Priority::Normal, |l| l.priority),
@@ -436,7 +679,7 @@ pub fn make_room(
 pub fn expire(
     conn: &Connection,
     policy: &Retention,
-    protected: u64,
+    protected: &Protect,
     now_ms: u64,
     out: &mut Dropped,
 ) -> rusqlite::Result<()> {

@@ -141,6 +141,16 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     // The highest seq the uplink read (sent) since its last session start.
     conn.execute_batch("INSERT OR IGNORE INTO meta (key, value) VALUES ('sent_seq', 0);")?;
+    // What was sent out of order, per lane (I-35): protected across a
+    // restart until a cursor passes it.
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS sent_marks (
+             lane    INTEGER PRIMARY KEY,
+             after   INTEGER NOT NULL,
+             live_lo INTEGER,
+             live_hi INTEGER
+         );",
+    )?;
     let counted: bool = conn
         .prepare("SELECT 1 FROM meta WHERE key = 'usage_counted'")?
         .exists([])?;

@@ -205,7 +205,7 @@ fn renumbering_moves_every_record_above_a_foreign_cursor_in_order() {
     })
     .unwrap();
     // The aggregator holds 100 records of an older outbox of this node.
-    assert_eq!(r.renumber_above(100).unwrap(), (50, 100));
+    assert_eq!(r.renumber_above(100, 100).unwrap(), (50, 100));
     let got = r.read_after(0, 1000, usize::MAX).unwrap();
     assert_eq!(got.len(), 50, "nothing deleted");
     assert_eq!(got.first().unwrap().seq, 101);
@@ -220,7 +220,7 @@ fn renumbering_moves_every_record_above_a_foreign_cursor_in_order() {
         (151, 100, before.incarnation)
     );
     // Already above: nothing moves.
-    assert_eq!(r.renumber_above(100).unwrap(), (0, 0));
+    assert_eq!(r.renumber_above(100, 100).unwrap(), (0, 0));
     let done = w
         .commit(&Commit {
             records: vec![msg(0, vec![7])],

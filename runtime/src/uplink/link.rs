@@ -160,9 +160,13 @@ impl<'a> Ctx<'a> {
                             detail: format!("encoding a frame: {e}"),
                         }),
                     },
-                    ClientAction::Resume { decision, cursor } => {
+                    ClientAction::Resume {
+                        decision,
+                        cursor,
+                        top,
+                    } => {
                         let node = session.node_id().unwrap_or("?").to_string();
-                        let r = outbox.resume(&node, self.id, decision, cursor).await;
+                        let r = outbox.resume(&node, self.id, decision, cursor, top).await;
                         match r {
                             Ok((next_seq, regressions)) => {
                                 up.state
@@ -190,11 +194,11 @@ impl<'a> Ctx<'a> {
                             outbox.read_batch(after, max_records, max_bytes).await
                         }));
                     }
-                    ClientAction::Delete { through } => {
+                    ClientAction::Delete { through, batches } => {
                         // The aggregator holds these records: a delete that
                         // fails (full disk, I/O) costs room, not data, and
                         // the next one covers it — the session goes on.
-                        match outbox.delete_through(through).await {
+                        match outbox.delete_acked(through, batches).await {
                             Ok(n) => {
                                 metrics::counter!(super::events::RECORDS_ACKED_TOTAL)
                                     .increment(n as u64);

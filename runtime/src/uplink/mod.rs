@@ -253,6 +253,7 @@ impl Uplink {
             keepalive: c.keepalive,
             stall_timeout: c.stall_timeout,
             agent: format!("fogline-edge/{}", env!("CARGO_PKG_VERSION")),
+            out_of_order: self.outbox.out_of_order(),
             ..ClientConfig::default()
         }
     }

@@ -54,7 +54,17 @@ impl Outbox {
         self.run(|r| Ok(r.identity()?)).await
     }
 
-    /// Records after `after`, encoded as one batch (`None`: nothing there).
+    /// Whether records go out of seq order (drain priorities, live data
+    /// first: I-35).
+    pub fn out_of_order(&self) -> bool {
+        match self.0.lock() {
+            Ok(r) => r.out_of_order(),
+            Err(poisoned) => poisoned.into_inner().out_of_order(),
+        }
+    }
+
+    /// The next records, encoded as one batch (`None`: nothing unsent):
+    /// those after `after` in seq order, or what the drain plan picks.
     pub async fn read_batch(
         &self,
         after: u64,
@@ -62,6 +72,13 @@ impl Outbox {
         max_bytes: usize,
     ) -> Result<Option<BatchFrame>, OpError> {
         self.run(move |r| {
+            if r.out_of_order() {
+                let Some((records, floor)) = r.read_planned(max_records, max_bytes)? else {
+                    return Ok(None);
+                };
+                let batch = encode_batch(&records, DEFAULT_ZSTD_LEVEL)?;
+                return Ok(Some(BatchFrame { floor, ..batch }));
+            }
             let records = r.read_after(after, max_records, max_bytes)?;
             if records.is_empty() {
                 return Ok(None);
@@ -71,9 +88,11 @@ impl Outbox {
         .await
     }
 
-    /// Deletes rows through `through`; returns how many went.
-    pub async fn delete_through(&self, through: u64) -> Result<usize, OpError> {
-        self.run(move |r| Ok(r.delete_through(through)?)).await
+    /// Deletes rows through `through` and the records of the session's
+    /// first `batches` batches; returns how many went.
+    pub async fn delete_acked(&self, through: u64, batches: u64) -> Result<usize, OpError> {
+        self.run(move |r| Ok(r.delete_acked(through, batches)?))
+            .await
     }
 
     /// Records the uplink's state for `status`.
@@ -89,6 +108,7 @@ impl Outbox {
         id: OutboxIdentity,
         decision: Resume,
         cursor: u64,
+        top: u64,
     ) -> Result<(u64, u64), OpError> {
         let mut regressions = 0;
         match decision {
@@ -124,7 +144,12 @@ impl Outbox {
                 } else {
                     id.incarnation
                 };
-                let (moved, offset) = self.run(move |r| Ok(r.renumber_above(cursor)?)).await?;
+                // Above everything the aggregator stores for this node: what
+                // it applied out of order lies above its cursor.
+                let above = top.max(cursor);
+                let (moved, offset) = self
+                    .run(move |r| Ok(r.renumber_above(cursor, above)?))
+                    .await?;
                 if ahead || moved > 0 {
                     metrics::counter!(super::events::RENUMBERED_TOTAL).increment(1);
                     let detail = if ahead {
@@ -146,6 +171,7 @@ impl Outbox {
                 }
             }
         }
+        self.run(move |r| Ok(r.start_plan(cursor)?)).await?;
         let next_seq = self.identity().await?.next_seq;
         Ok((next_seq, regressions))
     }

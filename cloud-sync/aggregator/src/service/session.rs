@@ -249,7 +249,7 @@ fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutc
                     ApplyFailed::Malformed(format!("a batch that does not decode: {e}"))
                 })?;
             let now = fogline_telemetry::clock::now_ms();
-            match store.apply(&node, req.outbox, &decoded, req.last_seq, now) {
+            match store.apply(&node, req.outbox, &decoded, req.through, now) {
                 Ok(o) => {
                     health.worked();
                     Ok(o)

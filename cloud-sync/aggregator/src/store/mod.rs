@@ -161,9 +161,11 @@ pub struct StoredLoss {
 /// Storage for applied records and per-node cursors. Methods block: call them
 /// from `spawn_blocking`.
 pub trait Store: Send + Sync + 'static {
-    /// Applies decoded batches (each ascending by seq, each after the one
-    /// before) for `node` in one transaction: inserts the records above the
-    /// cursor, advances the cursor to `max(cursor, last_seq)`, commits.
+    /// Applies decoded batches (each ascending by seq; from protocol 4 not
+    /// necessarily after the one before) for `node` in one transaction:
+    /// inserts the records above the cursor that are not stored yet,
+    /// advances the cursor to `max(cursor, through)` and the highest seq
+    /// stored (`top`), commits.
     /// `now_ms` stamps `received_ms`. `outbox` (the edge outbox's
     /// incarnation and epoch) is recorded with the cursor.
     fn apply(
@@ -171,7 +173,7 @@ pub trait Store: Send + Sync + 'static {
         node: &str,
         outbox: (u64, u64),
         batches: &[DecodedBatch],
-        last_seq: u64,
+        through: u64,
         now_ms: u64,
     ) -> Result<ApplyOutcome, StoreError>;
     /// Highest seq applied for `node` (0 if none) and its incarnation.

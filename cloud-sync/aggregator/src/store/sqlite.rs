@@ -68,6 +68,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_epoch {
         conn.execute_batch("ALTER TABLE cursors ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")?;
     }
+    // The highest seq stored, above the cursor when a node sends out of
+    // order (protocol 4): what a renumbered outbox must clear.
+    let has_top: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'top'")?
+        .exists([])?;
+    if !has_top {
+        conn.execute_batch("ALTER TABLE cursors ADD COLUMN top INTEGER NOT NULL DEFAULT 0")?;
+    }
     Ok(())
 }
 
@@ -205,13 +213,14 @@ fn loss_summaries(conn: &Connection, node: &str) -> rusqlite::Result<Vec<LossSum
 }
 
 fn read_cursor(conn: &Connection, node: &str) -> Result<StoredCursor, StoreError> {
-    conn.prepare_cached("SELECT seq, incarnation, epoch FROM cursors WHERE node = ?1")
+    conn.prepare_cached("SELECT seq, incarnation, epoch, top FROM cursors WHERE node = ?1")
         .and_then(|mut st| {
             st.query_row([node], |r| {
                 Ok(StoredCursor {
                     seq: from_sql(r.get(0)?),
                     incarnation: r.get::<_, Option<i64>>(1)?.map(from_sql),
                     epoch: from_sql(r.get(2)?),
+                    top: from_sql(r.get(3)?),
                 })
             })
             .optional()
@@ -226,7 +235,7 @@ impl Store for SqliteStore {
         node: &str,
         (incarnation, epoch): (u64, u64),
         batches: &[DecodedBatch],
-        last_seq: u64,
+        through: u64,
         now_ms: u64,
     ) -> Result<ApplyOutcome, StoreError> {
         let mut conn = lock(&self.writer)?;
@@ -236,6 +245,7 @@ impl Store for SqliteStore {
         let cursor = stored.seq;
         let mut inserted = 0;
         let mut skipped = 0;
+        let mut top = stored.top();
         {
             let mut ins = tx
                 .prepare_cached(
@@ -248,6 +258,7 @@ impl Store for SqliteStore {
                     skipped += 1;
                     continue;
                 }
+                top = top.max(r.seq);
                 // A loss report is filed apart from the data (I-33); one
                 // that does not parse is kept as a record, never dropped.
                 if r.stream == LOSS_STREAM {
@@ -287,16 +298,17 @@ impl Store for SqliteStore {
                 }
             }
         }
-        let new_cursor = cursor.max(last_seq);
+        let new_cursor = cursor.max(through);
+        let top = top.max(new_cursor);
         if new_cursor != cursor
             || inserted > 0
             || stored.incarnation != Some(incarnation)
             || stored.epoch != epoch
         {
             tx.prepare_cached(
-                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch) VALUES (?1, ?2, ?3, ?4, ?5) \
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT(node) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms, \
-                 incarnation = excluded.incarnation, epoch = excluded.epoch",
+                 incarnation = excluded.incarnation, epoch = excluded.epoch, top = excluded.top",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -304,7 +316,8 @@ impl Store for SqliteStore {
                     to_sql(new_cursor),
                     to_sql(now_ms),
                     to_sql(incarnation),
-                    to_sql(epoch)
+                    to_sql(epoch),
+                    to_sql(top)
                 ])
             })
             .map_err(err("advance cursor"))?;
@@ -564,6 +577,7 @@ mod tests {
                 seq: 20,
                 incarnation: Some(9),
                 epoch: 1,
+                top: 20,
             }
         );
         s.record_gap("n1", 11, 20, 5).unwrap();

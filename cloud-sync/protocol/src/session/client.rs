@@ -64,6 +64,10 @@ pub struct ClientConfig {
     pub delete_every: Duration,
     /// Sent in `Hello`, for the aggregator's logs.
     pub agent: String,
+    /// The outbox sends out of seq order (drain priorities, live data
+    /// first): how many records wait cannot be told from seqs, so reads are
+    /// never held back to gather more.
+    pub out_of_order: bool,
 }
 
 impl Default for ClientConfig {
@@ -81,6 +85,7 @@ impl Default for ClientConfig {
             delete_batch: 16_384,
             delete_every: Duration::from_millis(200),
             agent: String::from("fogline"),
+            out_of_order: false,
         }
     }
 }
@@ -98,9 +103,13 @@ pub enum ClientAction {
         decision: Resume,
         /// The aggregator's cursor.
         cursor: u64,
+        /// The highest seq it stores for this node (≥ `cursor`): renumbering
+        /// moves records above this.
+        top: u64,
     },
-    /// Read records after `after` from the outbox, at most `max_records`
-    /// and `max_bytes` of payload, encode them as one batch and hand it to
+    /// Read records after `after` from the outbox (or, sending out of
+    /// order, the next the drain plan picks), at most `max_records` and
+    /// `max_bytes` of payload, encode them as one batch and hand it to
     /// [`ClientSession::handle_read`] (`None` when there are none).
     Read {
         /// Highest seq already sent or acknowledged.
@@ -110,10 +119,13 @@ pub enum ClientAction {
         /// Most payload bytes.
         max_bytes: usize,
     },
-    /// Delete outbox rows through this seq: the aggregator acknowledged them.
+    /// Delete outbox rows through this seq, and the records of the first
+    /// `batches` batches this session sent: the aggregator acknowledged them.
     Delete {
         /// Last seq to delete.
         through: u64,
+        /// Batches of this session acknowledged so far (cumulative).
+        batches: u64,
     },
     /// Try a fresh connection to the same aggregator alongside this one; if
     /// it completes its handshake before this session hears anything, move
@@ -248,8 +260,12 @@ pub struct ClientSession {
     /// Highest seq known to be committed in the outbox.
     committed: u64,
     coalescing: Option<Instant>,
-    delete_pending: Option<(u64, Instant)>,
+    /// Since when acknowledged records wait for their delete.
+    delete_pending: Option<Instant>,
+    /// Records acknowledged since the last delete.
+    delete_records: u64,
     deleted_through: u64,
+    deleted_batches: u64,
     stats: ClientStats,
 }
 
@@ -287,7 +303,9 @@ impl ClientSession {
             committed: outbox.next_seq.saturating_sub(1),
             coalescing: None,
             delete_pending: None,
+            delete_records: 0,
             deleted_through: 0,
+            deleted_batches: 0,
             stats: ClientStats::default(),
         };
         s.send(hello, now);
@@ -324,7 +342,7 @@ impl ClientSession {
                 if !self.reading {
                     t.at_opt(self.coalescing.map(|c| c + self.cfg.coalesce_wait));
                 }
-                t.at_opt(self.delete_pending.map(|(_, s)| s + self.cfg.delete_every));
+                t.at_opt(self.delete_pending.map(|s| s + self.cfg.delete_every));
             }
         }
         t.0
@@ -378,19 +396,26 @@ impl ClientSession {
                 cursor,
                 incarnation,
                 epoch,
+                top,
             } if self.phase == Phase::AwaitWelcome => {
                 self.node_id = Some(node_id);
                 let welcomed = Welcomed {
                     cursor,
                     incarnation,
                     epoch,
+                    top: top.unwrap_or(cursor).max(cursor),
                 };
                 let decision = reconcile(self.outbox, welcomed);
                 self.phase = Phase::Resuming { decision, cursor };
-                self.actions
-                    .push_back(ClientAction::Resume { decision, cursor });
+                self.actions.push_back(ClientAction::Resume {
+                    decision,
+                    cursor,
+                    top: welcomed.top,
+                });
             }
-            Frame::Ack { up_to } if self.phase == Phase::Active => self.on_ack(up_to, now),
+            Frame::Ack { up_to, applied } if self.phase == Phase::Active => {
+                self.on_ack(up_to, applied, now)
+            }
             Frame::Pong { nonce } => {
                 if self.ping == Some(nonce) {
                     self.ping = None;
@@ -428,6 +453,9 @@ impl ClientSession {
         self.drained = false;
         self.stats.acked = cursor;
         self.deleted_through = cursor;
+        self.deleted_batches = 0;
+        self.delete_records = 0;
+        self.delete_pending = None;
         self.last_progress = now;
         self.pump(now);
     }
@@ -450,6 +478,7 @@ impl ClientSession {
             first_seq: batch.first_seq,
             last_seq: batch.last_seq,
             records: batch.record_count as usize,
+            floor: batch.floor,
         };
         if let Err(e) = self.window.on_sent(sent) {
             self.close(CloseReason::Local {
@@ -524,9 +553,9 @@ impl ClientSession {
                 return;
             }
         }
-        if let Some((through, since)) = self.delete_pending {
+        if let Some(since) = self.delete_pending {
             if now >= since + self.cfg.delete_every {
-                self.delete(through);
+                self.delete();
             }
         }
         self.pump(now);
@@ -576,36 +605,40 @@ impl ClientSession {
         self.send(Frame::Ping { nonce }, now);
     }
 
-    fn on_ack(&mut self, up_to: u64, now: Instant) {
+    fn on_ack(&mut self, up_to: u64, applied: Option<u64>, now: Instant) {
         let before = self.window.acked();
-        match self.window.on_ack(up_to) {
-            Ok(progress) => {
-                if up_to > before {
-                    self.last_progress = now;
-                    self.stats.records_acked += progress.records as u64;
-                }
-            }
+        let progress = match self.window.on_ack(up_to, applied) {
+            Ok(progress) => progress,
             Err(e) => {
                 self.close(CloseReason::Violation {
                     detail: e.to_string(),
                 });
                 return;
             }
+        };
+        if up_to > before || progress.batches > 0 {
+            self.last_progress = now;
+            self.stats.records_acked += progress.records as u64;
         }
         self.stats.acked = up_to;
-        if up_to > self.deleted_through {
-            let since = self.delete_pending.map_or(now, |(_, s)| s);
-            self.delete_pending = Some((up_to, since));
-            if up_to - self.deleted_through >= self.cfg.delete_batch || self.window_empty() {
-                self.delete(up_to);
+        self.delete_records += progress.records as u64;
+        if up_to > self.deleted_through || self.window.released() > self.deleted_batches {
+            self.delete_pending.get_or_insert(now);
+            if self.delete_records >= self.cfg.delete_batch || self.window_empty() {
+                self.delete();
             }
         }
     }
 
-    fn delete(&mut self, through: u64) {
+    fn delete(&mut self) {
         self.delete_pending = None;
-        self.deleted_through = through;
-        self.actions.push_back(ClientAction::Delete { through });
+        self.delete_records = 0;
+        self.deleted_through = self.window.acked();
+        self.deleted_batches = self.window.released();
+        self.actions.push_back(ClientAction::Delete {
+            through: self.deleted_through,
+            batches: self.deleted_batches,
+        });
     }
 
     /// Keeps the window full: asks for the next read when there is room.
@@ -619,7 +652,11 @@ impl ClientSession {
         }
         let available = self.committed.saturating_sub(after);
         let coalesce_min = (self.cfg.batch_records / 4).max(1) as u64;
-        if !self.window_empty() && !self.drained && available < coalesce_min {
+        if !self.cfg.out_of_order
+            && !self.window_empty()
+            && !self.drained
+            && available < coalesce_min
+        {
             // Few records and others in flight: let more gather, briefly.
             let since = *self.coalescing.get_or_insert(now);
             if now < since + self.cfg.coalesce_wait {
@@ -676,6 +713,7 @@ mod tests {
             raw_len: 0,
             codec: BlockCodec::None,
             block: Vec::new(),
+            floor: last_seq + 1,
         }
     }
 
@@ -689,6 +727,7 @@ mod tests {
             cursor,
             incarnation: 7,
             epoch: 1,
+            top: None,
         }
     }
 
@@ -704,7 +743,8 @@ mod tests {
             actions(&mut s),
             vec![ClientAction::Resume {
                 decision: Resume::Continue,
-                cursor
+                cursor,
+                top: cursor
             }]
         );
         s.handle_resumed(next_seq, t0);
@@ -735,16 +775,34 @@ mod tests {
         s.handle_read(Some(batch(51, 60)), t0);
         // Window of 2 is full: no read.
         assert_eq!(actions(&mut s).len(), 1);
-        s.handle_frame(Frame::Ack { up_to: 50 }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 50,
+                applied: Some(1),
+            },
+            t0,
+        );
         // One batch still in flight, 6 pending deletes: not yet.
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ClientAction::Read { after: 60, .. }]
         ));
         s.handle_read(None, t0);
-        s.handle_frame(Frame::Ack { up_to: 60 }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 60,
+                applied: Some(2),
+            },
+            t0,
+        );
         // Nothing in flight: delete at once.
-        assert_eq!(actions(&mut s), vec![ClientAction::Delete { through: 60 }]);
+        assert_eq!(
+            actions(&mut s),
+            vec![ClientAction::Delete {
+                through: 60,
+                batches: 2
+            }]
+        );
         assert_eq!(s.stats().acked, 60);
         assert_eq!(s.stats().records_acked, 20);
     }
@@ -756,7 +814,13 @@ mod tests {
         actions(&mut s);
         s.handle_read(Some(batch(1, 10)), t0);
         actions(&mut s);
-        s.handle_frame(Frame::Ack { up_to: 11 }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 11,
+                applied: None,
+            },
+            t0,
+        );
         let a = actions(&mut s);
         assert!(
             matches!(
@@ -881,7 +945,8 @@ mod tests {
             actions(&mut s),
             vec![ClientAction::Resume {
                 decision: Resume::Ahead,
-                cursor: 50
+                cursor: 50,
+                top: 50
             }]
         );
         s.handle_resumed(61, t0);
@@ -903,7 +968,13 @@ mod tests {
         ));
         let mut s = ClientSession::new(ClientConfig::default(), outbox(1), t0);
         actions(&mut s);
-        s.handle_frame(Frame::Ack { up_to: 1 }, t0);
+        s.handle_frame(
+            Frame::Ack {
+                up_to: 1,
+                applied: None,
+            },
+            t0,
+        );
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ClientAction::Close(CloseReason::Violation { .. })]

@@ -47,6 +47,17 @@ pub struct StoredCursor {
     pub incarnation: Option<u64>,
     /// The outbox epoch last recorded with it (0: none).
     pub epoch: u64,
+    /// The highest seq stored for the node (0: none; never below `seq`
+    /// when read through [`StoredCursor::top`]).
+    pub top: u64,
+}
+
+impl StoredCursor {
+    /// The highest seq stored for the node: above the cursor when the node
+    /// sent out of order.
+    pub fn top(&self) -> u64 {
+        self.top.max(self.seq)
+    }
 }
 
 /// The store is behind what it acknowledged to this very outbox (restored

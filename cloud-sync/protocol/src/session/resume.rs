@@ -37,6 +37,9 @@ pub struct Welcomed {
     pub incarnation: u64,
     /// The epoch last recorded with it (0: none).
     pub epoch: u64,
+    /// The highest seq the store holds for the node (≥ `cursor`; above it
+    /// when records were sent out of order). What renumbering must clear.
+    pub top: u64,
 }
 
 /// Decides how to resume. An aggregator that recorded no incarnation (0, an
@@ -48,17 +51,21 @@ pub struct Welcomed {
 /// from at or below the cursor — a genuine restart numbers above everything
 /// applied: its numbering forked, and nothing of it may be deleted by the
 /// cursor.
+///
+/// "Seen" is the highest seq the store holds, which is above the cursor
+/// when this outbox sent out of order: a seq this file never numbered, or a
+/// restart that numbered from at or below one stored, would collide with a
+/// stored record and be taken for a duplicate.
 pub fn reconcile(outbox: OutboxInfo, w: Welcomed) -> Resume {
     let cursor = w.cursor;
+    let seen = w.top.max(cursor);
     let ours =
-        w.incarnation == outbox.incarnation || (w.incarnation == 0 && cursor < outbox.next_seq);
-    let forked = w.incarnation != 0
-        && w.epoch != 0
-        && w.epoch != outbox.epoch
-        && outbox.epoch_start <= cursor;
+        w.incarnation == outbox.incarnation || (w.incarnation == 0 && seen < outbox.next_seq);
+    let forked =
+        w.incarnation != 0 && w.epoch != 0 && w.epoch != outbox.epoch && outbox.epoch_start <= seen;
     if !ours {
         Resume::Foreign
-    } else if cursor >= outbox.next_seq || forked {
+    } else if seen >= outbox.next_seq || forked {
         Resume::Ahead
     } else if cursor < outbox.acked {
         Resume::Regressed {
@@ -89,6 +96,7 @@ mod tests {
             cursor,
             incarnation,
             epoch: 0,
+            top: cursor,
         }
     }
 
@@ -126,6 +134,7 @@ mod tests {
             cursor: 100,
             incarnation: 7,
             epoch: 5,
+            top: 100,
         };
         assert_eq!(reconcile(copy, seen), Resume::Ahead);
         // A genuine restart numbers above everything applied.
@@ -150,5 +159,39 @@ mod tests {
             ..outbox(7, 130, 100)
         };
         assert_eq!(reconcile(same, seen), Resume::Continue);
+    }
+
+    #[test]
+    fn records_stored_above_the_cursor_count_as_seen() {
+        // Sent out of order: the store holds up to 400, its cursor is 100.
+        let top = Welcomed {
+            cursor: 100,
+            incarnation: 7,
+            epoch: 5,
+            top: 400,
+        };
+        let same = OutboxInfo {
+            epoch: 5,
+            ..outbox(7, 401, 100)
+        };
+        assert_eq!(reconcile(same, top), Resume::Continue);
+        // This file never numbered 400: an older copy.
+        assert_eq!(
+            reconcile(
+                OutboxInfo {
+                    epoch: 5,
+                    ..outbox(7, 301, 100)
+                },
+                top
+            ),
+            Resume::Ahead
+        );
+        // A restart numbering from 201 would collide with what is stored.
+        let restarted = OutboxInfo {
+            epoch: 6,
+            epoch_start: 201,
+            ..outbox(7, 450, 100)
+        };
+        assert_eq!(reconcile(restarted, top), Resume::Ahead);
     }
 }

@@ -1,16 +1,19 @@
 //! The aggregator's side of one connection, without I/O.
 //!
 //! `Hello` first (version checked), then the store's cursor is asked for
-//! ([`ServerAction::ReadCursor`]) and answered with `Welcome`. Batches must
-//! start after the previous one; they queue until the store is free and are
+//! ([`ServerAction::ReadCursor`]) and answered with `Welcome`. Batches of a
+//! node before version 4 must start after the previous one; from version 4
+//! they may come in any seq order, their floors never going down. They queue until the store is free and are
 //! then applied together ([`ServerAction::Apply`], group apply); only the
 //! store's answer ([`ServerSession::handle_applied`]) produces an `Ack`. A
 //! `Ping` is answered at once, whatever the store is doing, so the edge can
 //! tell a slow aggregator from a dead one.
 //!
 //! **Invariants** (ARCHITECTURE.md I-10, I-14, I-20):
-//! - `Ack{up_to}` is sent only after the store reported a commit holding
-//!   every record ≤ `up_to` of this node.
+//! - `Ack{up_to, applied}` is sent only after the store reported a commit
+//!   holding every batch of this connection up to the `applied`th, and the
+//!   cursor `up_to` (below the last batch's floor: everything below it was
+//!   applied before or will never be sent).
 //! - At most one apply per session is outstanding; batches received
 //!   meanwhile wait and go together into the next one.
 //! - Batches held (received, not yet applied) never cost more than
@@ -56,14 +59,15 @@ impl Default for ServerConfig {
 /// Batches to decode and apply in one store transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyRequest {
-    /// In seq order, each starting after the previous one.
+    /// In the order received.
     pub batches: Vec<BatchFrame>,
     /// The node's cursor as this session knows it: records at or below it
     /// are already applied (the store checks again inside its transaction).
     pub cursor: u64,
-    /// Last seq of the last batch: the cursor after the apply is
-    /// `max(cursor, last_seq)`.
-    pub last_seq: u64,
+    /// The last batch's floor minus one: the cursor after the apply is
+    /// `max(cursor, through)`. Records above it may already be stored
+    /// (sent out of order before a reconnect): the store ignores those.
+    pub through: u64,
     /// The edge outbox's incarnation and epoch, recorded with the cursor.
     pub outbox: (u64, u64),
     /// Records in the batches.
@@ -106,6 +110,7 @@ enum Phase {
         cursor: u64,
         outbox: (u64, u64),
         prev_last: Option<u64>,
+        floor: u64,
     },
     Closed,
 }
@@ -121,8 +126,10 @@ pub struct ServerSession {
     pending: VecDeque<BatchFrame>,
     /// Memory of pending and applying batches.
     held_bytes: usize,
-    /// Memory of the batches being applied.
-    applying: Option<usize>,
+    /// Memory and number of the batches being applied.
+    applying: Option<(usize, u64)>,
+    /// Batches of this connection applied.
+    applied: u64,
     created: Instant,
     last_heard: Instant,
 }
@@ -139,6 +146,7 @@ impl ServerSession {
             pending: VecDeque::new(),
             held_bytes: 0,
             applying: None,
+            applied: 0,
             created: now,
             last_heard: now,
         }
@@ -243,7 +251,12 @@ impl ServerSession {
                 };
                 self.actions.push_back(ServerAction::ReadCursor);
             }
-            (Frame::Batch(batch), Phase::Active { prev_last, .. }) => {
+            (
+                Frame::Batch(batch),
+                Phase::Active {
+                    prev_last, floor, ..
+                },
+            ) => {
                 if batch.last_seq < batch.first_seq {
                     self.close(
                         ErrorCode::ProtocolViolation,
@@ -254,7 +267,8 @@ impl ServerSession {
                     );
                     return;
                 }
-                if let Some(prev) = prev_last.filter(|p| batch.first_seq <= *p) {
+                let in_order = self.version.is_none_or(|v| v < 4);
+                if let Some(prev) = prev_last.filter(|p| in_order && batch.first_seq <= *p) {
                     self.close(
                         ErrorCode::ProtocolViolation,
                         format!(
@@ -264,8 +278,22 @@ impl ServerSession {
                     );
                     return;
                 }
-                if let Phase::Active { prev_last, .. } = &mut self.phase {
+                if batch.floor < floor {
+                    self.close(
+                        ErrorCode::ProtocolViolation,
+                        format!(
+                            "batch {}..={} has floor {}, below the previous batch's {floor}",
+                            batch.first_seq, batch.last_seq, batch.floor
+                        ),
+                    );
+                    return;
+                }
+                if let Phase::Active {
+                    prev_last, floor, ..
+                } = &mut self.phase
+                {
                     *prev_last = Some(batch.last_seq);
+                    *floor = batch.floor;
                 }
                 self.held_bytes += batch.memory_bytes();
                 self.pending.push_back(batch);
@@ -312,12 +340,14 @@ impl ServerSession {
             cursor: stored.seq,
             outbox: (hello.incarnation, hello.epoch),
             prev_last: None,
+            floor: 0,
         };
         self.send(Frame::Welcome {
             node_id: self.node_id.clone(),
             cursor: stored.seq,
             incarnation: stored.incarnation.unwrap_or(0),
             epoch: stored.epoch,
+            top: self.counts_batches().then_some(stored.top()),
         });
     }
 
@@ -325,7 +355,7 @@ impl ServerSession {
     /// after the commit, or why it failed (the session then closes; the
     /// node resends from the cursor on its next connection).
     pub fn handle_applied(&mut self, result: Result<u64, String>, _now: Instant) {
-        let Some(bytes) = self.applying.take() else {
+        let Some((bytes, batches)) = self.applying.take() else {
             return;
         };
         self.held_bytes = self.held_bytes.saturating_sub(bytes);
@@ -341,7 +371,9 @@ impl ServerSession {
                     }
                     _ => return,
                 };
-                self.send(Frame::Ack { up_to });
+                self.applied += batches;
+                let applied = self.counts_batches().then_some(self.applied);
+                self.send(Frame::Ack { up_to, applied });
                 self.maybe_apply();
             }
             Err(e) => self.close(ErrorCode::Internal, format!("store: {e}")),
@@ -381,6 +413,12 @@ impl ServerSession {
         self.actions.push_back(ServerAction::Close { code, reason });
     }
 
+    /// Nodes from version 4 on may send out of order: their acks count
+    /// batches, their Welcome names the highest seq stored.
+    fn counts_batches(&self) -> bool {
+        self.version.is_some_and(|v| v >= 4)
+    }
+
     /// Nodes from version 3 on ping when idle; older ones rely on QUIC.
     fn pings(&self) -> bool {
         self.version.is_some_and(|v| v >= 3)
@@ -412,12 +450,15 @@ impl ServerSession {
                 batches.push(batch);
             }
         }
-        let last_seq = batches.last().map_or(cursor, |b| b.last_seq);
-        self.applying = Some(bytes);
+        let through = batches
+            .last()
+            .map_or(cursor, |b| b.floor.saturating_sub(1))
+            .max(cursor);
+        self.applying = Some((bytes, batches.len() as u64));
         self.actions.push_back(ServerAction::Apply(ApplyRequest {
             batches,
             cursor,
-            last_seq,
+            through,
             outbox,
             records,
             memory_bytes: bytes,
@@ -449,13 +490,18 @@ mod tests {
     }
 
     fn active(cfg: ServerConfig, cursor: u64, t0: Instant) -> ServerSession {
+        active_v(PROTOCOL_VERSION, cfg, cursor, t0)
+    }
+
+    fn active_v(version: u32, cfg: ServerConfig, cursor: u64, t0: Instant) -> ServerSession {
         let mut s = ServerSession::new("n1", cfg, t0);
-        s.handle_frame(hello(PROTOCOL_VERSION, cursor), t0);
+        s.handle_frame(hello(version, cursor), t0);
         assert_eq!(actions(&mut s), vec![ServerAction::ReadCursor]);
         let stored = StoredCursor {
             seq: cursor,
             incarnation: Some(77),
             epoch: 3,
+            top: 0,
         };
         s.handle_cursor(Ok(stored), t0);
         assert_eq!(
@@ -465,6 +511,7 @@ mod tests {
                 cursor,
                 incarnation: 77,
                 epoch: 3,
+                top: (version >= 4).then_some(cursor),
             })]
         );
         s
@@ -481,7 +528,7 @@ mod tests {
         let [ServerAction::Apply(req)] = first.as_slice() else {
             panic!("{first:?}")
         };
-        assert_eq!((req.cursor, req.last_seq, req.outbox), (5, 10, (77, 4)));
+        assert_eq!((req.cursor, req.through, req.outbox), (5, 10, (77, 4)));
         // While it applies, two more arrive: no apply yet, pings answered.
         s.handle_frame(Frame::Batch(b(10..20)), t0);
         s.handle_frame(Frame::Ping { nonce: 9 }, t0);
@@ -493,17 +540,89 @@ mod tests {
         assert!(s.held_bytes() > 0);
         s.handle_applied(Ok(10), t0);
         let next = actions(&mut s);
-        assert_eq!(next[0], ServerAction::Send(Frame::Ack { up_to: 10 }));
+        assert_eq!(
+            next[0],
+            ServerAction::Send(Frame::Ack {
+                up_to: 10,
+                applied: Some(1)
+            })
+        );
         let ServerAction::Apply(req) = &next[1] else {
             panic!("{next:?}")
         };
-        assert_eq!((req.batches.len(), req.records, req.last_seq), (2, 20, 30));
+        assert_eq!((req.batches.len(), req.records, req.through), (2, 20, 30));
         s.handle_applied(Ok(30), t0);
         assert_eq!(
             actions(&mut s),
-            vec![ServerAction::Send(Frame::Ack { up_to: 30 })]
+            vec![ServerAction::Send(Frame::Ack {
+                up_to: 30,
+                applied: Some(3)
+            })]
         );
         assert_eq!(s.held_bytes(), 0);
+    }
+
+    #[test]
+    fn version_4_batches_come_in_any_seq_order_and_move_the_cursor_to_their_floor() {
+        let t0 = Instant::now();
+        let records = readings(30, 2);
+        let b = |r: std::ops::Range<usize>, floor: u64| BatchFrame {
+            floor,
+            ..encode_batch(&records[r], 3).unwrap()
+        };
+        let mut s = active(ServerConfig::default(), 0, t0);
+        // Seqs 21..=30 first (alerts), while 1..=20 wait: the cursor stays.
+        s.handle_frame(Frame::Batch(b(20..30, 1)), t0);
+        let a = actions(&mut s);
+        let [ServerAction::Apply(req)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(req.through, 0);
+        s.handle_applied(Ok(0), t0);
+        assert_eq!(
+            actions(&mut s),
+            vec![ServerAction::Send(Frame::Ack {
+                up_to: 0,
+                applied: Some(1)
+            })]
+        );
+        s.handle_frame(Frame::Batch(b(0..20, 31)), t0);
+        let a = actions(&mut s);
+        let [ServerAction::Apply(req)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(req.through, 30);
+        s.handle_applied(Ok(30), t0);
+        actions(&mut s);
+        // A floor going down breaks the protocol.
+        s.handle_frame(Frame::Batch(b(0..5, 7)), t0);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [ServerAction::Close {
+                code: ErrorCode::ProtocolViolation,
+                ..
+            }]
+        ));
+        // Older nodes get neither `applied` nor `top`, and must keep order.
+        let mut s = active_v(3, ServerConfig::default(), 0, t0);
+        s.handle_frame(Frame::Batch(b(20..30, 31)), t0);
+        actions(&mut s);
+        s.handle_applied(Ok(30), t0);
+        assert_eq!(
+            actions(&mut s),
+            vec![ServerAction::Send(Frame::Ack {
+                up_to: 30,
+                applied: None
+            })]
+        );
+        s.handle_frame(Frame::Batch(b(0..20, 31)), t0);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [ServerAction::Close {
+                code: ErrorCode::ProtocolViolation,
+                ..
+            }]
+        ));
     }
 
     #[test]
@@ -529,7 +648,7 @@ mod tests {
                 ..
             }]
         ));
-        let mut s = active(ServerConfig::default(), 0, t0);
+        let mut s = active_v(3, ServerConfig::default(), 0, t0);
         s.handle_frame(Frame::Batch(b1.clone()), t0);
         s.handle_frame(Frame::Batch(b1), t0);
         let a = actions(&mut s);
@@ -560,6 +679,7 @@ mod tests {
             seq: 200,
             incarnation: Some(77),
             epoch: 0,
+            top: 0,
         };
         s.handle_cursor(Ok(behind), t0);
         let a = actions(&mut s);
@@ -576,6 +696,7 @@ mod tests {
             seq: 200,
             incarnation: Some(8),
             epoch: 0,
+            top: 0,
         };
         let info = OutboxInfo {
             incarnation: 77,

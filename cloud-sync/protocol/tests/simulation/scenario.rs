@@ -32,6 +32,10 @@ pub struct Scenario {
     /// loss record (I-32, I-33); none: unbounded.
     #[serde(default)]
     pub max_rows: Option<u32>,
+    /// The edge sends out of seq order (I-35): stream 0 and loss reports
+    /// first, live records before the backlog.
+    #[serde(default)]
+    pub out_of_order: bool,
 }
 
 /// One fault, starting `at_ms` after the run starts.
@@ -256,6 +260,7 @@ impl Scenario {
             batch_records: rng.random_range(1..600),
             faults,
             max_rows: rng.random_bool(0.3).then(|| rng.random_range(20..2_000)),
+            out_of_order: rng.random_bool(0.4),
         }
     }
 
@@ -278,6 +283,12 @@ impl Scenario {
         if self.max_rows.is_some() {
             out.push(Scenario {
                 max_rows: None,
+                ..self.clone()
+            });
+        }
+        if self.out_of_order {
+            out.push(Scenario {
+                out_of_order: false,
                 ..self.clone()
             });
         }

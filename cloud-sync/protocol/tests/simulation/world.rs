@@ -14,7 +14,7 @@
 //! reset (QUIC, most of the time) or a TCP reset.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use fogline_protocol::batch::{decode_batch, encode_batch, DEFAULT_ZSTD_LEVEL};
@@ -24,7 +24,7 @@ use fogline_protocol::session::resume::Resume;
 use fogline_protocol::session::server::{ApplyRequest, ServerAction, ServerConfig, ServerSession};
 use fogline_protocol::session::{OutboxInfo, StoredCursor};
 use fogline_protocol::{
-    ErrorCode, Frame, FrameDecoder, LossReason, LossReport, Record, LOSS_STREAM,
+    BatchFrame, ErrorCode, Frame, FrameDecoder, LossReason, LossReport, Record, LOSS_STREAM,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -202,9 +202,174 @@ struct Outbox {
     acked: u64,
     epoch: u64,
     epoch_start: u64,
+    /// Sending out of seq order (I-35): this session's plan (volatile).
+    plan: Option<ModelPlan>,
+    /// Seqs sent out of order and not yet deleted (durable): never dropped.
+    sent: BTreeSet<u64>,
+}
+
+/// The edge's drain plan as `runtime/src/outbox/drain.rs` makes it, over
+/// three lanes: stream 0 (high), the other streams (normal), loss reports
+/// (high); within a priority, live records first.
+#[derive(Debug, Clone)]
+struct ModelPlan {
+    segs: Vec<Seg>,
+    floor: u64,
+    sent: VecDeque<(u8, u64, u64)>,
+    released: u64,
+    turn: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Seg {
+    lane: u8,
+    high: bool,
+    live: bool,
+    after: u64,
+    until: u64,
+    clear_below: u64,
+}
+
+impl Seg {
+    fn lowest_unsent(&self) -> Option<u64> {
+        let low = (self.after + 1).max(self.clear_below);
+        (low < self.until).then_some(low)
+    }
 }
 
 impl Outbox {
+    fn lane_seqs(&self, lane: u8, from: u64, until: u64, n: usize) -> Vec<u64> {
+        if lane == 2 {
+            return self
+                .reports
+                .range(from..until)
+                .map(|(s, _)| *s)
+                .take(n)
+                .collect();
+        }
+        self.rows
+            .range(from..until)
+            .filter(|(_, (stream, _))| (*stream == 0) == (lane == 0))
+            .map(|(s, _)| *s)
+            .take(n)
+            .collect()
+    }
+
+    fn record(&self, seq: u64) -> Option<Record> {
+        if let Some((stream, id)) = self.rows.get(&seq) {
+            return Some(Record {
+                seq,
+                stream: format!("sensors/s{stream}"),
+                timestamp_ms: *id,
+                payload: format!("{{\"id\":{id}}}").into_bytes(),
+            });
+        }
+        self.reports.get(&seq).map(|r| Record {
+            seq,
+            stream: LOSS_STREAM.into(),
+            timestamp_ms: 0,
+            payload: r.encode(),
+        })
+    }
+
+    fn start_plan(&mut self, cursor: u64) {
+        let live_from = self.next_seq.max(cursor + 1);
+        let mut segs = Vec::new();
+        for lane in 0..3u8 {
+            for live in [false, true] {
+                segs.push(Seg {
+                    lane,
+                    high: lane != 1,
+                    live,
+                    after: if live { live_from - 1 } else { cursor },
+                    until: if live { u64::MAX } else { live_from },
+                    clear_below: 0,
+                });
+            }
+        }
+        self.plan = Some(ModelPlan {
+            segs,
+            floor: cursor + 1,
+            sent: VecDeque::new(),
+            released: 0,
+            turn: 0,
+        });
+    }
+
+    fn read_planned(&mut self, max: usize) -> Option<(Vec<Record>, u64)> {
+        let numbered = self.next_seq;
+        let mut plan = self.plan.take()?;
+        let n = plan.segs.len();
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.rotate_left(plan.turn % n);
+        idx.sort_by_key(|&i| (!plan.segs[i].high, !plan.segs[i].live));
+        let mut chosen = None;
+        for i in idx {
+            let Some(low) = plan.segs[i].lowest_unsent() else {
+                continue;
+            };
+            let (lane, until) = (plan.segs[i].lane, plan.segs[i].until);
+            let mut seqs = self.lane_seqs(lane, low, until, max.max(1) + 1);
+            if seqs.len() <= max.max(1) {
+                let seg = &mut plan.segs[i];
+                seg.clear_below = seg.clear_below.max(numbered.min(seg.until));
+            }
+            seqs.truncate(max.max(1));
+            if !seqs.is_empty() {
+                chosen = Some((i, seqs));
+                break;
+            }
+        }
+        let result = chosen.map(|(i, seqs)| {
+            let (first, last) = (seqs[0], seqs[seqs.len() - 1]);
+            plan.segs[i].after = last;
+            plan.turn += 1;
+            plan.sent.push_back((plan.segs[i].lane, first, last));
+            let lowest = plan
+                .segs
+                .iter()
+                .filter_map(Seg::lowest_unsent)
+                .fold(numbered, u64::min);
+            plan.floor = plan.floor.max(lowest);
+            self.sent.extend(seqs.iter().copied());
+            let records: Vec<Record> = seqs.iter().filter_map(|s| self.record(*s)).collect();
+            (records, plan.floor)
+        });
+        self.plan = Some(plan);
+        result
+    }
+
+    /// Deletes the records of the first `batches` batches of the session
+    /// and everything through `through`; returns the seqs deleted.
+    fn delete_acked(&mut self, through: u64, batches: u64) -> Vec<u64> {
+        let mut gone = Vec::new();
+        if let Some(plan) = self.plan.as_mut() {
+            while plan.released < batches {
+                let Some((lane, first, last)) = plan.sent.pop_front() else {
+                    break;
+                };
+                plan.released += 1;
+                let seqs: Vec<u64> = if lane == 2 {
+                    self.reports.range(first..=last).map(|(s, _)| *s).collect()
+                } else {
+                    self.rows
+                        .range(first..=last)
+                        .filter(|(_, (stream, _))| (*stream == 0) == (lane == 0))
+                        .map(|(s, _)| *s)
+                        .collect()
+                };
+                for seq in seqs {
+                    self.rows.remove(&seq);
+                    self.reports.remove(&seq);
+                    self.sent.remove(&seq);
+                    gone.push(seq);
+                }
+            }
+        }
+        self.delete_through(through);
+        gone
+    }
+
     fn info(&self) -> OutboxInfo {
         OutboxInfo {
             incarnation: self.incarnation,
@@ -218,6 +383,7 @@ impl Outbox {
     fn delete_through(&mut self, seq: u64) {
         self.rows = self.rows.split_off(&(seq + 1));
         self.reports = self.reports.split_off(&(seq + 1));
+        self.sent = self.sent.split_off(&(seq + 1));
         self.acked = self.acked.max(seq);
     }
 
@@ -261,10 +427,29 @@ impl Outbox {
             .rows
             .range(self.protected + 1..)
             .map(|(&seq, _)| seq)
+            .filter(|seq| !self.sent.contains(seq))
             .take(over as usize)
             .collect();
+        // One report per stream and run: a run ends at a record of the
+        // stream that was sent (kept), so no range spans a delivered seq.
+        let kept_between: Vec<(u64, u32)> = match (victims.first(), victims.last()) {
+            (Some(&first), Some(&last)) => self
+                .rows
+                .range(first..=last)
+                .filter(|(seq, _)| self.sent.contains(seq))
+                .map(|(&seq, &(stream, _))| (seq, stream))
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut by_stream: BTreeMap<u32, LossReport> = BTreeMap::new();
+        let mut done: Vec<LossReport> = Vec::new();
+        let mut kept = kept_between.into_iter().peekable();
         for seq in &victims {
+            while let Some((_, stream)) = kept.next_if(|(k, _)| k < seq) {
+                if let Some(r) = by_stream.remove(&stream) {
+                    done.push(r);
+                }
+            }
             if let Some((stream, _)) = self.rows.remove(seq) {
                 let r = by_stream.entry(stream).or_insert_with(|| LossReport {
                     stream: format!("sensors/s{stream}"),
@@ -281,6 +466,7 @@ impl Outbox {
                 r.last_seq = Some(*seq);
             }
         }
+        self.pending_reports.extend(done);
         self.pending_reports.extend(by_stream.into_values());
         max.saturating_sub(self.rows.len() as u64).min(n)
     }
@@ -290,7 +476,7 @@ impl Outbox {
 enum OutOp {
     Resume { decision: Resume, cursor: u64 },
     Read { after: u64, max_records: usize },
-    Delete { through: u64 },
+    Delete { through: u64, batches: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -410,10 +596,13 @@ impl World {
             acked: 0,
             epoch: rng.random::<u64>() | 1,
             epoch_start: 1,
+            plan: None,
+            sent: BTreeSet::new(),
         };
         let ccfg = ClientConfig {
             window: s.window,
             batch_records: s.batch_records,
+            out_of_order: s.out_of_order,
             ..ClientConfig::default()
         };
         let mut w = World {
@@ -1327,7 +1516,9 @@ impl World {
             let (conn, attempt, lost) = (a.conn, a.attempt, a.lost);
             match action {
                 ClientAction::Send(frame) => self.send(conn, true, &frame),
-                ClientAction::Resume { decision, cursor } => {
+                ClientAction::Resume {
+                    decision, cursor, ..
+                } => {
                     if decision != Resume::Continue {
                         self.fail(format!(
                             "unexpected resume decision {decision:?} for cursor {cursor} (outbox {:?})",
@@ -1344,9 +1535,10 @@ impl World {
                     .edge
                     .ops
                     .push_back((conn, OutOp::Read { after, max_records })),
-                ClientAction::Delete { through } => {
-                    self.edge.ops.push_back((conn, OutOp::Delete { through }))
-                }
+                ClientAction::Delete { through, batches } => self
+                    .edge
+                    .ops
+                    .push_back((conn, OutOp::Delete { through, batches })),
                 ClientAction::Probe => {
                     if self.edge.probe.is_none() {
                         let p = self.edge.dialer.probe(attempt.server, attempt.transport);
@@ -1397,6 +1589,9 @@ impl World {
                 if decision == Resume::Continue {
                     self.edge.outbox.delete_through(cursor);
                 }
+                if self.s.out_of_order {
+                    self.edge.outbox.start_plan(cursor);
+                }
                 let next = self.edge.outbox.next_seq;
                 if let Some(a) = self.edge.session.as_mut().filter(|_| current) {
                     a.session.handle_resumed(next, now);
@@ -1408,11 +1603,19 @@ impl World {
                 if !current {
                     return;
                 }
-                let records = self.edge.outbox.records_after(after, max_records);
+                let (records, floor) = if self.s.out_of_order {
+                    self.edge
+                        .outbox
+                        .read_planned(max_records)
+                        .unwrap_or_default()
+                } else {
+                    (self.edge.outbox.records_after(after, max_records), 0)
+                };
                 let frame = if records.is_empty() {
                     None
                 } else {
                     match encode_batch(&records, DEFAULT_ZSTD_LEVEL) {
+                        Ok(f) if self.s.out_of_order => Some(BatchFrame { floor, ..f }),
                         Ok(f) => Some(f),
                         Err(e) => {
                             self.fail(format!("encode_batch: {e}"));
@@ -1424,14 +1627,22 @@ impl World {
                     a.session.handle_read(frame, now);
                 }
             }
-            OutOp::Delete { through } => {
+            OutOp::Delete { through, batches } => {
                 if through > self.agg.cursor.seq {
                     self.fail(format!(
                         "the edge deletes through {through} but the store's cursor is {}",
                         self.agg.cursor.seq
                     ));
                 }
-                self.edge.outbox.delete_through(through);
+                let gone = self.edge.outbox.delete_acked(through, batches);
+                if let Some(seq) = gone
+                    .iter()
+                    .find(|s| !self.agg.rows.contains_key(s) && !self.agg.losses.contains_key(s))
+                {
+                    self.fail(format!(
+                        "the edge deletes seq {seq}, acknowledged out of order, but the store does not hold it"
+                    ));
+                }
             }
         }
         // Room may have come back (a delete, a cursor): what the broker
@@ -1601,9 +1812,10 @@ impl World {
             }
         }
         self.agg.cursor = StoredCursor {
-            seq: cursor.max(req.last_seq),
+            seq: cursor.max(req.through),
             incarnation: Some(req.outbox.0),
             epoch: req.outbox.1,
+            top: self.agg.rows.keys().next_back().copied().unwrap_or(0),
         };
         Ok(self.agg.cursor.seq)
     }
@@ -1616,11 +1828,13 @@ impl World {
             Fault::EdgeRestart { .. } => {
                 // Power cut: the connection vanishes without a word; an
                 // outbox operation in progress committed or not.
-                if let Some((_, OutOp::Delete { through })) = self.edge.running.take() {
+                if let Some((_, OutOp::Delete { through, batches })) = self.edge.running.take() {
                     if self.rng.random_bool(0.5) {
-                        self.edge.outbox.delete_through(through);
+                        self.edge.outbox.delete_acked(through, batches);
                     }
                 }
+                // The plan lives in memory; what was sent is durable.
+                self.edge.outbox.plan = None;
                 if let Some(a) = self.edge.session.take() {
                     // What was in flight from the dead edge: a prefix arrives.
                     let keep = self.in_flight_prefix(a.conn, 0);
