@@ -316,19 +316,7 @@ pub fn salvage_outbox(
     path: &std::path::Path,
 ) -> Result<crate::outbox::salvage::Salvage, DaemonError> {
     let s = crate::outbox::salvage::recover(path)?;
-    metrics::counter!("fogline_outbox_salvaged_total").increment(1);
-    metrics::counter!(crate::outbox::losses::LOSSES_TOTAL, "reason" => "corrupt")
-        .increment(s.lost_records());
-    error!(
-        kept = s.records,
-        lost = s.lost_records(),
-        lost_seqs = %s.lost_ranges(),
-        unreadable = %s.unreadable.join("; "),
-        damaged_file = %s.kept_as.display(),
-        incarnation = format_args!("{:#x}", s.incarnation),
-        new_incarnation = s.new_incarnation,
-        "Outbox salvaged: replication goes on from the new file; the loss is recorded as an alarm."
-    );
+    crate::outbox::events::Salvaged { salvage: &s }.emit();
     Ok(s)
 }
 

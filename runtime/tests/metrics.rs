@@ -9,6 +9,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
+use fogline_edge::functions::events as functions;
+use fogline_edge::ingest::events as ingest;
+use fogline_edge::metrics_help;
+use fogline_edge::pipeline::events as pipeline;
+use fogline_edge::uplink::events as uplink;
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -101,39 +107,46 @@ async fn every_series_has_help_and_type_and_the_operator_series_exist_from_start
         "histograms, not summaries: {types:?}"
     );
     for name in [
-        "fogline_build_info",
+        fogline_telemetry::BUILD_INFO,
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",
         "process_start_time_seconds",
-        "fogline_outbox_disk_free_bytes",
+        metrics_help::OUTBOX_DISK_FREE_BYTES,
         // Present from start, before any event.
-        "fogline_outbox_commit_seconds",
-        "fogline_outbox_records_written_total",
-        "fogline_ingest_received_total",
-        "fogline_uplink_connected",
-        "fogline_uplink_connects_total",
-        "fogline_function_calls_total",
-        "fogline_function_call_seconds",
-        "fogline_function_breaker_opened_total",
-        "fogline_clock_steps_back_total",
+        pipeline::COMMIT_SECONDS,
+        pipeline::RECORDS_WRITTEN_TOTAL,
+        ingest::RECEIVED_TOTAL,
+        uplink::CONNECTED,
+        uplink::CONNECTS_TOTAL,
+        functions::CALLS_TOTAL,
+        functions::CALL_SECONDS,
+        pipeline::BREAKER_OPENED_TOTAL,
+        fogline_edge::clock::CLOCK_STEPS_TOTAL,
     ] {
         assert!(families.contains(name), "{name} missing:\n{text}");
     }
-    assert_eq!(types["fogline_outbox_commit_seconds"], "histogram");
+    assert_eq!(types[pipeline::COMMIT_SECONDS], "histogram");
     assert_eq!(types["process_cpu_seconds_total"], "counter");
     assert!(
         text.contains(&format!(
-            "fogline_build_info{{version=\"{}\"",
+            "{}{{version=\"{}\"",
+            fogline_telemetry::BUILD_INFO,
             env!("CARGO_PKG_VERSION")
         )),
         "{text}"
     );
-    assert!(text.contains("fogline_ingest_received_total{source=\"endpoint\"} 0"));
-    assert!(text.contains("fogline_function_calls_total{function=\"hot\",kind=\"process\"}"));
+    assert!(text.contains(&format!(
+        "{}{{source=\"endpoint\"}} 0",
+        ingest::RECEIVED_TOTAL
+    )));
+    assert!(text.contains(&format!(
+        "{}{{function=\"hot\",kind=\"process\"}}",
+        functions::CALLS_TOTAL
+    )));
     let free: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("fogline_outbox_disk_free_bytes "))
+        .find_map(|l| l.strip_prefix(&format!("{} ", metrics_help::OUTBOX_DISK_FREE_BYTES)))
         .unwrap()
         .parse()
         .unwrap();

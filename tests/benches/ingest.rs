@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use fogline_edge::pipeline::events as pipeline;
 use fogline_tests::deploy::{uplink_toml, Cloud, CursorWatch, Edge};
 use fogline_tests::mosquitto::Mosquitto;
 use fogline_tests::mqtt_raw::{self, cpu, Options, Publisher, QoS, Version};
@@ -186,7 +187,7 @@ async fn run_fogline(n: usize, external: bool, filter: bool) -> anyhow::Result<F
         "the store holds {stored} records, {expected} expected for {n} readings published"
     );
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-    let commits = edge.metric("fogline_outbox_commit_seconds_count");
+    let commits = edge.metric(&format!("{}_count", pipeline::COMMIT_SECONDS));
     Ok(Figures {
         commits,
         msgs_per_sec: n as f64 / elapsed.as_secs_f64(),

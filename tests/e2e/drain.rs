@@ -95,7 +95,7 @@ fn alerts_and_live_readings_overtake_the_backlog_and_everything_arrives_once() {
     publish(port, QoS::AtLeastOnce, &alarms);
     let taken = (backlog.len() + alarms.len()) as f64;
     let ok = process::wait_until(Duration::from_secs(60), || {
-        edge.metric("fogline_ingest_received_total") >= taken
+        edge.metric(fogline_edge::ingest::events::RECEIVED_TOTAL) >= taken
     });
     assert!(
         ok,

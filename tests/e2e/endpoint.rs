@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fogline_edge::ingest::events as ingest;
 use fogline_mqtt::{self as codec, ConnectOut, Inbound};
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::{
@@ -270,7 +271,7 @@ fn identical_payloads(ids: IdAlloc) -> (usize, usize, f64) {
         assert!(process::wait_until(Duration::from_secs(60), || {
             progress.load(Ordering::Acquire) >= N * frac / 10
         }));
-        possible_duplicates += g.edge.metric("fogline_ingest_possible_duplicates_total");
+        possible_duplicates += g.edge.metric(ingest::POSSIBLE_DUPLICATES_TOTAL);
         g.edge.daemon.kill9();
         g.edge.daemon.restart().unwrap();
     }
@@ -278,7 +279,7 @@ fn identical_payloads(ids: IdAlloc) -> (usize, usize, f64) {
     report.ensure_all_safe().unwrap();
     process::wait_until(Duration::from_secs(60), || stored_ones(&g.cloud.store) >= N);
     std::thread::sleep(Duration::from_millis(1500));
-    possible_duplicates += g.edge.metric("fogline_ingest_possible_duplicates_total");
+    possible_duplicates += g.edge.metric(ingest::POSSIBLE_DUPLICATES_TOTAL);
     let stored = stored_ones(&g.cloud.store);
     assert!(
         stored >= N,

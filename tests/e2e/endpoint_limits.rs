@@ -9,7 +9,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fogline_edge::ingest::endpoint::events::{self as endpoint, Cut};
 use fogline_mqtt::{self as codec, ConnectOut};
+use fogline_tests::deploy::series;
 use fogline_tests::flood::{self, Flood};
 use fogline_tests::mqtt_raw::{cpu, Connection, Options, Publisher, QoS, Version};
 use fogline_tests::{oracle, process};
@@ -69,12 +71,12 @@ fn preconnect_bytes_slots_and_connect_timeout_are_bounded_from_accept() {
             }
         }
         let during = rss_mib(&g);
-        let budget = g.edge.metric("fogline_ingest_connections_refused_total{reason=\"budget\"}");
+        let budget = g.edge.metric(&refused(Cut::Budget));
         println!("200 half-sent 60 KiB CONNECTs: {cut} cut at once, RSS {before:.1} → {during:.1} MiB, budget refusals {budget}");
         assert!(cut >= 150, "only {cut} of 200 cut: the pre-CONNECT share did not bound them\n{}", g.logs());
         assert!(during - before < 40.0, "RSS grew {before:.1} → {during:.1} MiB");
         assert!(
-            g.edge.metric("fogline_ingest_preconnect_bytes") <= 1_048_576.0,
+            g.edge.metric(endpoint::PRECONNECT_BYTES) <= 1_048_576.0,
             "pre-CONNECT bytes over the share"
         );
 
@@ -107,7 +109,7 @@ fn preconnect_bytes_slots_and_connect_timeout_are_bounded_from_accept() {
         assert!(closed_within(&mut silent, Duration::from_secs(8)).await);
         let took = t0.elapsed();
         assert!(took >= Duration::from_millis(2800) && took < Duration::from_secs(5), "cut after {took:?}");
-        assert!(g.edge.metric("fogline_ingest_connections_refused_total{reason=\"connect_timeout\"}") >= 1.0);
+        assert!(g.edge.metric(&refused(Cut::ConnectTimeout)) >= 1.0);
     });
 }
 
@@ -138,11 +140,7 @@ fn per_address_connection_limit_holds_before_connect() {
             .await
             .unwrap();
         assert!(!closed_within(&mut other, Duration::from_millis(300)).await);
-        assert!(
-            g.edge
-                .metric("fogline_ingest_connections_refused_total{reason=\"per_ip\"}")
-                >= 1.0
-        );
+        assert!(g.edge.metric(&refused(Cut::PerIp)) >= 1.0);
         // One goes: the address may connect again (rate permitting).
         drop(open.pop());
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -187,11 +185,7 @@ fn keep_alive_zero_is_cut_by_the_idle_limit() {
                 .is_some(),
             "the chatty one was cut"
         );
-        assert!(
-            g.edge
-                .metric("fogline_ingest_connections_refused_total{reason=\"idle\"}")
-                >= 1.0
-        );
+        assert!(g.edge.metric(&refused(Cut::Idle)) >= 1.0);
     });
 }
 
@@ -241,7 +235,7 @@ fn a_pending_will_is_replaced_when_its_client_reconnects() {
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
         assert!(
-            g.edge.metric("fogline_ingest_pending_will_bytes") > 0.0,
+            g.edge.metric(endpoint::PENDING_WILL_BYTES) > 0.0,
             "the will is pending"
         );
     });
@@ -252,7 +246,7 @@ fn a_pending_will_is_replaced_when_its_client_reconnects() {
     std::thread::sleep(Duration::from_secs(2));
     let v = oracle::judge(&oracle::read_store(&g.cloud.store).unwrap(), &expected);
     assert!(v.is_exact(), "{}\n{}", v.summary(), g.logs());
-    assert_eq!(g.edge.metric("fogline_ingest_pending_will_bytes"), 0.0);
+    assert_eq!(g.edge.metric(endpoint::PENDING_WILL_BYTES), 0.0);
 }
 
 /// I-34: password checks beyond `auth_workers + auth_queue` are refused at
@@ -298,11 +292,7 @@ fn a_full_password_queue_refuses_with_server_busy() {
         }
         println!("busy refusals: {} MQTT 5, {} MQTT 3.1.1", busy.0, busy.1);
         assert!(busy.0 >= 1 && busy.1 >= 1, "{busy:?}");
-        assert!(
-            g.edge
-                .metric("fogline_ingest_connections_refused_total{reason=\"auth_busy\"}")
-                >= 2.0
-        );
+        assert!(g.edge.metric(&refused(Cut::AuthBusy)) >= 2.0);
     });
 }
 
@@ -357,4 +347,9 @@ fn healthy_sensors_get_everything_through_a_flood_of_hostile_sockets() {
     });
     let v = oracle::judge(&oracle::read_store(&g.cloud.store).unwrap(), &expected);
     assert!(v.is_exact(), "{}\n{}", v.summary(), g.logs());
+}
+
+/// The series of the connections the endpoint cut for `cut`.
+fn refused(cut: Cut) -> String {
+    series(endpoint::CONNECTIONS_REFUSED, &[("reason", cut.label())])
 }

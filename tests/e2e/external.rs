@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use crate::tail;
 use bytes::Bytes;
+use fogline_edge::ingest::events as ingest;
+use fogline_edge::pipeline::events as pipeline;
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mosquitto::{Mosquitto, MosquittoConfig};
 use fogline_tests::mqtt_raw::{Options, PublishReport, Publisher, QoS};
@@ -342,7 +344,7 @@ fn overlapping_filters_are_subscribed_once_and_each_pipeline_gets_every_message_
         msgs.len(),
         site.logs(&edge)
     );
-    let received = edge.metric("fogline_ingest_received_total");
+    let received = edge.metric(ingest::RECEIVED_TOTAL);
     assert_eq!(
         received,
         msgs.len() as f64,
@@ -409,7 +411,7 @@ fn a_changed_topic_filter_takes_effect_on_restart_and_the_removed_one_is_unsubsc
     let want: BTreeMap<String, usize> = [("a-1".to_string(), 1), ("b-1".to_string(), 1)].into();
     assert_eq!(counts, want, "{}", site.logs(&edge));
     assert_eq!(
-        edge.metric("fogline_ingest_unrouted_total"),
+        edge.metric(pipeline::UNROUTED_TOTAL),
         0.0,
         "a/2 was delivered to the edge: a/# is still subscribed\n{}",
         site.logs(&edge)
@@ -533,12 +535,12 @@ fn q1_finish(site: &Site, edge: &Edge, mut published: Vec<(String, Bytes)>) {
     published.extend(after);
     assert_counter_mix(site, edge, &published);
     assert!(
-        edge.metric("fogline_ingest_resends_total") > 0.0,
+        edge.metric(ingest::RESENDS_TOTAL) > 0.0,
         "the edge recognised resends of messages it had committed (is fogline-edge built with failpoints?)\n{}",
         site.logs(edge)
     );
     assert_eq!(
-        edge.metric("fogline_ingest_possible_duplicates_total"),
+        edge.metric(ingest::POSSIBLE_DUPLICATES_TOTAL),
         0.0,
         "mosquitto is proven sequential: no resend is a guess\n{}",
         site.logs(edge)
@@ -823,7 +825,7 @@ fn a_topic_longer_than_a_stream_name_is_dead_lettered_and_replication_goes_on() 
     let st = status(&edge);
     assert_eq!(st["outbox"]["dead_letters"].as_u64(), Some(1), "{st}");
     assert_eq!(st["outbox"]["backlog_records"].as_u64(), Some(0), "{st}");
-    assert!(edge.metric("fogline_ingest_refused_total") >= 1.0);
+    assert!(edge.metric(pipeline::REFUSED_TOTAL) >= 1.0);
     let db = edge.data_dir.join("outbox.db");
     let conn = rusqlite::Connection::open(db).unwrap();
     let (function, error, size): (String, String, i64) = conn

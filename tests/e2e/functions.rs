@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
+use fogline_edge::pipeline::events as pipeline;
+use fogline_tests::deploy::{series, uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::{Options, Outcome, PublishReport, Publisher, QoS};
 use fogline_tests::{oracle, process};
 
@@ -339,9 +340,11 @@ fn a_new_version_takes_over_with_the_state_and_a_broken_one_is_rolled_back() {
         "both versions emitted, nothing else did"
     );
     let metrics = (
-        g.edge.metric("fogline_function_swaps_total"),
-        g.edge
-            .metric("fogline_function_swaps_total{function=\"avg/avg\",outcome=\"rolled_back\"}"),
+        g.edge.metric(pipeline::SWAPS_TOTAL),
+        g.edge.metric(&series(
+            pipeline::SWAPS_TOTAL,
+            &[("function", "avg/avg"), ("outcome", "rolled_back")],
+        )),
     );
     assert!(metrics.0 >= 3.0, "{metrics:?}");
 }

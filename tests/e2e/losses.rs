@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fogline_edge::ingest::events as ingest;
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::QoS;
 use fogline_tests::process;
@@ -67,12 +68,12 @@ fn every_drop_is_counted_and_the_cloud_is_told() {
     publish(port, QoS::AtLeastOnce, &all);
     // Everything taken in, then committed (a commit takes milliseconds).
     let ok = process::wait_until(Duration::from_secs(60), || {
-        edge.metric("fogline_ingest_received_total") >= all.len() as f64
+        edge.metric(ingest::RECEIVED_TOTAL) >= all.len() as f64
     });
     assert!(
         ok,
         "the edge did not take everything in: {} of {} received\n{}",
-        edge.metric("fogline_ingest_received_total"),
+        edge.metric(ingest::RECEIVED_TOTAL),
         all.len(),
         logs(&edge, &cloud)
     );

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use fogline_edge::uplink::events as uplink;
 use fogline_tests::deploy::Edge;
 use fogline_tests::mqtt_raw::QoS;
 use fogline_tests::{oracle, process};
@@ -176,7 +177,7 @@ fn a_wiped_outbox_meeting_an_existing_cursor_is_renumbered_above_it_and_loses_no
     })
     .unwrap();
     assert!(
-        edge.metric("fogline_uplink_renumbered_total") >= 1.0,
+        edge.metric(uplink::RENUMBERED_TOTAL) >= 1.0,
         "{}",
         site.logs(&edge)
     );
@@ -225,7 +226,7 @@ fn a_restored_aggregator_store_is_an_alarm_on_both_sides_and_replication_goes_on
     let (site, edge, kept) = restored_store(node);
 
     assert!(
-        edge.metric("fogline_uplink_cursor_regressions_total") >= 1.0,
+        edge.metric(uplink::CURSOR_REGRESSIONS_TOTAL) >= 1.0,
         "{}",
         site.logs(&edge)
     );
@@ -415,7 +416,7 @@ fn old_copy(node: &str, buffered: usize) -> OldCopy {
         alarm_kinds(s).iter().any(|k| k == "cursor_ahead")
     })
     .unwrap();
-    assert!(edge.metric("fogline_uplink_renumbered_total") >= 1.0);
+    assert!(edge.metric(uplink::RENUMBERED_TOTAL) >= 1.0);
     let now = status(&edge)["outbox"]["incarnation"].as_u64().unwrap();
     assert_ne!(now, incarnation, "the older copy took a new incarnation");
     OldCopy {
@@ -479,7 +480,7 @@ fn after_recovering_from_an_older_copy_the_next_connection_continues_under_the_n
         site.logs(&edge)
     );
     assert_eq!(
-        edge.metric("fogline_uplink_renumbered_total"),
+        edge.metric(uplink::RENUMBERED_TOTAL),
         1.0,
         "renumbered once (the older copy), not again on the next connection\n{}",
         site.logs(&edge)

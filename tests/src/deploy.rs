@@ -233,7 +233,8 @@ impl Edge {
         http_get(self.http_port, "/healthz")
     }
 
-    /// The sum of every series of a Prometheus metric (0 if absent).
+    /// The sum of every series of a Prometheus metric (0 if absent); one
+    /// series of it when `name` comes from [`series`].
     pub fn metric(&self, name: &str) -> f64 {
         let Some((_, body)) = http_get(self.http_port, "/metrics") else {
             return 0.0;
@@ -279,4 +280,12 @@ pub async fn in_process_aggregator(
     );
     let config = fogline_aggregator::config::CloudConfig::parse(&toml)?;
     Ok(fogline_aggregator::start(config).await?)
+}
+
+/// One labelled series of a metric as `/metrics` writes it,
+/// `name{k="v",...}` (labels in the order the daemon gives them), for
+/// [`Edge::metric`].
+pub fn series(name: &str, labels: &[(&str, &str)]) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", labels.join(","))
 }

@@ -1,97 +1,72 @@
-//! HELP text for every metric the aggregator exports, registered at start.
+//! HELP text for every metric the aggregator exports, registered at start,
+//! and the series registered at zero then. The HELP texts live with each
+//! part's events (`events.rs`).
 
-use fogline_telemetry::help::{register_zero, Help, Kind::*, Series};
+use crate::service::events::{self as service, Rejected};
+use crate::store::events as store;
+use fogline_telemetry::help::{register_zero, Help, Series};
 
-const HELP: &[Help] = &[
-    (
-        "fogline_cloud_connections",
-        Gauge,
-        "Node connections open, by transport.",
-    ),
-    (
-        "fogline_cloud_connections_rejected_total",
-        Counter,
-        "Connections refused, by reason (certificate, revoked, rate_limited, ...).",
-    ),
-    (
-        "fogline_cloud_sessions_failed_total",
-        Counter,
-        "Sessions closed with an error, by code.",
-    ),
-    (
-        "fogline_cloud_records_applied_total",
-        Counter,
-        "Records stored (each once).",
-    ),
-    (
-        "fogline_cloud_records_skipped_total",
-        Counter,
-        "Records received again at or below the cursor, not stored twice.",
-    ),
-    (
-        "fogline_cloud_records_lost_total",
-        Counter,
-        "Records a node was acknowledged that the store no longer has (recorded as gaps).",
-    ),
-    (
-        "fogline_cloud_cursor_regressions_total",
-        Counter,
-        "Sessions that found the store behind its acknowledgements.",
-    ),
-    (
-        "fogline_cloud_apply_seconds",
-        Histogram,
-        "Time to decode and apply a group of batches, commit included.",
-    ),
-    (
-        "fogline_cloud_store_failures_total",
-        Counter,
-        "Store reads and writes that failed, by kind (disk_full, corrupt, error).",
-    ),
-    (
-        "fogline_cloud_tls_reloads_total",
-        Counter,
-        "TLS material (certificate, key, CA, CRL) reloaded without a restart.",
-    ),
-    (
-        "fogline_cloud_tls_reload_failures_total",
-        Counter,
-        "Changed TLS files that could not be loaded (the old ones stay).",
-    ),
-];
+/// Every HELP table: each part's.
+const TABLES: &[&[Help]] = &[service::HELP, store::HELP];
 
 /// Every series known before any event, registered at zero at start.
 const AT_START: &[Series] = &[
-    ("fogline_cloud_connections", &[("transport", "quic")]),
-    ("fogline_cloud_connections", &[("transport", "tcp")]),
+    (service::CONNECTIONS, &[("transport", "quic")]),
+    (service::CONNECTIONS, &[("transport", "tcp")]),
     (
-        "fogline_cloud_connections_rejected_total",
-        &[("reason", "certificate")],
+        service::CONNECTIONS_REJECTED_TOTAL,
+        &[("reason", Rejected::Certificate.label())],
     ),
     (
-        "fogline_cloud_connections_rejected_total",
-        &[("reason", "handshake")],
+        service::CONNECTIONS_REJECTED_TOTAL,
+        &[("reason", Rejected::Handshake.label())],
     ),
     (
-        "fogline_cloud_connections_rejected_total",
-        &[("reason", "rate_limited")],
+        service::CONNECTIONS_REJECTED_TOTAL,
+        &[("reason", Rejected::RateLimited.label())],
     ),
-    ("fogline_cloud_records_applied_total", &[]),
-    ("fogline_cloud_records_skipped_total", &[]),
-    ("fogline_cloud_records_lost_total", &[]),
-    ("fogline_cloud_cursor_regressions_total", &[]),
-    ("fogline_cloud_apply_seconds", &[]),
-    ("fogline_cloud_tls_reloads_total", &[]),
-    ("fogline_cloud_tls_reload_failures_total", &[]),
+    (service::RECORDS_APPLIED_TOTAL, &[]),
+    (service::RECORDS_SKIPPED_TOTAL, &[]),
+    (service::RECORDS_LOST_TOTAL, &[]),
+    (service::CURSOR_REGRESSIONS_TOTAL, &[]),
+    (service::APPLY_SECONDS, &[]),
+    (service::TLS_RELOADS_TOTAL, &[]),
+    (service::TLS_RELOAD_FAILURES_TOTAL, &[]),
 ];
 
 /// Registers every HELP text, the build, and the series known at start at
 /// zero (idempotent).
 pub fn describe() {
-    fogline_telemetry::help::describe(HELP);
+    service::describe();
+    store::describe();
     fogline_telemetry::register_build_info(
         env!("CARGO_PKG_VERSION"),
         option_env!("FOGLINE_GIT_SHA"),
     );
-    register_zero(HELP, AT_START);
+    register_zero(&all_help(), AT_START);
+}
+
+/// [`TABLES`] as one table.
+fn all_help() -> Vec<Help> {
+    TABLES.iter().flat_map(|t| t.iter().copied()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recorder keeps the first HELP given for a name: a second entry
+    /// would be dead text.
+    #[test]
+    fn every_metric_has_one_help_and_every_series_at_start_has_one() {
+        let all = all_help();
+        let mut names: Vec<&str> = all.iter().map(|(n, _, _)| *n).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "a metric with two HELP entries");
+        for (name, _) in AT_START {
+            assert!(names.contains(name), "{name} has no HELP");
+        }
+    }
 }

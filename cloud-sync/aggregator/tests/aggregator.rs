@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use fogline_aggregator::certs::{self, Validity};
+use fogline_aggregator::service::events::{self, Rejected};
 use fogline_aggregator::store::{RecordQuery, Store};
 use fogline_aggregator::{self as aggregator, config::CloudConfig, RunningAggregator};
 use fogline_protocol::frame::ErrorCode;
@@ -170,10 +171,7 @@ async fn acks_replays_takeover_and_http(how: Transport) {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("fogline_cloud_records_applied_total"),
-        "{metrics}"
-    );
+    assert!(metrics.contains(events::RECORDS_APPLIED_TOTAL), "{metrics}");
     agg.shutdown().await;
 }
 
@@ -441,18 +439,18 @@ async fn a_source_that_keeps_failing_handshakes_is_refused_without_a_handshake()
         .text()
         .await
         .unwrap();
-    let count = |reason: &str| -> f64 {
+    let count = |reason: Rejected| -> f64 {
         metrics
             .lines()
             .filter(|l| {
-                l.starts_with("fogline_cloud_connections_rejected_total")
-                    && l.contains(&format!("reason=\"{reason}\""))
+                l.starts_with(events::CONNECTIONS_REJECTED_TOTAL)
+                    && l.contains(&format!("reason=\"{}\"", reason.label()))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
-    assert!(count("handshake") <= 31.0, "{metrics}");
-    assert!(count("rate_limited") >= 45.0, "{metrics}");
+    assert!(count(Rejected::Handshake) <= 31.0, "{metrics}");
+    assert!(count(Rejected::RateLimited) >= 45.0, "{metrics}");
     agg.shutdown().await;
 }
 

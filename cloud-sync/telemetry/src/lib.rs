@@ -51,18 +51,19 @@ pub fn render_metrics(handle: &PrometheusHandle) -> String {
     text
 }
 
+/// Always 1; its labels `version` and `git_sha` say which build runs.
+pub const BUILD_INFO: &str = "fogline_build_info";
+
 /// `fogline_build_info{version, git_sha}` = 1: which build is running
 /// (`git_sha` only when the build knew it, from `FOGLINE_GIT_SHA`).
 pub fn register_build_info(version: &'static str, git_sha: Option<&'static str>) {
     metrics::describe_gauge!(
-        "fogline_build_info",
+        BUILD_INFO,
         "Always 1; the labels say which build runs (version, git_sha when known)."
     );
     match git_sha.filter(|s| !s.is_empty()) {
-        Some(sha) => {
-            metrics::gauge!("fogline_build_info", "version" => version, "git_sha" => sha).set(1.0)
-        }
-        None => metrics::gauge!("fogline_build_info", "version" => version).set(1.0),
+        Some(sha) => metrics::gauge!(BUILD_INFO, "version" => version, "git_sha" => sha).set(1.0),
+        None => metrics::gauge!(BUILD_INFO, "version" => version).set(1.0),
     }
 }
 

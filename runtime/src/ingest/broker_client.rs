@@ -24,9 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::codec::{self, ConnectOut, Inbound, Version};
+use super::events;
 use super::intake::Intake;
 use super::redelivery::SenderState;
 use super::session_store::{RestoredSession, SessionMeta, SessionUpdate};
@@ -184,14 +185,15 @@ async fn run(
         )
         .await;
         if state.broker_connected.swap(false, Ordering::AcqRel) {
-            metrics::gauge!("fogline_ingest_broker_connected").set(0.0);
+            metrics::gauge!(events::BROKER_CONNECTED).set(0.0);
         }
         match result {
             Err(BrokerError::Shutdown) | Ok(()) => break,
-            Err(e) => {
-                metrics::counter!("fogline_ingest_connection_errors_total").increment(1);
-                warn!(error = %e, retry_in = ?backoff, "MQTT broker connection ended; reconnecting.");
+            Err(e) => events::BrokerConnectionFailed {
+                error: &e,
+                retry_in: backoff,
             }
+            .emit(),
         }
         let jitter = rand::rng().random_range(0.75..1.25);
         tokio::select! {
@@ -292,8 +294,13 @@ async fn session(
     *backoff = Duration::from_millis(100);
     let n = state.broker_connections.fetch_add(1, Ordering::AcqRel) + 1;
     state.broker_connected.store(true, Ordering::Release);
-    metrics::gauge!("fogline_ingest_broker_connected").set(1.0);
-    info!(broker = %s.broker, connection = n, session_present = connack.session_present, version = s.version.name(), "Connected to the MQTT broker.");
+    events::BrokerConnected {
+        broker: &s.broker,
+        connection: n,
+        session_present: connack.session_present,
+        version: s.version.name(),
+    }
+    .emit();
 
     let mut update = SessionUpdate {
         key: key.clone(),
@@ -358,9 +365,12 @@ async fn session(
                         .zip(codes.iter().chain(std::iter::repeat(&0x80)))
                     {
                         if *code >= 0x80 {
-                            metrics::counter!("fogline_ingest_subscriptions_refused_total")
-                                .increment(1);
-                            error!(broker = %s.broker, %filter, code = format!("{code:#04x}"), reason = codec::reason_name(*code), "The broker refused a subscription: nothing on this filter will arrive.");
+                            events::SubscriptionRefused {
+                                broker: &s.broker,
+                                filter,
+                                code: *code,
+                            }
+                            .emit();
                             refused.push((filter.clone(), *code));
                         } else if *code < s.qos {
                             warn!(%filter, granted = code, asked = s.qos, "The broker granted a lower QoS than asked.");

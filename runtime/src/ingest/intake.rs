@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec::{self, AckKind, PublishIn, Version};
+use super::events;
 use super::redelivery::{SenderState, Verdict};
 use super::{Ack, Chunk, Item, Received};
 
@@ -37,11 +38,11 @@ impl Intake {
             in_flight: HashSet::new(),
             owed: 0,
             receive_maximum,
-            received: metrics::counter!("fogline_ingest_received_total", "source" => source),
-            resends: metrics::counter!("fogline_ingest_resends_total", "source" => source),
-            evicted: metrics::counter!("fogline_ingest_marks_evicted_total", "source" => source),
-            possible_duplicates: metrics::counter!("fogline_ingest_possible_duplicates_total", "source" => source),
-            acks_sent: metrics::counter!("fogline_ingest_acks_sent_total", "source" => source),
+            received: metrics::counter!(events::RECEIVED_TOTAL, "source" => source),
+            resends: metrics::counter!(events::RESENDS_TOTAL, "source" => source),
+            evicted: metrics::counter!(events::MARKS_EVICTED_TOTAL, "source" => source),
+            possible_duplicates: metrics::counter!(events::POSSIBLE_DUPLICATES_TOTAL, "source" => source),
+            acks_sent: metrics::counter!(events::ACKS_SENT_TOTAL, "source" => source),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod broker_client;
 /// The MQTT codec (crate `fogline-mqtt`, `runtime/mqtt-codec/`).
 pub use fogline_mqtt as codec;
 pub mod endpoint;
+pub mod events;
 mod intake;
 pub mod redelivery;
 pub mod session_store;

@@ -22,6 +22,7 @@
 //! The outbox knows nothing about MQTT or QUIC.
 
 pub mod drain;
+pub mod events;
 mod functions;
 pub mod losses;
 mod reserve;
@@ -1096,7 +1097,7 @@ impl OutboxReader {
                 if released == 0 {
                     return Err(e);
                 }
-                metrics::counter!("fogline_outbox_reserve_released_total").increment(1);
+                metrics::counter!(events::RESERVE_RELEASED_TOTAL).increment(1);
                 tracing::warn!(
                     path = %self.path.display(),
                     released_bytes = released,

@@ -107,9 +107,7 @@ pub fn plan_batch(
             };
             plan.messages += 1;
             let mut refused = |code: u8, dead: DeadLetter, plan: &mut BatchPlan| {
-                metrics::counter!("fogline_ingest_refused_total", "check" => dead.function.clone())
-                    .increment(1);
-                tracing::warn!(stream = %dead.message.stream, error = %dead.error, "Message refused at ingest; kept as a dead letter.");
+                super::events::MessageRefused { dead: &dead }.emit();
                 if tell {
                     if let Some(a) = &mut item.ack {
                         a.reason = code;

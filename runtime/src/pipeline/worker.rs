@@ -663,9 +663,9 @@ fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool
         w.options.unrouted,
         |t| router.route(t).to_vec(),
     );
-    metrics::counter!("fogline_pipeline_messages_in_total").increment(plan.messages as u64);
+    metrics::counter!(super::events::MESSAGES_IN_TOTAL).increment(plan.messages as u64);
     if plan.unrouted > 0 {
-        metrics::counter!("fogline_ingest_unrouted_total").increment(plan.unrouted as u64);
+        metrics::counter!(super::events::UNROUTED_TOTAL).increment(plan.unrouted as u64);
         warn_unrouted(
             &mut w.warned_unrouted,
             &plan.unrouted_topics,
@@ -734,12 +734,12 @@ fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool
         let started = Instant::now();
         match w.outbox.commit(commit) {
             Ok(done) => {
-                metrics::histogram!("fogline_outbox_commit_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("fogline_outbox_records_written_total")
-                    .increment(done.records as u64);
-                metrics::counter!("fogline_outbox_dead_letters_written_total")
-                    .increment(commit.dead_letters.len() as u64);
+                super::events::BatchCommitted {
+                    records: done.records,
+                    dead_letters: commit.dead_letters.len(),
+                    elapsed: started.elapsed(),
+                }
+                .emit();
                 if done.records > 0 {
                     w.health
                         .committed_seq
@@ -761,7 +761,7 @@ fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool
             Err(e) => {
                 w.health.failing.store(true, Ordering::Release);
                 w.health.note_failure(e.problem_kind(), &e.to_string());
-                metrics::counter!("fogline_outbox_commit_failures_total").increment(1);
+                metrics::counter!(super::events::COMMIT_FAILURES_TOTAL).increment(1);
                 failures += 1;
                 // Every retry while the backoff grows, then once a minute:
                 // a disk that stays full for days is not a log flood.

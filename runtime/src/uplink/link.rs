@@ -104,7 +104,7 @@ impl<'a> Ctx<'a> {
         let rtt = initial_rtt(Some(rtt));
         if !quic_retry {
             self.uplink.state.probes.fetch_add(1, Ordering::AcqRel);
-            metrics::counter!("fogline_uplink_probes_total").increment(1);
+            metrics::counter!(super::events::PROBES_TOTAL).increment(1);
         }
         Probe {
             started: Instant::now(),
@@ -149,10 +149,11 @@ impl<'a> Ctx<'a> {
                         Ok(n) => {
                             if let fogline_protocol::Frame::Batch(b) = &frame {
                                 sent_records += u64::from(b.record_count);
-                                metrics::counter!("fogline_uplink_records_sent_total")
-                                    .increment(u64::from(b.record_count));
-                                metrics::counter!("fogline_uplink_bytes_sent_total")
-                                    .increment(n as u64);
+                                super::events::BatchSent {
+                                    records: b.record_count,
+                                    bytes: n,
+                                }
+                                .emit();
                             }
                         }
                         Err(e) => session.close(CloseReason::Local {
@@ -199,7 +200,7 @@ impl<'a> Ctx<'a> {
                         // the next one covers it — the session goes on.
                         match outbox.delete_acked(through, batches).await {
                             Ok(n) => {
-                                metrics::counter!("fogline_uplink_records_acked_total")
+                                metrics::counter!(super::events::RECORDS_ACKED_TOTAL)
                                     .increment(n as u64);
                                 up.deletes_work();
                             }
@@ -280,7 +281,7 @@ impl<'a> Ctx<'a> {
                     }
                     Ok(c) if session.silent_since().is_some_and(|s| s <= p.started) => {
                         up.state.probe_switches.fetch_add(1, Ordering::AcqRel);
-                        metrics::counter!("fogline_uplink_probe_switches_total").increment(1);
+                        metrics::counter!(super::events::PROBE_SWITCHES_TOTAL).increment(1);
                         info!(server = self.server, silent_for = ?p.started.elapsed() + session.silent_since().map_or(Duration::ZERO, |s| p.started.saturating_duration_since(s)), "The old connection is silent but a fresh one works (aggregator restarted?); moving over.");
                         handle.close(ErrorCode::Timeout, "silent; moved to a fresh connection");
                         break End::Switch(Box::new(c), p.attempt);

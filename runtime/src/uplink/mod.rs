@@ -20,6 +20,7 @@
 //!
 //! The uplink knows nothing about MQTT or functions.
 
+pub mod events;
 mod link;
 pub mod outbox_ops;
 
@@ -411,7 +412,7 @@ impl Uplink {
                                 error!(%server, "{detail}");
                             }
                             note_failure(&self.state.failure, kind, detail);
-                            metrics::counter!("fogline_uplink_connect_failures_total", "transport" => attempt.transport.name()).increment(1);
+                            metrics::counter!(events::CONNECT_FAILURES_TOTAL, "transport" => attempt.transport.name()).increment(1);
                             let down = dialer.down_for(Instant::now()).unwrap_or_default();
                             debug!(%server, transport = attempt.transport.name(), after = ?started.elapsed(), error = %e, "Connection attempt failed.");
                             if attempt.transport == fogline_protocol::dial::Transport::Quic
@@ -428,10 +429,11 @@ impl Uplink {
             dialer.connected(attempt, connected.handshake, Instant::now());
             rtt = Some(connected.conn.handle.rtt());
             self.state.connects.fetch_add(1, Ordering::AcqRel);
-            metrics::counter!("fogline_uplink_connects_total", "transport" => attempt.transport.name()).increment(1);
-            if connected.zero_rtt {
-                metrics::counter!("fogline_uplink_zero_rtt_total").increment(1);
+            events::Connected {
+                transport: attempt.transport.name(),
+                zero_rtt: connected.zero_rtt,
             }
+            .emit();
             self.state.set_link(Some(LinkInfo {
                 server: server.clone(),
                 transport: attempt.transport.name().to_string(),
@@ -492,8 +494,7 @@ impl Uplink {
                 End::Shutdown => break,
                 End::Switch(c, a) => carried = Some((*c, a, addr)),
                 End::Closed { reason, label } => {
-                    metrics::counter!("fogline_uplink_disconnects_total", "reason" => label)
-                        .increment(1);
+                    metrics::counter!(events::DISCONNECTS_TOTAL, "reason" => label).increment(1);
                     match label {
                         "silent" => self.state.silent.fetch_add(1, Ordering::AcqRel),
                         "stalled" => self.state.stalls.fetch_add(1, Ordering::AcqRel),
@@ -519,7 +520,7 @@ impl Uplink {
             self.state.in_flight.store(0, Ordering::Release);
         }
         if self.state.connected.swap(connected, Ordering::AcqRel) != connected {
-            metrics::gauge!("fogline_uplink_connected").set(if connected { 1.0 } else { 0.0 });
+            metrics::gauge!(events::CONNECTED).set(if connected { 1.0 } else { 0.0 });
             if let Err(e) = self.outbox.note_connected(connected).await {
                 debug!(error = %e, "Cannot note the uplink state in the outbox.");
             }
@@ -545,7 +546,7 @@ impl Uplink {
         if count < 3 || count.is_multiple_of(60) {
             warn!(through, failures = count + 1, error = %e, "Cannot delete acknowledged records; replication goes on, the next acknowledgement retries.");
         }
-        metrics::counter!("fogline_outbox_delete_failures_total").increment(1);
+        metrics::counter!(events::DELETE_FAILURES_TOTAL).increment(1);
         note_failure(&self.state.store_failure, kind, detail);
     }
 
@@ -554,7 +555,7 @@ impl Uplink {
         let now = crate::clock::now_ms();
         self.state.last_sync_ms.store(now, Ordering::Release);
         self.state.last_progress_ms.store(now, Ordering::Release);
-        metrics::gauge!("fogline_uplink_acked_seq").set(acked as f64);
+        metrics::gauge!(events::ACKED_SEQ).set(acked as f64);
     }
 }
 

@@ -126,7 +126,7 @@ impl Outbox {
                 let detail = format!(
                     "the aggregator's cursor is {cursor} but it had acknowledged up to {to} to this outbox: records {from}..={to} were lost on its side (store restored from a backup?); they were deleted here after the acknowledgement and cannot be resent"
                 );
-                metrics::counter!("fogline_uplink_cursor_regressions_total").increment(1);
+                metrics::counter!(super::events::CURSOR_REGRESSIONS_TOTAL).increment(1);
                 regressions = 1;
                 error!(node, cursor, acked = to, lost = to - from + 1, "{detail}");
                 self.run(move |r| Ok(r.raise_alarm("cursor_behind", &detail)?))
@@ -151,7 +151,7 @@ impl Outbox {
                     .run(move |r| Ok(r.renumber_above(cursor, above)?))
                     .await?;
                 if ahead || moved > 0 {
-                    metrics::counter!("fogline_uplink_renumbered_total").increment(1);
+                    metrics::counter!(super::events::RENUMBERED_TOTAL).increment(1);
                     let detail = if ahead {
                         format!(
                             "the aggregator has seen this outbox further (cursor {cursor}; this file: next seq {}, epoch {} from seq {}): it is an older copy of the outbox (restored image or clone); new incarnation {incarnation:#x}, {moved} buffered records renumbered by +{offset} and resent, nothing deleted",

@@ -8,11 +8,13 @@
 //! - [`gate`]: the CRL and validity checks, at the handshake and for
 //!   connections already up.
 //! - `session`: the I/O driver of one connection.
+//! - [`events`]: metric names and the service's events.
 //!
 //! TLS files (certificate, key, CA, CRL) are watched: when one changes, new
 //! connections use the new material and live connections whose certificate
 //! is now refused are closed (`Unauthorized`), without a restart.
 
+pub mod events;
 pub mod gate;
 pub mod guard;
 pub mod nodes;
@@ -27,11 +29,12 @@ use fogline_transport::server::{Incoming, Listener};
 use fogline_transport::TransportError;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::CloudConfig;
 use crate::store::health::StoreHealth;
 use crate::store::Store;
+use events::Rejected;
 use gate::{revoked_serials, Gate};
 use guard::{GuardConfig, HandshakeGuard, Report};
 use nodes::Nodes;
@@ -138,8 +141,7 @@ impl Service {
                 Err(_) => None,
             };
             if let Some(report) = admitted {
-                metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "rate_limited")
-                    .increment(1);
+                Rejected::RateLimited.count();
                 incoming.refuse();
                 if let Some(r) = report {
                     log_refused(remote, &r, None);
@@ -195,8 +197,7 @@ async fn accept(
             a
         }
         Err(e) => {
-            metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "handshake")
-                .increment(1);
+            Rejected::Handshake.count();
             let report = guard
                 .lock()
                 .ok()
@@ -210,9 +211,12 @@ async fn accept(
     // rustls checked the chain and the CRL; resumed sessions skip that, and
     // the CRL may have changed since: check again.
     if let Some(reason) = gate.refuse(&accepted.peer, now_s()) {
-        metrics::counter!("fogline_cloud_connections_rejected_total", "reason" => "certificate")
-            .increment(1);
-        warn!(%remote, node = %accepted.peer.node_id, %reason, "Rejected a node.");
+        events::NodeRejected {
+            remote,
+            node: &accepted.peer.node_id,
+            reason: &reason,
+        }
+        .emit();
         refuse(accepted.conn, ErrorCode::Unauthorized, &reason).await;
         return;
     }
@@ -263,16 +267,15 @@ async fn watch_tls(
                 .and_then(|revoked| listener.reload(&tls).map(|()| revoked));
             match loaded {
                 Ok(revoked) => {
-                    info!(revoked = revoked.len(), "Reloaded TLS material.");
-                    metrics::counter!("fogline_cloud_tls_reloads_total").increment(1);
+                    events::TlsReloaded {
+                        revoked: revoked.len(),
+                    }
+                    .emit();
                     gate.set(revoked);
                     seen = fingerprint(&config);
                 }
-                Err(e) => {
-                    // Keep serving with what was loaded before; retry next tick.
-                    metrics::counter!("fogline_cloud_tls_reload_failures_total").increment(1);
-                    warn!(error = %e, "TLS files changed but cannot be loaded; keeping the previous ones.");
-                }
+                // Keep serving with what was loaded before; retry next tick.
+                Err(e) => events::TlsReloadFailed { error: &e }.emit(),
             }
         }
         let at = now_s();

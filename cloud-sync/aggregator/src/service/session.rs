@@ -80,7 +80,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
     let mut cursor_task: Option<Task<StoredCursor>> = None;
     let mut apply_task: Option<Task<ApplyOutcome, ApplyFailed>> = None;
     let mut applied_records = 0u64;
-    metrics::gauge!("fogline_cloud_connections", "transport" => transport.name()).increment(1.0);
+    metrics::gauge!(super::events::CONNECTIONS, "transport" => transport.name()).increment(1.0);
 
     // Why the connection ends, and whether the peer must be told.
     let end: (ErrorCode, String, bool) = 'session: loop {
@@ -165,7 +165,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
         if code == ErrorCode::Ok {
             debug!(%node, %remote, %reason, "Session ended.");
         } else {
-            metrics::counter!("fogline_cloud_sessions_failed_total", "code" => code.name())
+            metrics::counter!(super::events::SESSIONS_FAILED_TOTAL, "code" => code.name())
                 .increment(1);
             warn!(%node, %remote, %code, %reason, "Closing the node's connection.");
         }
@@ -175,7 +175,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
         // still has to be written.
         close_with(&mut writer, &handle, code, &message, CLOSE_WAIT).await;
     }
-    metrics::gauge!("fogline_cloud_connections", "transport" => transport.name()).decrement(1.0);
+    metrics::gauge!(super::events::CONNECTIONS, "transport" => transport.name()).decrement(1.0);
     if turn.is_some() {
         info!(%node, %remote, applied = applied_records, %reason, "Node disconnected.");
     }
@@ -193,8 +193,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// from a backup). The edge deleted them: they cannot come back. The loss is
 /// kept on record before anything else happens (ARCHITECTURE.md I-9).
 async fn record_gap(shared: &Shared, node: &str, r: Regression) -> Result<(), String> {
-    metrics::counter!("fogline_cloud_cursor_regressions_total").increment(1);
-    metrics::counter!("fogline_cloud_records_lost_total").increment(r.to - r.from + 1);
+    super::events::CursorRegressed {
+        lost: r.to - r.from + 1,
+    }
+    .emit();
     tracing::error!(
         node,
         from = r.from,
@@ -260,9 +262,12 @@ fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutc
         })
         .await
         .map_err(|e| ApplyFailed::Store(format!("store task failed: {e}")))??;
-        metrics::histogram!("fogline_cloud_apply_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("fogline_cloud_records_applied_total").increment(outcome.inserted as u64);
-        metrics::counter!("fogline_cloud_records_skipped_total").increment(outcome.skipped as u64);
+        super::events::BatchesApplied {
+            elapsed: started.elapsed(),
+            inserted: outcome.inserted,
+            skipped: outcome.skipped,
+        }
+        .emit();
         Ok(outcome)
     })
 }

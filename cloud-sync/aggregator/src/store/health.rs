@@ -48,7 +48,7 @@ pub struct StoreHealth {
 impl StoreHealth {
     /// A read or write failed with `e` at `now_ms`.
     pub fn failed(&self, e: &StoreError, now_ms: u64) {
-        metrics::counter!("fogline_cloud_store_failures_total", "kind" => kind_label(e.kind()))
+        metrics::counter!(super::events::FAILURES_TOTAL, "kind" => kind_label(e.kind()))
             .increment(1);
         if let Ok(mut run) = self.run.lock() {
             let (since_ms, count) = run.as_ref().map_or((now_ms, 0), |r| (r.since_ms, r.count));

@@ -7,6 +7,7 @@
 //! advances the cursor in ONE transaction; a record at or below the cursor is
 //! never inserted again. The store knows nothing about QUIC or frames.
 
+pub mod events;
 pub mod health;
 mod sqlite;
 

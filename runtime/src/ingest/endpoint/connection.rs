@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::admission::Admitted;
 use super::budget::Charge;
-use super::events::{Cut, CONNECTIONS_REFUSED};
+use super::events::{self, Cut, CONNECTIONS_REFUSED};
 use super::sessions::{Lease, OpenRequest};
 use super::{PreConnectGauge, Shared};
 use crate::ingest::codec::{self, ConnAckOut, ConnectIn, Framing, Inbound, Version};
@@ -215,8 +215,7 @@ pub(super) async fn serve<S>(
     let connect = match tokio::time::timeout_at(deadline, c.read_connect(&mut charge)).await {
         Ok(Ok(connect)) => connect,
         Ok(Err(End::Lost(why))) => {
-            metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
-            debug!(%peer, reason = %why, "Connection ended before a session started.");
+            events::EndedBeforeSession { peer, reason: &why }.emit();
             return;
         }
         Ok(Err(_)) => return,
@@ -283,7 +282,7 @@ pub(super) async fn serve<S>(
             return;
         }
         Err(r) => {
-            metrics::counter!("fogline_ingest_auth_failures_total").increment(1);
+            metrics::counter!(events::AUTH_FAILURES).increment(1);
             c.refuse(
                 version,
                 r.code,
@@ -351,9 +350,14 @@ pub(super) async fn serve<S>(
         .state
         .sessions
         .store(shared.sessions.len() as u64, Ordering::Release);
-    metrics::gauge!("fogline_ingest_clients").increment(1.0);
-    metrics::counter!("fogline_ingest_connections_total").increment(1);
-    info!(%peer, client = %client_id, version = version.name(), session_present = lease.session_present, keep_alive, "MQTT client connected.");
+    events::ClientConnected {
+        peer,
+        client: &client_id,
+        version: version.name(),
+        session_present: lease.session_present,
+        keep_alive,
+    }
+    .emit();
 
     let will = connect.will.clone();
     let mut session = SessionUpdate {
@@ -386,8 +390,12 @@ pub(super) async fn serve<S>(
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), c.wr.shutdown()).await;
     shared.state.clients.fetch_sub(1, Ordering::AcqRel);
-    metrics::gauge!("fogline_ingest_clients").decrement(1.0);
-    info!(%peer, client = %client_id, reason = %why, "MQTT client disconnected.");
+    events::ClientDisconnected {
+        peer,
+        client: &client_id,
+        reason: &why,
+    }
+    .emit();
 
     // Hand the session back and persist what changed.
     let mut state = std::mem::replace(
@@ -480,7 +488,7 @@ where
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(codec::CodecError::TooLarge { size, max }) => {
-                    metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+                    metrics::counter!(events::PROTOCOL_ERRORS).increment(1);
                     end = Some(End::close(
                         0x95,
                         format!("packet of {size} bytes, the maximum packet size is {max}"),
@@ -488,7 +496,7 @@ where
                     break;
                 }
                 Err(e) => {
-                    metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+                    metrics::counter!(events::PROTOCOL_ERRORS).increment(1);
                     end = Some(End::close(0x81, e.to_string()));
                     break;
                 }
@@ -527,7 +535,7 @@ where
                 Inbound::PubRel(pkid, _) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
-                    metrics::counter!("fogline_ingest_subscribes_refused_total").increment(1);
+                    metrics::counter!(events::SUBSCRIBES_REFUSED).increment(1);
                     if first {
                         info!(peer = %c.peer, client = %lease.client_id, ?filters, "Refused SUBSCRIBE: this endpoint only ingests.");
                         first = false;
@@ -562,7 +570,7 @@ where
                     break;
                 }
                 other => {
-                    metrics::counter!("fogline_ingest_protocol_errors_total").increment(1);
+                    metrics::counter!(events::PROTOCOL_ERRORS).increment(1);
                     end = Some(End::close(
                         0x82,
                         format!("unexpected packet from a client: {other:?}"),

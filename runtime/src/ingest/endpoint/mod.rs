@@ -17,7 +17,8 @@
 //! - `wills`: wills waiting for their delay, one per client id, bounded.
 //! - `auth`: users (Argon2 hashes), certificates, anonymous.
 //! - `tls`: the rustls acceptor.
-//! - `events`: metric names and the reasons connections are cut.
+//! - `events`: metric names, the reasons connections are cut, and the
+//!   connections' events.
 
 pub mod admission;
 pub mod auth;
@@ -335,10 +336,7 @@ async fn serve_tls(
             let cn = tls::client_cn(tls.get_ref().1.peer_certificates());
             connection::serve(tls, peer, cn, shared, admitted, pre, deadline).await;
         }
-        Ok(Err(e)) => {
-            metrics::counter!("fogline_ingest_tls_handshake_failures_total").increment(1);
-            warn!(%peer, error = %e, "TLS handshake failed (a client without TLS, or a certificate not from broker.tls.client_ca).");
-        }
+        Ok(Err(e)) => events::TlsHandshakeFailed { peer, error: &e }.emit(),
         Err(_) => {
             Cut::ConnectTimeout.count();
             debug!(%peer, "TLS handshake not done within broker.connect_timeout; closing.");
@@ -349,8 +347,7 @@ async fn serve_tls(
 async fn sweep_expired(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
         for key in shared.sessions.expire(crate::clock::ingest_ms()) {
-            metrics::counter!("fogline_ingest_sessions_expired_total").increment(1);
-            info!(session = %key, "MQTT session expired.");
+            events::SessionExpired { session: &key }.emit();
             let mut chunk = Chunk::new(None, shared.limits.max_payload);
             chunk.session = Some(SessionUpdate {
                 key,
