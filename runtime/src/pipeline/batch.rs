@@ -5,7 +5,7 @@
 use crate::config::UnroutedPolicy;
 use crate::ingest::{Chunk, Received};
 use crate::message::Message;
-use crate::outbox::DeadLetter;
+use crate::outbox::{human_bytes, DeadLetter};
 
 /// The dead-letter `function` and `reason` of a message no pipeline takes.
 pub const UNROUTED: &str = "unrouted";
@@ -32,14 +32,6 @@ pub struct BatchPlan {
     pub dropped: Vec<fogline_protocol::LossReport>,
     /// Topics of unrouted messages in this batch.
     pub unrouted_topics: Vec<String>,
-}
-
-fn human(bytes: usize) -> String {
-    if bytes >= 1 << 20 {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{} KiB", bytes.div_ceil(1024))
-    }
 }
 
 fn truncated(text: &str, max: usize) -> String {
@@ -157,8 +149,8 @@ pub fn plan_batch(
             if payload.len() > max_payload {
                 let error = format!(
                     "payload is {}, limit is {} (topic {topic}); first {DEAD_LETTER_KEEP} bytes kept",
-                    human(payload.len()),
-                    human(max_payload),
+                    human_bytes(payload.len() as u64),
+                    human_bytes(max_payload as u64),
                 );
                 let dead = refuse("max_payload_bytes", error, topic, payload, at);
                 refused(QUOTA_EXCEEDED, dead, &mut plan);
