@@ -451,8 +451,9 @@ pub struct OutboxConfig {
     /// one, and a few hundred bytes when an interval gathers them.
     /// Acknowledgements wait for the commit as always (I-1): nothing
     /// acknowledged is ever at risk; senders wait up to this long for them
-    /// and keep that much more in flight. 0 (default): commit as soon as
-    /// the previous commit is done.
+    /// and keep that much more in flight; functions' ticks, which run
+    /// between batches, may run up to this late under steady traffic.
+    /// 0 (default): commit as soon as the previous commit is done.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// How often functions' `tick` is called.
