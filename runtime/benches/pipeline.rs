@@ -12,16 +12,27 @@
 //! Each run also prints the bytes it wrote per reading (`/proc/self/io`),
 //! the flash wear, against the reference's per row.
 //!
-//! cargo bench -p fogline-edge --bench pipeline [-- --batches N]
+//! Then flash wear where it matters, readings trickling in: the real
+//! worker thread fed one reading per chunk (one PUBLISH each) at a steady
+//! rate, with `outbox.commit_interval` at its default (0: the reference,
+//! measured in the same run) and at 250 ms and 1 s: bytes written per
+//! reading, the ratio to the reference, commits, and the acknowledgement
+//! latency it costs.
+//!
+//! cargo bench -p fogline-edge --bench pipeline [-- --batches N --trickle-rate R --trickle-secs S]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::{Duration, Instant};
 
 use fogline_edge::config::SyncMode;
 use fogline_edge::functions::{FunctionRuntime, Limits, RuntimeOptions};
-use fogline_edge::ingest::{Ack, AckKind, AckRoute, Chunk, Item, Received};
-use fogline_edge::outbox::Outbox;
-use fogline_edge::pipeline::{plan_batch, Chain, ChainResult, FunctionSlot, Router};
+use fogline_edge::ingest::session_store::Replica;
+use fogline_edge::ingest::{Ack, AckKind, AckRoute, Chunk, IngestSink, Item, Received};
+use fogline_edge::outbox::{Outbox, Retention};
+use fogline_edge::pipeline::{
+    plan_batch, spawn_worker, Chain, ChainResult, FunctionSlot, PipelineHealth, Router, Worker,
+    WorkerOptions,
+};
 
 const BATCH: usize = 8192;
 
@@ -139,14 +150,7 @@ fn main() {
         let mut outbox = Outbox::open(&path, SyncMode::Full).unwrap();
         // As the daemon runs it by default: a 1 GiB quota checked per
         // commit, the pipeline's lane.
-        outbox
-            .set_retention(fogline_edge::outbox::Retention {
-                max_bytes: Some(1 << 30),
-                wal_allowance: (4 << 20) + 2 * (4 << 20),
-                dead_letter_max_bytes: 64 << 20,
-                ..Default::default()
-            })
-            .unwrap();
+        outbox.set_retention(daemon_retention()).unwrap();
         chain.lane = outbox.lane(name).unwrap();
         let written_before = written_bytes();
         let (route, _rx) = AckRoute::new(false);
@@ -222,6 +226,163 @@ fn main() {
             "             flash wear: {:.0} bytes written per reading ({:.2}× the reference's per row)",
             r.written_per_reading,
             r.written_per_reading / reference_written.max(1.0),
+        );
+    }
+    trickle_report(dir.path());
+}
+
+/// The outbox's bounds as the daemon sets them by default: a 1 GiB quota
+/// checked per commit, the write-ahead log's allowance.
+fn daemon_retention() -> Retention {
+    Retention {
+        max_bytes: Some(1 << 30),
+        wal_allowance: (4 << 20) + 2 * (4 << 20),
+        dead_letter_max_bytes: 64 << 20,
+        ..Default::default()
+    }
+}
+
+/// One setting of `commit_interval` under a trickle of readings.
+struct Trickle {
+    readings: usize,
+    commits: u64,
+    written_per_reading: f64,
+    ack_p50: Duration,
+    ack_max: Duration,
+}
+
+/// The real worker on a fresh outbox (empty chain, the daemon's defaults
+/// but for `commit_interval`), fed `rate` readings a second, one per
+/// chunk as the endpoint queues a PUBLISH, for `secs`; bytes this process
+/// wrote per reading, from the outbox's creation to its close (checkpoint
+/// included).
+fn trickle(dir: &std::path::Path, commit_interval: Duration, rate: usize, secs: usize) -> Trickle {
+    let path = dir.join(format!("trickle-{}ms.db", commit_interval.as_millis()));
+    let mut outbox = Outbox::open(&path, SyncMode::Full).unwrap();
+    outbox.set_retention(daemon_retention()).unwrap();
+    let mut chain = Chain::new("trickle".into(), Vec::new());
+    chain.lane = outbox.lane("trickle").unwrap();
+    let (sink, chunks) = IngestSink::new(16 << 20);
+    let (_commands, commands) = tokio::sync::mpsc::unbounded_channel();
+    let health = std::sync::Arc::new(PipelineHealth::default());
+    let written_before = written_bytes();
+    let worker = spawn_worker(
+        Worker {
+            chains: vec![chain],
+            router: Router::new(vec![vec!["sensors/+/reading".into()]]),
+            outbox,
+            options: WorkerOptions {
+                max_batch: 8192,
+                max_batch_bytes: 4 << 20,
+                commit_linger: Duration::from_millis(1),
+                commit_interval,
+                max_topic: 1024,
+                tick_interval: Duration::from_secs(1),
+                unrouted: fogline_edge::config::UnroutedPolicy::DeadLetter,
+            },
+            committed: std::sync::Arc::new(tokio::sync::Notify::new()),
+            sessions: Replica::default(),
+            health: health.clone(),
+            commands,
+            functions: Default::default(),
+            warned_unrouted: Default::default(),
+        },
+        chunks,
+    )
+    .unwrap();
+    let total = rate * secs;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut latencies = rt.block_on(async {
+        let (route, mut acks) = AckRoute::new(false);
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![None; total]));
+        let sent2 = sent.clone();
+        let collect = tokio::spawn(async move {
+            let mut out = Vec::with_capacity(total);
+            while out.len() < total {
+                let Some(batch) = acks.recv().await else {
+                    break;
+                };
+                let now = Instant::now();
+                let sent = sent2.lock().unwrap();
+                for a in batch {
+                    if let Some(t) = sent[a.pkid as usize - 1] {
+                        out.push(now - t);
+                    }
+                }
+            }
+            out
+        });
+        let start = tokio::time::Instant::now();
+        for i in 0..total {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
+            let (topic, payload) = reading(i);
+            let mut c = Chunk::new(Some(route.clone()), 256 * 1024);
+            c.push(Item {
+                message: Some(Received {
+                    topic: topic.into_bytes(),
+                    payload: payload.into_bytes(),
+                    received_ms: ts(i),
+                }),
+                ack: Some(Ack {
+                    kind: AckKind::PubAck,
+                    pkid: (i + 1) as u16,
+                    reason: 0,
+                }),
+            });
+            sent.lock().unwrap()[i] = Some(Instant::now());
+            sink.send(c).await.unwrap();
+        }
+        drop(sink);
+        collect.await.unwrap()
+    });
+    // The worker commits the rest, closes the outbox (its last checkpoint).
+    worker.join();
+    latencies.sort();
+    Trickle {
+        readings: total,
+        commits: health.commits.load(std::sync::atomic::Ordering::Acquire),
+        written_per_reading: (written_bytes() - written_before) as f64 / total as f64,
+        ack_p50: latencies
+            .get(latencies.len() / 2)
+            .copied()
+            .unwrap_or_default(),
+        ack_max: latencies.last().copied().unwrap_or_default(),
+    }
+}
+
+fn trickle_report(dir: &std::path::Path) {
+    let rate = fogline_bench_arg("--trickle-rate", 200);
+    let secs = fogline_bench_arg("--trickle-secs", 5);
+    // Packet ids are 1..=65535 here, one per reading.
+    assert!(
+        rate * secs <= 65_535,
+        "--trickle-rate × --trickle-secs ≤ 65535"
+    );
+    println!(
+        "flash wear with readings trickling in: {rate} readings/s, one per chunk (a PUBLISH each), {secs} s per setting, fsync per commit"
+    );
+    let reference = trickle(dir, Duration::ZERO, rate, secs);
+    let line = |label: &str, t: &Trickle, ratio: Option<f64>| {
+        println!(
+            "  {label:<42} {:>8.0} bytes written per reading{}   {:>5} commits for {} readings   ack latency p50 {:>4} ms, max {:>4} ms",
+            t.written_per_reading,
+            ratio.map_or("          ".to_string(), |r| format!(" = {r:.3}×")),
+            t.commits,
+            t.readings,
+            t.ack_p50.as_millis(),
+            t.ack_max.as_millis(),
+        );
+    };
+    line("reference  commit_interval = 0 (default)", &reference, None);
+    for ms in [250, 1000] {
+        let t = trickle(dir, Duration::from_millis(ms), rate, secs);
+        line(
+            &format!("           commit_interval = {ms}ms"),
+            &t,
+            Some(t.written_per_reading / reference.written_per_reading.max(1.0)),
         );
     }
 }

@@ -160,6 +160,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                 max_batch: config.outbox.max_batch,
                 max_batch_bytes: config.outbox.max_batch_bytes,
                 commit_linger: config.outbox.commit_linger,
+                commit_interval: config.outbox.commit_interval,
                 max_topic: config
                     .broker
                     .max_topic_bytes
@@ -343,6 +344,8 @@ impl Daemon {
             let _ = tokio::time::timeout_at(deadline, t).await;
         }
         let worker = self.worker;
+        // What the worker gathers for `commit_interval` is committed now.
+        worker.commit_now();
         while !worker.is_finished() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -32,6 +32,11 @@ const NODE: &str = "gw-mqtt";
 
 impl Gateway {
     pub(crate) fn start(broker_extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(broker_extra, "", env)
+    }
+
+    /// [`Gateway::start`] with more `[outbox]` keys (verbatim).
+    pub(crate) fn start_with(broker_extra: &str, outbox_extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         fogline_testkit::certs::dev_bundle(&certs, &[NODE, "sensor-a", "sensor-b"]).unwrap();
@@ -40,7 +45,7 @@ impl Gateway {
         let body = format!(
             "[broker]\nembedded = true\nlisten = \"127.0.0.1:{port}\"\n{broker_extra}\n\
              [[pipelines]]\nname = \"all\"\ntopics = [\"sensors/#\", \"counter/#\", \"wills/#\"]\nfunctions = []\n\
-             [outbox]\ntick_interval = \"200ms\"\n{}",
+             [outbox]\ntick_interval = \"200ms\"\n{outbox_extra}\n{}",
             uplink_toml(NODE, &certs, cloud.quic_port)
         );
         let edge = Edge::start_with_env(dir.path(), NODE, &body, env).unwrap();
@@ -134,7 +139,12 @@ fn wait_aborted(g: &mut Gateway, what: &str) {
 /// connection), I-3 (QoS 2 exact), I-4 (sessions survive restarts), I-5
 /// (resends recognised).
 fn power_cuts(version: Version, qos: QoS) {
-    let mut g = Gateway::start("", &[]);
+    power_cuts_with(version, qos, "");
+}
+
+/// [`power_cuts`] with more `[outbox]` keys.
+fn power_cuts_with(version: Version, qos: QoS, outbox_extra: &str) {
+    let mut g = Gateway::start_with("", outbox_extra, &[]);
     const N: usize = 40_000;
     let (msgs, ids) = readings(N);
     let mut publisher = Publisher::new(
@@ -230,6 +240,14 @@ fn power_cuts_lose_and_duplicate_nothing_acknowledged_mqtt311_qos1() {
 #[test]
 fn power_cuts_lose_and_duplicate_nothing_acknowledged_qos2() {
     power_cuts(Version::V5, QoS::ExactlyOnce);
+}
+
+/// I-1 with `outbox.commit_interval`: acknowledgements wait for the commit
+/// the interval gathers — a PUBACK released before it would be a reading
+/// lost to the kill -9 that follows the last one.
+#[test]
+fn power_cuts_with_a_commit_interval_lose_and_duplicate_nothing_acknowledged() {
+    power_cuts_with(Version::V5, QoS::AtLeastOnce, "commit_interval = \"250ms\"");
 }
 
 /// Counts stored records on `counter/x` whose payload is `1`.

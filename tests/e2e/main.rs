@@ -2,6 +2,7 @@
 //! `fogline-edge`, `fogline-cloud`. One test binary, one module per topic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backlog_memory;
 mod bad_input;
 mod clock;
 mod crash;

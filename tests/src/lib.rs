@@ -4,6 +4,7 @@
 //! oracle that reads the aggregator's store.
 #![allow(missing_docs)]
 
+pub mod backlog;
 pub mod deploy;
 pub mod flood;
 pub mod mosquitto;

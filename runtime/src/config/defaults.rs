@@ -188,6 +188,7 @@ impl Default for OutboxConfig {
             max_batch: 8192,
             max_batch_bytes: 4 << 20,
             commit_linger: Duration::from_millis(1),
+            commit_interval: Duration::ZERO,
             tick_interval: Duration::from_secs(1),
             reserve_mib: 16,
             check_on_start: Duration::from_secs(10),

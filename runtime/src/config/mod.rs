@@ -444,6 +444,19 @@ pub struct OutboxConfig {
     /// acknowledgement latency. 0 commits at once.
     #[serde(with = "humantime_serde")]
     pub commit_linger: Duration,
+    /// Flash wear against acknowledgement latency: commit at most once per
+    /// this interval (a batch that fills `max_batch` or `max_batch_bytes`
+    /// commits at once). Every commit appends each page it touches to the
+    /// write-ahead log — 4 KiB per page however few readings it holds — so
+    /// readings that trickle in cost several KiB each when committed one by
+    /// one, and a few hundred bytes when an interval gathers them.
+    /// Acknowledgements wait for the commit as always (I-1): nothing
+    /// acknowledged is ever at risk; senders wait up to this long for them
+    /// and keep that much more in flight; functions' ticks, which run
+    /// between batches, may run up to this late under steady traffic.
+    /// 0 (default): commit as soon as the previous commit is done.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
     /// How often functions' `tick` is called.
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,

@@ -271,3 +271,35 @@ fn the_packaged_default_config_is_valid_as_installed() {
         "buffers until the operator adds [uplink]"
     );
 }
+
+#[test]
+fn commit_interval_is_bounded_by_ten_seconds_and_the_stall_check() {
+    let parse = |outbox: &str, health: &str| {
+        let text = format!(
+            "[[pipelines]]\nname = \"p\"\ntopics = [\"a/#\"]\nfunctions = []\n[outbox]\n{outbox}\n[health]\n{health}\n"
+        );
+        EdgeConfig::parse(&text, Path::new(".")).unwrap()
+    };
+    assert_eq!(parse("", "").outbox.commit_interval, Duration::ZERO);
+    let ok = parse("commit_interval = \"250ms\"", "");
+    assert_eq!(ok.outbox.commit_interval, Duration::from_millis(250));
+    ok.validate().unwrap();
+    let p = parse("commit_interval = \"11s\"", "stall_after = \"60s\"")
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        p.contains("outbox.commit_interval: 11s is above 10s"),
+        "{p}"
+    );
+    let p = parse("commit_interval = \"5s\"", "stall_after = \"8s\"")
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        p.contains("outbox.commit_interval: 5s is more than half of health.stall_after (8s)")
+            && p.contains("at least 10s"),
+        "{p}"
+    );
+    parse("commit_interval = \"10s\"", "").validate().unwrap();
+}

@@ -8,6 +8,9 @@ use super::EdgeConfig;
 use crate::ingest::topic::validate_filter;
 use fogline_protocol::{MAX_RECORD_PAYLOAD_BYTES, MAX_STREAM_NAME_BYTES};
 
+/// The longest `outbox.commit_interval`.
+pub const MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Every problem found in a config, one per line.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigProblems(pub Vec<String>);
@@ -304,6 +307,23 @@ impl EdgeConfig {
                     "{key}: {linger:?} is above 100ms: acknowledgements would wait that long"
                 ));
             }
+        }
+        // Acknowledgements wait up to the interval: beyond 10 s MQTT senders
+        // sit on full windows, and /healthz must not take the wait for a stall.
+        let interval = self.outbox.commit_interval;
+        if interval > MAX_COMMIT_INTERVAL {
+            p.push(format!(
+                "outbox.commit_interval: {interval:?} is above {MAX_COMMIT_INTERVAL:?}: \
+                 acknowledgements would wait that long between commits"
+            ));
+        } else if !interval.is_zero() && interval * 2 > self.health.stall_after {
+            p.push(format!(
+                "outbox.commit_interval: {interval:?} is more than half of health.stall_after \
+                 ({:?}): the wait between commits would be reported as a wedged pipeline; \
+                 lower the interval or raise stall_after to at least {:?}",
+                self.health.stall_after,
+                interval * 2
+            ));
         }
         if self.health.stall_after < std::time::Duration::from_secs(1) {
             p.push("health.stall_after: must be at least 1s".to_string());

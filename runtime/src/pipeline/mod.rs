@@ -32,6 +32,8 @@ mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod worker_tests;
 
 pub use batch::{plan_batch, BatchPlan};
 pub use breaker::{Admit, Breaker, BreakerConfig, BreakerState};

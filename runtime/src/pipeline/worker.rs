@@ -33,6 +33,9 @@ pub struct WorkerOptions {
     pub max_batch_bytes: usize,
     /// How long a small batch waits for more (see `outbox.commit_linger`).
     pub commit_linger: Duration,
+    /// Batches are taken at most this often (see `outbox.commit_interval`):
+    /// what arrives in between waits, unacknowledged, for one commit.
+    pub commit_interval: Duration,
     /// Longest topic that may become a stream name.
     pub max_topic: usize,
     /// How often functions tick.
@@ -92,6 +95,15 @@ impl PipelineHealth {
 pub struct WorkerHandle {
     join: std::thread::JoinHandle<()>,
     stop: Arc<AtomicBool>,
+    flush: Arc<Flush>,
+}
+
+/// Ends the wait for `commit_interval`: the daemon is stopping, and what
+/// the worker took is committed and acknowledged now (I-16).
+#[derive(Debug, Default)]
+struct Flush {
+    now: AtomicBool,
+    wake: Notify,
 }
 
 impl WorkerHandle {
@@ -99,6 +111,13 @@ impl WorkerHandle {
     /// after committing and acknowledging what it took.
     pub fn join(self) {
         let _ = self.join.join();
+    }
+
+    /// Commit what is gathered at once from now on, without waiting for
+    /// `commit_interval` (the daemon is stopping).
+    pub fn commit_now(&self) {
+        self.flush.now.store(true, Ordering::Release);
+        self.flush.wake.notify_one();
     }
 
     /// Give up retrying a failing commit (shutdown while the disk is full):
@@ -167,6 +186,8 @@ pub struct SwapRequest {
 pub fn spawn_worker(worker: Worker, chunks: ChunkReceiver) -> std::io::Result<WorkerHandle> {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let flush = Arc::new(Flush::default());
+    let flush2 = flush.clone();
     let join = std::thread::Builder::new()
         .name("pipeline".into())
         .spawn(move || {
@@ -184,14 +205,14 @@ pub fn spawn_worker(worker: Worker, chunks: ChunkReceiver) -> std::io::Result<Wo
             // are errors): stopping the process is safer than a daemon whose
             // endpoint refuses everything. Nothing unacknowledged is lost.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(worker, chunks, stop2, &rt)
+                run(worker, chunks, stop2, &flush2, &rt)
             }));
             if outcome.is_err() {
                 error!("The pipeline worker crashed; stopping the daemon so that it restarts clean (nothing unacknowledged is lost).");
                 std::process::exit(70);
             }
         })?;
-    Ok(WorkerHandle { join, stop })
+    Ok(WorkerHandle { join, stop, flush })
 }
 
 /// What woke the worker.
@@ -206,10 +227,18 @@ enum Wake {
 /// leaves it to do the work: function calls never run inside a runtime
 /// context (wasmtime-wasi's blocking calls start their own, and would panic
 /// inside ours).
-fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>, rt: &tokio::runtime::Runtime) {
+fn run(
+    mut w: Worker,
+    mut rx: ChunkReceiver,
+    stop: Arc<AtomicBool>,
+    flush: &Flush,
+    rt: &tokio::runtime::Runtime,
+) {
     let mut next_tick = Instant::now() + w.options.tick_interval;
     let mut next_housekeeping = Instant::now();
     let mut commands_open = true;
+    // When the last batch was taken (`commit_interval` counts from it).
+    let mut last_taken: Option<Instant> = None;
     publish_status(&w);
     loop {
         let wake = next_tick.min(next_housekeeping);
@@ -289,6 +318,38 @@ fn run(mut w: Worker, mut rx: ChunkReceiver, stop: Arc<AtomicBool>, rt: &tokio::
                     }
                 }
             }
+            // `commit_interval`: each batch gathers at least that long since
+            // the last one was taken (a full one goes at once). Fewer, fuller
+            // commits write fewer pages; the acks wait with the batch (I-1).
+            let interval = w.options.commit_interval;
+            if let Some(until) = last_taken
+                .map(|t| t + interval)
+                .filter(|_| !interval.is_zero())
+            {
+                while !full(items, bytes) && !flush.now.load(Ordering::Acquire) {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let more = rt.block_on(async {
+                        tokio::select! {
+                            c = rx.recv() => c,
+                            _ = tokio::time::sleep(left) => None,
+                            _ = flush.wake.notified() => None,
+                        }
+                    });
+                    match more {
+                        Some(c) => {
+                            items += c.items.len();
+                            bytes += c.bytes();
+                            batch.push(c);
+                        }
+                        // Time is up, ingest closed, or the daemon is stopping.
+                        None => break,
+                    }
+                }
+            }
+            last_taken = Some(Instant::now());
             if !process_batch(&mut w, &mut batch, &stop) {
                 break;
             }
