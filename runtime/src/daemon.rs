@@ -336,6 +336,9 @@ impl Daemon {
     /// senders resend it to the next run.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        // What the worker gathers for `commit_interval` is committed now:
+        // the connections and the broker client wait for those acks below.
+        self.worker.commit_now();
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         if let Some(e) = self.endpoint {
             e.stop();
@@ -344,8 +347,6 @@ impl Daemon {
             let _ = tokio::time::timeout_at(deadline, t).await;
         }
         let worker = self.worker;
-        // What the worker gathers for `commit_interval` is committed now.
-        worker.commit_now();
         while !worker.is_finished() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -422,6 +422,75 @@ fn sigterm_acknowledges_every_reading_the_worker_committed() {
     assert!(t.verdict.is_exact(), "{}\n{}", t.verdict.summary(), t.logs);
 }
 
+/// I-16 with `outbox.commit_interval`: SIGTERM does not wait out the
+/// interval. Readings gathered for an 8 s interval are committed and
+/// acknowledged at once, well within the 2 s `shutdown_timeout`, and what
+/// the daemon acknowledged is what it committed (I-1).
+#[test]
+fn sigterm_commits_what_the_commit_interval_gathered_at_once() {
+    let node = "gw-term-interval";
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt_port = fogline_tests::free_tcp_port().unwrap();
+    let body = format!(
+        "[broker]\nembedded = true\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
+         [[pipelines]]\nname = \"readings\"\ntopics = [\"sensors/+/reading\"]\nfunctions = []\n\
+         [outbox]\ncommit_interval = \"8s\"\n"
+    );
+    let keys = format!("shutdown_timeout = \"{}ms\"", SHUTDOWN_TIMEOUT.as_millis());
+    let data_dir = dir.path().join(format!("edge-{node}"));
+    let mut edge = Edge::start_in(dir.path(), node, &data_dir, &keys, &body, &[]).unwrap();
+    edge.wait_for(Duration::from_secs(30), "start", |_| true)
+        .unwrap();
+
+    let (messages, ids) = readings(0, 300);
+    let mut p = publisher(mqtt_port, node);
+    p.window = 100;
+    let progress = p.progress.clone();
+    let cancel = p.cancel.clone();
+    let handle = spawn_publisher(p, messages);
+    // The first batch commits at once; the next waits for the interval.
+    assert!(
+        process::wait_until(Duration::from_secs(10), || progress.load(Ordering::Acquire)
+            >= 1),
+        "nothing acknowledged:\n{}",
+        tail(&edge.daemon.log_text(), 30)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = progress.load(Ordering::Acquire);
+    assert!(
+        before < 300,
+        "the interval held the rest back ({before} acknowledged)"
+    );
+    let (took, status) = sigterm_and_time(&mut edge);
+    let log = edge.daemon.log_text();
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        tail(&log, 30)
+    );
+    assert!(
+        !log.contains("did not finish in time"),
+        "the worker waited out the interval instead of committing (took {took:?}):\n{}",
+        tail(&log, 30)
+    );
+    cancel.cancel();
+    let report = handle.join().unwrap();
+    let mut acked = BTreeSet::new();
+    add_acked_before(&ids, &report, Instant::now(), &mut acked);
+    let committed = committed_ids(&data_dir.join("outbox.db"), &dir.path().join("none.db"));
+    assert!(
+        acked.len() > before,
+        "what the interval gathered was acknowledged at SIGTERM: {before} before, {} after",
+        acked.len()
+    );
+    assert_same(&acked, &committed);
+    eprintln!(
+        "{node}: exit took {took:?}; {before} acknowledged before SIGTERM, {} after, {} committed",
+        acked.len(),
+        committed.len()
+    );
+}
+
 /// Logs written to a file (stderr redirected, as under systemd or Docker)
 /// carry no ANSI colour codes.
 #[test]
