@@ -332,14 +332,9 @@ impl OutboxReader {
             if out.len() == max_records {
                 return Ok((out, false));
             }
-            let payload: Vec<u8> = row.get(3).map_err(self.sql("read records"))?;
-            bytes += payload.len();
-            out.push(Record {
-                seq: row.get::<_, i64>(0).map_err(self.sql("read records"))? as u64,
-                stream: row.get(1).map_err(self.sql("read records"))?,
-                timestamp_ms: row.get::<_, i64>(2).map_err(self.sql("read records"))? as u64,
-                payload,
-            });
+            let record = super::record_from_row(row).map_err(self.sql("read records"))?;
+            bytes += record.payload.len();
+            out.push(record);
             if bytes >= max_bytes {
                 return Ok((out, false));
             }

@@ -110,6 +110,37 @@ impl Agg {
     }
 }
 
+/// Whether the outbox still holds `seq`.
+fn held(r: &OutboxReader, seq: u64) -> bool {
+    r.conn
+        .query_row(
+            "SELECT COUNT(*) FROM records WHERE seq = ?1",
+            [seq as i64],
+            |x| x.get::<_, i64>(0),
+        )
+        .unwrap()
+        > 0
+}
+
+/// The bulk lane may hold `bytes` and drops its oldest beyond that.
+fn bulk_quota(bytes: u64) -> Retention {
+    Retention {
+        lanes: [(
+            BULK,
+            LanePolicy {
+                name: "bulk".into(),
+                max_bytes: Some(bytes),
+                when_full: WhenFull::DropOldest,
+                ..LanePolicy::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        dead_letter_max_bytes: u64::MAX,
+        ..Retention::default()
+    }
+}
+
 /// Sends and acknowledges everything, one batch at a time.
 fn drain(r: &OutboxReader, agg: &mut Agg, per_batch: usize) {
     let mut batches = 0;
@@ -234,23 +265,7 @@ fn interleaved_takes_turns_between_live_and_backlog() {
 fn a_resend_after_a_lost_ack_is_applied_once_and_sent_records_are_never_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, r) = open(&dir, DrainOrder::LiveFirst);
-    // The bulk lane may hold 60 KB and drops its oldest beyond that.
-    w.set_retention(Retention {
-        lanes: [(
-            BULK,
-            LanePolicy {
-                name: "bulk".into(),
-                max_bytes: Some(60_000),
-                when_full: WhenFull::DropOldest,
-                ..LanePolicy::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        dead_letter_max_bytes: u64::MAX,
-        ..Retention::default()
-    })
-    .unwrap();
+    w.set_retention(bulk_quota(60_000)).unwrap();
     commit(&mut w, BULK, 300);
     r.start_plan(0).unwrap();
     commit(&mut w, BULK, 50);
@@ -263,16 +278,7 @@ fn a_resend_after_a_lost_ack_is_applied_once_and_sent_records_are_never_dropped(
     assert_eq!(old[0].seq, 1);
     // The lane fills: the drops take the unsent backlog, never what was sent.
     commit(&mut w, BULK, 400);
-    let held = |seq: u64| -> bool {
-        r.conn
-            .query_row(
-                "SELECT COUNT(*) FROM records WHERE seq = ?1",
-                [seq as i64],
-                |x| x.get::<_, i64>(0),
-            )
-            .unwrap()
-            > 0
-    };
+    let held = |seq: u64| held(&r, seq);
     assert!(live.iter().all(|x| held(x.seq)), "sent live records kept");
     assert!(old.iter().all(|x| held(x.seq)), "sent backlog records kept");
     assert!(!held(51), "the unsent backlog made room");
@@ -304,21 +310,6 @@ fn a_resend_after_a_lost_ack_is_applied_once_and_sent_records_are_never_dropped(
 #[test]
 fn what_was_sent_out_of_order_stays_protected_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let quota = || Retention {
-        lanes: [(
-            BULK,
-            LanePolicy {
-                name: "bulk".into(),
-                max_bytes: Some(30_000),
-                when_full: WhenFull::DropOldest,
-                ..LanePolicy::default()
-            },
-        )]
-        .into_iter()
-        .collect(),
-        dead_letter_max_bytes: u64::MAX,
-        ..Retention::default()
-    };
     let live = {
         let (mut w, r) = open(&dir, DrainOrder::LiveFirst);
         commit(&mut w, BULK, 200);
@@ -331,7 +322,7 @@ fn what_was_sent_out_of_order_stays_protected_across_a_restart() {
     // Restarted: the session's cursor says nothing was applied, yet the
     // live records may have been (their ack lost with the process).
     let (mut w, r) = open(&dir, DrainOrder::LiveFirst);
-    w.set_retention(quota()).unwrap();
+    w.set_retention(bulk_quota(30_000)).unwrap();
     r.accept_cursor(0).unwrap();
     r.start_plan(0).unwrap();
     // Room for these needs more than the unsent backlog: refused, rather
@@ -352,16 +343,7 @@ fn what_was_sent_out_of_order_stays_protected_across_a_restart() {
         "{refused:?}"
     );
     commit(&mut w, BULK, 100);
-    let held = |seq: u64| -> bool {
-        r.conn
-            .query_row(
-                "SELECT COUNT(*) FROM records WHERE seq = ?1",
-                [seq as i64],
-                |x| x.get::<_, i64>(0),
-            )
-            .unwrap()
-            > 0
-    };
+    let held = |seq: u64| held(&r, seq);
     assert!(!held(1), "the quota dropped the unsent backlog");
     assert!(live.iter().all(|x| held(x.seq)), "what was sent is kept");
 }

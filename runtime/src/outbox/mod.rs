@@ -426,6 +426,16 @@ pub(crate) fn write_tx(conn: &Connection) -> rusqlite::Result<rusqlite::Transact
     rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
 }
 
+/// A record from a `SELECT seq, stream, timestamp_ms, payload` row.
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        seq: row.get::<_, i64>(0)? as u64,
+        stream: row.get(1)?,
+        timestamp_ms: row.get::<_, i64>(2)? as u64,
+        payload: row.get(3)?,
+    })
+}
+
 /// Bytes free on the filesystem holding `path`.
 pub fn disk_free(path: &Path) -> std::io::Result<u64> {
     let dir = match path.parent() {
@@ -1047,14 +1057,9 @@ impl OutboxReader {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         while let Some(row) = rows.next().map_err(self.sql("read records"))? {
-            let payload: Vec<u8> = row.get(3).map_err(self.sql("read records"))?;
-            bytes += payload.len();
-            out.push(Record {
-                seq: row.get::<_, i64>(0).map_err(self.sql("read records"))? as u64,
-                stream: row.get(1).map_err(self.sql("read records"))?,
-                timestamp_ms: row.get::<_, i64>(2).map_err(self.sql("read records"))? as u64,
-                payload,
-            });
+            let record = record_from_row(row).map_err(self.sql("read records"))?;
+            bytes += record.payload.len();
+            out.push(record);
             if bytes >= max_bytes {
                 break;
             }
