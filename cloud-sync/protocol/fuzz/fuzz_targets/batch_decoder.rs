@@ -53,6 +53,7 @@ fuzz_target!(
                     raw_len: rest.len() as u32,
                     codec,
                     block,
+                    floor: last_seq.saturating_add(1),
                 };
                 let frame_len = match Frame::Batch(b.clone()).to_bytes() {
                     Ok(bytes) => bytes.len(),
