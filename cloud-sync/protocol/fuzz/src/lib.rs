@@ -275,9 +275,11 @@ pub fn check_frame(frame: &Frame, frame_len: usize, version: u32) {
 
     // Canonical varints are minimal, so the re-encoding is never longer than
     // what was decoded, except for what an older peer leaves out: the codec
-    // byte of a version 2 Batch, the five trailing fields of a version 1 Hello.
+    // byte of a version 2 Batch, the floor of a version 2 or 3 Batch (implied,
+    // written as a varint), the five trailing fields of a version 1 Hello.
+    let varint_len = |v: u64| ((64 - v.leading_zeros()).max(1) as usize).div_ceil(7);
     let extra = match frame {
-        Frame::Batch(_) if version < 3 => 1,
+        Frame::Batch(b) if version < 4 => varint_len(b.floor) + usize::from(version < 3),
         Frame::Hello {
             protocol_version, ..
         } if *protocol_version < 2 => 5,
