@@ -350,28 +350,14 @@ impl OutboxReader {
         if let Some(plan) = self.plan.borrow_mut().as_mut() {
             while plan.released < batches {
                 match plan.sent.pop_front() {
-                    Some(b) => done.push(b),
+                    Some(b) => done.push((b.lane, b.first, b.last)),
                     None => break,
                 }
                 plan.released += 1;
             }
         }
-        let mut n = 0;
-        if !done.is_empty() {
-            let tx = super::write_tx(&self.conn).map_err(self.sql("begin delete"))?;
-            for b in &done {
-                retention::subtract_range(&tx, b.lane, b.first, b.last)
-                    .map_err(self.sql("count lane usage"))?;
-                n += tx
-                    .execute(
-                        "DELETE FROM records WHERE lane = ?1 AND seq BETWEEN ?2 AND ?3",
-                        params![b.lane, b.first as i64, b.last as i64],
-                    )
-                    .map_err(self.sql("delete acknowledged"))?;
-            }
-            tx.commit().map_err(self.sql("commit delete"))?;
-        }
-        Ok(n + self.delete_through(through)?)
+        // One transaction with the in-order delete, and its full-disk retry.
+        self.delete_acked_ranges(through, &done)
     }
 }
 

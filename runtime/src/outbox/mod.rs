@@ -1088,6 +1088,17 @@ impl OutboxReader {
     /// releases the reserve and tries once more; after deleting it takes
     /// the reserve back now and then, when there is room.
     pub fn delete_through(&self, through: u64) -> Result<usize, OutboxError> {
+        self.delete_acked_ranges(through, &[])
+    }
+
+    /// [`Self::delete_through`], and the records of lane `.0` numbered
+    /// `.1..=.2` in `ranges` (batches acknowledged out of order), in the
+    /// same transaction and with the same full-disk retry (I-28).
+    fn delete_acked_ranges(
+        &self,
+        through: u64,
+        ranges: &[(u32, u64, u64)],
+    ) -> Result<usize, OutboxError> {
         let (acked, first): (Option<i64>, Option<i64>) = self
             .conn
             .query_row(
@@ -1097,10 +1108,10 @@ impl OutboxReader {
             )
             .map_err(self.sql("read acknowledged mark"))?;
         let done = acked.is_some_and(|a| a as u64 >= through);
-        if done && first.is_none_or(|f| f as u64 > through) {
+        if done && first.is_none_or(|f| f as u64 > through) && ranges.is_empty() {
             return Ok(0);
         }
-        let n = match self.delete_through_once(through) {
+        let n = match self.delete_through_once(through, ranges) {
             Err(e) if e.is_disk_full() => {
                 let released = self.reserve.borrow_mut().release();
                 if released == 0 {
@@ -1113,7 +1124,7 @@ impl OutboxReader {
                     through,
                     "The disk is full: released the outbox's reserve so acknowledged records can be deleted; it is taken back when there is room."
                 );
-                self.delete_through_once(through)?
+                self.delete_through_once(through, ranges)?
             }
             r => r?,
         };
@@ -1123,10 +1134,25 @@ impl OutboxReader {
         Ok(n)
     }
 
-    fn delete_through_once(&self, through: u64) -> Result<usize, OutboxError> {
+    fn delete_through_once(
+        &self,
+        through: u64,
+        ranges: &[(u32, u64, u64)],
+    ) -> Result<usize, OutboxError> {
         let tx = write_tx(&self.conn).map_err(self.sql("begin delete"))?;
+        let mut n = 0;
+        for &(lane, first, last) in ranges {
+            retention::subtract_range(&tx, lane, first, last)
+                .map_err(self.sql("count lane usage"))?;
+            n += tx
+                .execute(
+                    "DELETE FROM records WHERE lane = ?1 AND seq BETWEEN ?2 AND ?3",
+                    params![lane, first as i64, last as i64],
+                )
+                .map_err(self.sql("delete acknowledged"))?;
+        }
         retention::subtract_through(&tx, through).map_err(self.sql("count lane usage"))?;
-        let n = tx
+        n += tx
             .execute("DELETE FROM records WHERE seq <= ?1", [through as i64])
             .map_err(self.sql("delete acknowledged"))?;
         tx.execute(
