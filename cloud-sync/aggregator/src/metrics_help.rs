@@ -59,14 +59,8 @@ mod tests {
     /// would be dead text.
     #[test]
     fn every_metric_has_one_help_and_every_series_at_start_has_one() {
-        let all = all_help();
-        let mut names: Vec<&str> = all.iter().map(|(n, _, _)| *n).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(names.len(), before, "a metric with two HELP entries");
-        for (name, _) in AT_START {
-            assert!(names.contains(name), "{name} has no HELP");
-        }
+        let problems =
+            fogline_telemetry::help::help_problems(&all_help(), AT_START.iter().map(|(n, _)| *n));
+        assert!(problems.is_empty(), "{problems:?}");
     }
 }

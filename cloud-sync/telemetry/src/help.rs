@@ -31,6 +31,30 @@ pub fn describe(table: &[Help]) {
 /// source, a transport).
 pub type Series = (&'static str, &'static [(&'static str, &'static str)]);
 
+/// What is wrong with a process's HELP tables: a name with two entries (the
+/// recorder keeps the first, so the second is dead text), or a name in
+/// `required` with none. Empty when all is well; for each binary's test.
+pub fn help_problems<'a>(
+    table: &[Help],
+    required: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let mut names: Vec<&str> = table.iter().map(|(n, _, _)| *n).collect();
+    names.sort_unstable();
+    let mut problems: Vec<String> = names
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| format!("{} has two HELP entries", w[0]))
+        .collect();
+    names.dedup();
+    problems.extend(
+        required
+            .into_iter()
+            .filter(|n| names.binary_search(n).is_err())
+            .map(|n| format!("{n} has no HELP")),
+    );
+    problems
+}
+
 /// Registers each series at zero, as the kind `table` gives its name, so a
 /// dashboard sees it — and a rate starts at 0 — before its first event.
 /// `increment(0)` changes no value set since: this may run again, on a
@@ -48,5 +72,24 @@ pub fn register_zero(table: &[Help], series: &[Series]) {
             }
             Some(Kind::Counter) | None => metrics::counter!(*name, labels).increment(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod help_problems_tests {
+    use super::*;
+
+    #[test]
+    fn two_entries_and_missing_names_are_reported() {
+        let table: &[Help] = &[
+            ("a_total", Kind::Counter, "A."),
+            ("b_total", Kind::Counter, "B."),
+            ("a_total", Kind::Counter, "A again."),
+        ];
+        assert_eq!(
+            help_problems(table, ["b_total", "c_total"]),
+            vec!["a_total has two HELP entries", "c_total has no HELP"]
+        );
+        assert!(help_problems(&table[..2], ["a_total"]).is_empty());
     }
 }
