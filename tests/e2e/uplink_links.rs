@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogline_aggregator::store::{RecordQuery, Store};
+use fogline_aggregator::store::RecordQuery;
 use fogline_aggregator::RunningAggregator;
 use fogline_edge::config::{EdgeConfig, SyncMode};
 use fogline_edge::message::Message;
@@ -128,27 +128,24 @@ impl Rig {
 
     /// The store holds exactly seqs 1..=written, once each, in order.
     async fn assert_exact(&self) {
-        let store = self.agg.store.clone();
-        let seqs: Vec<u64> = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = store
-                    .records(&RecordQuery {
-                        node: "gw-links".into(),
-                        stream: None,
-                        after_seq: after,
-                        limit: 10_000,
-                    })
-                    .unwrap();
-                let Some(last) = page.last() else { break };
-                after = last.seq;
-                out.extend(page.iter().map(|r| r.seq));
-            }
-            out
-        })
-        .await
-        .unwrap();
+        let mut seqs: Vec<u64> = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .agg
+                .store
+                .records(&RecordQuery {
+                    node: "gw-links".into(),
+                    stream: None,
+                    after_seq: after,
+                    limit: 10_000,
+                })
+                .await
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            seqs.extend(page.iter().map(|r| r.seq));
+        }
         assert_eq!(
             seqs,
             (1..=self.written as u64).collect::<Vec<_>>(),

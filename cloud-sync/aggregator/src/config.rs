@@ -11,7 +11,10 @@
 //! key = "certs/server.key"
 //! crl = "certs/crl.pem"          # optional; reloaded when it changes
 //! [store]
-//! path = "data/cloud.db"         # SQLite, created if missing
+//! path = "data/cloud.db"         # SQLite, created if missing; or, to share
+//! # url = "postgres://fogline@db/fogline"  # one PostgreSQL among several aggregators
+//! [cluster]
+//! name = "agg-1"                 # written on the node leases this aggregator takes
 //! [http]
 //! listen = "127.0.0.1:7480"      # JSON read API, /metrics, /healthz
 //! [limits]
@@ -67,6 +70,32 @@ pub struct CloudConfig {
     /// Budgets and timeouts of node sessions.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// This aggregator among others on one database.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This aggregator's name, written on the node leases it takes (shown
+    /// by `/api/v1/leases`). Default: the host name and process id.
+    pub name: Option<String>,
+}
+
+impl ClusterConfig {
+    /// The configured name, or `<hostname>-<pid>`.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "aggregator".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
 }
 
 /// `[tcp]`
@@ -189,12 +218,53 @@ impl TlsConfig {
     }
 }
 
-/// `[store]`
+/// `[store]`: `path` (SQLite) or `url` (PostgreSQL), not both.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// SQLite database file.
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    /// PostgreSQL: `postgres://user[:password]@host[:port]/database`.
+    pub url: Option<String>,
+    /// PostgreSQL connections per aggregator. Default 16.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// PostgreSQL: records whose event time is older than this are dropped,
+    /// a whole day's partition at a time. Default: kept for ever.
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<Duration>,
+}
+
+/// Which store `[store]` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind<'a> {
+    /// SQLite file.
+    Sqlite(&'a Path),
+    /// PostgreSQL URL.
+    Postgres(&'a str),
+}
+
+impl StoreConfig {
+    /// The store to open (the parse made sure exactly one is set).
+    pub fn kind(&self) -> StoreKind<'_> {
+        match (&self.path, &self.url) {
+            (_, Some(url)) => StoreKind::Postgres(url),
+            (Some(path), None) => StoreKind::Sqlite(path),
+            (None, None) => StoreKind::Sqlite(Path::new("cloud.db")),
+        }
+    }
+
+    /// For messages: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self.kind() {
+            StoreKind::Sqlite(p) => p.display().to_string(),
+            StoreKind::Postgres(url) => crate::store::redact_url(url),
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    16
 }
 
 /// `[http]`
@@ -259,6 +329,34 @@ impl CloudConfig {
         if l.group_records == 0 {
             problems.push("limits.group_records: must be at least 1".into());
         }
+        let st = &config.store;
+        match (&st.path, &st.url) {
+            (Some(_), Some(_)) => problems.push(
+                "store: both path (SQLite) and url (PostgreSQL) are set; keep one".into(),
+            ),
+            (None, None) => problems.push(
+                "store: neither path (SQLite file) nor url (postgres://…) is set".into(),
+            ),
+            (None, Some(url)) if !url.starts_with("postgres://") && !url.starts_with("postgresql://") => {
+                problems.push(format!(
+                    "store.url: {:?} is not a postgres:// URL",
+                    crate::store::redact_url(url)
+                ))
+            }
+            _ => {}
+        }
+        if st.pool_size == 0 {
+            problems.push("store.pool_size: must be at least 1".into());
+        }
+        if st.path.is_some() && st.retention.is_some() {
+            problems.push(
+                "store.retention: only the PostgreSQL store drops old records (SQLite keeps all)"
+                    .into(),
+            );
+        }
+        if config.cluster.name.as_deref() == Some("") {
+            problems.push("cluster.name: must not be empty".into());
+        }
         for (key, d) in [
             ("limits.hello_timeout", l.hello_timeout),
             ("limits.idle_timeout", l.idle_timeout),
@@ -297,7 +395,7 @@ impl CloudConfig {
             Some(&mut config.tls.ca),
             Some(&mut config.tls.cert),
             Some(&mut config.tls.key),
-            Some(&mut config.store.path),
+            config.store.path.as_mut(),
             crl,
         ]
         .into_iter()

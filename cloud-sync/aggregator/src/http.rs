@@ -72,10 +72,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn list_nodes(State(state): State<AppState>) -> Response {
-    let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.nodes()).await {
-        Ok(Ok(nodes)) => Json(nodes).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match state.store.nodes().await {
+        Ok(nodes) => Json(nodes).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -151,15 +149,13 @@ async fn records(
         after_seq,
         limit,
     };
-    let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.records(&query)).await {
-        Ok(Ok(rows)) => {
+    match state.store.records(&query).await {
+        Ok(rows) => {
             let next = rows.last().map(|r| r.seq).unwrap_or(after_seq);
             let records: Vec<Value> = rows.into_iter().map(record_json).collect();
             Json(json!({ "node": node, "records": records, "next_after_seq": next }))
                 .into_response()
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -175,14 +171,11 @@ async fn losses(
             Ok(v) => v,
             Err(r) => return *r,
         };
-    let store = state.store.clone();
-    let n = node.clone();
-    match tokio::task::spawn_blocking(move || store.losses(&n, after_seq, limit)).await {
-        Ok(Ok(rows)) => {
+    match state.store.losses(&node, after_seq, limit).await {
+        Ok(rows) => {
             let next = rows.last().map(|r| r.seq).unwrap_or(after_seq);
             Json(json!({ "node": node, "losses": rows, "next_after_seq": next })).into_response()
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -73,7 +73,7 @@ pub struct RunningAggregator {
     /// Bound HTTP address.
     pub http_addr: SocketAddr,
     /// The store, for in-process readers (demo, tests).
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     shutdown: watch::Sender<bool>,
     quic: JoinHandle<()>,
     http: JoinHandle<()>,
@@ -82,11 +82,12 @@ pub struct RunningAggregator {
 /// How long the store's integrity check at start may take.
 const STORE_CHECK_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Opens the store (checking its integrity), loads TLS material and binds
-/// both listeners.
-pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError> {
-    metrics_help::describe();
-    let path = config.store.path.clone();
+/// How often the PostgreSQL store makes coming partitions and drops expired
+/// ones.
+const MAINTAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Opens the SQLite store at `path`, checking its integrity first.
+async fn open_sqlite(path: &std::path::Path) -> Result<SqliteStore, StartError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
             path: dir.display().to_string(),
@@ -94,11 +95,12 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
         })?;
     }
     let damaged = |found: String| StartError::StoreDamaged {
-        path: config.store.path.display().to_string(),
+        path: path.display().to_string(),
         found,
     };
-    let store = match tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await? {
-        Ok(store) => Arc::new(store),
+    let p = path.to_path_buf();
+    let store = match tokio::task::spawn_blocking(move || SqliteStore::open(&p)).await? {
+        Ok(store) => store,
         Err(StoreError::Open { source, .. }) if fogline_integrity::is_damage(&source) => {
             return Err(damaged(source.to_string()));
         }
@@ -109,11 +111,51 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
         fogline_integrity::Integrity::Ok => {}
         fogline_integrity::Integrity::Damaged(found) => return Err(damaged(found.join("; "))),
         fogline_integrity::Integrity::Unfinished => {
-            tracing::warn!(budget = ?STORE_CHECK_BUDGET, store = %config.store.path.display(), "The store's integrity check did not finish; starting without it (damage met later makes /healthz unhealthy).")
+            tracing::warn!(budget = ?STORE_CHECK_BUDGET, store = %path.display(), "The store's integrity check did not finish; starting without it (damage met later makes /healthz unhealthy).")
         }
     }
-    let dyn_store: Arc<dyn Store> = store.clone();
-    let server = Service::bind(&config, dyn_store.clone()).await?;
+    Ok(store)
+}
+
+/// Opens the store `[store]` names: SQLite (checked) or PostgreSQL
+/// (migrated, partitions made, then maintained hourly until `shutdown`).
+async fn open_store(
+    config: &config::StoreConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<dyn Store>, StartError> {
+    match config.kind() {
+        config::StoreKind::Sqlite(path) => Ok(Arc::new(open_sqlite(path).await?)),
+        config::StoreKind::Postgres(url) => {
+            let options = store::PostgresOptions {
+                pool_size: config.pool_size,
+                retention: config.retention,
+            };
+            let pg = store::PostgresStore::connect(url, options).await?;
+            let maintained = pg.clone();
+            let mut shutdown = shutdown;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(MAINTAIN_EVERY) => {}
+                    }
+                    if let Err(e) = maintained.maintain(fogline_telemetry::clock::now_ms()).await {
+                        tracing::warn!(error = %e, "Store maintenance (partitions, retention) failed; retried in an hour.");
+                    }
+                }
+            });
+            Ok(Arc::new(pg))
+        }
+    }
+}
+
+/// Opens the store (checking its integrity), loads TLS material and binds
+/// both listeners.
+pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError> {
+    metrics_help::describe();
+    let (shutdown, rx) = watch::channel(false);
+    let store = open_store(&config.store, rx.clone()).await?;
+    let server = Service::bind(&config, store.clone()).await?;
     let quic_addr = server.quic_addr()?;
     let tcp_addr = server.tcp_addr();
     let nodes = server.nodes();
@@ -128,10 +170,9 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
         addr: config.http.listen,
         source,
     })?;
-    let (shutdown, rx) = watch::channel(false);
     let quic = tokio::spawn(server.run(rx.clone()));
     let mut http_rx = rx;
-    let app = http::router(dyn_store, nodes, health);
+    let app = http::router(store.clone(), nodes, health);
     let http = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = http_rx.changed().await;
@@ -140,7 +181,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
             tracing::error!(error = %e, "HTTP server failed.");
         }
     });
-    info!(%quic_addr, tcp_addr = ?tcp_addr, %http_addr, store = %config.store.path.display(), "Aggregator listening.");
+    info!(%quic_addr, tcp_addr = ?tcp_addr, %http_addr, store = %config.store.describe(), "Aggregator listening.");
     Ok(RunningAggregator {
         quic_addr,
         tcp_addr,

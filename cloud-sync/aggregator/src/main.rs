@@ -181,7 +181,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
             .tcp_listen()
             .map_or_else(|| "off".to_string(), |a| a.to_string()),
         config.http.listen,
-        config.store.path.display()
+        config.store.describe()
     );
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fogline_aggregator::certs::{self, Validity};
 use fogline_aggregator::service::events::{self, Rejected};
-use fogline_aggregator::store::{RecordQuery, Store};
+use fogline_aggregator::store::RecordQuery;
 use fogline_aggregator::{self as aggregator, config::CloudConfig, RunningAggregator};
 use fogline_protocol::frame::ErrorCode;
 use fogline_protocol::session::OutboxInfo;
@@ -58,23 +58,18 @@ fn addr(agg: &RunningAggregator, how: Transport) -> std::net::SocketAddr {
 }
 
 async fn stored(agg: &RunningAggregator, node: &str) -> Vec<u64> {
-    let store = agg.store.clone();
-    let node = node.to_string();
-    tokio::task::spawn_blocking(move || {
-        store
-            .records(&RecordQuery {
-                node,
-                stream: None,
-                after_seq: 0,
-                limit: 10_000,
-            })
-            .unwrap()
-            .into_iter()
-            .map(|r| r.seq)
-            .collect()
-    })
-    .await
-    .unwrap()
+    agg.store
+        .records(&RecordQuery {
+            node: node.to_string(),
+            stream: None,
+            after_seq: 0,
+            limit: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.seq)
+        .collect()
 }
 
 async fn connections(agg: &RunningAggregator) -> serde_json::Value {

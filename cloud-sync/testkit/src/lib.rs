@@ -5,5 +5,6 @@
 
 pub mod certs;
 pub mod node;
+pub mod postgres;
 pub mod relay;
 pub mod samples;

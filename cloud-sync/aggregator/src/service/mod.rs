@@ -65,6 +65,7 @@ impl Service {
         let budget_bytes = limits.total_pending_bytes.clamp(1, Semaphore::MAX_PERMITS);
         let shared = Shared {
             store,
+            holder: config.cluster.name(),
             health: Arc::new(StoreHealth::default()),
             nodes: Arc::new(Nodes::default()),
             budget: Arc::new(Semaphore::new(budget_bytes)),

@@ -1,6 +1,6 @@
 //! Drives one node connection: moves frames between the transport and a
-//! [`ServerSession`], and runs what the session asks of the store on
-//! blocking threads. The policy (what to apply, when to ack, when to give
+//! [`ServerSession`], and runs what the session asks of the store on tasks
+//! of their own (batches decode on blocking threads). The policy (what to apply, when to ack, when to give
 //! up) is the session's; this file only does I/O.
 
 use std::sync::Arc;
@@ -19,11 +19,13 @@ use tracing::{debug, info, warn};
 
 use super::nodes::{Nodes, Turn};
 use crate::store::health::StoreHealth;
-use crate::store::{ApplyOutcome, Store};
+use crate::store::{ApplyBatches, ApplyOutcome, Lease, Store, StoreError};
 
 /// What every session shares.
 pub(super) struct Shared {
     pub store: Arc<dyn Store>,
+    /// This aggregator's name, written on the leases it takes.
+    pub holder: String,
     /// Store failures, for `/healthz`.
     pub health: Arc<StoreHealth>,
     pub nodes: Arc<Nodes>,
@@ -38,11 +40,12 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Task<T, E = String> = JoinHandle<Result<T, E>>;
 
-/// Why an apply failed: the node's fault (a batch that does not decode) or
-/// the store's.
+/// Why an apply failed: the node's fault (a batch that does not decode),
+/// the store's, or another aggregator took the node (I-36).
 enum ApplyFailed {
     Malformed(String),
     Store(String),
+    Fenced(String),
 }
 
 impl From<String> for ApplyFailed {
@@ -77,7 +80,8 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
     let transport = handle.transport();
     let mut session = ServerSession::new(&node, shared.session.clone(), Instant::now());
     let mut turn: Option<Turn> = None;
-    let mut cursor_task: Option<Task<StoredCursor>> = None;
+    let mut cursor_task: Option<Task<(Lease, StoredCursor)>> = None;
+    let mut lease: Option<Lease> = None;
     let mut apply_task: Option<Task<ApplyOutcome, ApplyFailed>> = None;
     let mut applied_records = 0u64;
     metrics::gauge!(super::events::CONNECTIONS, "transport" => transport.name()).increment(1.0);
@@ -100,13 +104,20 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                         break 'session (ErrorCode::Superseded, "superseded".into(), false);
                     }
                     info!(%node, %remote, transport = transport.name(), "Node connected.");
-                    let (store, n, health) =
-                        (shared.store.clone(), node.clone(), shared.health.clone());
-                    cursor_task = Some(tokio::task::spawn_blocking(move || {
-                        store.cursor(&n).map_err(|e| {
-                            health.failed(&e, fogline_telemetry::clock::now_ms());
-                            e.to_string()
-                        })
+                    // The node's lease in the store, then its cursor: from
+                    // here no other aggregator's apply can move it (I-36).
+                    let shared = shared.clone();
+                    let n = node.clone();
+                    cursor_task = Some(tokio::spawn(async move {
+                        let now = fogline_telemetry::clock::now_ms();
+                        shared
+                            .store
+                            .take_lease(&n, &shared.holder, now)
+                            .await
+                            .map_err(|e| {
+                                shared.health.failed(&e, now);
+                                e.to_string()
+                            })
                     }));
                 }
                 ServerAction::RecordGap(r) => {
@@ -114,9 +125,10 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                         session.close(ErrorCode::Internal, format!("store: {e}"));
                     }
                 }
-                ServerAction::Apply(req) => {
-                    apply_task = Some(spawn_apply(&shared, &node, req));
-                }
+                ServerAction::Apply(req) => match &lease {
+                    Some(l) => apply_task = Some(spawn_apply(&shared, l.clone(), req)),
+                    None => session.close(ErrorCode::Internal, "apply without a lease".into()),
+                },
                 ServerAction::Close { code, reason } => break 'session (code, reason, true),
             }
         }
@@ -141,7 +153,13 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                 }
                 Err(e) => break 'session (ErrorCode::Ok, handle.explain(e).to_string(), false),
             },
-            r = join(&mut cursor_task) => session.handle_cursor(r, Instant::now()),
+            r = join(&mut cursor_task) => {
+                let r = r.map(|(l, cursor)| {
+                    lease = Some(l);
+                    cursor
+                });
+                session.handle_cursor(r, Instant::now());
+            }
             r = join(&mut apply_task) => match r {
                 Ok(o) => {
                     applied_records += o.inserted as u64;
@@ -149,6 +167,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                 }
                 Err(ApplyFailed::Store(e)) => session.handle_applied(Err(e), Instant::now()),
                 Err(ApplyFailed::Malformed(e)) => session.close(ErrorCode::Malformed, e),
+                Err(ApplyFailed::Fenced(e)) => session.close(ErrorCode::Superseded, e),
             },
             _ = sleep_until(deadline) => session.handle_timeout(Instant::now()),
             c = handle.close_requested() => break 'session (c.0, c.1, false),
@@ -159,6 +178,16 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
     // released: the next session must read a final cursor.
     if apply_task.is_some() {
         let _ = join(&mut apply_task).await;
+    }
+    if let Some(l) = &lease {
+        // Only clears the holder: a later take has a higher token anyway.
+        if let Err(e) = shared
+            .store
+            .release_lease(l, fogline_telemetry::clock::now_ms())
+            .await
+        {
+            debug!(%node, error = %e, "Releasing the node's lease failed (the next take supersedes it).");
+        }
     }
     let (code, reason, tell) = end;
     if tell {
@@ -205,63 +234,64 @@ async fn record_gap(shared: &Shared, node: &str, r: Regression) -> Result<(), St
         r.from,
         r.to
     );
-    let (store, node, health) = (
-        shared.store.clone(),
-        node.to_string(),
-        shared.health.clone(),
-    );
     let now = fogline_telemetry::clock::now_ms();
-    tokio::task::spawn_blocking(move || {
-        store.record_gap(&node, r.from, r.to, now).map_err(|e| {
-            health.failed(&e, now);
+    shared
+        .store
+        .record_gap(node, r.from, r.to, now)
+        .await
+        .map_err(|e| {
+            shared.health.failed(&e, now);
             e.to_string()
         })
-    })
-    .await
-    .map_err(|e| e.to_string())?
 }
 
 /// Waits for its share of the global budget (first come, first served),
-/// then decodes and applies on a blocking thread: zstd and record parsing
-/// never run on an async worker.
-fn spawn_apply(shared: &Shared, node: &str, req: ApplyRequest) -> Task<ApplyOutcome, ApplyFailed> {
-    let (store, budget, node, health) = (
-        shared.store.clone(),
-        shared.budget.clone(),
-        node.to_string(),
-        shared.health.clone(),
-    );
+/// then decodes on a blocking thread (zstd and record parsing never run on
+/// an async worker) and applies under `lease`.
+fn spawn_apply(shared: &Arc<Shared>, lease: Lease, req: ApplyRequest) -> Task<ApplyOutcome, ApplyFailed> {
+    let shared = shared.clone();
+    let budget = shared.budget.clone();
     let want = req.memory_bytes.clamp(1, shared.budget_bytes);
     let permits = u32::try_from(want).unwrap_or(u32::MAX);
     tokio::spawn(async move {
+        let mut req = req;
         let _permit = budget
             .acquire_many_owned(permits)
             .await
             .map_err(|e| ApplyFailed::Store(format!("budget: {e}")))?;
         let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let decoded = req
-                .batches
+        let batches = std::mem::take(&mut req.batches);
+        let decoded = tokio::task::spawn_blocking(move || {
+            batches
                 .iter()
                 .map(decode_batch)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| {
-                    ApplyFailed::Malformed(format!("a batch that does not decode: {e}"))
-                })?;
-            let now = fogline_telemetry::clock::now_ms();
-            match store.apply(&node, req.outbox, &decoded, req.through, now) {
-                Ok(o) => {
-                    health.worked();
-                    Ok(o)
-                }
-                Err(e) => {
-                    health.failed(&e, now);
-                    Err(ApplyFailed::Store(e.to_string()))
-                }
-            }
+                .map_err(|e| ApplyFailed::Malformed(format!("a batch that does not decode: {e}")))
         })
         .await
-        .map_err(|e| ApplyFailed::Store(format!("store task failed: {e}")))??;
+        .map_err(|e| ApplyFailed::Store(format!("decode task failed: {e}")))??;
+        let now = fogline_telemetry::clock::now_ms();
+        let apply = ApplyBatches {
+            lease,
+            outbox: req.outbox,
+            batches: decoded,
+            through: req.through,
+            now_ms: now,
+        };
+        let outcome = match shared.store.apply(apply).await {
+            Ok(o) => {
+                shared.health.worked();
+                o
+            }
+            Err(e @ StoreError::Fenced { .. }) => {
+                metrics::counter!(crate::store::events::FENCED_TOTAL).increment(1);
+                return Err(ApplyFailed::Fenced(e.to_string()));
+            }
+            Err(e) => {
+                shared.health.failed(&e, now);
+                return Err(ApplyFailed::Store(e.to_string()));
+            }
+        };
         super::events::BatchesApplied {
             elapsed: started.elapsed(),
             inserted: outcome.inserted,

@@ -15,7 +15,17 @@ impl StoreError {
     pub fn kind(&self) -> ProblemKind {
         let source = match self {
             StoreError::Open { source, .. } | StoreError::Query { source, .. } => source,
-            StoreError::Poisoned => return ProblemKind::StoreError,
+            StoreError::Postgres { source, .. } => {
+                use tokio_postgres::error::SqlState;
+                return match source.code() {
+                    Some(c) if *c == SqlState::DISK_FULL => ProblemKind::DiskFull,
+                    Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+                        ProblemKind::Corrupt
+                    }
+                    _ => ProblemKind::StoreError,
+                };
+            }
+            _ => return ProblemKind::StoreError,
         };
         match source {
             rusqlite::Error::SqliteFailure(e, _) => match e.code {

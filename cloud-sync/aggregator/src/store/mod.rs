@@ -1,20 +1,57 @@
 //! Where applied records live. [`Store`] is what the transport and HTTP API
-//! need; [`SqliteStore`] is the embedded implementation. A PostgreSQL store
-//! implements the same trait (its `apply` is the same single transaction:
-//! insert-ignoring-duplicates plus cursor upsert).
+//! need, async; [`SqliteStore`] is the embedded implementation (its blocking
+//! work runs on tokio's blocking pool) and [`PostgresStore`] the one several
+//! aggregators share. Both pass the same contract suite
+//! (`tests/store_contract.rs`).
 //!
-//! **Invariant:** `apply` inserts the records above the node's cursor and
+//! **Invariants:** `apply` inserts the records above the node's cursor and
 //! advances the cursor in ONE transaction; a record at or below the cursor is
-//! never inserted again. The store knows nothing about QUIC or frames.
+//! never inserted again (I-3); the cursor only moves forward. Every apply
+//! checks, in its transaction, that the caller still holds the node's lease
+//! (its fencing token is the newest): of two aggregators that both believe
+//! they serve a node, only the later taker applies (I-36). The store knows
+//! nothing about QUIC or frames.
 
 pub mod events;
 pub mod health;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{redact as redact_url, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
+
+use std::future::Future;
+use std::pin::Pin;
 
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::DecodedBatch;
+
+/// What a [`Store`] method returns: a future that owns what it needs.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The right to apply a node's batches, until another aggregator (or
+/// another session of this one) takes the node's lease: `token` is the
+/// fencing token every apply checks (I-36).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The node.
+    pub node: String,
+    /// Fencing token: each take of the node's lease gets a higher one.
+    pub token: u64,
+}
+
+/// A node's lease as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseInfo {
+    /// The node.
+    pub node: String,
+    /// The newest fencing token.
+    pub token: u64,
+    /// The aggregator holding it, if not released.
+    pub holder: Option<String>,
+    /// When it was taken or released (ms since the Unix epoch).
+    pub since_ms: u64,
+}
 
 /// Largest `limit` accepted by [`Store::records`].
 pub const MAX_QUERY_LIMIT: usize = 10_000;
@@ -40,8 +77,51 @@ pub enum StoreError {
         /// Cause.
         source: rusqlite::Error,
     },
-    /// The store's internal lock was poisoned by a panic.
-    #[error("store lock poisoned")]
+    /// A PostgreSQL query, transaction or connection failed.
+    #[error("PostgreSQL {op} failed for node {node:?}: {source}")]
+    Postgres {
+        /// What was being done.
+        op: &'static str,
+        /// Node concerned, if any.
+        node: Option<String>,
+        /// Cause.
+        source: tokio_postgres::Error,
+    },
+    /// No PostgreSQL connection could be had from the pool.
+    #[error("PostgreSQL {url}: no connection: {message}")]
+    Pool {
+        /// The server (without password).
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The database was made by a newer aggregator: its migrations are not
+    /// known here.
+    #[error(
+        "PostgreSQL schema version {found} is newer than this aggregator knows ({known}): upgrade it"
+    )]
+    SchemaTooNew {
+        /// Highest version applied in the database.
+        found: i64,
+        /// Highest version this build has.
+        known: i64,
+    },
+    /// Another aggregator (or a newer session) took the node's lease: this
+    /// apply was refused in its transaction, nothing written (I-36).
+    #[error(
+        "node {node}: lease lost (this session holds fencing token {held}, the store has {current}): another aggregator serves the node now"
+    )]
+    Fenced {
+        /// The node.
+        node: String,
+        /// The token this session holds.
+        held: u64,
+        /// The newest token in the store.
+        current: u64,
+    },
+    /// The store's internal lock was poisoned by a panic, or its blocking
+    /// task failed.
+    #[error("store lock poisoned or its task failed")]
     Poisoned,
 }
 
@@ -158,40 +238,67 @@ pub struct StoredLoss {
     pub received_ms: u64,
 }
 
-/// Storage for applied records and per-node cursors. Methods block: call them
-/// from `spawn_blocking`.
+/// One apply: a node's decoded batches and where its cursor goes.
+#[derive(Debug)]
+pub struct ApplyBatches {
+    /// The lease the applying session holds (names the node).
+    pub lease: Lease,
+    /// The edge outbox's incarnation and epoch, recorded with the cursor.
+    pub outbox: (u64, u64),
+    /// Each ascending by seq; from protocol 4 not necessarily after the one
+    /// before.
+    pub batches: Vec<DecodedBatch>,
+    /// The cursor moves to `max(cursor, through)`.
+    pub through: u64,
+    /// Stamps `received_ms`.
+    pub now_ms: u64,
+}
+
+/// Storage for applied records, per-node cursors and leases. Async: the
+/// SQLite store runs its blocking work on tokio's blocking pool.
 pub trait Store: Send + Sync + 'static {
-    /// Applies decoded batches (each ascending by seq; from protocol 4 not
-    /// necessarily after the one before) for `node` in one transaction:
-    /// inserts the records above the cursor that are not stored yet,
-    /// advances the cursor to `max(cursor, through)` and the highest seq
-    /// stored (`top`), commits.
-    /// `now_ms` stamps `received_ms`. `outbox` (the edge outbox's
-    /// incarnation and epoch) is recorded with the cursor.
-    fn apply(
-        &self,
-        node: &str,
-        outbox: (u64, u64),
-        batches: &[DecodedBatch],
-        through: u64,
+    /// Takes `node`'s lease for `holder` (an aggregator's name): the
+    /// fencing token goes up by one, so any earlier holder's next apply is
+    /// refused (I-36). Then reads the cursor, which is final: no earlier
+    /// holder can move it any more.
+    fn take_lease<'a>(
+        &'a self,
+        node: &'a str,
+        holder: &'a str,
         now_ms: u64,
-    ) -> Result<ApplyOutcome, StoreError>;
+    ) -> StoreFuture<'a, (Lease, StoredCursor)>;
+    /// Lets go of a lease (the session ended). A lease taken since by
+    /// someone else is left alone.
+    fn release_lease<'a>(&'a self, lease: &'a Lease, now_ms: u64) -> StoreFuture<'a, ()>;
+    /// Every node's lease.
+    fn leases(&self) -> StoreFuture<'_, Vec<LeaseInfo>>;
+    /// In ONE transaction: checks the lease is still the newest (else
+    /// [`StoreError::Fenced`], nothing written), inserts the records above
+    /// the cursor that are not stored yet, advances the cursor to
+    /// `max(cursor, through)` and the highest seq stored (`top`), commits.
+    fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome>;
     /// Highest seq applied for `node` (0 if none) and its incarnation.
-    fn cursor(&self, node: &str) -> Result<StoredCursor, StoreError>;
+    fn cursor<'a>(&'a self, node: &'a str) -> StoreFuture<'a, StoredCursor>;
     /// Records that `from..=to` of `node` were acknowledged and are gone
     /// (the store was restored from a backup): the loss is kept, not hidden.
     /// A range already recorded is not recorded again.
-    fn record_gap(&self, node: &str, from: u64, to: u64, now_ms: u64) -> Result<(), StoreError>;
+    fn record_gap<'a>(
+        &'a self,
+        node: &'a str,
+        from: u64,
+        to: u64,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()>;
     /// Records matching `query`, ascending by seq.
-    fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError>;
+    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>>;
     /// All known nodes.
-    fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError>;
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>>;
     /// `node`'s loss reports with seq above `after_seq`, ascending, at most
     /// `limit` (capped at [`MAX_QUERY_LIMIT`]).
-    fn losses(
-        &self,
-        node: &str,
+    fn losses<'a>(
+        &'a self,
+        node: &'a str,
         after_seq: u64,
         limit: usize,
-    ) -> Result<Vec<StoredLoss>, StoreError>;
+    ) -> StoreFuture<'a, Vec<StoredLoss>>;
 }

@@ -1,13 +1,15 @@
-//! Embedded SQLite store (WAL, synchronous=FULL: an acked batch survives power loss).
+//! Embedded SQLite store (WAL, synchronous=FULL: an acked batch survives
+//! power loss). Its work blocks: each [`Store`] call runs on tokio's
+//! blocking pool.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ApplyOutcome, LossSummary, NodeSummary, RecordQuery, Store, StoreError, StoredLoss,
-    StoredRecord, MAX_QUERY_LIMIT,
+    ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, RecordQuery, Store,
+    StoreError, StoreFuture, StoredLoss, StoredRecord, MAX_QUERY_LIMIT,
 };
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::DecodedBatch;
@@ -52,6 +54,13 @@ CREATE TABLE IF NOT EXISTS gaps (
     last_seq INTEGER NOT NULL,
     detected_ms INTEGER NOT NULL
 );
+-- Who may apply a node's batches (I-36): every take raises the token.
+CREATE TABLE IF NOT EXISTS leases (
+    node TEXT PRIMARY KEY,
+    token INTEGER NOT NULL,
+    holder TEXT,
+    since_ms INTEGER NOT NULL
+);
 ";
 
 /// Additive migrations for files made by older versions.
@@ -80,8 +89,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// SQLite-backed [`Store`]. One writer connection and one reader connection
-/// (WAL lets queries run while a batch is being applied).
+/// (WAL lets queries run while a batch is being applied). Cloning shares
+/// them.
+#[derive(Clone)]
 pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     path: String,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
@@ -90,7 +105,7 @@ pub struct SqliteStore {
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
-            .field("path", &self.path)
+            .field("path", &self.inner.path)
             .finish()
     }
 }
@@ -130,24 +145,39 @@ impl SqliteStore {
             .execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
             .map_err(open_err)?;
         Ok(Self {
-            path: path_str,
-            writer: Mutex::new(writer),
-            reader: Mutex::new(reader),
+            inner: Arc::new(Inner {
+                path: path_str,
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+            }),
         })
     }
 
     /// Path of the database file.
     pub fn path(&self) -> &str {
-        &self.path
+        &self.inner.path
     }
 
-    /// `PRAGMA quick_check`, given up after `budget`.
+    /// `PRAGMA quick_check`, given up after `budget`. Blocks.
     pub fn quick_check(
         &self,
         budget: std::time::Duration,
     ) -> Result<fogline_integrity::Integrity, StoreError> {
-        let conn = lock(&self.reader)?;
+        let conn = lock(&self.inner.reader)?;
         fogline_integrity::quick_check(&conn, budget).map_err(q_err("integrity check", None))
+    }
+
+    /// Runs `f` on the blocking pool with the store's connections.
+    fn blocking<'a, T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'a, T> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&inner))
+                .await
+                .map_err(|_| StoreError::Poisoned)?
+        })
     }
 }
 
@@ -229,18 +259,92 @@ fn read_cursor(conn: &Connection, node: &str) -> Result<StoredCursor, StoreError
         .map_err(q_err("read cursor", Some(node)))
 }
 
-impl Store for SqliteStore {
-    fn apply(
+fn lease_token(conn: &Connection, node: &str) -> Result<u64, StoreError> {
+    conn.prepare_cached("SELECT token FROM leases WHERE node = ?1")
+        .and_then(|mut st| st.query_row([node], |r| r.get::<_, i64>(0)).optional())
+        .map(|t| t.map_or(0, from_sql))
+        .map_err(q_err("read lease", Some(node)))
+}
+
+impl Inner {
+    fn take_lease(
         &self,
         node: &str,
-        (incarnation, epoch): (u64, u64),
-        batches: &[DecodedBatch],
-        through: u64,
+        holder: &str,
         now_ms: u64,
-    ) -> Result<ApplyOutcome, StoreError> {
+    ) -> Result<(Lease, StoredCursor), StoreError> {
         let mut conn = lock(&self.writer)?;
         let err = |op| q_err(op, Some(node));
         let tx = conn.transaction().map_err(err("begin"))?;
+        let token: i64 = tx
+            .query_row(
+                "INSERT INTO leases (node, token, holder, since_ms) VALUES (?1, 1, ?2, ?3) \
+                 ON CONFLICT(node) DO UPDATE SET token = token + 1, holder = excluded.holder, \
+                 since_ms = excluded.since_ms RETURNING token",
+                params![node, holder, to_sql(now_ms)],
+                |r| r.get(0),
+            )
+            .map_err(err("take lease"))?;
+        let cursor = read_cursor(&tx, node)?;
+        tx.commit().map_err(err("commit"))?;
+        Ok((
+            Lease {
+                node: node.to_string(),
+                token: from_sql(token),
+            },
+            cursor,
+        ))
+    }
+
+    fn release_lease(&self, lease: &Lease, now_ms: u64) -> Result<(), StoreError> {
+        let conn = lock(&self.writer)?;
+        conn.execute(
+            "UPDATE leases SET holder = NULL, since_ms = ?3 WHERE node = ?1 AND token = ?2",
+            params![lease.node, to_sql(lease.token), to_sql(now_ms)],
+        )
+        .map(drop)
+        .map_err(q_err("release lease", Some(&lease.node)))
+    }
+
+    fn leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
+        let conn = lock(&self.reader)?;
+        conn.prepare_cached("SELECT node, token, holder, since_ms FROM leases ORDER BY node")
+            .and_then(|mut st| {
+                st.query_map([], |r| {
+                    Ok(LeaseInfo {
+                        node: r.get(0)?,
+                        token: from_sql(r.get(1)?),
+                        holder: r.get(2)?,
+                        since_ms: from_sql(r.get(3)?),
+                    })
+                })?
+                .collect()
+            })
+            .map_err(q_err("list leases", None))
+    }
+
+    fn apply(&self, a: &ApplyBatches) -> Result<ApplyOutcome, StoreError> {
+        let ApplyBatches {
+            lease,
+            outbox: (incarnation, epoch),
+            batches,
+            through,
+            now_ms,
+        } = a;
+        let (incarnation, epoch, through, now_ms) = (*incarnation, *epoch, *through, *now_ms);
+        let node = lease.node.as_str();
+        let mut conn = lock(&self.writer)?;
+        let err = |op| q_err(op, Some(node));
+        let tx = conn.transaction().map_err(err("begin"))?;
+        // The fence, checked inside the transaction that writes (I-36).
+        let current = lease_token(&tx, node)?;
+        if current != lease.token {
+            return Err(StoreError::Fenced {
+                node: node.to_string(),
+                held: lease.token,
+                current,
+            });
+        }
         let stored = read_cursor(&tx, node)?;
         let cursor = stored.seq;
         let mut inserted = 0;
@@ -454,212 +558,62 @@ impl Store for SqliteStore {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-    use fogline_protocol::{decode_batch, encode_batch, Record};
-    use fogline_testkit::samples::sample_readings;
-
-    /// The records as one decoded batch (none for an empty slice).
-    fn b(records: &[Record]) -> Vec<DecodedBatch> {
-        if records.is_empty() {
-            return Vec::new();
-        }
-        vec![decode_batch(&encode_batch(records, 3).unwrap()).unwrap()]
+impl Store for SqliteStore {
+    fn take_lease<'a>(
+        &'a self,
+        node: &'a str,
+        holder: &'a str,
+        now_ms: u64,
+    ) -> StoreFuture<'a, (Lease, StoredCursor)> {
+        let (node, holder) = (node.to_string(), holder.to_string());
+        self.blocking(move |s| s.take_lease(&node, &holder, now_ms))
     }
 
-    /// I-33: a loss report rides the ordered stream: filed apart from the
-    /// data, exactly once, summed per stream and reason for `/api/v1/nodes`.
-    #[test]
-    fn loss_reports_are_filed_once_and_summed() {
-        let (_d, s) = store();
-        let report = |first: u64, last: u64| fogline_protocol::LossReport {
-            stream: "s/1".into(),
-            reason: fogline_protocol::LossReason::Quota,
-            detail: Some("outbox.max_bytes".into()),
-            records: last - first + 1,
-            bytes: 10 * (last - first + 1),
-            first_seq: Some(first),
-            last_seq: Some(last),
-            first_ms: first,
-            last_ms: last,
-        };
-        let rec = |seq: u64, stream: &str, payload: Vec<u8>| Record {
-            seq,
-            stream: stream.into(),
-            timestamp_ms: seq,
-            payload,
-        };
-        let batch = vec![
-            rec(11, "s/1", b"{}".to_vec()),
-            rec(12, LOSS_STREAM, report(1, 10).encode()),
-            rec(23, "s/1", b"{}".to_vec()),
-            rec(24, LOSS_STREAM, report(13, 22).encode()),
-            rec(25, LOSS_STREAM, b"not json".to_vec()),
-        ];
-        let out = s.apply("n", (1, 1), &b(&batch), 25, 5).unwrap();
-        assert_eq!(out.inserted, 5);
-        // Applied again (a resend): nothing twice.
-        let again = s.apply("n", (1, 1), &b(&batch), 25, 6).unwrap();
-        assert_eq!((again.inserted, again.skipped), (0, 5));
-        let data: Vec<u64> = all(&s, "n");
-        assert_eq!(
-            data,
-            vec![11, 23, 25],
-            "an unreadable report is kept as data"
-        );
-        let nodes = s.nodes().unwrap();
-        let l = &nodes[0].losses;
-        assert_eq!(l.len(), 1);
-        assert_eq!((l[0].records, l[0].reports), (20, 2));
-        assert_eq!((l[0].first_seq, l[0].last_seq), (Some(1), Some(22)));
-        assert_eq!(l[0].reason, "quota");
-        let listed = s.losses("n", 0, 10).unwrap();
-        assert_eq!(
-            listed.iter().map(|l| l.seq).collect::<Vec<_>>(),
-            vec![12, 24]
-        );
-        assert_eq!(s.losses("n", 12, 10).unwrap().len(), 1);
+    fn release_lease<'a>(&'a self, lease: &'a Lease, now_ms: u64) -> StoreFuture<'a, ()> {
+        let lease = lease.clone();
+        self.blocking(move |s| s.release_lease(&lease, now_ms))
     }
 
-    fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(dir.path().join("t.db")).unwrap();
-        (dir, s)
+    fn leases(&self) -> StoreFuture<'_, Vec<LeaseInfo>> {
+        self.blocking(Inner::leases)
     }
 
-    fn all(s: &SqliteStore, node: &str) -> Vec<u64> {
-        s.records(&RecordQuery {
-            node: node.into(),
-            stream: None,
-            after_seq: 0,
-            limit: MAX_QUERY_LIMIT,
-        })
-        .unwrap()
-        .into_iter()
-        .map(|r| r.seq)
-        .collect()
+    fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
+        self.blocking(move |s| s.apply(&apply))
     }
 
-    #[test]
-    fn apply_is_idempotent_and_overlaps_are_skipped() {
-        let (_d, s) = store();
-        let recs = sample_readings(30, 3, 7);
-        assert_eq!(s.cursor("n1").unwrap().seq, 0);
-        let a = s.apply("n1", (9, 1), &b(&recs[..10]), 10, 1).unwrap();
-        assert_eq!((a.cursor, a.inserted, a.skipped), (10, 10, 0));
-        // Same batch again: nothing inserted.
-        let a = s.apply("n1", (9, 1), &b(&recs[..10]), 10, 2).unwrap();
-        assert_eq!((a.cursor, a.inserted, a.skipped), (10, 0, 10));
-        // Overlapping batch 6..=20: only 11..=20 inserted.
-        let a = s.apply("n1", (9, 1), &b(&recs[5..20]), 20, 3).unwrap();
-        assert_eq!((a.cursor, a.inserted, a.skipped), (20, 10, 5));
-        assert_eq!(all(&s, "n1"), (1..=20).collect::<Vec<_>>());
-        // Other nodes are independent.
-        assert_eq!(s.cursor("n2").unwrap().seq, 0);
-        assert_eq!(
-            s.apply("n2", (9, 1), &b(&recs[..3]), 3, 4)
-                .unwrap()
-                .inserted,
-            3
-        );
-        let nodes = s.nodes().unwrap();
-        assert_eq!(nodes.len(), 2);
-        assert_eq!(
-            (nodes[0].node.as_str(), nodes[0].cursor, nodes[0].records),
-            ("n1", 20, 20)
-        );
-        assert_eq!(nodes[0].incarnation, Some(9));
-        assert_eq!(
-            s.cursor("n1").unwrap(),
-            StoredCursor {
-                seq: 20,
-                incarnation: Some(9),
-                epoch: 1,
-                top: 20,
-            }
-        );
-        s.record_gap("n1", 11, 20, 5).unwrap();
-        s.record_gap("n1", 11, 20, 6).unwrap();
-        s.record_gap("n1", 12, 15, 7).unwrap();
-        assert_eq!(s.nodes().unwrap()[0].lost_records, 10, "each gap once");
-        // A node known only by its gap (a lost store) is listed.
-        s.record_gap("n9", 1, 40, 8).unwrap();
-        let n9 = s
-            .nodes()
-            .unwrap()
-            .into_iter()
-            .find(|n| n.node == "n9")
-            .unwrap();
-        assert_eq!((n9.cursor, n9.records, n9.lost_records), (0, 0, 40));
-        assert_eq!((n9.incarnation, n9.last_update_ms), (None, 8));
+    fn cursor<'a>(&'a self, node: &'a str) -> StoreFuture<'a, StoredCursor> {
+        let node = node.to_string();
+        self.blocking(move |s| s.cursor(&node))
     }
 
-    #[test]
-    fn cursor_only_moves_with_apply_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let recs = sample_readings(10, 2, 1);
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            s.apply("n1", (9, 1), &b(&recs[..4]), 4, 1).unwrap();
-            assert_eq!(s.cursor("n1").unwrap().seq, 4);
-            // Reading does not move it.
-            let _ = s.records(&RecordQuery {
-                node: "n1".into(),
-                stream: None,
-                after_seq: 0,
-                limit: 10,
-            });
-            assert_eq!(s.cursor("n1").unwrap().seq, 4);
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.cursor("n1").unwrap().seq, 4);
-        // A batch whose records were all skipped can still advance the cursor
-        // over a gap (seqs are not dense).
-        let a = s.apply("n1", (9, 1), &b(&[]), 7, 2).unwrap();
-        assert_eq!(a.cursor, 7);
-        let a = s.apply("n1", (9, 1), &b(&recs[4..]), 10, 3).unwrap();
-        assert_eq!((a.inserted, a.skipped), (3, 3));
+    fn record_gap<'a>(
+        &'a self,
+        node: &'a str,
+        from: u64,
+        to: u64,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        let node = node.to_string();
+        self.blocking(move |s| s.record_gap(&node, from, to, now_ms))
     }
 
-    #[test]
-    fn records_query_filters_by_stream_after_and_limit() {
-        let (_d, s) = store();
-        let recs = sample_readings(20, 2, 3); // streams sensors/s0, sensors/s1 alternating
-        s.apply("n1", (9, 1), &b(&recs), 20, 9).unwrap();
-        let q = |stream: Option<&str>, after_seq, limit| {
-            s.records(&RecordQuery {
-                node: "n1".into(),
-                stream: stream.map(str::to_owned),
-                after_seq,
-                limit,
-            })
-            .unwrap()
-        };
-        let r = q(Some("sensors/s1"), 0, 100);
-        assert_eq!(
-            r.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            vec![2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
-        );
-        assert_eq!(r[0].payload, recs[1].payload);
-        assert_eq!(r[0].timestamp_ms, recs[1].timestamp_ms);
-        assert_eq!(r[0].received_ms, 9);
-        let r = q(None, 15, 3);
-        assert_eq!(
-            r.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            vec![16, 17, 18]
-        );
-        assert!(q(None, 0, 0).is_empty());
-        assert!(s
-            .records(&RecordQuery {
-                node: "nobody".into(),
-                stream: None,
-                after_seq: 0,
-                limit: 5
-            })
-            .unwrap()
-            .is_empty());
+    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>> {
+        let query = query.clone();
+        self.blocking(move |s| s.records(&query))
+    }
+
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {
+        self.blocking(Inner::nodes)
+    }
+
+    fn losses<'a>(
+        &'a self,
+        node: &'a str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<StoredLoss>> {
+        let node = node.to_string();
+        self.blocking(move |s| s.losses(&node, after_seq, limit))
     }
 }

@@ -1,0 +1,713 @@
+//! PostgreSQL store: several aggregators share one database (I-36).
+//!
+//! - A pool of connections (deadpool); versioned migrations run at start,
+//!   serialised between aggregators starting together by a table lock.
+//! - `records` is partitioned by event time (`timestamp_ms`, one partition
+//!   per UTC day, made ahead; a DEFAULT partition takes what falls outside),
+//!   so retention drops whole partitions. A record keeps its event time
+//!   when resent, so its primary key `(node, seq, timestamp_ms)` still
+//!   catches a duplicate.
+//! - An apply is one transaction: the node's lease row is locked and its
+//!   fencing token compared, records go in with one multi-row
+//!   `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`, the cursor
+//!   moves with `GREATEST` (never back, whatever the interleaving).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use fogline_protocol::session::StoredCursor;
+use fogline_protocol::{DecodedBatch, LossReport, LOSS_STREAM};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, RecordQuery, Store,
+    StoreError, StoreFuture, StoredLoss, StoredRecord, MAX_QUERY_LIMIT,
+};
+
+/// One UTC day, the partition width.
+const DAY_MS: i64 = 86_400_000;
+/// Partitions made ahead of today.
+const DAYS_AHEAD: i64 = 3;
+
+/// The migrations, in order; each runs once, in a transaction, and its
+/// number is recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE records (
+        node TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        stream TEXT NOT NULL,
+        timestamp_ms BIGINT NOT NULL,
+        payload BYTEA NOT NULL,
+        received_ms BIGINT NOT NULL,
+        PRIMARY KEY (node, seq, timestamp_ms)
+    ) PARTITION BY RANGE (timestamp_ms);
+    CREATE TABLE records_default PARTITION OF records DEFAULT;
+    CREATE INDEX records_by_stream_time ON records (node, stream, timestamp_ms);
+    CREATE TABLE cursors (
+        node TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        incarnation BIGINT,
+        epoch BIGINT NOT NULL DEFAULT 0,
+        top BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE leases (
+        node TEXT PRIMARY KEY,
+        token BIGINT NOT NULL,
+        holder TEXT,
+        since_ms BIGINT NOT NULL
+    );
+    CREATE TABLE losses (
+        node TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        stream TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT,
+        records BIGINT NOT NULL,
+        bytes BIGINT NOT NULL,
+        first_seq BIGINT,
+        last_seq BIGINT,
+        first_ms BIGINT NOT NULL,
+        last_ms BIGINT NOT NULL,
+        received_ms BIGINT NOT NULL,
+        PRIMARY KEY (node, seq)
+    );
+    CREATE TABLE gaps (
+        node TEXT NOT NULL,
+        first_seq BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL,
+        detected_ms BIGINT NOT NULL
+    );
+    CREATE INDEX gaps_by_node ON gaps (node);",
+)];
+
+/// How the PostgreSQL store is set up (`[store]` in `cloud.toml`).
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Records whose event time is older than this are dropped, a whole
+    /// day's partition at a time. `None`: kept for ever.
+    pub retention: Option<Duration>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            retention: None,
+        }
+    }
+}
+
+/// PostgreSQL-backed [`Store`].
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// The URL without its password, for messages.
+    shown: String,
+    options: PostgresOptions,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+// Same bit-pattern mapping as the SQLite store: u64 values above i64::MAX
+// read back identically; SQL ordering is relied on only below 2^63.
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+fn from_sql(v: i64) -> u64 {
+    v as u64
+}
+
+fn pg_err<'a>(
+    op: &'static str,
+    node: Option<&'a str>,
+) -> impl FnOnce(tokio_postgres::Error) -> StoreError + 'a {
+    move |source| StoreError::Postgres {
+        op,
+        node: node.map(str::to_owned),
+        source,
+    }
+}
+
+/// `url` with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/db`),
+    /// runs the migrations this database has not had, and makes the
+    /// partitions of the coming days.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let shown = redact(url);
+        let config = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Pool {
+            url: shown.clone(),
+            message: format!("not a PostgreSQL URL: {e}"),
+        })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::Pool {
+                url: shown.clone(),
+                message: e.to_string(),
+            })?;
+        let store = Self {
+            pool,
+            shown,
+            options,
+        };
+        store.migrate().await?;
+        store.maintain(fogline_telemetry::clock::now_ms()).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| StoreError::Pool {
+            url: self.shown.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Runs the migrations not yet applied. Aggregators starting together
+    /// wait on the table lock, so each migration runs once.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let err = |op| pg_err(op, None);
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+            )
+            .await
+            .map_err(err("create schema_migrations"))?;
+        let tx = client.transaction().await.map_err(err("begin"))?;
+        tx.batch_execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
+            .await
+            .map_err(err("lock schema_migrations"))?;
+        let found: i64 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .await
+            .map_err(err("read schema version"))?
+            .get(0);
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if found > known {
+            return Err(StoreError::SchemaTooNew { found, known });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+            tx.batch_execute(sql).await.map_err(err("migrate"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                &[version, &to_sql(fogline_telemetry::clock::now_ms())],
+            )
+            .await
+            .map_err(err("record migration"))?;
+            tracing::info!(version, "PostgreSQL store migrated.");
+        }
+        tx.commit().await.map_err(err("commit migrations"))
+    }
+
+    /// Makes the day partitions from yesterday to [`DAYS_AHEAD`] days ahead
+    /// and drops those wholly older than the retention. Run at start and
+    /// then hourly.
+    pub async fn maintain(&self, now_ms: u64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let err = |op| pg_err(op, None);
+        let today = to_sql(now_ms).div_euclid(DAY_MS);
+        let existing: Vec<String> = client
+            .query(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'records'",
+                &[],
+            )
+            .await
+            .map_err(err("list partitions"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for day in today - 1..=today + DAYS_AHEAD {
+            let name = format!("records_d{day}");
+            if existing.contains(&name) {
+                continue;
+            }
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF records FOR VALUES FROM ({}) TO ({})",
+                day * DAY_MS,
+                (day + 1) * DAY_MS
+            );
+            // Two aggregators may race here, or the DEFAULT partition may
+            // already hold rows of that day (an edge clock ahead): the day
+            // then stays in DEFAULT, which is only slower to drop.
+            if let Err(e) = client.batch_execute(&sql).await {
+                tracing::warn!(partition = %name, error = %e, "Could not make a records partition; that day's records go to records_default.");
+            }
+        }
+        if let Some(retention) = self.options.retention {
+            let keep_from = to_sql(now_ms.saturating_sub(retention.as_millis() as u64));
+            for name in &existing {
+                let Some(day) = name
+                    .strip_prefix("records_d")
+                    .and_then(|d| d.parse::<i64>().ok())
+                else {
+                    continue;
+                };
+                if (day + 1) * DAY_MS <= keep_from {
+                    client
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                        .await
+                        .map_err(err("drop expired partition"))?;
+                    super::events::PartitionDropped { partition: name }.emit();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_cursor(
+    client: &impl GenericClient,
+    node: &str,
+    lock: bool,
+) -> Result<StoredCursor, StoreError> {
+    let sql = if lock {
+        "SELECT seq, incarnation, epoch, top FROM cursors WHERE node = $1 FOR UPDATE"
+    } else {
+        "SELECT seq, incarnation, epoch, top FROM cursors WHERE node = $1"
+    };
+    let row = client
+        .query_opt(sql, &[&node])
+        .await
+        .map_err(pg_err("read cursor", Some(node)))?;
+    Ok(row.map_or_else(StoredCursor::default, |r| StoredCursor {
+        seq: from_sql(r.get(0)),
+        incarnation: r.get::<_, Option<i64>>(1).map(from_sql),
+        epoch: from_sql(r.get(2)),
+        top: from_sql(r.get(3)),
+    }))
+}
+
+fn stored_loss(r: &Row) -> StoredLoss {
+    StoredLoss {
+        seq: from_sql(r.get(0)),
+        stream: r.get(1),
+        reason: r.get(2),
+        detail: r.get(3),
+        records: from_sql(r.get(4)),
+        bytes: from_sql(r.get(5)),
+        first_seq: r.get::<_, Option<i64>>(6).map(from_sql),
+        last_seq: r.get::<_, Option<i64>>(7).map(from_sql),
+        first_ms: from_sql(r.get(8)),
+        last_ms: from_sql(r.get(9)),
+        received_ms: from_sql(r.get(10)),
+    }
+}
+
+impl PostgresStore {
+    async fn apply_now(&self, a: ApplyBatches) -> Result<ApplyOutcome, StoreError> {
+        let node = a.lease.node.as_str();
+        let err = |op| pg_err(op, Some(node));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err("begin"))?;
+        // The fence: the lease row is locked for the transaction, so a
+        // taker waits for this apply to end and this apply sees any take
+        // that committed before it (I-36).
+        let current = tx
+            .query_opt("SELECT token FROM leases WHERE node = $1 FOR UPDATE", &[&node])
+            .await
+            .map_err(err("check lease"))?
+            .map_or(0, |r| from_sql(r.get(0)));
+        if current != a.lease.token {
+            return Err(StoreError::Fenced {
+                node: node.to_string(),
+                held: a.lease.token,
+                current,
+            });
+        }
+        let stored = read_cursor(&tx, node, true).await?;
+        let cursor = stored.seq;
+        let (mut seqs, mut streams, mut times, mut payloads) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut skipped = 0;
+        let mut inserted = 0;
+        let mut top = stored.top();
+        for r in a.batches.iter().flat_map(DecodedBatch::iter) {
+            if r.seq <= cursor {
+                skipped += 1;
+                continue;
+            }
+            top = top.max(r.seq);
+            if r.stream == LOSS_STREAM {
+                match LossReport::decode(r.payload) {
+                    Ok(l) => {
+                        let n = tx
+                            .execute(
+                                "INSERT INTO losses (node, seq, stream, reason, detail, records, \
+                                 bytes, first_seq, last_seq, first_ms, last_ms, received_ms) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                                 ON CONFLICT DO NOTHING",
+                                &[
+                                    &node,
+                                    &to_sql(r.seq),
+                                    &l.stream,
+                                    &l.reason.as_str(),
+                                    &l.detail,
+                                    &to_sql(l.records),
+                                    &to_sql(l.bytes),
+                                    &l.first_seq.map(to_sql),
+                                    &l.last_seq.map(to_sql),
+                                    &to_sql(l.first_ms),
+                                    &to_sql(l.last_ms),
+                                    &to_sql(a.now_ms),
+                                ],
+                            )
+                            .await
+                            .map_err(err("insert loss report"))?;
+                        if n == 1 {
+                            inserted += 1;
+                        } else {
+                            skipped += 1;
+                        }
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(
+                        node,
+                        seq = r.seq,
+                        error = %e,
+                        "A loss report does not parse; stored as an ordinary record."
+                    ),
+                }
+            }
+            seqs.push(to_sql(r.seq));
+            streams.push(r.stream);
+            times.push(to_sql(r.timestamp_ms));
+            payloads.push(r.payload);
+        }
+        if !seqs.is_empty() {
+            let n = tx
+                .execute(
+                    "INSERT INTO records (node, seq, stream, timestamp_ms, payload, received_ms) \
+                     SELECT $1, u.seq, u.stream, u.t, u.payload, $6 \
+                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BYTEA[]) \
+                     AS u(seq, stream, t, payload) ON CONFLICT DO NOTHING",
+                    &[&node, &seqs, &streams, &times, &payloads, &to_sql(a.now_ms)],
+                )
+                .await
+                .map_err(err("insert records"))? as usize;
+            inserted += n;
+            skipped += seqs.len() - n;
+        }
+        let new_cursor = cursor.max(a.through);
+        let top = top.max(new_cursor);
+        let (incarnation, epoch) = a.outbox;
+        if new_cursor != cursor
+            || inserted > 0
+            || stored.incarnation != Some(incarnation)
+            || stored.epoch != epoch
+        {
+            tx.execute(
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (node) DO UPDATE SET \
+                 seq = GREATEST(cursors.seq, excluded.seq), updated_ms = excluded.updated_ms, \
+                 incarnation = excluded.incarnation, epoch = excluded.epoch, \
+                 top = GREATEST(cursors.top, excluded.top)",
+                &[
+                    &node,
+                    &to_sql(new_cursor),
+                    &to_sql(a.now_ms),
+                    &to_sql(incarnation),
+                    &to_sql(epoch),
+                    &to_sql(top),
+                ],
+            )
+            .await
+            .map_err(err("advance cursor"))?;
+        }
+        tx.commit().await.map_err(err("commit"))?;
+        Ok(ApplyOutcome {
+            cursor: new_cursor,
+            inserted,
+            skipped,
+        })
+    }
+
+    async fn take_lease_now(
+        &self,
+        node: &str,
+        holder: &str,
+        now_ms: u64,
+    ) -> Result<(Lease, StoredCursor), StoreError> {
+        let err = |op| pg_err(op, Some(node));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err("begin"))?;
+        // The upsert waits for an apply holding the row; once it commits,
+        // no earlier holder can apply again.
+        let token: i64 = tx
+            .query_one(
+                "INSERT INTO leases (node, token, holder, since_ms) VALUES ($1, 1, $2, $3) \
+                 ON CONFLICT (node) DO UPDATE SET token = leases.token + 1, \
+                 holder = excluded.holder, since_ms = excluded.since_ms RETURNING token",
+                &[&node, &holder, &to_sql(now_ms)],
+            )
+            .await
+            .map_err(err("take lease"))?
+            .get(0);
+        let cursor = read_cursor(&tx, node, false).await?;
+        tx.commit().await.map_err(err("commit"))?;
+        Ok((
+            Lease {
+                node: node.to_string(),
+                token: from_sql(token),
+            },
+            cursor,
+        ))
+    }
+
+    async fn records_now(&self, q: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError> {
+        let node = q.node.as_str();
+        let client = self.client().await?;
+        let limit = q.limit.min(MAX_QUERY_LIMIT) as i64;
+        let rows = client
+            .query(
+                "SELECT seq, stream, timestamp_ms, payload, received_ms FROM records \
+                 WHERE node = $1 AND seq > $2 AND ($3::TEXT IS NULL OR stream = $3) \
+                 ORDER BY seq LIMIT $4",
+                &[&node, &to_sql(q.after_seq), &q.stream, &limit],
+            )
+            .await
+            .map_err(pg_err("query records", Some(node)))?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredRecord {
+                node: q.node.clone(),
+                seq: from_sql(r.get(0)),
+                stream: r.get(1),
+                timestamp_ms: from_sql(r.get(2)),
+                payload: r.get(3),
+                received_ms: from_sql(r.get(4)),
+            })
+            .collect())
+    }
+
+    async fn nodes_now(&self) -> Result<Vec<NodeSummary>, StoreError> {
+        let client = self.client().await?;
+        let err = |op| pg_err(op, None);
+        let rows = client
+            .query(
+                // A node known only by a gap (its store was lost, nothing
+                // applied since) is listed too: the loss is the news.
+                "SELECT n.node, COALESCE(c.seq, 0), \
+                 COALESCE(c.updated_ms, (SELECT MAX(g.detected_ms) FROM gaps g WHERE g.node = n.node)), \
+                 (SELECT COUNT(*) FROM records r WHERE r.node = n.node), c.incarnation, \
+                 (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0)::BIGINT FROM gaps g WHERE g.node = n.node) \
+                 FROM (SELECT node FROM cursors UNION SELECT node FROM gaps) n \
+                 LEFT JOIN cursors c ON c.node = n.node ORDER BY n.node",
+                &[],
+            )
+            .await
+            .map_err(err("list nodes"))?;
+        let mut nodes: Vec<NodeSummary> = rows
+            .iter()
+            .map(|r| NodeSummary {
+                node: r.get(0),
+                cursor: from_sql(r.get(1)),
+                last_update_ms: from_sql(r.get(2)),
+                records: from_sql(r.get(3)),
+                incarnation: r.get::<_, Option<i64>>(4).map(from_sql),
+                lost_records: from_sql(r.get(5)),
+                losses: Vec::new(),
+            })
+            .collect();
+        let sums = client
+            .query(
+                "SELECT node, stream, reason, SUM(records)::BIGINT, SUM(bytes)::BIGINT, \
+                 MIN(first_seq), MAX(last_seq), MIN(first_ms), MAX(last_ms), COUNT(*) \
+                 FROM losses GROUP BY node, stream, reason \
+                 ORDER BY node, SUM(records) DESC, stream, reason",
+                &[],
+            )
+            .await
+            .map_err(err("sum losses"))?;
+        for r in &sums {
+            let node: &str = r.get(0);
+            if let Some(n) = nodes.iter_mut().find(|n| n.node == node) {
+                // At most 1,000 (stream, reason) lines per node, as SQLite.
+                if n.losses.len() < 1000 {
+                    n.losses.push(LossSummary {
+                        stream: r.get(1),
+                        reason: r.get(2),
+                        records: from_sql(r.get(3)),
+                        bytes: from_sql(r.get(4)),
+                        first_seq: r.get::<_, Option<i64>>(5).map(from_sql),
+                        last_seq: r.get::<_, Option<i64>>(6).map(from_sql),
+                        first_ms: from_sql(r.get(7)),
+                        last_ms: from_sql(r.get(8)),
+                        reports: from_sql(r.get(9)),
+                    });
+                }
+            }
+        }
+        Ok(nodes)
+    }
+}
+
+impl Store for PostgresStore {
+    fn take_lease<'a>(
+        &'a self,
+        node: &'a str,
+        holder: &'a str,
+        now_ms: u64,
+    ) -> StoreFuture<'a, (Lease, StoredCursor)> {
+        Box::pin(self.take_lease_now(node, holder, now_ms))
+    }
+
+    fn release_lease<'a>(&'a self, lease: &'a Lease, now_ms: u64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE leases SET holder = NULL, since_ms = $3 WHERE node = $1 AND token = $2",
+                    &[&lease.node, &to_sql(lease.token), &to_sql(now_ms)],
+                )
+                .await
+                .map(drop)
+                .map_err(pg_err("release lease", Some(&lease.node)))
+        })
+    }
+
+    fn leases(&self) -> StoreFuture<'_, Vec<LeaseInfo>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT node, token, holder, since_ms FROM leases ORDER BY node",
+                    &[],
+                )
+                .await
+                .map_err(pg_err("list leases", None))?;
+            Ok(rows
+                .iter()
+                .map(|r| LeaseInfo {
+                    node: r.get(0),
+                    token: from_sql(r.get(1)),
+                    holder: r.get(2),
+                    since_ms: from_sql(r.get(3)),
+                })
+                .collect())
+        })
+    }
+
+    fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
+        Box::pin(self.apply_now(apply))
+    }
+
+    fn cursor<'a>(&'a self, node: &'a str) -> StoreFuture<'a, StoredCursor> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            read_cursor(&client, node, false).await
+        })
+    }
+
+    fn record_gap<'a>(
+        &'a self,
+        node: &'a str,
+        from: u64,
+        to: u64,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO gaps (node, first_seq, last_seq, detected_ms) \
+                     SELECT $1, $2, $3, $4 WHERE NOT EXISTS \
+                     (SELECT 1 FROM gaps WHERE node = $1 AND first_seq <= $2 AND last_seq >= $3)",
+                    &[&node, &to_sql(from), &to_sql(to), &to_sql(now_ms)],
+                )
+                .await
+                .map(drop)
+                .map_err(pg_err("record gap", Some(node)))
+        })
+    }
+
+    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>> {
+        Box::pin(self.records_now(query))
+    }
+
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {
+        Box::pin(self.nodes_now())
+    }
+
+    fn losses<'a>(
+        &'a self,
+        node: &'a str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<StoredLoss>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT seq, stream, reason, detail, records, bytes, first_seq, last_seq, \
+                     first_ms, last_ms, received_ms FROM losses WHERE node = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT $3",
+                    &[
+                        &node,
+                        &to_sql(after_seq),
+                        &(limit.min(MAX_QUERY_LIMIT) as i64),
+                    ],
+                )
+                .await
+                .map_err(pg_err("query losses", Some(node)))?;
+            Ok(rows.iter().map(stored_loss).collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_password_never_reaches_a_message() {
+        assert_eq!(
+            redact("postgres://fog:s3cret@db:5432/fogline"),
+            "postgres://fog:***@db:5432/fogline"
+        );
+        assert_eq!(redact("postgres://fog@db/f"), "postgres://fog@db/f");
+        assert_eq!(redact("host=db user=fog"), "host=db user=fog");
+    }
+}
