@@ -331,13 +331,13 @@ impl CloudConfig {
         }
         let st = &config.store;
         match (&st.path, &st.url) {
-            (Some(_), Some(_)) => problems.push(
-                "store: both path (SQLite) and url (PostgreSQL) are set; keep one".into(),
-            ),
-            (None, None) => problems.push(
-                "store: neither path (SQLite file) nor url (postgres://…) is set".into(),
-            ),
-            (None, Some(url)) if !url.starts_with("postgres://") && !url.starts_with("postgresql://") => {
+            (Some(_), Some(_)) => problems
+                .push("store: both path (SQLite) and url (PostgreSQL) are set; keep one".into()),
+            (None, None) => problems
+                .push("store: neither path (SQLite file) nor url (postgres://…) is set".into()),
+            (None, Some(url))
+                if !url.starts_with("postgres://") && !url.starts_with("postgresql://") =>
+            {
                 problems.push(format!(
                     "store.url: {:?} is not a postgres:// URL",
                     crate::store::redact_url(url)

@@ -139,7 +139,10 @@ async fn open_store(
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(MAINTAIN_EVERY) => {}
                     }
-                    if let Err(e) = maintained.maintain(fogline_telemetry::clock::now_ms()).await {
+                    if let Err(e) = maintained
+                        .maintain(fogline_telemetry::clock::now_ms())
+                        .await
+                    {
                         tracing::warn!(error = %e, "Store maintenance (partitions, retention) failed; retried in an hour.");
                     }
                 }

@@ -48,7 +48,9 @@ impl Fixture {
     async fn open_with(&self, options: PostgresOptions) -> Arc<dyn Store> {
         match &self.storage {
             Storage::Sqlite(dir) => Arc::new(SqliteStore::open(dir.path().join("t.db")).unwrap()),
-            Storage::Postgres(db) => Arc::new(PostgresStore::connect(&db.url, options).await.unwrap()),
+            Storage::Postgres(db) => {
+                Arc::new(PostgresStore::connect(&db.url, options).await.unwrap())
+            }
         }
     }
 }
@@ -132,7 +134,11 @@ async fn apply_is_idempotent_and_overlaps_are_skipped(f: Fixture) {
     s.record_gap("n1", 11, 20, 5).await.unwrap();
     s.record_gap("n1", 11, 20, 6).await.unwrap();
     s.record_gap("n1", 12, 15, 7).await.unwrap();
-    assert_eq!(s.nodes().await.unwrap()[0].lost_records, 10, "each gap once");
+    assert_eq!(
+        s.nodes().await.unwrap()[0].lost_records,
+        10,
+        "each gap once"
+    );
     s.record_gap("n9", 1, 40, 8).await.unwrap();
     let n9 = s
         .nodes()
@@ -283,7 +289,11 @@ async fn a_taken_lease_fences_the_earlier_holder(f: Fixture) {
         matches!(refused, StoreError::Fenced { held, current, .. } if held == la.token && current == lb.token),
         "{refused}"
     );
-    assert_eq!(all(&a, "n1").await, (1..=10).collect::<Vec<_>>(), "nothing written");
+    assert_eq!(
+        all(&a, "n1").await,
+        (1..=10).collect::<Vec<_>>(),
+        "nothing written"
+    );
     assert_eq!(a.cursor("n1").await.unwrap().seq, 10);
     apply(&b_store, &lb, &recs[10..20], 20, 4).await.unwrap();
     assert_eq!(all(&a, "n1").await, (1..=20).collect::<Vec<_>>());

@@ -248,7 +248,11 @@ async fn record_gap(shared: &Shared, node: &str, r: Regression) -> Result<(), St
 /// Waits for its share of the global budget (first come, first served),
 /// then decodes on a blocking thread (zstd and record parsing never run on
 /// an async worker) and applies under `lease`.
-fn spawn_apply(shared: &Arc<Shared>, lease: Lease, req: ApplyRequest) -> Task<ApplyOutcome, ApplyFailed> {
+fn spawn_apply(
+    shared: &Arc<Shared>,
+    lease: Lease,
+    req: ApplyRequest,
+) -> Task<ApplyOutcome, ApplyFailed> {
     let shared = shared.clone();
     let budget = shared.budget.clone();
     let want = req.memory_bytes.clamp(1, shared.budget_bytes);

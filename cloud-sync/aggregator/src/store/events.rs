@@ -43,7 +43,10 @@ pub struct PartitionDropped<'a> {
 impl PartitionDropped<'_> {
     /// Logs and counts it.
     pub fn emit(self) {
-        tracing::info!(partition = self.partition, "Records older than store.retention dropped (a day's partition).");
+        tracing::info!(
+            partition = self.partition,
+            "Records older than store.retention dropped (a day's partition)."
+        );
         metrics::counter!(PARTITIONS_DROPPED_TOTAL).increment(1);
     }
 }

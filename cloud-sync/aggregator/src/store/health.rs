@@ -19,7 +19,9 @@ impl StoreError {
                 use tokio_postgres::error::SqlState;
                 return match source.code() {
                     Some(c) if *c == SqlState::DISK_FULL => ProblemKind::DiskFull,
-                    Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+                    Some(c)
+                        if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED =>
+                    {
                         ProblemKind::Corrupt
                     }
                     _ => ProblemKind::StoreError,

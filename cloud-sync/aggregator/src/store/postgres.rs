@@ -15,10 +15,11 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::{DecodedBatch, LossReport, LOSS_STREAM};
-use deadpool_postgres::GenericClient;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
@@ -208,19 +209,37 @@ impl PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let err = |op| pg_err(op, None);
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
-                    version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
-            )
-            .await
-            .map_err(err("create schema_migrations"))?;
+        // Aggregators starting together on a new database may race here:
+        // IF NOT EXISTS is not atomic in PostgreSQL, and the loser's
+        // duplicate error only means the table is there now.
+        for attempt in 0..3 {
+            match client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (
+                        version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+                )
+                .await
+            {
+                Ok(()) => break,
+                Err(e)
+                    if attempt < 2
+                        && (e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                            || e.code() == Some(&SqlState::DUPLICATE_OBJECT)) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(err("create schema_migrations")(e)),
+            }
+        }
         let tx = client.transaction().await.map_err(err("begin"))?;
         tx.batch_execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
             .await
             .map_err(err("lock schema_migrations"))?;
         let found: i64 = tx
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
             .await
             .map_err(err("read schema version"))?
             .get(0);
@@ -346,7 +365,10 @@ impl PostgresStore {
         // taker waits for this apply to end and this apply sees any take
         // that committed before it (I-36).
         let current = tx
-            .query_opt("SELECT token FROM leases WHERE node = $1 FOR UPDATE", &[&node])
+            .query_opt(
+                "SELECT token FROM leases WHERE node = $1 FOR UPDATE",
+                &[&node],
+            )
             .await
             .map_err(err("check lease"))?
             .map_or(0, |r| from_sql(r.get(0)));

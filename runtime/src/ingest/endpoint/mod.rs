@@ -278,6 +278,9 @@ async fn accept(
                 // Closed before anything is read or allocated for it.
                 cut.count();
                 debug!(%peer, reason = cut.label(), "Connection refused at accept.");
+                // A reset, not a close: no FIN exchange and no TIME_WAIT
+                // kept for a peer we refuse (a flood makes thousands).
+                let _ = stream.set_zero_linger();
                 drop(stream);
                 continue;
             }
