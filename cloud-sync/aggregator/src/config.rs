@@ -424,6 +424,46 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_a_file_or_a_postgres_url_not_both() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c = CloudConfig::parse(&format!(
+            "{tls}[store]\nurl = \"postgres://fog:pw@db/f\"\nretention = \"30d\"\n[cluster]\nname = \"agg-2\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.store.kind(),
+            StoreKind::Postgres("postgres://fog:pw@db/f")
+        );
+        assert_eq!(c.store.describe(), "postgres://fog:***@db/f");
+        assert_eq!(c.store.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(c.cluster.name(), "agg-2");
+        for (store, expected) in [
+            (
+                "path = \"x\"\nurl = \"postgres://db/f\"",
+                "both path (SQLite) and url",
+            ),
+            ("pool_size = 4", "neither path"),
+            (
+                "url = \"mysql://db/f\"",
+                "store.url: \"mysql://db/f\" is not a postgres:// URL",
+            ),
+            (
+                "url = \"postgres://db/f\"\npool_size = 0",
+                "store.pool_size: must be at least 1",
+            ),
+            (
+                "path = \"x\"\nretention = \"1d\"",
+                "store.retention: only the PostgreSQL store",
+            ),
+        ] {
+            let err = CloudConfig::parse(&format!("{tls}[store]\n{store}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{store}: {err}");
+        }
+    }
+
+    #[test]
     fn defaults_relative_paths_and_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cloud.toml");
