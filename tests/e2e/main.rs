@@ -10,6 +10,7 @@ mod drain;
 mod endpoint;
 mod endpoint_limits;
 mod external;
+mod failover;
 mod functions;
 mod losses;
 mod outbox_identity;

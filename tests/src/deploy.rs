@@ -46,16 +46,36 @@ impl Cloud {
     /// starting it: `daemon.restart()` starts it later, e.g. once an edge has
     /// built up a backlog it could not send.
     pub fn configure(dir: &Path, certs: &Path) -> anyhow::Result<Self> {
+        let store = dir.join("cloud.db");
+        let store_toml = format!("[store]\npath = \"{}\"\n", store.display());
+        Self::configure_with(dir, certs, store, &store_toml)
+    }
+
+    /// One of several aggregators on the PostgreSQL database `url`, named
+    /// `name` on the leases it takes; its config and log in `dir`. Started.
+    pub fn start_postgres(dir: &Path, certs: &Path, url: &str, name: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let store_toml =
+            format!("[store]\nurl = \"{url}\"\npool_size = 4\n[cluster]\nname = \"{name}\"\n");
+        let mut cloud = Self::configure_with(dir, certs, PathBuf::new(), &store_toml)?;
+        cloud.daemon.restart()?;
+        Ok(cloud)
+    }
+
+    fn configure_with(
+        dir: &Path,
+        certs: &Path,
+        store: PathBuf,
+        store_toml: &str,
+    ) -> anyhow::Result<Self> {
         let quic_port = crate::free_udp_tcp_port()?;
         let http_port = crate::free_tcp_port()?;
-        let store = dir.join("cloud.db");
         let config = dir.join("cloud.toml");
         std::fs::write(
             &config,
             format!(
-                "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n{store_toml}[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
                 c = certs.display(),
-                s = store.display()
             ),
         )?;
         let daemon = Daemon::spawn_idle(
@@ -96,6 +116,19 @@ impl Cloud {
         std::fs::write(&self.config, text.replace(&old, &new))?;
         self.store = store.to_path_buf();
         Ok(())
+    }
+
+    /// The nodes connected to it now (`/api/v1/connections`).
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let Some((200, body)) = http_get(self.http_port, "/api/v1/connections") else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some(c.get("node")?.as_str()?.to_string()))
+            .collect()
     }
 
     /// `/api/v1/nodes` as JSON.

@@ -35,6 +35,30 @@ pub fn read_store(path: &Path) -> anyhow::Result<Vec<Stored>> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Every record in a PostgreSQL aggregator store, by (node, seq).
+pub async fn read_postgres(url: &str) -> anyhow::Result<Vec<Stored>> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT node, seq, stream, payload FROM records ORDER BY node, seq",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Stored {
+            node: r.get(0),
+            seq: r.get::<_, i64>(1) as u64,
+            stream: r.get(2),
+            payload: serde_json::from_slice(r.get::<_, &[u8]>(3))
+                .unwrap_or(serde_json::Value::Null),
+        })
+        .collect())
+}
+
 /// Lost, duplicated, unexpected and out-of-order counts.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Verdict {

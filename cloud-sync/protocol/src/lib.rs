@@ -10,6 +10,7 @@ pub mod batch;
 pub mod dial;
 pub mod frame;
 pub mod loss;
+pub mod placement;
 pub mod session;
 mod wire;
 

@@ -508,6 +508,17 @@ fn de_opt_size<'de, D: serde::Deserializer<'de>>(
     }
 }
 
+/// How a node orders its aggregators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerOrder {
+    /// Highest rendezvous weight of (node id, address) first.
+    #[default]
+    Rendezvous,
+    /// As listed.
+    Listed,
+}
+
 /// `[uplink]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -516,10 +527,15 @@ pub struct UplinkConfig {
     /// configs written before `servers`; both may be given (this one first).
     #[serde(default)]
     pub server: Option<String>,
-    /// Aggregator addresses, tried in order: the first that answers is
-    /// used; on failure the next one.
+    /// Aggregator addresses. With more than one, each node tries them in
+    /// its own order (`server_order`); on failure the next one.
     #[serde(default)]
     pub servers: Vec<String>,
+    /// `rendezvous` (default): ordered by rendezvous hashing of the node id,
+    /// so a fleet spreads evenly over the aggregators and only ≈ 1/N of the
+    /// nodes move when one is added or lost. `listed`: as written.
+    #[serde(default)]
+    pub server_order: ServerOrder,
     /// Name the aggregator's certificate must carry. Default: the host of
     /// each server address.
     #[serde(default)]
@@ -767,6 +783,15 @@ impl UplinkConfig {
     /// Every aggregator address, `server` first, then `servers`.
     pub fn server_list(&self) -> Vec<String> {
         self.server.iter().chain(&self.servers).cloned().collect()
+    }
+
+    /// The addresses in the order node `node` tries them (`server_order`).
+    pub fn servers_for(&self, node: &str) -> Vec<String> {
+        let listed = self.server_list();
+        match self.server_order {
+            ServerOrder::Listed => listed,
+            ServerOrder::Rendezvous => fogline_protocol::placement::rendezvous_order(node, &listed),
+        }
     }
 
     /// The name `server`'s certificate must carry.

@@ -204,6 +204,8 @@ impl UplinkState {
 /// Everything the uplink needs.
 pub struct Uplink {
     config: UplinkConfig,
+    /// The node's id: it orders the aggregators (rendezvous hashing).
+    node_id: String,
     tls: ClientTls,
     outbox: Outbox,
     state: Arc<UplinkState>,
@@ -234,6 +236,7 @@ impl Uplink {
                 key: config.resolve(&uplink.key),
             },
             config: uplink.clone(),
+            node_id: config.node.id.clone(),
             outbox: Outbox::new(reader),
             state,
             committed,
@@ -288,7 +291,8 @@ impl Uplink {
                 }
             }
         };
-        let servers = self.config.server_list();
+        let servers = self.config.servers_for(&self.node_id);
+        info!(order = ?servers, "Aggregators, in the order this node tries them.");
         let mut dialer = Dialer::new(self.dial_config(servers.len()), Instant::now());
         let mut carried: Option<(Connected, Attempt, SocketAddr)> = None;
         let mut rtt: Option<Duration> = None;
