@@ -120,7 +120,10 @@ fn every_drop_is_counted_and_the_cloud_is_told() {
             *lost_by_stream
                 .entry(l["stream"].as_str().unwrap_or("").to_string())
                 .or_default() += l["records"].as_u64().unwrap_or(0);
-            assert!(l["first_seq"].as_u64().is_some(), "a sequence range: {l}");
+            assert!(
+                l["first_seq"].is_string(),
+                "a sequence range (u64 as a string): {l}"
+            );
         }
     }
     let records = stored(&cloud.store);

@@ -134,12 +134,7 @@ impl Rig {
             let page = self
                 .agg
                 .store
-                .records(&RecordQuery {
-                    node: "gw-links".into(),
-                    stream: None,
-                    after_seq: after,
-                    limit: 10_000,
-                })
+                .records(&RecordQuery::node("gw-links", after, 10_000))
                 .await
                 .unwrap();
             let Some(last) = page.last() else { break };

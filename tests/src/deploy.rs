@@ -12,11 +12,27 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::process::{self, Daemon};
 
-/// `GET path` on 127.0.0.1:`port`: status code and body.
+/// The bearer token the test deployments' aggregators accept (admin).
+pub const TEST_TOKEN: &str = "fgl_test_token_for_the_test_deployments_only";
+
+/// The `[http]` lines that make an aggregator accept [`TEST_TOKEN`].
+pub fn test_token_toml() -> String {
+    format!(
+        "[[http.tokens]]\nname = \"tests\"\nscope = \"admin\"\nsha256 = \"{}\"\n",
+        fogline_aggregator::http::auth::digest(TEST_TOKEN)
+    )
+}
+
+/// `GET path` on 127.0.0.1:`port` (with [`TEST_TOKEN`]; the edge ignores
+/// it): status code and body.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = Vec::new();
     s.take(16 << 20).read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -74,8 +90,9 @@ impl Cloud {
         std::fs::write(
             &config,
             format!(
-                "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n{store_toml}[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n{store_toml}[http]\nlisten = \"127.0.0.1:{http_port}\"\n{tokens}",
                 c = certs.display(),
+                tokens = test_token_toml(),
             ),
         )?;
         let daemon = Daemon::spawn_idle(

@@ -274,6 +274,38 @@ pub struct HttpConfig {
     /// TCP address of the read API and `/metrics`. Default `127.0.0.1:7480`.
     #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// Paths that answer without a token: `/healthz`, `/metrics`. Default
+    /// none: no token, no data.
+    #[serde(default)]
+    pub open: Vec<String>,
+    /// API tokens (name, scope `read` or `admin`, SHA-256).
+    #[serde(default)]
+    pub tokens: Vec<crate::http::auth::TokenConfig>,
+    /// More tokens, in a file of their own that `fogline-cloud token new`
+    /// appends to and the aggregator re-reads when it changes.
+    pub tokens_file: Option<PathBuf>,
+    /// TLS on the HTTP listener: both files, or neither (plain HTTP).
+    pub tls_cert: Option<PathBuf>,
+    /// See `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Payload bytes of one page of records, at most (a page always holds
+    /// one record if any matches). Default 4 MiB.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response_bytes() -> usize {
+    crate::store::DEFAULT_PAGE_BYTES
+}
+
+impl HttpConfig {
+    /// Which paths are open.
+    pub fn open_paths(&self) -> crate::http::auth::Open {
+        crate::http::auth::Open {
+            healthz: self.open.iter().any(|p| p == "/healthz"),
+            metrics: self.open.iter().any(|p| p == "/metrics"),
+        }
+    }
 }
 
 fn default_quic_listen() -> SocketAddr {
@@ -296,6 +328,12 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_http_listen(),
+            open: Vec::new(),
+            tokens: Vec::new(),
+            tokens_file: None,
+            tls_cert: None,
+            tls_key: None,
+            max_response_bytes: default_max_response_bytes(),
         }
     }
 }
@@ -354,6 +392,23 @@ impl CloudConfig {
                     .into(),
             );
         }
+        let h = &config.http;
+        for p in &h.open {
+            if p != "/healthz" && p != "/metrics" {
+                problems.push(format!(
+                    "http.open: {p:?} cannot be opened; only \"/healthz\" and \"/metrics\" answer without a token"
+                ));
+            }
+        }
+        if h.tls_cert.is_some() != h.tls_key.is_some() {
+            problems.push("http: tls_cert and tls_key go together (both, or neither)".into());
+        }
+        if h.max_response_bytes < 1024 {
+            problems.push(format!(
+                "http.max_response_bytes: {} is below 1024",
+                h.max_response_bytes
+            ));
+        }
         if config.cluster.name.as_deref() == Some("") {
             problems.push("cluster.name: must not be empty".into());
         }
@@ -396,6 +451,9 @@ impl CloudConfig {
             Some(&mut config.tls.cert),
             Some(&mut config.tls.key),
             config.store.path.as_mut(),
+            config.http.tokens_file.as_mut(),
+            config.http.tls_cert.as_mut(),
+            config.http.tls_key.as_mut(),
             crl,
         ]
         .into_iter()

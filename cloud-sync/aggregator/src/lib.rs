@@ -54,6 +54,9 @@ pub enum StartError {
     /// The store task panicked or was cancelled.
     #[error("opening the store: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The API tokens could not be read.
+    #[error("http tokens: {0}")]
+    Tokens(http::auth::TokenError),
     /// The HTTP listener could not be bound.
     #[error("binding HTTP {addr}: {source}")]
     Http {
@@ -163,27 +166,45 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     let tcp_addr = server.tcp_addr();
     let nodes = server.nodes();
     let health = server.store_health();
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
+    let tokens = Arc::new(
+        http::auth::Tokens::new(
+            config.http.tokens.clone(),
+            config.http.tokens_file.clone(),
+            config.http.open_paths(),
+        )
+        .map_err(StartError::Tokens)?,
+    );
+    if tokens.count() == 0 {
+        tracing::warn!("No API tokens: the HTTP API answers 401 to every data request. Make one with `fogline-cloud token new --config <cloud.toml> --name <who> --scope read`.");
+    }
+    let app = http::router(http::Api {
+        store: store.clone(),
+        nodes,
+        health,
+        tokens: tokens.clone(),
+        max_response_bytes: config.http.max_response_bytes,
+    });
+    let std_listener = std::net::TcpListener::bind(config.http.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|source| StartError::Http {
             addr: config.http.listen,
             source,
         })?;
-    let http_addr = listener.local_addr().map_err(|source| StartError::Http {
-        addr: config.http.listen,
-        source,
-    })?;
+    let http_addr = std_listener
+        .local_addr()
+        .map_err(|source| StartError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
     let quic = tokio::spawn(server.run(rx.clone()));
-    let mut http_rx = rx;
-    let app = http::router(store.clone(), nodes, health);
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_rx.changed().await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed.");
-        }
-    });
+    let http = tokio::spawn(serve_http(
+        std_listener,
+        app,
+        config.http.clone(),
+        tokens,
+        config.tls.reload_every,
+        rx,
+    ));
     info!(%quic_addr, tcp_addr = ?tcp_addr, %http_addr, store = %config.store.describe(), "Aggregator listening.");
     Ok(RunningAggregator {
         quic_addr,
@@ -194,6 +215,78 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
         quic,
         http,
     })
+}
+
+/// Serves the API until `shutdown`, over TLS when `[http]` names a
+/// certificate; re-reads the tokens file every `reload_every`.
+async fn serve_http(
+    listener: std::net::TcpListener,
+    app: axum::Router,
+    config: config::HttpConfig,
+    tokens: Arc<http::auth::Tokens>,
+    reload_every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(reload_every.max(std::time::Duration::from_millis(100)));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => match tokens.reload() {
+                    Ok(true) => info!(tokens = tokens.count(), "API tokens re-read."),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "The API tokens file does not read; the tokens read before stay in force."),
+                },
+            }
+        }
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    let service = app.into_make_service();
+    let served = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => match http_tls(cert, key) {
+            Ok(tls) => {
+                axum_server::from_tcp_rustls(listener, tls)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "HTTP TLS material does not load; the HTTP API is not served.");
+                return;
+            }
+        },
+        _ => {
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(service)
+                .await
+        }
+    };
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP server failed.");
+    }
+}
+
+/// The HTTP listener's TLS (rustls, ring).
+fn http_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<axum_server::tls_rustls::RustlsConfig, TransportError> {
+    let certs = fogline_transport::tls::load_certs(cert)?;
+    let key = fogline_transport::tls::load_key(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+    .map_err(|e| TransportError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(axum_server::tls_rustls::RustlsConfig::from_config(
+        Arc::new(config),
+    ))
 }
 
 impl RunningAggregator {

@@ -33,6 +33,32 @@ enum Command {
     /// Create the fleet CA and issue certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// HTTP API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token, print it once, and add its digest to the config's
+    /// `[http] tokens_file` (the running aggregator picks it up).
+    New {
+        /// Path to cloud.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Who or what holds it.
+        #[arg(long)]
+        name: String,
+        /// `read` (every GET) or `admin`.
+        #[arg(long, default_value = "read")]
+        scope: String,
+    },
+    /// List the tokens in force (names and scopes; the tokens themselves are not kept).
+    List {
+        /// Path to cloud.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +146,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
         Command::Certs(c) => certs_command(c),
+        Command::Token(c) => token_command(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +200,22 @@ fn check(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{}: [tls]", path.display()))?;
     fogline_aggregator::service::gate::revoked_serials(config.tls.crl.as_deref())
         .with_context(|| format!("{}: [tls] crl", path.display()))?;
+    let tokens = fogline_aggregator::http::auth::Tokens::new(
+        config.http.tokens.clone(),
+        config.http.tokens_file.clone(),
+        config.http.open_paths(),
+    )
+    .with_context(|| format!("{}: [http] tokens", path.display()))?;
+    if let (Some(cert), Some(key)) = (&config.http.tls_cert, &config.http.tls_key) {
+        tls::load_certs(cert).with_context(|| format!("{}: [http] tls_cert", path.display()))?;
+        tls::load_key(key).with_context(|| format!("{}: [http] tls_key", path.display()))?;
+    }
+    if tokens.count() == 0 {
+        eprintln!(
+            "warning: no API tokens: the HTTP API answers 401 to every data request (fogline-cloud token new --config {} --name <who>)",
+            path.display()
+        );
+    }
     println!(
         "{}: OK (QUIC {}, TCP/TLS {}, HTTP {}, store {})",
         path.display(),
@@ -183,6 +226,63 @@ fn check(path: &Path) -> anyhow::Result<()> {
         config.http.listen,
         config.store.describe()
     );
+    Ok(())
+}
+
+fn token_command(c: TokenCommand) -> anyhow::Result<()> {
+    use fogline_aggregator::http::auth;
+    match c {
+        TokenCommand::New {
+            config,
+            name,
+            scope,
+        } => {
+            let scope = match scope.as_str() {
+                "read" => auth::Scope::Read,
+                "admin" => auth::Scope::Admin,
+                other => anyhow::bail!("--scope {other:?}: expected read or admin"),
+            };
+            anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+            let cfg = CloudConfig::load(&config)?;
+            let Some(file) = cfg.http.tokens_file else {
+                anyhow::bail!(
+                    "{}: [http] tokens_file is not set; add e.g. tokens_file = \"api-tokens.toml\" (or put the digest in [[http.tokens]] by hand)",
+                    config.display()
+                );
+            };
+            if cfg.http.tokens.iter().any(|t| t.name == name) {
+                anyhow::bail!(
+                    "{}: a token named {name:?} is in [[http.tokens]] already",
+                    config.display()
+                );
+            }
+            let (token, entry) = auth::new_token(&name, scope);
+            auth::append_file(&file, entry)?;
+            eprintln!(
+                "token {name:?} ({}) added to {}; it is shown once, keep it:",
+                if scope == auth::Scope::Admin {
+                    "admin"
+                } else {
+                    "read"
+                },
+                file.display()
+            );
+            println!("{token}");
+        }
+        TokenCommand::List { config } => {
+            let cfg = CloudConfig::load(&config)?;
+            let from_file = match &cfg.http.tokens_file {
+                Some(f) => auth::read_file(f)?,
+                None => Vec::new(),
+            };
+            for t in cfg.http.tokens.iter().chain(&from_file) {
+                println!("{:<24} {:?}", t.name, t.scope);
+            }
+            if cfg.http.tokens.is_empty() && from_file.is_empty() {
+                eprintln!("no tokens: the HTTP API answers 401 to every data request");
+            }
+        }
+    }
     Ok(())
 }
 

@@ -31,6 +31,18 @@ const OUTBOX: OutboxInfo = OutboxInfo {
     epoch_start: 1,
 };
 
+/// The read token the test aggregators accept.
+const TOKEN: &str = "fgl_aggregator_tests_read_token";
+
+/// `GET url` with the test token.
+async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+}
+
 async fn start(dir: &Path, extra: &str) -> RunningAggregator {
     aggregator::start(config(dir, extra)).await.unwrap()
 }
@@ -43,9 +55,10 @@ fn config(dir: &Path, extra: &str) -> CloudConfig {
         fogline_testkit::certs::dev_bundle(&certs, &["gw-1", "gw-2"]).unwrap();
     }
     let toml = format!(
-        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n{extra}\n[store]\npath = \"{d}/cloud.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n",
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n{extra}\n[store]\npath = \"{d}/cloud.db\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[http.tokens]]\nname = \"tests\"\nscope = \"read\"\nsha256 = \"{t}\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n",
         c = certs.display(),
-        d = dir.display()
+        d = dir.display(),
+        t = fogline_aggregator::http::auth::digest(TOKEN)
     );
     CloudConfig::parse(&toml).unwrap()
 }
@@ -59,12 +72,7 @@ fn addr(agg: &RunningAggregator, how: Transport) -> std::net::SocketAddr {
 
 async fn stored(agg: &RunningAggregator, node: &str) -> Vec<u64> {
     agg.store
-        .records(&RecordQuery {
-            node: node.to_string(),
-            stream: None,
-            after_seq: 0,
-            limit: 10_000,
-        })
+        .records(&RecordQuery::node(node, 0, 10_000))
         .await
         .unwrap()
         .into_iter()
@@ -73,7 +81,7 @@ async fn stored(agg: &RunningAggregator, node: &str) -> Vec<u64> {
 }
 
 async fn connections(agg: &RunningAggregator) -> serde_json::Value {
-    reqwest::get(format!("http://{}/api/v1/connections", agg.http_addr))
+    get(format!("http://{}/api/v1/connections", agg.http_addr))
         .await
         .unwrap()
         .json()
@@ -132,7 +140,7 @@ async fn acks_replays_takeover_and_http(how: Transport) {
 
     // HTTP read path.
     let base = format!("http://{}", agg.http_addr);
-    let nodes: serde_json::Value = reqwest::get(format!("{base}/api/v1/nodes"))
+    let nodes: serde_json::Value = get(format!("{base}/api/v1/nodes"))
         .await
         .unwrap()
         .json()
@@ -141,7 +149,7 @@ async fn acks_replays_takeover_and_http(how: Transport) {
     assert_eq!(nodes[0]["node"], "gw-1");
     assert_eq!(nodes[0]["records"], 3000);
     let stream = records[0].stream.clone();
-    let page: serde_json::Value = reqwest::get(format!(
+    let page: serde_json::Value = get(format!(
         "{base}/api/v1/records?node=gw-1&stream={stream}&after_seq=0&limit=5"
     ))
     .await
@@ -154,13 +162,11 @@ async fn acks_replays_takeover_and_http(how: Transport) {
     assert!(rows.iter().all(|r| r["stream"] == stream.as_str()));
     assert_eq!(page["next_after_seq"], rows[4]["seq"]);
     assert!(rows[0]["payload"].is_object(), "{}", rows[0]);
-    let bad = reqwest::get(format!("{base}/api/v1/records?limit=5"))
-        .await
-        .unwrap();
+    let bad = get(format!("{base}/api/v1/records?limit=5")).await.unwrap();
     assert_eq!(bad.status(), 400);
     let body: serde_json::Value = bad.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("node"), "{body}");
-    let metrics = reqwest::get(format!("{base}/metrics"))
+    let metrics = get(format!("{base}/metrics"))
         .await
         .unwrap()
         .text()
@@ -428,7 +434,7 @@ async fn a_source_that_keeps_failing_handshakes_is_refused_without_a_handshake()
         let result = TestNode::connect(&client, how, addr(&agg, how), OUTBOX).await;
         assert!(result.is_err());
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", agg.http_addr))
+    let metrics = get(format!("http://{}/metrics", agg.http_addr))
         .await
         .unwrap()
         .text()

@@ -12,6 +12,7 @@ pub mod frame;
 pub mod loss;
 pub mod placement;
 pub mod session;
+pub mod topic;
 mod wire;
 
 pub use batch::{decode_batch, encode_batch, DecodedBatch, Record, RecordRef};

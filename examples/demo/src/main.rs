@@ -72,16 +72,22 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // 2. The aggregator, on loopback ports chosen now.
     let store = dir.join("cloud.db");
+    // The API answers only with a token: one made for this run.
+    let (token, entry) = fogline_aggregator::http::auth::new_token(
+        "demo",
+        fogline_aggregator::http::auth::Scope::Read,
+    );
     let cloud_toml = format!(
-        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[[http.tokens]]\nname = \"demo\"\nscope = \"read\"\nsha256 = \"{h}\"\n",
         c = certs.display(),
-        s = store.display()
+        s = store.display(),
+        h = entry.sha256
     );
     let cloud_config = fogline_aggregator::config::CloudConfig::parse(&cloud_toml)
         .context("demo aggregator config")?;
     let aggregator = fogline_aggregator::start(cloud_config).await?;
     println!(
-        "aggregator      QUIC {}  HTTP http://{}/api/v1/records?node=gw-demo",
+        "aggregator      QUIC {}  HTTP: curl -H 'Authorization: Bearer {token}' 'http://{}/api/v1/latest?node=gw-demo'",
         aggregator.quic_addr, aggregator.http_addr
     );
 

@@ -56,6 +56,9 @@ pub struct LeaseInfo {
 /// Largest `limit` accepted by [`Store::records`].
 pub const MAX_QUERY_LIMIT: usize = 10_000;
 
+/// Most streams [`Store::latest`] answers for one node.
+pub const MAX_LATEST_STREAMS: usize = 1_000;
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -136,17 +139,152 @@ pub struct ApplyOutcome {
     pub skipped: usize,
 }
 
+/// Records a query may look at before it answers with what it found so
+/// far (a sparse wildcard over a big node must not scan it whole).
+pub const MAX_SCAN_ROWS: usize = 100_000;
+
+/// Default byte bound of one page of records (payload bytes).
+pub const DEFAULT_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Filter for [`Store::records`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordQuery {
     /// Node id (required).
     pub node: String,
-    /// Only this stream, if set.
+    /// Only streams this MQTT topic filter matches (`+`, `#`), if set.
     pub stream: Option<String>,
     /// Only records with seq above this.
     pub after_seq: u64,
+    /// Only records whose event time is at or after this (ms since the
+    /// Unix epoch).
+    pub from_ms: Option<u64>,
+    /// Only records whose event time is before this.
+    pub to_ms: Option<u64>,
     /// At most this many (capped at [`MAX_QUERY_LIMIT`]).
     pub limit: usize,
+    /// The page ends once its payloads reach this many bytes (it always
+    /// holds at least one record when one matches).
+    pub max_bytes: usize,
+}
+
+impl RecordQuery {
+    /// Every record of `node` after `after_seq`, `limit` at most.
+    pub fn node(node: &str, after_seq: u64, limit: usize) -> Self {
+        Self {
+            node: node.to_string(),
+            stream: None,
+            after_seq,
+            from_ms: None,
+            to_ms: None,
+            limit,
+            max_bytes: DEFAULT_PAGE_BYTES,
+        }
+    }
+
+    /// The SQL pre-filter on `stream`: `(exact, like)`; a wildcard filter
+    /// becomes a LIKE pattern that matches a superset, and
+    /// [`PageBuilder`] keeps only the topics the filter matches.
+    pub(crate) fn stream_sql(&self) -> (Option<String>, Option<String>) {
+        match &self.stream {
+            None => (None, None),
+            Some(f) if !f.contains(['+', '#']) => (Some(f.clone()), None),
+            Some(f) => (None, Some(like_pattern(f))),
+        }
+    }
+}
+
+/// `sensors/+/reading` → `sensors/%/reading`; `a/#` → `a%` (also `a`
+/// itself); LIKE's own `%`, `_` and `\` escaped.
+fn like_pattern(filter: &str) -> String {
+    let mut out = String::new();
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if *level == "#" {
+            if out.ends_with('/') {
+                out.pop();
+            }
+            out.push('%');
+            return out;
+        }
+        if *level == "+" {
+            out.push('%');
+        } else {
+            for c in level.chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+        }
+        if i + 1 < levels.len() {
+            out.push('/');
+        }
+    }
+    out
+}
+
+/// One page of [`Store::records`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecordPage {
+    /// The records, ascending by seq.
+    pub records: Vec<StoredRecord>,
+    /// Where the next page starts: the last seq looked at (which may be
+    /// past the last record returned, when a filter skipped rows).
+    pub next_after_seq: u64,
+    /// Whether the page stopped before the end (limit, bytes or scan bound).
+    pub more: bool,
+}
+
+/// Gathers a page from rows in seq order: applies the topic filter, the
+/// row, byte and scan bounds. Both stores feed it.
+pub(crate) struct PageBuilder<'q> {
+    query: &'q RecordQuery,
+    page: RecordPage,
+    bytes: usize,
+    scanned: usize,
+}
+
+impl<'q> PageBuilder<'q> {
+    pub(crate) fn new(query: &'q RecordQuery) -> Self {
+        Self {
+            query,
+            page: RecordPage {
+                next_after_seq: query.after_seq,
+                ..RecordPage::default()
+            },
+            bytes: 0,
+            scanned: 0,
+        }
+    }
+
+    /// Room for another row? (Asked before each is read.)
+    pub(crate) fn wants_more(&mut self) -> bool {
+        let limit = self.query.limit.min(MAX_QUERY_LIMIT);
+        let full = self.page.records.len() >= limit
+            || (self.bytes >= self.query.max_bytes && !self.page.records.is_empty())
+            || self.scanned >= MAX_SCAN_ROWS;
+        if full {
+            self.page.more = true;
+        }
+        !full
+    }
+
+    /// A row in seq order.
+    pub(crate) fn offer(&mut self, record: StoredRecord) {
+        self.scanned += 1;
+        self.page.next_after_seq = record.seq;
+        if let Some(f) = &self.query.stream {
+            if !fogline_protocol::topic::matches(f, &record.stream) {
+                return;
+            }
+        }
+        self.bytes += record.payload.len();
+        self.page.records.push(record);
+    }
+
+    pub(crate) fn finish(self) -> RecordPage {
+        self.page
+    }
 }
 
 /// A record as stored.
@@ -172,12 +310,14 @@ pub struct NodeSummary {
     /// Node id.
     pub node: String,
     /// Highest seq applied.
+    #[serde(serialize_with = "as_string::serialize")]
     pub cursor: u64,
     /// Number of records stored.
     pub records: u64,
     /// When the cursor last moved (ms since epoch).
     pub last_update_ms: u64,
     /// The node's outbox incarnation the cursor belongs to.
+    #[serde(serialize_with = "as_string::option::serialize")]
     pub incarnation: Option<u64>,
     /// Records this store acknowledged and later lost (restored from a
     /// backup), summed over every recorded gap.
@@ -200,8 +340,10 @@ pub struct LossSummary {
     /// Their bytes.
     pub bytes: u64,
     /// The node's sequence numbers they had, first and last.
+    #[serde(serialize_with = "as_string::option::serialize")]
     pub first_seq: Option<u64>,
     /// See `first_seq`.
+    #[serde(serialize_with = "as_string::option::serialize")]
     pub last_seq: Option<u64>,
     /// Their time range (ms since the Unix epoch).
     pub first_ms: u64,
@@ -215,6 +357,7 @@ pub struct LossSummary {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StoredLoss {
     /// The report's own sequence number.
+    #[serde(serialize_with = "as_string::serialize")]
     pub seq: u64,
     /// The stream.
     pub stream: String,
@@ -227,8 +370,10 @@ pub struct StoredLoss {
     /// Bytes.
     pub bytes: u64,
     /// Sequence range of what was lost, where it had numbers.
+    #[serde(serialize_with = "as_string::option::serialize")]
     pub first_seq: Option<u64>,
     /// See `first_seq`.
+    #[serde(serialize_with = "as_string::option::serialize")]
     pub last_seq: Option<u64>,
     /// Time range.
     pub first_ms: u64,
@@ -289,8 +434,19 @@ pub trait Store: Send + Sync + 'static {
         to: u64,
         now_ms: u64,
     ) -> StoreFuture<'a, ()>;
-    /// Records matching `query`, ascending by seq.
-    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>>;
+    /// A page of the records matching `query`, ascending by seq.
+    fn records_page<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, RecordPage>;
+    /// The records of one page, ascending by seq.
+    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>> {
+        Box::pin(async move { Ok(self.records_page(query).await?.records) })
+    }
+    /// The newest record (highest seq) of each of `node`'s streams that
+    /// `stream` matches (all if `None`), at most [`MAX_LATEST_STREAMS`].
+    fn latest<'a>(
+        &'a self,
+        node: &'a str,
+        stream: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<StoredRecord>>;
     /// All known nodes.
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>>;
     /// `node`'s loss reports with seq above `after_seq`, ascending, at most
@@ -301,4 +457,38 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<StoredLoss>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like_pattern;
+
+    #[test]
+    fn topic_filters_become_like_supersets() {
+        assert_eq!(like_pattern("sensors/+/reading"), "sensors/%/reading");
+        assert_eq!(like_pattern("sensors/#"), "sensors%");
+        assert_eq!(like_pattern("#"), "%");
+        assert_eq!(like_pattern("a_b/100%/+"), "a\\_b/100\\%/%");
+    }
+}
+
+/// Serde helpers: u64 values that JavaScript cannot hold exactly are sent
+/// as strings in the HTTP API.
+pub(crate) mod as_string {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub mod option {
+        use serde::Serializer;
+
+        pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(v),
+                None => s.serialize_none(),
+            }
+        }
+    }
 }

@@ -23,8 +23,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, RecordQuery, Store,
-    StoreError, StoreFuture, StoredLoss, StoredRecord, MAX_QUERY_LIMIT,
+    ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, PageBuilder,
+    RecordPage, RecordQuery, Store, StoreError, StoreFuture, StoredLoss, StoredRecord,
+    MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
 };
 
 /// One UTC day, the partition width.
@@ -34,9 +35,10 @@ const DAYS_AHEAD: i64 = 3;
 
 /// The migrations, in order; each runs once, in a transaction, and its
 /// number is recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE records (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE records (
         node TEXT NOT NULL,
         seq BIGINT NOT NULL,
         stream TEXT NOT NULL,
@@ -83,7 +85,13 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         detected_ms BIGINT NOT NULL
     );
     CREATE INDEX gaps_by_node ON gaps (node);",
-)];
+    ),
+    (
+        2,
+        // The newest record per stream (`latest`), and stream-filtered pages.
+        "CREATE INDEX records_by_stream_seq ON records (node, stream, seq DESC);",
+    ),
+];
 
 /// How the PostgreSQL store is set up (`[store]` in `cloud.toml`).
 #[derive(Debug, Clone)]
@@ -339,6 +347,17 @@ async fn read_cursor(
     }))
 }
 
+fn stored_record(node: &str, r: &Row) -> StoredRecord {
+    StoredRecord {
+        node: node.to_string(),
+        seq: from_sql(r.get(0)),
+        stream: r.get(1),
+        timestamp_ms: from_sql(r.get(2)),
+        payload: r.get(3),
+        received_ms: from_sql(r.get(4)),
+    }
+}
+
 fn stored_loss(r: &Row) -> StoredLoss {
     StoredLoss {
         seq: from_sql(r.get(0)),
@@ -518,29 +537,67 @@ impl PostgresStore {
         ))
     }
 
-    async fn records_now(&self, q: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError> {
+    async fn records_page_now(&self, q: &RecordQuery) -> Result<RecordPage, StoreError> {
+        use futures_util::TryStreamExt;
         let node = q.node.as_str();
+        let err = |op| pg_err(op, Some(node));
         let client = self.client().await?;
-        let limit = q.limit.min(MAX_QUERY_LIMIT) as i64;
+        let (exact, like) = q.stream_sql();
+        let (after, from, to) = (
+            to_sql(q.after_seq),
+            q.from_ms.map(to_sql),
+            q.to_ms.map(to_sql),
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&node, &after, &exact, &like, &from, &to];
+        // Rows stream in; the page stops reading at its bounds.
         let rows = client
-            .query(
+            .query_raw(
                 "SELECT seq, stream, timestamp_ms, payload, received_ms FROM records \
                  WHERE node = $1 AND seq > $2 AND ($3::TEXT IS NULL OR stream = $3) \
-                 ORDER BY seq LIMIT $4",
-                &[&node, &to_sql(q.after_seq), &q.stream, &limit],
+                 AND ($4::TEXT IS NULL OR stream LIKE $4) \
+                 AND ($5::BIGINT IS NULL OR timestamp_ms >= $5) \
+                 AND ($6::BIGINT IS NULL OR timestamp_ms < $6) ORDER BY seq",
+                params,
             )
             .await
-            .map_err(pg_err("query records", Some(node)))?;
+            .map_err(err("query records"))?;
+        let mut rows = std::pin::pin!(rows);
+        let mut page = PageBuilder::new(q);
+        while page.wants_more() {
+            let Some(r) = rows.try_next().await.map_err(err("query records"))? else {
+                break;
+            };
+            page.offer(stored_record(&q.node, &r));
+        }
+        Ok(page.finish())
+    }
+
+    async fn latest_now(
+        &self,
+        node: &str,
+        stream: Option<&str>,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let client = self.client().await?;
+        let q = RecordQuery {
+            stream: stream.map(str::to_owned),
+            ..RecordQuery::node(node, 0, 0)
+        };
+        let (exact, like) = q.stream_sql();
+        let rows = client
+            .query(
+                "SELECT DISTINCT ON (stream) seq, stream, timestamp_ms, payload, received_ms \
+                 FROM records WHERE node = $1 AND ($2::TEXT IS NULL OR stream = $2) \
+                 AND ($3::TEXT IS NULL OR stream LIKE $3) ORDER BY stream, seq DESC",
+                &[&node, &exact, &like],
+            )
+            .await
+            .map_err(pg_err("latest records", Some(node)))?;
         Ok(rows
             .iter()
-            .map(|r| StoredRecord {
-                node: q.node.clone(),
-                seq: from_sql(r.get(0)),
-                stream: r.get(1),
-                timestamp_ms: from_sql(r.get(2)),
-                payload: r.get(3),
-                received_ms: from_sql(r.get(4)),
-            })
+            .map(|r| stored_record(node, r))
+            .filter(|r| stream.is_none_or(|f| fogline_protocol::topic::matches(f, &r.stream)))
+            .take(MAX_LATEST_STREAMS)
             .collect())
     }
 
@@ -685,8 +742,16 @@ impl Store for PostgresStore {
         })
     }
 
-    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>> {
-        Box::pin(self.records_now(query))
+    fn records_page<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, RecordPage> {
+        Box::pin(self.records_page_now(query))
+    }
+
+    fn latest<'a>(
+        &'a self,
+        node: &'a str,
+        stream: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<StoredRecord>> {
+        Box::pin(self.latest_now(node, stream))
     }
 
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, RecordQuery, Store,
-    StoreError, StoreFuture, StoredLoss, StoredRecord, MAX_QUERY_LIMIT,
+    ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, PageBuilder,
+    RecordPage, RecordQuery, Store, StoreError, StoreFuture, StoredLoss, StoredRecord,
+    MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
 };
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::DecodedBatch;
@@ -54,6 +55,8 @@ CREATE TABLE IF NOT EXISTS gaps (
     last_seq INTEGER NOT NULL,
     detected_ms INTEGER NOT NULL
 );
+-- The newest record per stream (`latest`), and stream-filtered pages.
+CREATE INDEX IF NOT EXISTS records_by_stream ON records (node, stream, seq);
 -- Who may apply a node's batches (I-36): every take raises the token.
 CREATE TABLE IF NOT EXISTS leases (
     node TEXT PRIMARY KEY,
@@ -451,40 +454,81 @@ impl Inner {
         .map_err(q_err("record gap", Some(node)))
     }
 
-    fn records(&self, query: &RecordQuery) -> Result<Vec<StoredRecord>, StoreError> {
+    fn records_page(&self, query: &RecordQuery) -> Result<RecordPage, StoreError> {
         let conn = lock(&self.reader)?;
-        let limit = query.limit.min(MAX_QUERY_LIMIT) as i64;
         let node = query.node.as_str();
-        let map = |r: &rusqlite::Row<'_>| {
-            Ok(StoredRecord {
-                node: query.node.clone(),
-                seq: from_sql(r.get(0)?),
-                stream: r.get(1)?,
-                timestamp_ms: from_sql(r.get(2)?),
-                payload: r.get(3)?,
-                received_ms: from_sql(r.get(4)?),
+        // NULL parameters switch a condition off: one statement, cached.
+        let (exact, like) = query.stream_sql();
+        let mut page = PageBuilder::new(query);
+        let result = conn
+            .prepare_cached(
+                "SELECT seq, stream, timestamp_ms, payload, received_ms FROM records \
+                 WHERE node = ?1 AND seq > ?2 AND (?3 IS NULL OR stream = ?3) \
+                 AND (?4 IS NULL OR stream LIKE ?4 ESCAPE '\\') \
+                 AND (?5 IS NULL OR timestamp_ms >= ?5) AND (?6 IS NULL OR timestamp_ms < ?6) \
+                 ORDER BY seq",
+            )
+            .and_then(|mut st| {
+                let mut rows = st.query(params![
+                    node,
+                    to_sql(query.after_seq),
+                    exact,
+                    like,
+                    query.from_ms.map(to_sql),
+                    query.to_ms.map(to_sql)
+                ])?;
+                while page.wants_more() {
+                    let Some(r) = rows.next()? else {
+                        break;
+                    };
+                    page.offer(StoredRecord {
+                        node: query.node.clone(),
+                        seq: from_sql(r.get(0)?),
+                        stream: r.get(1)?,
+                        timestamp_ms: from_sql(r.get(2)?),
+                        payload: r.get(3)?,
+                        received_ms: from_sql(r.get(4)?),
+                    });
+                }
+                Ok(())
+            });
+        result.map_err(q_err("query records", Some(node)))?;
+        Ok(page.finish())
+    }
+
+    fn latest(&self, node: &str, stream: Option<&str>) -> Result<Vec<StoredRecord>, StoreError> {
+        let conn = lock(&self.reader)?;
+        let q = RecordQuery {
+            stream: stream.map(str::to_owned),
+            ..RecordQuery::node(node, 0, 0)
+        };
+        let (exact, like) = q.stream_sql();
+        conn.prepare_cached(
+            "SELECT r.seq, r.stream, r.timestamp_ms, r.payload, r.received_ms FROM records r \
+             JOIN (SELECT MAX(seq) AS seq FROM records WHERE node = ?1 \
+                   AND (?2 IS NULL OR stream = ?2) AND (?3 IS NULL OR stream LIKE ?3 ESCAPE '\\') \
+                   GROUP BY stream) m ON r.node = ?1 AND r.seq = m.seq ORDER BY r.stream",
+        )
+        .and_then(|mut st| {
+            st.query_map(params![node, exact, like], |r| {
+                Ok(StoredRecord {
+                    node: node.to_string(),
+                    seq: from_sql(r.get(0)?),
+                    stream: r.get(1)?,
+                    timestamp_ms: from_sql(r.get(2)?),
+                    payload: r.get(3)?,
+                    received_ms: from_sql(r.get(4)?),
+                })
+            })?
+            .filter(|r| {
+                r.as_ref().map_or(true, |r| {
+                    stream.is_none_or(|f| fogline_protocol::topic::matches(f, &r.stream))
+                })
             })
-        };
-        let cols = "SELECT seq, stream, timestamp_ms, payload, received_ms FROM records";
-        let result = match &query.stream {
-            Some(stream) => conn
-                .prepare_cached(&format!(
-                    "{cols} WHERE node = ?1 AND seq > ?2 AND stream = ?3 ORDER BY seq LIMIT ?4"
-                ))
-                .and_then(|mut st| {
-                    st.query_map(params![node, to_sql(query.after_seq), stream, limit], map)?
-                        .collect::<Result<Vec<_>, _>>()
-                }),
-            None => conn
-                .prepare_cached(&format!(
-                    "{cols} WHERE node = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
-                ))
-                .and_then(|mut st| {
-                    st.query_map(params![node, to_sql(query.after_seq), limit], map)?
-                        .collect::<Result<Vec<_>, _>>()
-                }),
-        };
-        result.map_err(q_err("query records", Some(node)))
+            .take(MAX_LATEST_STREAMS)
+            .collect()
+        })
+        .map_err(q_err("latest records", Some(node)))
     }
 
     fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError> {
@@ -598,9 +642,18 @@ impl Store for SqliteStore {
         self.blocking(move |s| s.record_gap(&node, from, to, now_ms))
     }
 
-    fn records<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, Vec<StoredRecord>> {
+    fn records_page<'a>(&'a self, query: &'a RecordQuery) -> StoreFuture<'a, RecordPage> {
         let query = query.clone();
-        self.blocking(move |s| s.records(&query))
+        self.blocking(move |s| s.records_page(&query))
+    }
+
+    fn latest<'a>(
+        &'a self,
+        node: &'a str,
+        stream: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<StoredRecord>> {
+        let (node, stream) = (node.to_string(), stream.map(str::to_owned));
+        self.blocking(move |s| s.latest(&node, stream.as_deref()))
     }
 
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {

@@ -1,0 +1,263 @@
+//! The aggregator's HTTP side: a JSON read API to script against, plus
+//! `/metrics` (Prometheus) and `/healthz` (200 `{"status":"ok","problems":[]}`,
+//! 503 `unhealthy` with the store's problems: the shape the edge answers).
+//! Every path needs a bearer token (`auth.rs`) unless `[http] open` lists
+//! it. Times are ms since the Unix epoch throughout; seqs, cursors, tokens
+//! and incarnations (u64, past what JavaScript holds exactly) are strings.
+//!
+//! - `GET /api/v1/connections` → `[{"node","transport","remote","since_ms","serial","not_after"}]`.
+//! - `GET /api/v1/nodes` → `[{"node","cursor","records","last_update_ms","incarnation","lost_records","losses"}]`.
+//! - `GET /api/v1/records?node=N[&stream=F][&after_seq=K][&from_ms=T][&to_ms=T][&limit=L]` →
+//!   `{"node","records":[{"seq","stream","timestamp_ms","received_ms","payload"}],"next_after_seq","more"}`:
+//!   `stream` is an MQTT topic filter (`+`, `#`); `from_ms`/`to_ms` bound the
+//!   event time; the page is bounded in rows and in bytes (`[http]
+//!   max_response_bytes`) and streamed. `payload` is the JSON value when the
+//!   payload is JSON, otherwise `payload_hex`.
+//! - `GET /api/v1/latest?node=N[&stream=F]` → `{"node","records":[...]}`: the newest record
+//!   of each stream.
+//! - `GET /api/v1/losses?node=N[&after_seq=K][&limit=L]` → the node's loss reports.
+//! - `GET /api/v1/leases` → `[{"node","token","holder","since_ms"}]`: which aggregator holds
+//!   each node (I-36).
+
+pub mod auth;
+mod json;
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fogline_telemetry::health::Health;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::service::nodes::Nodes;
+use crate::store::health::StoreHealth;
+use crate::store::{RecordQuery, Store, MAX_QUERY_LIMIT};
+
+/// Default page size of `/api/v1/records`.
+const DEFAULT_LIMIT: usize = 1000;
+
+#[derive(Clone)]
+struct AppState {
+    store: Arc<dyn Store>,
+    nodes: Arc<Nodes>,
+    health: Arc<StoreHealth>,
+    max_response_bytes: usize,
+}
+
+/// What the router serves from.
+pub struct Api {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Which connection speaks for each node.
+    pub nodes: Arc<Nodes>,
+    /// Store failures, for `/healthz`.
+    pub health: Arc<StoreHealth>,
+    /// Who may ask.
+    pub tokens: Arc<auth::Tokens>,
+    /// Byte bound of a records page.
+    pub max_response_bytes: usize,
+}
+
+/// The router.
+pub fn router(api: Api) -> Router {
+    let metrics = fogline_telemetry::prometheus_handle();
+    Router::new()
+        .route("/api/v1/nodes", get(list_nodes))
+        .route(
+            "/api/v1/connections",
+            get(|State(state): State<AppState>| async move { Json(state.nodes.connections()) }),
+        )
+        .route("/api/v1/records", get(records))
+        .route("/api/v1/latest", get(latest))
+        .route("/api/v1/losses", get(losses))
+        .route("/api/v1/leases", get(leases))
+        .route("/healthz", get(healthz))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(fogline_telemetry::render_metrics(&metrics))),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            api.tokens,
+            auth::require,
+        ))
+        .with_state(AppState {
+            store: api.store,
+            nodes: api.nodes,
+            health: api.health,
+            max_response_bytes: api.max_response_bytes,
+        })
+}
+
+/// `/healthz`: the shape the edge answers too (`fogline_telemetry::health`);
+/// 503 while the store fails.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let health = Health::of(state.health.problems());
+    let code = StatusCode::from_u16(health.http_status()).unwrap_or(StatusCode::OK);
+    (code, Json(health)).into_response()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn list_nodes(State(state): State<AppState>) -> Response {
+    match state.store.nodes().await {
+        Ok(nodes) => Json(nodes).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordsParams {
+    node: Option<String>,
+    stream: Option<String>,
+    after_seq: Option<u64>,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// A paged query's parameters: the node (required), `after_seq` (0) and
+/// `limit` (checked), a well-formed `stream` filter and time range, or the
+/// 400 answer naming what was wrong.
+fn page(
+    params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+    expected: &str,
+) -> Result<(RecordsParams, String, u64, usize), Box<Response>> {
+    let bad = |m: String| Box::new(error(StatusCode::BAD_REQUEST, m));
+    let Ok(Query(mut p)) = params else {
+        return Err(bad(format!("bad query: expected {expected}")));
+    };
+    let Some(node) = p.node.take().filter(|n| !n.is_empty()) else {
+        return Err(bad("missing required query parameter `node`".into()));
+    };
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_QUERY_LIMIT {
+        return Err(bad(format!(
+            "limit must be between 1 and {MAX_QUERY_LIMIT}, got {limit}"
+        )));
+    }
+    check_filter(p.stream.as_deref()).map_err(bad)?;
+    if let (Some(from), Some(to)) = (p.from_ms, p.to_ms) {
+        if from >= to {
+            return Err(bad(format!("from_ms ({from}) must be below to_ms ({to})")));
+        }
+    }
+    let after_seq = p.after_seq.unwrap_or(0);
+    Ok((p, node, after_seq, limit))
+}
+
+fn check_filter(stream: Option<&str>) -> Result<(), String> {
+    match stream {
+        Some(f) => fogline_protocol::topic::validate_filter(f)
+            .map_err(|why| format!("stream: {f:?} is not an MQTT topic filter: it {why}")),
+        None => Ok(()),
+    }
+}
+
+async fn records(
+    State(state): State<AppState>,
+    params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let (p, node, after_seq, limit) = match page(
+        params,
+        "node=<id>[&stream=<topic filter>][&after_seq=<u64>][&from_ms=<ms>][&to_ms=<ms>][&limit=<1..10000>]",
+    ) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let query = RecordQuery {
+        node: node.clone(),
+        stream: p.stream,
+        after_seq,
+        from_ms: p.from_ms,
+        to_ms: p.to_ms,
+        limit,
+        max_bytes: state.max_response_bytes,
+    };
+    match state.store.records_page(&query).await {
+        Ok(page) => json::records_page(node, page),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LatestParams {
+    node: Option<String>,
+    stream: Option<String>,
+}
+
+/// `/api/v1/latest?node=<id>[&stream=<filter>]`: the newest record of each
+/// stream.
+async fn latest(
+    State(state): State<AppState>,
+    params: Result<Query<LatestParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(p)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad query: expected node=<id>[&stream=<topic filter>]",
+        );
+    };
+    let Some(node) = p.node.filter(|n| !n.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing required query parameter `node`",
+        );
+    };
+    if let Err(m) = check_filter(p.stream.as_deref()) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    match state.store.latest(&node, p.stream.as_deref()).await {
+        Ok(rows) => {
+            let records: Vec<Value> = rows.into_iter().map(json::record).collect();
+            Json(json!({ "node": node, "records": records })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn leases(State(state): State<AppState>) -> Response {
+    match state.store.leases().await {
+        Ok(leases) => Json(
+            leases
+                .into_iter()
+                .map(|l| {
+                    json!({
+                        "node": l.node,
+                        "token": l.token.to_string(),
+                        "holder": l.holder,
+                        "since_ms": l.since_ms,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `/api/v1/losses?node=<id>[&after_seq=<u64>][&limit=<n>]`: the node's loss
+/// reports as it sent them, in order (I-33).
+async fn losses(
+    State(state): State<AppState>,
+    params: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let (_, node, after_seq, limit) =
+        match page(params, "node=<id>[&after_seq=<u64>][&limit=<1..10000>]") {
+            Ok(v) => v,
+            Err(r) => return *r,
+        };
+    match state.store.losses(&node, after_seq, limit).await {
+        Ok(rows) => {
+            let next = rows.last().map(|r| r.seq).unwrap_or(after_seq);
+            Json(json!({ "node": node, "losses": rows, "next_after_seq": next.to_string() }))
+                .into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

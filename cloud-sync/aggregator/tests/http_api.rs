@@ -1,0 +1,218 @@
+//! The fleet API over HTTP, against a running aggregator: no token, no
+//! data (401, and 403 for a read token on an admin action); topic-filter
+//! and time-range queries; pages bounded in bytes; the newest record per
+//! stream; u64s as strings; TLS on the listener.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use fogline_aggregator::config::CloudConfig;
+use fogline_aggregator::http::auth::digest;
+use fogline_aggregator::RunningAggregator;
+use fogline_protocol::session::OutboxInfo;
+use fogline_protocol::Record;
+use fogline_testkit::node::{node_tls, TestNode};
+use fogline_transport::client::ClientTransport;
+use fogline_transport::Transport;
+use serde_json::Value;
+
+const READ: &str = "fgl_http_api_tests_read";
+const OUTBOX: OutboxInfo = OutboxInfo {
+    incarnation: 7,
+    next_seq: 1,
+    acked: 0,
+    epoch: 1,
+    epoch_start: 1,
+};
+
+fn config(dir: &Path, http_extra: &str) -> CloudConfig {
+    let certs = dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        fogline_testkit::certs::dev_bundle(&certs, &["gw-1"]).unwrap();
+    }
+    CloudConfig::parse(&format!(
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n\
+         [store]\npath = \"{d}/cloud.db\"\n[tcp]\nenabled = false\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nmax_response_bytes = 2048\n{http_extra}\n\
+         [[http.tokens]]\nname = \"reader\"\nscope = \"read\"\nsha256 = \"{t}\"\n",
+        c = certs.display(),
+        d = dir.display(),
+        t = digest(READ)
+    ))
+    .unwrap()
+}
+
+/// 40 records on 4 streams (`site/a/temp`, `site/a/hum`, `site/b/temp`,
+/// `other/x`), event times 1000, 2000, …; payloads of about 217 bytes.
+async fn fill(agg: &RunningAggregator, dir: &Path) -> Vec<Record> {
+    let streams = ["site/a/temp", "site/a/hum", "site/b/temp", "other/x"];
+    let records: Vec<Record> = (1..=40u64)
+        .map(|seq| Record {
+            seq,
+            stream: streams[(seq as usize - 1) % 4].to_string(),
+            timestamp_ms: seq * 1000,
+            payload: format!("{{\"n\":{seq},\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes(),
+        })
+        .collect();
+    let client = ClientTransport::new(node_tls(&dir.join("certs"), "gw-1")).unwrap();
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    link.send(&records).await.unwrap();
+    assert_eq!(link.acked_through(40).await.unwrap(), 40);
+    records
+}
+
+async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+fn seqs(page: &Value) -> Vec<u64> {
+    page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn no_token_no_data_and_queries_by_filter_time_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = fogline_aggregator::start(config(dir.path(), "open = [\"/healthz\"]"))
+        .await
+        .unwrap();
+    let base = format!("http://{}", agg.http_addr);
+    fill(&agg, dir.path()).await;
+
+    // No token, a wrong one: 401 with a reason; /healthz is open, /metrics not.
+    let (code, body) = get_json(&format!("{base}/api/v1/nodes"), None).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("bearer token"),
+        "{body}"
+    );
+    let (code, _) = get_json(&format!("{base}/api/v1/nodes"), Some("fgl_wrong")).await;
+    assert_eq!(code, 401);
+    assert_eq!(get_json(&format!("{base}/healthz"), None).await.0, 200);
+    assert_eq!(get_json(&format!("{base}/metrics"), None).await.0, 401);
+    // A read token may not change anything.
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/v1/nodes"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+
+    // u64s as strings.
+    let (code, nodes) = get_json(&format!("{base}/api/v1/nodes"), Some(READ)).await;
+    assert_eq!(code, 200);
+    assert_eq!(nodes[0]["cursor"], "40");
+    assert_eq!(nodes[0]["incarnation"], "7");
+
+    // A topic filter with `+`, then with `#`.
+    let q = |extra: &str| format!("{base}/api/v1/records?node=gw-1&limit=100{extra}");
+    let (_, page) = get_json(&q("&stream=site/%2B/temp"), Some(READ)).await;
+    let got = seqs(&page);
+    assert_eq!(
+        got,
+        vec![1, 3, 5, 7, 9, 11, 13, 15, 17, 19],
+        "bytes bound: 2048 B ≈ 10 records"
+    );
+    assert_eq!(page["more"], true);
+    assert_eq!(page["next_after_seq"], "19");
+    let (_, rest) = get_json(&q("&stream=site/%2B/temp&after_seq=19"), Some(READ)).await;
+    assert_eq!(
+        seqs(&rest),
+        vec![21, 23, 25, 27, 29, 31, 33, 35, 37, 39],
+        "the next page carries on after next_after_seq"
+    );
+    let (_, page) = get_json(&q("&stream=site/a/%23"), Some(READ)).await;
+    assert!(
+        seqs(&page).iter().all(|s| s % 4 == 1 || s % 4 == 2),
+        "{page}"
+    );
+    // Event time: [10000, 14000).
+    let (_, page) = get_json(&q("&from_ms=10000&to_ms=14000"), Some(READ)).await;
+    assert_eq!(seqs(&page), vec![10, 11, 12, 13]);
+    assert_eq!(page["more"], false);
+    // Bad filters and ranges are refused with the reason.
+    let (code, body) = get_json(&q("&stream=site/a%23"), Some(READ)).await;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("topic filter"),
+        "{body}"
+    );
+    let (code, body) = get_json(&q("&from_ms=5&to_ms=5"), Some(READ)).await;
+    assert_eq!(code, 400, "{body}");
+
+    // The newest record of each stream.
+    let (_, latest) = get_json(&format!("{base}/api/v1/latest?node=gw-1"), Some(READ)).await;
+    let mut newest: Vec<(String, u64)> = latest["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["stream"].as_str().unwrap().to_string(),
+                r["seq"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    newest.sort();
+    assert_eq!(
+        newest,
+        vec![
+            ("other/x".to_string(), 40),
+            ("site/a/hum".to_string(), 38),
+            ("site/a/temp".to_string(), 37),
+            ("site/b/temp".to_string(), 39),
+        ]
+    );
+    let (_, latest) = get_json(
+        &format!("{base}/api/v1/latest?node=gw-1&stream=site/%2B/temp"),
+        Some(READ),
+    )
+    .await;
+    assert_eq!(latest["records"].as_array().unwrap().len(), 2);
+    // Which aggregator holds the node.
+    let (_, leases) = get_json(&format!("{base}/api/v1/leases"), Some(READ)).await;
+    assert_eq!(leases[0]["node"], "gw-1");
+    assert!(leases[0]["token"].is_string());
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_api_is_served_over_tls_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let _ = config(dir.path(), "");
+    let agg = fogline_aggregator::start(config(
+        dir.path(),
+        &format!(
+            "tls_cert = \"{c}/server.pem\"\ntls_key = \"{c}/server.key\"",
+            c = certs.display()
+        ),
+    ))
+    .await
+    .unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.join("ca.pem")).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/api/v1/nodes", agg.http_addr.port());
+    let r = client.get(&url).bearer_auth(READ).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = reqwest::get(format!("http://{}/healthz", agg.http_addr)).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    agg.shutdown().await;
+}
