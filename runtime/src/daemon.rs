@@ -217,6 +217,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                     warn!(path = %outbox_path.display(), error = %e, "Cannot make the outbox's reserve.")
                 }
             }
+            let (live, path, cert) = (state.clone(), outbox_path.clone(), config.resolve(&u.cert));
             let up = Uplink::new(
                 &config,
                 u,
@@ -224,7 +225,10 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                 state.uplink.clone(),
                 committed.clone(),
                 state.pipeline.committed_seq.clone(),
-            );
+            )
+            .with_status(Arc::new(move || {
+                crate::telemetry::node_status(&live, &path, &cert, crate::clock::now_ms())
+            }));
             Some(tokio::spawn(up.run(shutdown_rx.clone())))
         }
         None => None,

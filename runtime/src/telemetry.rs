@@ -117,6 +117,67 @@ pub const DISK_BYTES: &str = "fogline_outbox_disk_bytes";
 /// A wall clock this far behind the node clock is worth a problem.
 const CLOCK_BEHIND_MS: u64 = 60_000;
 
+/// What the uplink tells the aggregator about this node (a `Status` frame,
+/// protocol 5): backlog, losses by reason, dead letters, health, versions,
+/// certificate expiry. Reads the outbox: blocks.
+pub fn node_status(
+    live: &LiveState,
+    outbox: &std::path::Path,
+    cert: &std::path::Path,
+    now_ms: u64,
+) -> fogline_protocol::status::NodeStatus {
+    use fogline_protocol::status::{DropCount, ModuleVersion, NodeStatus};
+    let problems = problems(live, now_ms);
+    let health = if problems.is_empty() {
+        "ok"
+    } else {
+        "unhealthy"
+    };
+    let mut status = NodeStatus {
+        at_ms: now_ms,
+        version: format!("fogline-edge/{}", env!("CARGO_PKG_VERSION")),
+        health: health.into(),
+        problems: problems
+            .iter()
+            .map(|p| format!("{:?}/{:?}: {}", p.component, p.kind, p.detail))
+            .collect(),
+        ..NodeStatus::default()
+    };
+    if let Ok(stats) = outbox::read_stats(outbox) {
+        status.backlog_records = stats.backlog_records;
+        status.backlog_bytes = stats.backlog_bytes;
+        status.oldest_ms = stats.oldest_unsynced_ms;
+        status.dead_letters = stats.dead_letters;
+        let mut by_reason: std::collections::BTreeMap<String, u64> = Default::default();
+        for l in stats.losses.iter().filter(|l| l.reason.is_loss()) {
+            *by_reason.entry(l.reason.as_str().to_string()).or_default() += l.records;
+        }
+        status.drops = by_reason
+            .into_iter()
+            .map(|(reason, records)| DropCount { reason, records })
+            .collect();
+    }
+    status.modules = live
+        .functions
+        .lock()
+        .map(|f| {
+            f.iter()
+                .map(|f| ModuleVersion {
+                    name: f.owner.clone(),
+                    version: f.version.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    status.cert_not_after_ms = fogline_transport::tls::load_certs(cert)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .and_then(|der| fogline_transport::identity::peer_identity(&der).ok())
+        .and_then(|p| u64::try_from(p.not_after).ok())
+        .map(|s| s.saturating_mul(1000));
+    status
+}
+
 /// What is wrong with the daemon, if anything (ARCHITECTURE.md I-17):
 /// work pending and no progress for `stall_after`, commits failing, a
 /// function suspended, the uplink refused, failing or stalled, deletes

@@ -183,6 +183,20 @@ fn killing_the_serving_aggregator_mid_stream_loses_and_duplicates_nothing() {
         .unwrap()
         .get(0);
     assert!(token >= 4, "lease token {token} after 3 failovers");
+    // The edge told the aggregators how it is (a Status frame at each
+    // connect): its version and backlog, in the fleet view of any of them.
+    let status = clouds[0]
+        .nodes()
+        .and_then(|n| n.as_array()?.iter().find(|n| n["node"] == NODE).cloned())
+        .map(|n| n["status"].clone())
+        .unwrap_or_default();
+    assert!(
+        status["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("fogline-edge/")),
+        "no status from the edge: {status}"
+    );
+    assert!(status["backlog_records"].is_u64(), "{status}");
     for c in &mut clouds {
         c.daemon.kill9();
     }

@@ -61,9 +61,10 @@ key = "{c}/server.key"
 path = "{d}/cloud.db"
 [http]
 listen = "127.0.0.1:{http_port}"
-"#,
+{t}"#,
             c = certs.display(),
-            d = dir.display()
+            d = dir.display(),
+            t = fogline_tests::deploy::test_token_toml()
         ),
     )
     .unwrap();

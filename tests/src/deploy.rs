@@ -324,9 +324,10 @@ pub async fn in_process_aggregator(
     store: &Path,
 ) -> anyhow::Result<fogline_aggregator::RunningAggregator> {
     let toml = format!(
-        "[quic]\nlisten = \"127.0.0.1:0\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        "[quic]\nlisten = \"127.0.0.1:0\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\npath = \"{s}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{t}",
         c = certs.display(),
-        s = store.display()
+        s = store.display(),
+        t = test_token_toml()
     );
     let config = fogline_aggregator::config::CloudConfig::parse(&toml)?;
     Ok(fogline_aggregator::start(config).await?)

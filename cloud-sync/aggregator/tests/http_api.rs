@@ -216,3 +216,109 @@ async fn the_api_is_served_over_tls_when_configured() {
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     agg.shutdown().await;
 }
+
+/// A node's status frame (protocol 5) reaches `/api/v1/nodes` and the node
+/// detail: connected, lag from its backlog, drops, versions; the detail
+/// lists its streams and the records applied per minute.
+#[tokio::test]
+async fn a_node_status_and_its_activity_show_in_the_fleet_view() {
+    use fogline_protocol::status::{DropCount, ModuleVersion, NodeStatus};
+    use fogline_protocol::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = fogline_aggregator::start(config(dir.path(), ""))
+        .await
+        .unwrap();
+    let base = format!("http://{}", agg.http_addr);
+    let records = fill(&agg, dir.path()).await;
+    // A second connection (the first one's lease moves to it) says how it is.
+    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
+    let mut link = TestNode::connect(
+        &client,
+        Transport::Quic,
+        agg.quic_addr,
+        OutboxInfo {
+            next_seq: 41,
+            acked: 40,
+            ..OUTBOX
+        },
+    )
+    .await
+    .unwrap();
+    let now = fogline_telemetry::clock::now_ms();
+    let status = NodeStatus {
+        at_ms: now,
+        version: "fogline-edge/9.9.9".into(),
+        health: "unhealthy".into(),
+        problems: vec!["outbox/quota_full: 95 % of max_bytes".into()],
+        backlog_records: 1200,
+        backlog_bytes: 120_000,
+        oldest_ms: Some(now - 30_000),
+        drops: vec![DropCount {
+            reason: "quota".into(),
+            records: 17,
+        }],
+        dead_letters: 3,
+        modules: vec![ModuleVersion {
+            name: "telemetry/window-avg".into(),
+            version: "1.2.0".into(),
+        }],
+        cert_not_after_ms: Some(now + 86_400_000),
+    };
+    link.conn.writer.send(&Frame::Status(status)).await.unwrap();
+    let mut node = Value::Null;
+    for _ in 0..50 {
+        let (_, nodes) = get_json(&format!("{base}/api/v1/nodes"), Some(READ)).await;
+        node = nodes[0].clone();
+        if node["status"]["version"] == "fogline-edge/9.9.9" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(node["status"]["version"], "fogline-edge/9.9.9", "{node}");
+    assert_eq!(node["status"]["drops"][0]["records"], 17);
+    assert_eq!(node["connected"], true);
+    assert!(node["aggregator"].is_string(), "{node}");
+    let lag = node["lag_ms"].as_u64().unwrap();
+    assert!((30_000..60_000).contains(&lag), "lag {lag}");
+    assert!(node["last_seen_ms"].as_u64().unwrap() >= now - 1000);
+
+    let (code, detail) = get_json(&format!("{base}/api/v1/nodes/gw-1"), Some(READ)).await;
+    assert_eq!(code, 200, "{detail}");
+    let streams: Vec<&str> = detail["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        streams,
+        vec!["other/x", "site/a/hum", "site/a/temp", "site/b/temp"]
+    );
+    assert_eq!(detail["streams"][0]["records"], 10);
+    let throughput = detail["throughput"].as_array().unwrap();
+    assert_eq!(throughput.len(), 60);
+    let applied: u64 = throughput
+        .iter()
+        .map(|m| m["records"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        applied,
+        records.len() as u64,
+        "this aggregator applied them all"
+    );
+    let (code, _) = get_json(&format!("{base}/api/v1/nodes/nobody"), Some(READ)).await;
+    assert_eq!(code, 404);
+    // Gone: not connected (its lease released, no fresh status elsewhere).
+    drop(link);
+    let mut connected = true;
+    for _ in 0..50 {
+        let (_, nodes) = get_json(&format!("{base}/api/v1/nodes"), Some(READ)).await;
+        connected = nodes[0]["connected"] == true;
+        if !connected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!connected, "a closed node shows disconnected");
+    agg.shutdown().await;
+}

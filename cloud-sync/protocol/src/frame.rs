@@ -8,12 +8,15 @@
 //!                   epoch:varint  epoch_start:varint
 //! Welcome (0x02) := node_id:str  cursor:varint  incarnation:varint (0: none recorded)  epoch:varint
 //!                   [top:varint]                                  (to v4 nodes)
+//!                   [version:varint]                              (to v5 nodes: the aggregator's)
 //! Batch   (0x03) := first_seq:varint  last_seq:varint  record_count:varint  raw_len:varint
 //!                   codec:u8 (v3; v2 has none and means zstd)  floor:varint (v4)  block:rest
 //! Ack     (0x04) := up_to:varint  [applied:varint]                (to v4 nodes)
 //! Error   (0x05) := code:varint  message:str
 //! Ping    (0x06) := nonce:varint                                  (v3)
 //! Pong    (0x07) := nonce:varint                                  (v3)
+//! Status  (0x08) := json:rest (≤ 64 KiB, see `status.rs`)         (v5, node → aggregator,
+//!                                                                  only to a v5 aggregator)
 //! str     := len:varint  utf8-bytes
 //! ```
 //!
@@ -38,6 +41,7 @@ const T_ACK: u8 = 0x04;
 const T_ERROR: u8 = 0x05;
 const T_PING: u8 = 0x06;
 const T_PONG: u8 = 0x07;
+const T_STATUS: u8 = 0x08;
 
 /// Longest `agent`, `node_id` or error `message` accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
@@ -215,6 +219,10 @@ pub enum Frame {
         /// the cursor when the node sent out of order (`None`: not sent,
         /// to nodes before version 4; then it is the cursor).
         top: Option<u64>,
+        /// The aggregator's protocol version (`None`: not sent, to nodes
+        /// before version 5, or an aggregator before 5). A node sends
+        /// `Status` only to an aggregator of version 5 or later.
+        version: Option<u32>,
     },
     /// Edge → aggregator: records to apply.
     Batch(BatchFrame),
@@ -246,6 +254,8 @@ pub enum Frame {
         /// The `Ping`'s nonce.
         nonce: u64,
     },
+    /// Edge → aggregator (version 5): how the node is doing.
+    Status(crate::status::NodeStatus),
 }
 
 /// Frame could not be encoded.
@@ -293,6 +303,7 @@ impl Frame {
             Frame::Error { .. } => "Error",
             Frame::Ping { .. } => "Ping",
             Frame::Pong { .. } => "Pong",
+            Frame::Status(_) => "Status",
         }
     }
 
@@ -325,6 +336,7 @@ impl Frame {
                 incarnation,
                 epoch,
                 top,
+                version,
             } => {
                 check_text("Welcome.node_id", node_id)?;
                 out.push(T_WELCOME);
@@ -332,8 +344,12 @@ impl Frame {
                 put_varint(out, *cursor);
                 put_varint(out, *incarnation);
                 put_varint(out, *epoch);
-                if let Some(top) = top {
-                    put_varint(out, *top);
+                // `version` follows `top`: it is only ever sent with it.
+                if let Some(top) = top.or(version.map(|_| *cursor)) {
+                    put_varint(out, top);
+                }
+                if let Some(v) = version {
+                    put_varint(out, u64::from(*v));
                 }
             }
             Frame::Batch(b) => {
@@ -366,6 +382,10 @@ impl Frame {
             Frame::Pong { nonce } => {
                 out.push(T_PONG);
                 put_varint(out, *nonce);
+            }
+            Frame::Status(status) => {
+                out.push(T_STATUS);
+                out.extend_from_slice(&status.encode());
             }
         }
         let len = out.len() - start - 4;
@@ -427,6 +447,11 @@ impl Frame {
                 } else {
                     None
                 },
+                version: if r.remaining() > 0 {
+                    Some(r.varint_max("Welcome.version", u64::from(u32::MAX))? as u32)
+                } else {
+                    None
+                },
             },
             T_BATCH => {
                 let first_seq = r.varint("Batch.first_seq")?;
@@ -483,6 +508,15 @@ impl Frame {
             T_PONG => Frame::Pong {
                 nonce: r.varint("Pong.nonce")?,
             },
+            T_STATUS if version >= 5 => {
+                let bytes = r.bytes("Status.json", r.remaining())?;
+                let status =
+                    crate::status::NodeStatus::decode(bytes).map_err(|e| DecodeError::Invalid {
+                        field: "Status.json",
+                        reason: e.to_string(),
+                    })?;
+                Frame::Status(status)
+            }
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         r.finish(frame.kind())?;
@@ -605,17 +639,28 @@ pub(crate) mod tests {
             (
                 "[A-Za-z0-9._-]{1,128}",
                 any::<[u64; 3]>(),
-                proptest::option::of(any::<u64>())
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u32>()),
             )
-                .prop_map(|(node_id, [cursor, incarnation, epoch], top)| {
+                .prop_map(|(node_id, [cursor, incarnation, epoch], top, version)| {
                     Frame::Welcome {
                         node_id,
                         cursor,
                         incarnation,
                         epoch,
                         top,
+                        // Only ever sent after `top`.
+                        version: top.and(version),
                     }
                 }),
+            (any::<u64>(), "[a-z ]{0,40}", any::<u64>()).prop_map(|(at_ms, health, backlog)| {
+                Frame::Status(crate::status::NodeStatus {
+                    at_ms,
+                    health,
+                    backlog_records: backlog,
+                    ..Default::default()
+                })
+            }),
             (
                 any::<u64>(),
                 any::<u64>(),

@@ -12,6 +12,7 @@ pub mod frame;
 pub mod loss;
 pub mod placement;
 pub mod session;
+pub mod status;
 pub mod topic;
 mod wire;
 
@@ -23,7 +24,8 @@ pub use loss::{LossReason, LossReport, LOSS_STREAM};
 /// 2: `Hello` carries the outbox incarnation, `Welcome` the one the cursor
 /// belongs to. 3: `Batch` carries its block codec; `Ping`/`Pong`. 4: records
 /// may be sent out of seq order — `Batch.floor`, `Ack.applied`, `Welcome.top`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `Welcome.version` (the aggregator's), `Status` frames from the node.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Oldest version an aggregator still serves (edges are upgraded after it).
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
@@ -104,4 +106,12 @@ pub enum DecodeError {
     /// The zstd block could not be decompressed within its declared size.
     #[error("batch decompression failed: {0}")]
     Decompress(String),
+    /// A field whose content is not what it must be.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -79,6 +79,9 @@ pub(super) fn probe_after() -> Duration {
 pub(super) fn keepalive() -> Duration {
     Duration::from_secs(60)
 }
+pub(super) fn status_every() -> Duration {
+    Duration::from_secs(30)
+}
 pub(super) fn stall_timeout() -> Duration {
     Duration::from_secs(15)
 }

@@ -593,6 +593,11 @@ pub struct UplinkConfig {
     /// a dead idle link). About 100 bytes per ping and pong.
     #[serde(default = "defaults::keepalive", with = "humantime_serde")]
     pub keepalive: Duration,
+    /// How often the node tells the aggregator how it is (backlog, drops,
+    /// health, versions; a `Status` frame of a few hundred bytes), and once
+    /// at each connect. Aggregators before protocol 5 are not sent it.
+    #[serde(default = "defaults::status_every", with = "humantime_serde")]
+    pub status_every: Duration,
     /// Batches in flight, the aggregator answers pings, but nothing is
     /// acknowledged for this long: reconnect.
     #[serde(default = "defaults::stall_timeout", with = "humantime_serde")]

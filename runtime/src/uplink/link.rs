@@ -88,6 +88,20 @@ async fn probe_done<'a>(
     }
 }
 
+/// The status being made, when it is done (`None` if its task failed).
+async fn join_status(
+    slot: &mut Option<JoinHandle<fogline_protocol::status::NodeStatus>>,
+) -> Option<fogline_protocol::status::NodeStatus> {
+    match slot {
+        Some(t) => {
+            let r = t.await.ok();
+            *slot = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -141,6 +155,9 @@ impl<'a> Ctx<'a> {
         cert_check.tick().await;
         let on_tcp = self.attempt.transport == Transport::Tcp;
         let mut sent_records = 0u64;
+        // The node's status: once active, then every status_every.
+        let mut status_at = up.status.as_ref().map(|_| Instant::now());
+        let mut status_task: Option<JoinHandle<fogline_protocol::status::NodeStatus>> = None;
 
         let end = 'conn: loop {
             while let Some(action) = session.poll_action() {
@@ -299,6 +316,17 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 },
+                _ = sleep_until(status_at), if session.is_active() && status_task.is_none() => {
+                    if let Some(source) = up.status.clone() {
+                        status_task = Some(tokio::task::spawn_blocking(move || source()));
+                    }
+                    status_at = Some(Instant::now() + up.config.status_every);
+                }
+                r = join_status(&mut status_task) => {
+                    if let Some(status) = r {
+                        session.send_status(status, Instant::now());
+                    }
+                }
                 _ = sleep_until(quic_retry_at) => {
                     let attempt = dialer.probe(self.attempt.server, Transport::Quic);
                     probe = Some(self.probe(attempt, true, handle.rtt()));
@@ -324,6 +352,9 @@ impl<'a> Ctx<'a> {
             }
         };
         if let Some(t) = read.take() {
+            t.abort();
+        }
+        if let Some(t) = status_task.take() {
             t.abort();
         }
         debug!(server = self.server, sent_records, "Connection ended.");

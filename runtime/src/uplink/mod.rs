@@ -201,9 +201,14 @@ impl UplinkState {
     }
 }
 
+/// Makes the node's status for the aggregator (blocks: reads the outbox).
+pub type StatusSource = Arc<dyn Fn() -> fogline_protocol::status::NodeStatus + Send + Sync>;
+
 /// Everything the uplink needs.
 pub struct Uplink {
     config: UplinkConfig,
+    /// Where the node's status comes from, if it sends one.
+    status: Option<StatusSource>,
     /// The node's id: it orders the aggregators (rendezvous hashing).
     node_id: String,
     tls: ClientTls,
@@ -236,12 +241,20 @@ impl Uplink {
                 key: config.resolve(&uplink.key),
             },
             config: uplink.clone(),
+            status: None,
             node_id: config.node.id.clone(),
             outbox: Outbox::new(reader),
             state,
             committed,
             committed_seq,
         }
+    }
+
+    /// Sends the node's status from `source` at each connect and every
+    /// `uplink.status_every`.
+    pub fn with_status(mut self, source: StatusSource) -> Self {
+        self.status = Some(source);
+        self
     }
 
     fn session_config(&self) -> ClientConfig {

@@ -6,7 +6,10 @@
 //! and incarnations (u64, past what JavaScript holds exactly) are strings.
 //!
 //! - `GET /api/v1/connections` → `[{"node","transport","remote","since_ms","serial","not_after"}]`.
-//! - `GET /api/v1/nodes` → `[{"node","cursor","records","last_update_ms","incarnation","lost_records","losses"}]`.
+//! - `GET /api/v1/nodes` → `[{"node","connected","aggregator","last_seen_ms","lag_ms","records_per_s",
+//!   "cursor","records","last_update_ms","incarnation","lost_records","losses","status","status_received_ms"}]`.
+//! - `GET /api/v1/nodes/{id}` → the same for one node, plus `"streams":[{"stream","records","last_ms"}]`
+//!   and `"throughput":[{"t_ms","records"}]` (per minute, the last hour, applied here).
 //! - `GET /api/v1/records?node=N[&stream=F][&after_seq=K][&from_ms=T][&to_ms=T][&limit=L]` →
 //!   `{"node","records":[{"seq","stream","timestamp_ms","received_ms","payload"}],"next_after_seq","more"}`:
 //!   `stream` is an MQTT topic filter (`+`, `#`); `from_ms`/`to_ms` bound the
@@ -24,7 +27,7 @@ mod json;
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -33,9 +36,9 @@ use fogline_telemetry::health::Health;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::service::nodes::Nodes;
+use crate::service::nodes::{Activity, Nodes};
 use crate::store::health::StoreHealth;
-use crate::store::{RecordQuery, Store, MAX_QUERY_LIMIT};
+use crate::store::{NodeSummary, RecordQuery, Store, MAX_QUERY_LIMIT};
 
 /// Default page size of `/api/v1/records`.
 const DEFAULT_LIMIT: usize = 1000;
@@ -67,6 +70,7 @@ pub fn router(api: Api) -> Router {
     let metrics = fogline_telemetry::prometheus_handle();
     Router::new()
         .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes/{id}", get(node_detail))
         .route(
             "/api/v1/connections",
             get(|State(state): State<AppState>| async move { Json(state.nodes.connections()) }),
@@ -104,11 +108,98 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A status this old (twice the edge's default `status_every`, plus
+/// slack) no longer shows a node connected to another aggregator.
+const STATUS_FRESH_MS: u64 = 90_000;
+
+/// A node as the fleet view shows it: the store's summary, plus whether it
+/// is connected (here, or to the aggregator holding its lease with a fresh
+/// status), when it was last seen, its replication lag (now − event time
+/// of its oldest unacknowledged record, by its status; 0 with no backlog)
+/// and the records per second this aggregator applied for it.
+fn node_view(
+    n: NodeSummary,
+    holder: Option<&str>,
+    activity: Option<(bool, Activity)>,
+    now_ms: u64,
+) -> Value {
+    let here = activity.as_ref().is_some_and(|a| a.0);
+    let seen_here = activity.as_ref().map_or(0, |a| a.1.last_seen_ms);
+    let status_at = n.status_received_ms.unwrap_or(0);
+    let connected =
+        here || (holder.is_some() && now_ms.saturating_sub(status_at) < STATUS_FRESH_MS);
+    let last_seen = seen_here.max(status_at).max(n.last_update_ms);
+    let lag_ms = n.status.as_ref().and_then(|s| {
+        if s["backlog_records"].as_u64() == Some(0) {
+            Some(0)
+        } else {
+            s["oldest_ms"].as_u64().map(|t| now_ms.saturating_sub(t))
+        }
+    });
+    let rate = activity.filter(|a| a.0).map(|a| a.1.records_per_s(now_ms));
+    let mut v = serde_json::to_value(&n).unwrap_or_default();
+    v["connected"] = json!(connected);
+    v["aggregator"] = json!(holder);
+    v["last_seen_ms"] = if last_seen == 0 {
+        Value::Null
+    } else {
+        json!(last_seen)
+    };
+    v["lag_ms"] = json!(lag_ms);
+    v["records_per_s"] = json!(rate);
+    v
+}
+
 async fn list_nodes(State(state): State<AppState>) -> Response {
-    match state.store.nodes().await {
-        Ok(nodes) => Json(nodes).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    let (nodes, leases) = match tokio::try_join!(state.store.nodes(), state.store.leases()) {
+        Ok(x) => x,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let now = fogline_telemetry::clock::now_ms();
+    let holders: std::collections::HashMap<String, Option<String>> =
+        leases.into_iter().map(|l| (l.node, l.holder)).collect();
+    let views: Vec<Value> = nodes
+        .into_iter()
+        .map(|n| {
+            let holder = holders.get(&n.node).and_then(|h| h.as_deref());
+            let activity = state.nodes.activity(&n.node);
+            node_view(n, holder, activity, now)
+        })
+        .collect();
+    Json(views).into_response()
+}
+
+/// `/api/v1/nodes/{id}`: the node's view, its streams, and the records per
+/// minute this aggregator applied for it over the last hour.
+async fn node_detail(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let (nodes, leases, streams) = match tokio::try_join!(
+        state.store.nodes(),
+        state.store.leases(),
+        state.store.streams(&id)
+    ) {
+        Ok(x) => x,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let Some(n) = nodes.into_iter().find(|n| n.node == id) else {
+        return error(StatusCode::NOT_FOUND, format!("no node {id:?} is known"));
+    };
+    let now = fogline_telemetry::clock::now_ms();
+    let holder = leases
+        .into_iter()
+        .find(|l| l.node == id)
+        .and_then(|l| l.holder);
+    let activity = state.nodes.activity(&id);
+    let throughput: Vec<Value> = activity
+        .as_ref()
+        .map(|a| a.1.throughput(now))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(t_ms, records)| json!({ "t_ms": t_ms, "records": records }))
+        .collect();
+    let mut v = node_view(n, holder.as_deref(), activity, now);
+    v["streams"] = json!(streams);
+    v["throughput"] = json!(throughput);
+    Json(v).into_response()
 }
 
 #[derive(Debug, Deserialize)]

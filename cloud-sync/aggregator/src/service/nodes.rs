@@ -45,6 +45,62 @@ struct Current {
 struct Slot {
     current: Mutex<Option<Current>>,
     apply: Arc<tokio::sync::Mutex<()>>,
+    activity: Mutex<Activity>,
+}
+
+/// Minutes of applied-record counts kept per node, for the sparkline.
+pub const THROUGHPUT_MINUTES: usize = 60;
+
+/// What this aggregator saw of a node: when it last heard from it, and the
+/// records it applied per minute over the last hour.
+#[derive(Debug, Clone, Default)]
+pub struct Activity {
+    /// Last frame received (ms since the Unix epoch); 0: never.
+    pub last_seen_ms: u64,
+    /// (minute, records applied in it), oldest first.
+    minutes: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Activity {
+    fn applied(&mut self, records: u64, now_ms: u64) {
+        let minute = now_ms / 60_000;
+        match self.minutes.back_mut() {
+            Some((m, n)) if *m == minute => *n += records,
+            _ => self.minutes.push_back((minute, records)),
+        }
+        while self
+            .minutes
+            .front()
+            .is_some_and(|(m, _)| *m + THROUGHPUT_MINUTES as u64 <= minute)
+        {
+            self.minutes.pop_front();
+        }
+    }
+
+    /// Records applied per second over the last full minute.
+    pub fn records_per_s(&self, now_ms: u64) -> f64 {
+        let last = now_ms / 60_000 - 1;
+        self.minutes
+            .iter()
+            .find(|(m, _)| *m == last)
+            .map_or(0.0, |(_, n)| *n as f64 / 60.0)
+    }
+
+    /// `(minute start in ms, records)` for the last hour, oldest first,
+    /// minutes without records included as 0.
+    pub fn throughput(&self, now_ms: u64) -> Vec<(u64, u64)> {
+        let now = now_ms / 60_000;
+        (now + 1 - THROUGHPUT_MINUTES as u64..=now)
+            .map(|m| {
+                let n = self
+                    .minutes
+                    .iter()
+                    .find(|(x, _)| *x == m)
+                    .map_or(0, |e| e.1);
+                (m * 60_000, n)
+            })
+            .collect()
+    }
 }
 
 /// Every node's slot.
@@ -58,6 +114,22 @@ pub struct Turn {
     _guard: OwnedMutexGuard<()>,
     slot: Arc<Slot>,
     id: usize,
+}
+
+impl Turn {
+    /// A frame came from the node.
+    pub fn seen(&self, now_ms: u64) {
+        if let Ok(mut a) = self.slot.activity.lock() {
+            a.last_seen_ms = now_ms;
+        }
+    }
+
+    /// Records of the node were applied.
+    pub fn applied(&self, records: u64, now_ms: u64) {
+        if let Ok(mut a) = self.slot.activity.lock() {
+            a.applied(records, now_ms);
+        }
+    }
 }
 
 impl Drop for Turn {
@@ -118,6 +190,15 @@ impl Nodes {
             slot,
             id,
         })
+    }
+
+    /// Whether `node` is connected here now, and what this aggregator saw
+    /// of it (`None`: never connected here).
+    pub fn activity(&self, node: &str) -> Option<(bool, Activity)> {
+        let slot = self.slots.lock().ok()?.get(node)?.clone();
+        let connected = slot.current.lock().map(|c| c.is_some()).unwrap_or(false);
+        let activity = slot.activity.lock().ok()?.clone();
+        Some((connected, activity))
     }
 
     /// Closes the live connections `refuse` picks (revoked or expired

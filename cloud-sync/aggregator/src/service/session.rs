@@ -82,6 +82,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
     let mut turn: Option<Turn> = None;
     let mut cursor_task: Option<Task<(Lease, StoredCursor)>> = None;
     let mut lease: Option<Lease> = None;
+    let mut status_task: Option<JoinHandle<()>> = None;
     let mut apply_task: Option<Task<ApplyOutcome, ApplyFailed>> = None;
     let mut applied_records = 0u64;
     metrics::gauge!(super::events::CONNECTIONS, "transport" => transport.name()).increment(1.0);
@@ -129,6 +130,21 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                     Some(l) => apply_task = Some(spawn_apply(&shared, l.clone(), req)),
                     None => session.close(ErrorCode::Internal, "apply without a lease".into()),
                 },
+                ServerAction::Status(status) => {
+                    // At most one write in flight: a newer status while one
+                    // is being stored waits for the next (30 s later).
+                    if status_task.as_ref().is_none_or(|t| t.is_finished()) {
+                        let shared = shared.clone();
+                        let n = node.clone();
+                        status_task = Some(tokio::spawn(async move {
+                            let now = fogline_telemetry::clock::now_ms();
+                            if let Err(e) = shared.store.put_status(&n, &status, now).await {
+                                shared.health.failed(&e, now);
+                                warn!(node = %n, error = %e, "Storing the node's status failed.");
+                            }
+                        }));
+                    }
+                }
                 ServerAction::Close { code, reason } => break 'session (code, reason, true),
             }
         }
@@ -143,6 +159,9 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
         tokio::select! {
             frame = reader.next(), if session.wants_read() => match frame {
                 Ok(frame) => {
+                    if let Some(t) = &turn {
+                        t.seen(fogline_telemetry::clock::now_ms());
+                    }
                     session.handle_frame(frame, Instant::now());
                     if let Some(v) = session.peer_version() {
                         reader.set_peer_version(v);
@@ -163,6 +182,9 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
             r = join(&mut apply_task) => match r {
                 Ok(o) => {
                     applied_records += o.inserted as u64;
+                    if let Some(t) = &turn {
+                        t.applied(o.inserted as u64, fogline_telemetry::clock::now_ms());
+                    }
                     session.handle_applied(Ok(o.cursor), Instant::now());
                 }
                 Err(ApplyFailed::Store(e)) => session.handle_applied(Err(e), Instant::now()),

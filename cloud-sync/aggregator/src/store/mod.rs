@@ -325,6 +325,21 @@ pub struct NodeSummary {
     /// What the node reported it lost or dead-lettered, by stream and
     /// reason (I-33).
     pub losses: Vec<LossSummary>,
+    /// The node's latest status frame, as it sent it (protocol 5).
+    pub status: Option<serde_json::Value>,
+    /// When the aggregator received it.
+    pub status_received_ms: Option<u64>,
+}
+
+/// One stream of a node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamSummary {
+    /// The stream (MQTT topic).
+    pub stream: String,
+    /// Records stored.
+    pub records: u64,
+    /// Event time of its newest record.
+    pub last_ms: u64,
 }
 
 /// A node's losses on one stream for one reason, summed over its reports.
@@ -449,6 +464,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<'a, Vec<StoredRecord>>;
     /// All known nodes.
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>>;
+    /// Keeps `node`'s latest status (replacing the one before).
+    fn put_status<'a>(
+        &'a self,
+        node: &'a str,
+        status: &'a fogline_protocol::status::NodeStatus,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()>;
+    /// `node`'s streams with their record counts, at most
+    /// [`MAX_LATEST_STREAMS`].
+    fn streams<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Vec<StreamSummary>>;
     /// `node`'s loss reports with seq above `after_seq`, ascending, at most
     /// `limit` (capped at [`MAX_QUERY_LIMIT`]).
     fn losses<'a>(

@@ -25,7 +25,7 @@ use tokio_postgres::{NoTls, Row};
 use super::{
     ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, PageBuilder,
     RecordPage, RecordQuery, Store, StoreError, StoreFuture, StoredLoss, StoredRecord,
-    MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
+    StreamSummary, MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
 };
 
 /// One UTC day, the partition width.
@@ -90,6 +90,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         // The newest record per stream (`latest`), and stream-filtered pages.
         "CREATE INDEX records_by_stream_seq ON records (node, stream, seq DESC);",
+    ),
+    (
+        3,
+        // Each node's latest status frame (JSON, as sent).
+        "CREATE TABLE node_status (
+            node TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            received_ms BIGINT NOT NULL
+        );",
     ),
 ];
 
@@ -612,8 +621,10 @@ impl PostgresStore {
                  COALESCE(c.updated_ms, (SELECT MAX(g.detected_ms) FROM gaps g WHERE g.node = n.node)), \
                  (SELECT COUNT(*) FROM records r WHERE r.node = n.node), c.incarnation, \
                  (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0)::BIGINT FROM gaps g WHERE g.node = n.node) \
-                 FROM (SELECT node FROM cursors UNION SELECT node FROM gaps) n \
-                 LEFT JOIN cursors c ON c.node = n.node ORDER BY n.node",
+                 , s.status, s.received_ms \
+                 FROM (SELECT node FROM cursors UNION SELECT node FROM gaps UNION SELECT node FROM node_status) n \
+                 LEFT JOIN cursors c ON c.node = n.node LEFT JOIN node_status s ON s.node = n.node \
+                 ORDER BY n.node",
                 &[],
             )
             .await
@@ -628,6 +639,10 @@ impl PostgresStore {
                 incarnation: r.get::<_, Option<i64>>(4).map(from_sql),
                 lost_records: from_sql(r.get(5)),
                 losses: Vec::new(),
+                status: r
+                    .get::<_, Option<String>>(6)
+                    .and_then(|t| serde_json::from_str(&t).ok()),
+                status_received_ms: r.get::<_, Option<i64>>(7).map(from_sql),
             })
             .collect();
         let sums = client
@@ -756,6 +771,50 @@ impl Store for PostgresStore {
 
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {
         Box::pin(self.nodes_now())
+    }
+
+    fn put_status<'a>(
+        &'a self,
+        node: &'a str,
+        status: &'a fogline_protocol::status::NodeStatus,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let json = String::from_utf8_lossy(&status.encode()).into_owned();
+            client
+                .execute(
+                    "INSERT INTO node_status (node, status, received_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (node) DO UPDATE SET status = excluded.status, \
+                     received_ms = excluded.received_ms",
+                    &[&node, &json, &to_sql(now_ms)],
+                )
+                .await
+                .map(drop)
+                .map_err(pg_err("store status", Some(node)))
+        })
+    }
+
+    fn streams<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Vec<StreamSummary>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT stream, COUNT(*), MAX(timestamp_ms) FROM records WHERE node = $1 \
+                     GROUP BY stream ORDER BY stream LIMIT $2",
+                    &[&node, &(MAX_LATEST_STREAMS as i64)],
+                )
+                .await
+                .map_err(pg_err("list streams", Some(node)))?;
+            Ok(rows
+                .iter()
+                .map(|r| StreamSummary {
+                    stream: r.get(0),
+                    records: from_sql(r.get(1)),
+                    last_ms: from_sql(r.get(2)),
+                })
+                .collect())
+        })
     }
 
     fn losses<'a>(

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     ApplyBatches, ApplyOutcome, Lease, LeaseInfo, LossSummary, NodeSummary, PageBuilder,
     RecordPage, RecordQuery, Store, StoreError, StoreFuture, StoredLoss, StoredRecord,
-    MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
+    StreamSummary, MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
 };
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::DecodedBatch;
@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS gaps (
 );
 -- The newest record per stream (`latest`), and stream-filtered pages.
 CREATE INDEX IF NOT EXISTS records_by_stream ON records (node, stream, seq);
+-- Each node's latest status frame (JSON, as sent).
+CREATE TABLE IF NOT EXISTS node_status (
+    node TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
 -- Who may apply a node's batches (I-36): every take raises the token.
 CREATE TABLE IF NOT EXISTS leases (
     node TEXT PRIMARY KEY,
@@ -540,8 +546,10 @@ impl Inner {
              COALESCE(c.updated_ms, (SELECT MAX(g.detected_ms) FROM gaps g WHERE g.node = n.node)), \
              (SELECT COUNT(*) FROM records r WHERE r.node = n.node), c.incarnation, \
              (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0) FROM gaps g WHERE g.node = n.node) \
-             FROM (SELECT node FROM cursors UNION SELECT node FROM gaps) n \
-             LEFT JOIN cursors c ON c.node = n.node ORDER BY n.node",
+             , s.status, s.received_ms \
+             FROM (SELECT node FROM cursors UNION SELECT node FROM gaps UNION SELECT node FROM node_status) n \
+             LEFT JOIN cursors c ON c.node = n.node LEFT JOIN node_status s ON s.node = n.node \
+             ORDER BY n.node",
         )
         .and_then(|mut st| {
             st.query_map([], |r| {
@@ -553,6 +561,10 @@ impl Inner {
                     incarnation: r.get::<_, Option<i64>>(4)?.map(from_sql),
                     lost_records: from_sql(r.get(5)?),
                     losses: Vec::new(),
+                    status: r
+                        .get::<_, Option<String>>(6)?
+                        .and_then(|t| serde_json::from_str(&t).ok()),
+                    status_received_ms: r.get::<_, Option<i64>>(7)?.map(from_sql),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()
@@ -564,6 +576,42 @@ impl Inner {
             Ok(nodes)
         })
         .map_err(q_err("list nodes", None))
+    }
+
+    fn put_status(
+        &self,
+        node: &str,
+        status: &fogline_protocol::status::NodeStatus,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let conn = lock(&self.writer)?;
+        let json = String::from_utf8_lossy(&status.encode()).into_owned();
+        conn.prepare_cached(
+            "INSERT INTO node_status (node, status, received_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(node) DO UPDATE SET status = excluded.status, received_ms = excluded.received_ms",
+        )
+        .and_then(|mut st| st.execute(params![node, json, to_sql(now_ms)]))
+        .map(drop)
+        .map_err(q_err("store status", Some(node)))
+    }
+
+    fn streams(&self, node: &str) -> Result<Vec<StreamSummary>, StoreError> {
+        let conn = lock(&self.reader)?;
+        conn.prepare_cached(
+            "SELECT stream, COUNT(*), MAX(timestamp_ms) FROM records WHERE node = ?1 \
+             GROUP BY stream ORDER BY stream LIMIT ?2",
+        )
+        .and_then(|mut st| {
+            st.query_map(params![node, MAX_LATEST_STREAMS as i64], |r| {
+                Ok(StreamSummary {
+                    stream: r.get(0)?,
+                    records: from_sql(r.get(1)?),
+                    last_ms: from_sql(r.get(2)?),
+                })
+            })?
+            .collect()
+        })
+        .map_err(q_err("list streams", Some(node)))
     }
 
     fn losses(
@@ -658,6 +706,21 @@ impl Store for SqliteStore {
 
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {
         self.blocking(Inner::nodes)
+    }
+
+    fn put_status<'a>(
+        &'a self,
+        node: &'a str,
+        status: &'a fogline_protocol::status::NodeStatus,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        let (node, status) = (node.to_string(), status.clone());
+        self.blocking(move |s| s.put_status(&node, &status, now_ms))
+    }
+
+    fn streams<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Vec<StreamSummary>> {
+        let node = node.to_string();
+        self.blocking(move |s| s.streams(&node))
     }
 
     fn losses<'a>(

@@ -244,6 +244,8 @@ pub struct ClientSession {
     outbox: OutboxInfo,
     phase: Phase,
     node_id: Option<String>,
+    /// The aggregator's protocol version, from `Welcome` (5 and later).
+    server_version: Option<u32>,
     actions: VecDeque<ClientAction>,
     window: Window,
     created: Instant,
@@ -288,6 +290,7 @@ impl ClientSession {
             outbox,
             phase: Phase::AwaitWelcome,
             node_id: None,
+            server_version: None,
             actions: VecDeque::new(),
             window,
             created: now,
@@ -363,6 +366,17 @@ impl ClientSession {
         self.node_id.as_deref()
     }
 
+    /// Sends the node's status, if the session is active and the
+    /// aggregator speaks protocol 5 (an older one would call the frame
+    /// malformed). Returns whether it was queued.
+    pub fn send_status(&mut self, status: crate::status::NodeStatus, now: Instant) -> bool {
+        if !self.is_active() || self.server_version.is_none_or(|v| v < 5) {
+            return false;
+        }
+        self.send(Frame::Status(status), now);
+        true
+    }
+
     /// Counters.
     pub fn stats(&self) -> ClientStats {
         self.stats
@@ -397,8 +411,10 @@ impl ClientSession {
                 incarnation,
                 epoch,
                 top,
+                version,
             } if self.phase == Phase::AwaitWelcome => {
                 self.node_id = Some(node_id);
+                self.server_version = version;
                 let welcomed = Welcomed {
                     cursor,
                     incarnation,
@@ -728,6 +744,7 @@ mod tests {
             incarnation: 7,
             epoch: 1,
             top: None,
+            version: None,
         }
     }
 

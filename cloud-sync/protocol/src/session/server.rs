@@ -90,6 +90,8 @@ pub enum ServerAction {
     /// Decode the batches (on a blocking thread) and apply them in one
     /// transaction, then call [`ServerSession::handle_applied`].
     Apply(ApplyRequest),
+    /// The node said how it is (protocol 5): keep it for the fleet view.
+    Status(crate::status::NodeStatus),
     /// The session is over: send `Error{code, reason}` where the transport
     /// needs it and close the connection with `code`.
     Close {
@@ -220,6 +222,9 @@ impl ServerSession {
         match (frame, self.phase) {
             (Frame::Ping { nonce }, _) => self.send(Frame::Pong { nonce }),
             (Frame::Pong { .. }, _) => {}
+            (Frame::Status(status), Phase::Active { .. }) => {
+                self.actions.push_back(ServerAction::Status(status));
+            }
             (
                 Frame::Hello {
                     protocol_version,
@@ -348,6 +353,7 @@ impl ServerSession {
             incarnation: stored.incarnation.unwrap_or(0),
             epoch: stored.epoch,
             top: self.counts_batches().then_some(stored.top()),
+            version: self.version.filter(|v| *v >= 5).map(|_| PROTOCOL_VERSION),
         });
     }
 
@@ -512,6 +518,7 @@ mod tests {
                 incarnation: 77,
                 epoch: 3,
                 top: (version >= 4).then_some(cursor),
+                version: (version >= 5).then_some(crate::PROTOCOL_VERSION),
             })]
         );
         s

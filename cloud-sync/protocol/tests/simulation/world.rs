@@ -1691,6 +1691,8 @@ impl World {
                             }
                         }
                     }
+                    // The simulated nodes send no status.
+                    ServerAction::Status(_) => {}
                     ServerAction::ReadCursor => {
                         // Takeover at Hello: the node's older session goes.
                         if let Some(old) = self.agg.owner.filter(|o| *o != conn) {

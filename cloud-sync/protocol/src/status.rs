@@ -1,0 +1,153 @@
+//! A node's status, sent by the edge in a `Status` frame (protocol 5) when
+//! a session starts and then every `uplink.status_every`: what the fleet
+//! page and `/api/v1/nodes` show about a gateway beyond its data — backlog,
+//! drops, dead letters, health, versions, certificate expiry.
+//!
+//! Carried as JSON inside the frame: fields can be added without a new
+//! protocol version (unknown ones are ignored, missing ones default), and
+//! the aggregator stores it as it came. Bounded by [`MAX_STATUS_BYTES`].
+
+use serde::{Deserialize, Serialize};
+
+/// Largest status accepted, encoded.
+pub const MAX_STATUS_BYTES: usize = 64 * 1024;
+
+/// Most entries in each of its lists.
+pub const MAX_STATUS_ITEMS: usize = 100;
+
+/// What a node says about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeStatus {
+    /// When the node made it (node clock, ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Its software (`fogline-edge/0.1.0`).
+    pub version: String,
+    /// `ok`, `degraded` (problems that do not lose data yet) or
+    /// `unhealthy`.
+    pub health: String,
+    /// Its problems, one line each.
+    pub problems: Vec<String>,
+    /// Records buffered and not yet acknowledged.
+    pub backlog_records: u64,
+    /// Their bytes.
+    pub backlog_bytes: u64,
+    /// Event time of the oldest record not yet acknowledged.
+    pub oldest_ms: Option<u64>,
+    /// Records lost on the gateway, by reason, since its outbox began.
+    pub drops: Vec<DropCount>,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+    /// The functions running, with their versions.
+    pub modules: Vec<ModuleVersion>,
+    /// When the node's certificate expires (ms since the Unix epoch).
+    pub cert_not_after_ms: Option<u64>,
+}
+
+/// Records lost for one reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DropCount {
+    /// `quota`, `max_age`, `unrouted`, `dead_letter_pruned`, `corrupt`, …
+    pub reason: String,
+    /// How many.
+    pub records: u64,
+}
+
+/// A function and the version it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModuleVersion {
+    /// The function (pipeline/function).
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// A status that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StatusError {
+    /// Larger than [`MAX_STATUS_BYTES`].
+    #[error("status is {0} bytes, limit is {MAX_STATUS_BYTES}")]
+    TooLarge(usize),
+    /// Not the expected JSON.
+    #[error("status is not valid JSON: {0}")]
+    Json(String),
+}
+
+impl NodeStatus {
+    /// JSON, its lists cut to [`MAX_STATUS_ITEMS`] and its text to 256
+    /// bytes per item, so it always fits.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut s = self.clone();
+        s.problems.truncate(MAX_STATUS_ITEMS);
+        s.drops.truncate(MAX_STATUS_ITEMS);
+        s.modules.truncate(MAX_STATUS_ITEMS);
+        for p in &mut s.problems {
+            cut(p);
+        }
+        for m in &mut s.modules {
+            cut(&mut m.name);
+            cut(&mut m.version);
+        }
+        for d in &mut s.drops {
+            cut(&mut d.reason);
+        }
+        cut(&mut s.version);
+        cut(&mut s.health);
+        serde_json::to_vec(&s).unwrap_or_default()
+    }
+
+    /// Parses what a peer sent.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StatusError> {
+        if bytes.len() > MAX_STATUS_BYTES {
+            return Err(StatusError::TooLarge(bytes.len()));
+        }
+        serde_json::from_slice(bytes).map_err(|e| StatusError::Json(e.to_string()))
+    }
+}
+
+/// Cuts `s` to 256 bytes at a char boundary.
+fn cut(s: &mut String) {
+    if s.len() > 256 {
+        let mut end = 256;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_round_trips_and_always_fits() {
+        let mut s = NodeStatus {
+            at_ms: 5,
+            version: "fogline-edge/0.1.0".into(),
+            health: "ok".into(),
+            backlog_records: 3,
+            drops: vec![DropCount {
+                reason: "quota".into(),
+                records: 9,
+            }],
+            ..NodeStatus::default()
+        };
+        assert_eq!(NodeStatus::decode(&s.encode()).unwrap(), s);
+        s.problems = vec!["é".repeat(1000); 10_000];
+        let bytes = s.encode();
+        assert!(bytes.len() <= MAX_STATUS_BYTES, "{}", bytes.len());
+        assert_eq!(
+            NodeStatus::decode(&bytes).unwrap().problems.len(),
+            MAX_STATUS_ITEMS
+        );
+        // A newer node's extra field is ignored; a missing one defaults.
+        let newer = br#"{"at_ms":1,"future":true}"#;
+        assert_eq!(NodeStatus::decode(newer).unwrap().at_ms, 1);
+        assert!(NodeStatus::decode(b"[").is_err());
+        assert!(NodeStatus::decode(&vec![b' '; MAX_STATUS_BYTES + 1]).is_err());
+    }
+}
