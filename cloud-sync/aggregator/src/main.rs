@@ -24,6 +24,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask the running aggregator: its health, the aggregators holding
+    /// node leases, and each node (connected, lag, backlog, losses). Exit 0
+    /// healthy, 1 unhealthy, 3 not answering.
+    Status {
+        /// Path to cloud.toml (where the API listens, its TLS).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// An API token (or the environment variable FOGLINE_TOKEN).
+        #[arg(long, env = "FOGLINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Validate cloud.toml and its TLS material without starting.
     Check {
         /// Path to cloud.toml.
@@ -145,6 +156,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
+        Command::Status { config, token } => return status(&config, token.as_deref()),
         Command::Certs(c) => certs_command(c),
         Command::Token(c) => token_command(c),
     };
@@ -227,6 +239,146 @@ fn check(path: &Path) -> anyhow::Result<()> {
         config.store.describe()
     );
     Ok(())
+}
+
+/// Exit codes as `systemctl status` uses them (and `fogline-edge status`).
+const EXIT_UNHEALTHY: u8 = 1;
+const EXIT_NOT_RUNNING: u8 = 3;
+
+fn status(path: &Path, token: Option<&str>) -> ExitCode {
+    match status_inner(path, token) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+    }
+}
+
+fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
+    let config = CloudConfig::load(path)?;
+    let mut addr = config.http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let tls = config.http.tls_cert.is_some();
+    let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5));
+    if tls {
+        // The API's certificate is the aggregator's: trust the fleet CA.
+        let ca = std::fs::read(&config.tls.ca)
+            .with_context(|| format!("reading {}", config.tls.ca.display()))?;
+        client = client.add_root_certificate(
+            reqwest::Certificate::from_pem(&ca).context("the fleet CA is not PEM")?,
+        );
+    }
+    let client = client.build().context("making the HTTP client")?;
+    let base = format!(
+        "{}://{}",
+        if tls { "https" } else { "http" },
+        if tls {
+            format!("localhost:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let get = |p: &str| {
+            let mut r = client.get(format!("{base}{p}"));
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            r.send()
+        };
+        let health = match get("/healthz").await {
+            Ok(r) => r,
+            Err(e) => {
+                println!("aggregator at {base}: not answering ({e})");
+                return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+            }
+        };
+        let code = health.status();
+        if code == reqwest::StatusCode::UNAUTHORIZED {
+            anyhow::bail!(
+                "{base} wants a token: pass --token or set FOGLINE_TOKEN (fogline-cloud token new --config {} --name <who>)",
+                path.display()
+            );
+        }
+        let h: serde_json::Value = health.json().await.unwrap_or_default();
+        let healthy = code.is_success();
+        println!(
+            "aggregator at {base}: {}",
+            h["status"].as_str().unwrap_or(if healthy { "ok" } else { "unhealthy" })
+        );
+        for p in h["problems"].as_array().into_iter().flatten() {
+            println!("  problem: {} {}: {}", p["component"], p["kind"], p["detail"]);
+        }
+        let nodes: serde_json::Value = get("/api/v1/nodes")
+            .await
+            .context("GET /api/v1/nodes")?
+            .error_for_status()
+            .context("GET /api/v1/nodes")?
+            .json()
+            .await
+            .context("GET /api/v1/nodes: not JSON")?;
+        let nodes = nodes.as_array().cloned().unwrap_or_default();
+        let mut by_holder: std::collections::BTreeMap<String, usize> = Default::default();
+        for n in &nodes {
+            if let Some(h) = n["aggregator"].as_str() {
+                *by_holder.entry(h.to_string()).or_default() += 1;
+            }
+        }
+        println!("aggregators holding nodes: {}", by_holder.len());
+        for (h, n) in &by_holder {
+            println!("  {h:<32} {n} node(s)");
+        }
+        let now = fogline_telemetry::clock::now_ms();
+        let connected = nodes.iter().filter(|n| n["connected"] == true).count();
+        println!("nodes: {} known, {connected} connected", nodes.len());
+        println!(
+            "  {:<24} {:<13} {:>10} {:>10} {:>10} {:>8}",
+            "node", "state", "last seen", "lag", "backlog", "lost"
+        );
+        for n in &nodes {
+            let state = if n["connected"] == true {
+                if n["status"]["health"] == "unhealthy" {
+                    "unhealthy"
+                } else {
+                    "connected"
+                }
+            } else {
+                "disconnected"
+            };
+            let secs = |ms: Option<u64>| ms.map_or("—".to_string(), |m| format!("{}s", m / 1000));
+            let lost = n["lost_records"].as_u64().unwrap_or(0)
+                + n["losses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|l| l["reason"] != "dead_lettered" && l["reason"] != "replayed")
+                    .filter_map(|l| l["records"].as_u64())
+                    .sum::<u64>();
+            println!(
+                "  {:<24} {:<13} {:>10} {:>10} {:>10} {:>8}",
+                n["node"].as_str().unwrap_or("?"),
+                state,
+                secs(n["last_seen_ms"].as_u64().map(|t| now.saturating_sub(t))),
+                secs(n["lag_ms"].as_u64()),
+                n["status"]["backlog_records"]
+                    .as_u64()
+                    .map_or("—".to_string(), |b| b.to_string()),
+                lost
+            );
+        }
+        Ok(if healthy {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_UNHEALTHY)
+        })
+    })
 }
 
 fn token_command(c: TokenCommand) -> anyhow::Result<()> {

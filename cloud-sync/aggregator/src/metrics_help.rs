@@ -30,6 +30,11 @@ const AT_START: &[Series] = &[
     (service::RECORDS_LOST_TOTAL, &[]),
     (service::CURSOR_REGRESSIONS_TOTAL, &[]),
     (service::APPLY_SECONDS, &[]),
+    (service::BYTES_IN_TOTAL, &[]),
+    (service::LEASES_HELD, &[]),
+    (service::STATUS_FRAMES_TOTAL, &[]),
+    (store::FENCED_TOTAL, &[]),
+    (store::PARTITIONS_DROPPED_TOTAL, &[]),
     (service::TLS_RELOADS_TOTAL, &[]),
     (service::TLS_RELOAD_FAILURES_TOTAL, &[]),
 ];
@@ -62,5 +67,44 @@ mod tests {
         let problems =
             fogline_telemetry::help::help_problems(&all_help(), AT_START.iter().map(|(n, _)| *n));
         assert!(problems.is_empty(), "{problems:?}");
+    }
+}
+
+#[cfg(test)]
+mod dashboard {
+    use super::*;
+
+    /// The Grafana dashboard in the repo uses only series the aggregator
+    /// exports (a renamed metric would leave an empty panel).
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../grafana/fogline-aggregators.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let dash: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let names: Vec<&str> = all_help().iter().map(|h| h.0).collect();
+        let mut used = 0;
+        for panel in dash["panels"].as_array().into_iter().flatten() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().unwrap_or_default();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("fogline_") {
+                        let base = word
+                            .trim_end_matches("_bucket")
+                            .trim_end_matches("_sum")
+                            .trim_end_matches("_count");
+                        assert!(
+                            names.contains(&base),
+                            "panel {:?} uses {word}, which the aggregator does not export",
+                            panel["title"]
+                        );
+                        used += 1;
+                    }
+                }
+            }
+        }
+        assert!(used >= 10, "the dashboard at {path} has {used} metric uses");
     }
 }

@@ -76,34 +76,64 @@ pub enum StatusError {
 }
 
 impl NodeStatus {
-    /// JSON, its lists cut to [`MAX_STATUS_ITEMS`] and its text to 256
-    /// bytes per item, so it always fits.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut s = self.clone();
-        s.problems.truncate(MAX_STATUS_ITEMS);
-        s.drops.truncate(MAX_STATUS_ITEMS);
-        s.modules.truncate(MAX_STATUS_ITEMS);
-        for p in &mut s.problems {
+    /// Its lists cut to [`MAX_STATUS_ITEMS`] and its text to 256 bytes per
+    /// item.
+    fn normalize(&mut self) {
+        self.problems.truncate(MAX_STATUS_ITEMS);
+        self.drops.truncate(MAX_STATUS_ITEMS);
+        self.modules.truncate(MAX_STATUS_ITEMS);
+        for p in &mut self.problems {
             cut(p);
         }
-        for m in &mut s.modules {
+        for m in &mut self.modules {
             cut(&mut m.name);
             cut(&mut m.version);
         }
-        for d in &mut s.drops {
+        for d in &mut self.drops {
             cut(&mut d.reason);
         }
-        cut(&mut s.version);
-        cut(&mut s.health);
-        serde_json::to_vec(&s).unwrap_or_default()
+        cut(&mut self.version);
+        cut(&mut self.health);
     }
 
-    /// Parses what a peer sent.
+    /// JSON, normalized, and within [`MAX_STATUS_BYTES`]: list items are
+    /// left out from the end until it fits.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut s = self.clone();
+        s.normalize();
+        loop {
+            let bytes = serde_json::to_vec(&s).unwrap_or_default();
+            if bytes.len() <= MAX_STATUS_BYTES {
+                return bytes;
+            }
+            // The longest list gives up an item.
+            let (p, m, d) = (s.problems.len(), s.modules.len(), s.drops.len());
+            if p >= m && p >= d && p > 0 {
+                s.problems.pop();
+            } else if m >= d && m > 0 {
+                s.modules.pop();
+            } else if d > 0 {
+                s.drops.pop();
+            } else {
+                return bytes;
+            }
+        }
+    }
+
+    /// Parses what a peer sent, normalized; refuses one whose normalized
+    /// form would not fit (so decode → encode → decode is the identity).
     pub fn decode(bytes: &[u8]) -> Result<Self, StatusError> {
         if bytes.len() > MAX_STATUS_BYTES {
             return Err(StatusError::TooLarge(bytes.len()));
         }
-        serde_json::from_slice(bytes).map_err(|e| StatusError::Json(e.to_string()))
+        let mut s: Self =
+            serde_json::from_slice(bytes).map_err(|e| StatusError::Json(e.to_string()))?;
+        s.normalize();
+        let size = serde_json::to_vec(&s).map_or(usize::MAX, |b| b.len());
+        if size > MAX_STATUS_BYTES {
+            return Err(StatusError::TooLarge(size));
+        }
+        Ok(s)
     }
 }
 

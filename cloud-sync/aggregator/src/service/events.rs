@@ -28,8 +28,30 @@ pub const TLS_RELOADS_TOTAL: &str = "fogline_cloud_tls_reloads_total";
 /// Changed TLS files that could not be loaded.
 pub const TLS_RELOAD_FAILURES_TOTAL: &str = "fogline_cloud_tls_reload_failures_total";
 
+/// Batch bytes received (as sent: compressed), by the batches applied.
+pub const BYTES_IN_TOTAL: &str = "fogline_cloud_bytes_in_total";
+/// Node leases this aggregator holds (I-36).
+pub const LEASES_HELD: &str = "fogline_cloud_leases_held";
+/// Status frames received from nodes.
+pub const STATUS_FRAMES_TOTAL: &str = "fogline_cloud_status_frames_total";
+
 /// HELP texts: name, kind, text.
 pub const HELP: &[Help] = &[
+    (
+        BYTES_IN_TOTAL,
+        Counter,
+        "Batch bytes received and applied, as sent (compressed).",
+    ),
+    (
+        LEASES_HELD,
+        Gauge,
+        "Node leases this aggregator holds: the nodes it applies for (I-36).",
+    ),
+    (
+        STATUS_FRAMES_TOTAL,
+        Counter,
+        "Status frames received from nodes (protocol 5).",
+    ),
     (CONNECTIONS, Gauge, "Node connections open, by transport."),
     (
         CONNECTIONS_REJECTED_TOTAL,
@@ -176,6 +198,8 @@ impl CursorRegressed {
 pub struct BatchesApplied {
     /// Time to decode and apply, commit included.
     pub elapsed: std::time::Duration,
+    /// Their bytes as received.
+    pub bytes: usize,
     /// Records stored.
     pub inserted: usize,
     /// Records already stored, skipped.
@@ -186,6 +210,7 @@ impl BatchesApplied {
     /// Count it.
     pub fn emit(&self) {
         metrics::histogram!(APPLY_SECONDS).record(self.elapsed.as_secs_f64());
+        metrics::counter!(BYTES_IN_TOTAL).increment(self.bytes as u64);
         metrics::counter!(RECORDS_APPLIED_TOTAL).increment(self.inserted as u64);
         metrics::counter!(RECORDS_SKIPPED_TOTAL).increment(self.skipped as u64);
     }

@@ -131,6 +131,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                     None => session.close(ErrorCode::Internal, "apply without a lease".into()),
                 },
                 ServerAction::Status(status) => {
+                    metrics::counter!(super::events::STATUS_FRAMES_TOTAL).increment(1);
                     // At most one write in flight: a newer status while one
                     // is being stored waits for the next (30 s later).
                     if status_task.as_ref().is_none_or(|t| t.is_finished()) {
@@ -175,6 +176,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
             r = join(&mut cursor_task) => {
                 let r = r.map(|(l, cursor)| {
                     lease = Some(l);
+                    metrics::gauge!(super::events::LEASES_HELD).increment(1.0);
                     cursor
                 });
                 session.handle_cursor(r, Instant::now());
@@ -202,6 +204,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
         let _ = join(&mut apply_task).await;
     }
     if let Some(l) = &lease {
+        metrics::gauge!(super::events::LEASES_HELD).decrement(1.0);
         // Only clears the holder: a later take has a higher token anyway.
         if let Err(e) = shared
             .store
@@ -287,6 +290,7 @@ fn spawn_apply(
             .map_err(|e| ApplyFailed::Store(format!("budget: {e}")))?;
         let started = Instant::now();
         let batches = std::mem::take(&mut req.batches);
+        let bytes: usize = batches.iter().map(|b| b.block.len()).sum();
         let decoded = tokio::task::spawn_blocking(move || {
             batches
                 .iter()
@@ -320,6 +324,7 @@ fn spawn_apply(
         };
         super::events::BatchesApplied {
             elapsed: started.elapsed(),
+            bytes,
             inserted: outcome.inserted,
             skipped: outcome.skipped,
         }

@@ -45,7 +45,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             incarnation: 0x1234_5678_9abc,
             epoch: 77,
             top: Some(0),
+            version: Some(fogline_protocol::PROTOCOL_VERSION),
         },
+        Frame::Status(fogline_protocol::status::NodeStatus {
+            at_ms: 1_764_000_000_000,
+            version: "fogline-edge/0.1.0".into(),
+            health: "ok".into(),
+            backlog_records: 12,
+            ..Default::default()
+        }),
         Frame::Batch(small.clone()),
         Frame::Ack {
             up_to: 5,
