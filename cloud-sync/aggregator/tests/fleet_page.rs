@@ -2,13 +2,15 @@
 //! Chromium driven through chromedriver (WebDriver), against an aggregator
 //! that real test nodes connect and send to.
 //!
-//! Checks, in one browser session: without a token the page asks for one
-//! and shows no node; a wrong token is refused and shows nothing; the right
-//! one lists the nodes; a node that connects while the page is open appears
-//! at the next refresh without a reload, and one that leaves turns
-//! `disconnected`; headers sort, the state filter filters; a click opens a
-//! node's detail with its stream names, shown as text (a stream named like
-//! markup stays text); "forget token" clears the page.
+//! First, over plain HTTP: the page's files answer without a token, with
+//! their content types and `no-cache`, and the API does not. Then, in one
+//! browser session: without a token the page asks for one and shows no
+//! node; a wrong token is refused and shows nothing; the right one lists
+//! the nodes; a node that connects while the page is open appears at the
+//! next refresh without a reload, and one that leaves turns `disconnected`;
+//! headers sort, the state filter filters; a click opens a node's detail
+//! with its stream names, shown as text (a stream named like markup stays
+//! text); "forget token" clears the page.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/test.sh`
 //! installs them); without them it fails saying so. `FOGLINE_CHROMIUM` and
@@ -458,6 +460,36 @@ async fn scenario(agg: &RunningAggregator, driver: &Chromedriver, chromium: &Pat
     page.c.close().await.unwrap();
 }
 
+/// The page's three files answer without a token, with their types and
+/// `no-cache`; the API behind them does not.
+async fn served_without_a_token(base: &str) {
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let header = |h: &str| {
+            r.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        assert!(header("content-type").starts_with(kind), "{path}");
+        assert_eq!(header("cache-control"), "no-cache", "{path}");
+        if path == "/" {
+            assert!(
+                header("content-security-policy").contains("default-src 'none'"),
+                "{path}"
+            );
+        }
+    }
+    let r = reqwest::get(format!("{base}/api/v1/nodes")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_page_shows_the_fleet_to_a_token_only_and_keeps_up() {
     let chromium = find_binary("FOGLINE_CHROMIUM", &["chromium", "chromium-browser"])
@@ -466,6 +498,7 @@ async fn the_fleet_page_shows_the_fleet_to_a_token_only_and_keeps_up() {
         .unwrap_or_else(|| panic!("the fleet page test needs chromedriver: {INSTALL}"));
     let dir = tempfile::tempdir().unwrap();
     let agg = fogline_aggregator::start(config(dir.path())).await.unwrap();
+    served_without_a_token(&format!("http://{}", agg.http_addr)).await;
     let driver = Chromedriver::start(&chromedriver, dir.path());
     let outcome =
         tokio::time::timeout(BUDGET, scenario(&agg, &driver, &chromium, dir.path())).await;
