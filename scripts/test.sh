@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole Fogline test suite. Installs what it needs itself: the
-# wasm32-wasip2 target, Mosquitto, libfaketime and PostgreSQL (Debian
-# packages) and cargo-nextest. The store tests use the PostgreSQL named by
-# FOGLINE_TEST_PG (an admin URL), else the local service on 127.0.0.1:5432,
-# else a private server started here on a free port and stopped at the end.
+# wasm32-wasip2 target, Mosquitto, libfaketime, PostgreSQL, Chromium and
+# chromedriver (Debian packages) and cargo-nextest. The store tests use the
+# PostgreSQL named by FOGLINE_TEST_PG (an admin URL), else the local service
+# on 127.0.0.1:5432, else a private server started here on a free port and
+# stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,12 @@ if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libfaketime >/dev/null
+fi
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "Installing chromium and chromium-driver (the fleet page test drives headless Chromium)..."
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 export PATH="$PATH:/usr/sbin"
 

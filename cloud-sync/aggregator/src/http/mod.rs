@@ -24,6 +24,7 @@
 
 pub mod auth;
 mod json;
+mod ui;
 
 use std::sync::Arc;
 
@@ -84,6 +85,7 @@ pub fn router(api: Api) -> Router {
             "/metrics",
             get(move || std::future::ready(fogline_telemetry::render_metrics(&metrics))),
         )
+        .merge(ui::routes())
         .layer(axum::middleware::from_fn_with_state(
             api.tokens,
             auth::require,
