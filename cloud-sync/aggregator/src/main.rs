@@ -248,9 +248,10 @@ const EXIT_NOT_RUNNING: u8 = 3;
 fn status(path: &Path, token: Option<&str>) -> ExitCode {
     match status_inner(path, token) {
         Ok(code) => code,
+        // It answered, but cannot report (a token missing, an error).
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_NOT_RUNNING)
+            ExitCode::from(EXIT_UNHEALTHY)
         }
     }
 }
@@ -301,11 +302,14 @@ fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
             }
         };
         let code = health.status();
-        if code == reqwest::StatusCode::UNAUTHORIZED {
-            anyhow::bail!(
+        let wants_token = || {
+            anyhow::anyhow!(
                 "{base} wants a token: pass --token or set FOGLINE_TOKEN (fogline-cloud token new --config {} --name <who>)",
                 path.display()
-            );
+            )
+        };
+        if code == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(wants_token());
         }
         let h: serde_json::Value = health.json().await.unwrap_or_default();
         let healthy = code.is_success();
@@ -316,9 +320,11 @@ fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
         for p in h["problems"].as_array().into_iter().flatten() {
             println!("  problem: {} {}: {}", p["component"], p["kind"], p["detail"]);
         }
-        let nodes: serde_json::Value = get("/api/v1/nodes")
-            .await
-            .context("GET /api/v1/nodes")?
+        let nodes = get("/api/v1/nodes").await.context("GET /api/v1/nodes")?;
+        if nodes.status() == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(wants_token());
+        }
+        let nodes: serde_json::Value = nodes
             .error_for_status()
             .context("GET /api/v1/nodes")?
             .json()

@@ -16,7 +16,6 @@
 //! installs them); without them it fails saying so. `FOGLINE_CHROMIUM` and
 //! `FOGLINE_CHROMEDRIVER` name other binaries; `FOGLINE_UI_SCREENSHOT=<file>`
 //! keeps a copy of the screenshot it takes.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;

@@ -2,7 +2,6 @@
 //! data (401, and 403 for a read token on an admin action); topic-filter
 //! and time-range queries; pages bounded in bytes; the newest record per
 //! stream; u64s as strings; TLS on the listener.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 
@@ -16,7 +15,7 @@ use fogline_transport::client::ClientTransport;
 use fogline_transport::Transport;
 use serde_json::Value;
 
-const READ: &str = "fgl_http_api_tests_read";
+pub(crate) const READ: &str = "fgl_http_api_tests_read";
 const OUTBOX: OutboxInfo = OutboxInfo {
     incarnation: 7,
     next_seq: 1,
@@ -25,12 +24,12 @@ const OUTBOX: OutboxInfo = OutboxInfo {
     epoch_start: 1,
 };
 
-fn config(dir: &Path, http_extra: &str) -> CloudConfig {
+pub(crate) fn config_text(dir: &Path, http_extra: &str) -> String {
     let certs = dir.join("certs");
     if !certs.join("ca.pem").exists() {
         fogline_testkit::certs::dev_bundle(&certs, &["gw-1"]).unwrap();
     }
-    CloudConfig::parse(&format!(
+    format!(
         "[quic]\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n\
          [store]\npath = \"{d}/cloud.db\"\n[tcp]\nenabled = false\n\
          [http]\nlisten = \"127.0.0.1:0\"\nmax_response_bytes = 2048\n{http_extra}\n\
@@ -38,8 +37,11 @@ fn config(dir: &Path, http_extra: &str) -> CloudConfig {
         c = certs.display(),
         d = dir.display(),
         t = digest(READ)
-    ))
-    .unwrap()
+    )
+}
+
+fn config(dir: &Path, http_extra: &str) -> CloudConfig {
+    CloudConfig::parse(&config_text(dir, http_extra)).unwrap()
 }
 
 /// 40 records on 4 streams (`site/a/temp`, `site/a/hum`, `site/b/temp`,

@@ -3,7 +3,6 @@
 //! transports, connection migration, and the node identity lifecycle —
 //! foreign CA, expired, not yet valid, tampered and revoked certificates
 //! refused, a revoked node's live connection closed (I-19).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::time::Duration;
