@@ -513,7 +513,10 @@ impl Frame {
                 let status =
                     crate::status::NodeStatus::decode(bytes).map_err(|e| DecodeError::Invalid {
                         field: "Status.json",
-                        reason: e.to_string(),
+                        reason: match e {
+                            crate::status::StatusError::TooLarge(_) => "larger than 64 KiB",
+                            crate::status::StatusError::Json(_) => "not a status JSON object",
+                        },
                     })?;
                 Frame::Status(status)
             }

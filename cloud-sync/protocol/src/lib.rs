@@ -111,7 +111,8 @@ pub enum DecodeError {
     Invalid {
         /// The field.
         field: &'static str,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong (fixed text: a decoder's error allocates nothing
+        /// a peer chose).
+        reason: &'static str,
     },
 }

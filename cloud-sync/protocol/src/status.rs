@@ -129,11 +129,30 @@ impl NodeStatus {
         let mut s: Self =
             serde_json::from_slice(bytes).map_err(|e| StatusError::Json(e.to_string()))?;
         s.normalize();
-        let size = serde_json::to_vec(&s).map_or(usize::MAX, |b| b.len());
+        let size = encoded_len(&s);
         if size > MAX_STATUS_BYTES {
             return Err(StatusError::TooLarge(size));
         }
         Ok(s)
+    }
+}
+
+/// The length of `s` as JSON, counted without building it.
+fn encoded_len(s: &NodeStatus) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    match serde_json::to_writer(&mut c, s) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
     }
 }
 

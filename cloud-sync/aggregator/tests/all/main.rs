@@ -4,6 +4,7 @@
 //! `Store` contract against SQLite and PostgreSQL, I-3, I-33, I-36),
 //! `http_api` (tokens, queries, status, TLS), `fleet_page` (the page in
 //! headless Chromium), `status_cli` (`fogline-cloud status`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fleet_page;
 mod http_api;
