@@ -75,7 +75,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "5000,10000,15000,20000,25000,30000,40000"
+        default_value = "2000,4000,6000,8000,10000,12500,15000,20000"
     )]
     steps: Vec<usize>,
     /// `--ceiling` stops starting new steps after this long.
@@ -117,6 +117,7 @@ struct Outcome {
     peak_rss_mb: f64,
     agg_cores: f64,
     gen_cores: f64,
+    db_cores: f64,
     min_behind: u64,
     max_behind: u64,
     starved: usize,
@@ -205,12 +206,12 @@ fn print_table(args: &Args, reference: &Outcome, rows: &[Outcome]) {
         args.store, args.seconds, reference.nodes
     );
     println!(
-        "| gateways | connected | readings/s applied | p50 | p99 | max | agg RSS (peak) | agg CPU | gen CPU | behind min/max | starved | lost | p99 ÷ ref | per-gateway rate ÷ ref | target |"
+        "| gateways | connected | readings/s applied | p50 | p99 | max | agg RSS (peak) | agg CPU | gen CPU | postgres CPU | behind min/max | starved | lost | p99 ÷ ref | per-gateway rate ÷ ref | target |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in std::iter::once(reference).chain(rows) {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} | {:.0} MB ({:.0} MB) | {:.2} cores | {:.2} cores | {}/{} | {} | {} | {:.2}× | {:.2}× | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {:.0} MB ({:.0} MB) | {:.2} cores | {:.2} cores | {:.2} cores | {}/{} | {} | {} | {:.2}× | {:.2}× | {} |",
             r.nodes,
             r.connected,
             r.applied_per_s,
@@ -221,6 +222,7 @@ fn print_table(args: &Args, reference: &Outcome, rows: &[Outcome]) {
             r.peak_rss_mb,
             r.agg_cores,
             r.gen_cores,
+            r.db_cores,
             r.min_behind,
             r.max_behind,
             r.starved,
@@ -263,8 +265,10 @@ async fn measure(args: &Args, base: &Path, nodes: usize, fd_limit: usize) -> Out
     .unwrap();
     let t0 = Instant::now();
     println!(
-        "{nodes} gateways on {sockets} UDP sockets, {} connections/s",
-        args.ramp
+        "{nodes} gateways on {sockets} UDP sockets, {} connections/s; aggregator pid {}, HTTP {}",
+        args.ramp,
+        agg.child.id(),
+        agg.http
     );
     let mut monitor = Monitor::new(&agg).await;
 
@@ -282,7 +286,7 @@ async fn measure(args: &Args, base: &Path, nodes: usize, fd_limit: usize) -> Out
     }
     let ramp_s = t0.elapsed().as_secs_f64();
     // Settle: the connection storm's backlog is not the steady state.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let _ = fleet.take_latencies();
     let start = monitor.sample(&agg, &fleet).await;
     let mut all = Latencies::default();
@@ -304,6 +308,8 @@ async fn measure(args: &Args, base: &Path, nodes: usize, fd_limit: usize) -> Out
     let wall = end.at.duration_since(start.at).as_secs_f64();
     let p = fleet.progress(args.starved);
     let reports = fleet.stop(Duration::from_secs(15)).await;
+    // Let the aggregator see the closes before it is stopped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let lost: u64 = reports.iter().map(|r| r.made - r.acked.min(r.made)).sum();
     let (rss, peak) = agg.memory_mb();
     let outcome = Outcome {
@@ -318,6 +324,7 @@ async fn measure(args: &Args, base: &Path, nodes: usize, fd_limit: usize) -> Out
         peak_rss_mb: peak,
         agg_cores: (end.agg_cpu - start.agg_cpu) / wall,
         gen_cores: (end.gen_cpu - start.gen_cpu) / wall,
+        db_cores: (end.db_cpu - start.db_cpu) / wall,
         min_behind: worst.min_behind,
         max_behind: worst.max_behind,
         starved: worst.starved,
@@ -325,7 +332,7 @@ async fn measure(args: &Args, base: &Path, nodes: usize, fd_limit: usize) -> Out
         ramp_s,
     };
     println!(
-        "result  {nodes} gateways: ramp {:.0} s; {:.0} readings/s applied ({:.0} acked/s), p50 {} p99 {} max {}; aggregator RSS {:.0} MB (peak {:.0} MB), CPU {:.2} cores; generator CPU {:.2} cores; behind min {} max {} (starved: {}); unacknowledged after a 15 s drain: {lost}",
+        "result  {nodes} gateways: ramp {:.0} s; {:.0} readings/s applied ({:.0} acked/s), p50 {} p99 {} max {}; aggregator RSS {:.0} MB (peak {:.0} MB), CPU {:.2} cores; generator CPU {:.2} cores; postgres CPU {:.2} cores; behind min {} max {} (starved: {}); unacknowledged after a 15 s drain: {lost}",
         outcome.ramp_s,
         outcome.applied_per_s,
         outcome.acked_per_s,
@@ -336,6 +343,7 @@ async fn measure(args: &Args, base: &Path, nodes: usize, fd_limit: usize) -> Out
         peak,
         outcome.agg_cores,
         outcome.gen_cores,
+        outcome.db_cores,
         outcome.min_behind,
         outcome.max_behind,
         outcome.starved
@@ -355,6 +363,8 @@ struct Sample {
     acked: u64,
     agg_cpu: f64,
     gen_cpu: f64,
+    /// Every `postgres` process on the machine.
+    db_cpu: f64,
 }
 
 struct Monitor {
@@ -371,6 +381,7 @@ impl Monitor {
                 acked: 0,
                 agg_cpu: agg.cpu_seconds(),
                 gen_cpu: cpu_seconds(std::process::id()),
+                db_cpu: postgres_cpu_seconds(),
             },
             last_error: None,
         }
@@ -383,6 +394,7 @@ impl Monitor {
             acked: fleet.acked(),
             agg_cpu: agg.cpu_seconds(),
             gen_cpu: cpu_seconds(std::process::id()),
+            db_cpu: postgres_cpu_seconds(),
         }
     }
 
@@ -404,7 +416,7 @@ impl Monitor {
         let dt = now.at.duration_since(self.last.at).as_secs_f64().max(1e-3);
         let (rss, peak) = agg.memory_mb();
         let line = format!(
-            "connected {:>6}/{:<6} applied {:>7.0}/s acked {:>7.0}/s  p50 {:>9} p99 {:>9} max {:>9}  agg RSS {:>4.0} MB (peak {:>4.0}) CPU {:.2}  gen CPU {:.2}  behind {}..{} starved {}  reconnects {} failures {}",
+            "connected {:>6}/{:<6} applied {:>7.0}/s acked {:>7.0}/s  p50 {:>9} p99 {:>9} max {:>9}  agg RSS {:>4.0} MB (peak {:>4.0}) CPU {:.2}  gen CPU {:.2}  postgres CPU {:.2}  behind {}..{} starved {}  reconnects {} failures {}",
             p.connected,
             p.started,
             (now.applied - self.last.applied) / dt,
@@ -416,6 +428,7 @@ impl Monitor {
             peak,
             (now.agg_cpu - self.last.agg_cpu) / dt,
             (now.gen_cpu - self.last.gen_cpu) / dt,
+            (now.db_cpu - self.last.db_cpu) / dt,
             p.min_behind,
             p.max_behind,
             p.starved,
@@ -578,6 +591,22 @@ fn clock_ticks() -> f64 {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// User + system CPU seconds of every `postgres` process (the server and
+/// its backends), for runs on PostgreSQL; 0 when there is none.
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
 }
 
 /// This process's soft limit on open files.
