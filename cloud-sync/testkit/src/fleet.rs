@@ -75,8 +75,7 @@ pub fn issue_certs(dir: &Path, nodes: usize, threads: usize) -> Result<(), CertE
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or(Ok(())))
-            .collect::<Result<(), CertError>>()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     })
 }
 
