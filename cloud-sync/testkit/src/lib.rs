@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod certs;
+pub mod fleet;
 pub mod node;
 pub mod postgres;
 pub mod relay;

@@ -65,6 +65,28 @@ impl ClientTransport {
         })
     }
 
+    /// A transport with its own TLS material (its own node identity) on
+    /// `other`'s QUIC endpoint: one UDP socket for many connections, each
+    /// with its own client certificate. For load generators that simulate
+    /// thousands of nodes in one process, where a socket per node would
+    /// exhaust file descriptors. [`rebind`](Self::rebind) on either moves
+    /// them all.
+    pub fn sharing_endpoint(
+        tls: ClientTls,
+        other: &ClientTransport,
+    ) -> Result<Self, TransportError> {
+        let rustls = client_rustls(&tls)?;
+        Ok(Self {
+            loaded: RwLock::new(Loaded {
+                stamps: stamps(&tls.files()),
+                tcp_rustls: tcp::without_early_data_client(&rustls),
+                rustls,
+            }),
+            tls,
+            endpoint: other.endpoint.clone(),
+        })
+    }
+
     /// Reloads the certificate, key and CA if any of their files changed.
     /// `Ok(true)`: new material is in use for the next connection. On an
     /// error the previous material stays in use (a half-written file is

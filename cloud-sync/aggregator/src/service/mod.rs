@@ -63,8 +63,19 @@ impl Service {
         let listener = Listener::bind(config.quic.listen, config.tcp_listen(), &tls).await?;
         let limits = &config.limits;
         let budget_bytes = limits.total_pending_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        // Applies that may wait on the store at once: its writers (one
+        // SQLite connection, or the PostgreSQL pool) plus one ready to go.
+        // The rest wait here, first come first served, on no thread: past
+        // a few thousand nodes, applies parked on the SQLite writer's lock
+        // filled tokio's blocking pool (512 threads), the decodes queued
+        // behind them and context switches ate the CPU (issue 13 §2).
+        let store_writers = match config.store.url {
+            Some(_) => config.store.pool_size.max(1),
+            None => 1,
+        };
         let shared = Shared {
             store,
+            apply_slots: Arc::new(Semaphore::new(store_writers + 1)),
             holder: config.cluster.name(),
             health: Arc::new(StoreHealth::default()),
             nodes: Arc::new(Nodes::default()),

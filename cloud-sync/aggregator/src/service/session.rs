@@ -32,6 +32,8 @@ pub(super) struct Shared {
     /// Bytes of batches being decoded and applied, over all nodes.
     pub budget: Arc<Semaphore>,
     pub budget_bytes: usize,
+    /// Applies let through to the store at once (its writers, plus one).
+    pub apply_slots: Arc<Semaphore>,
     pub session: fogline_protocol::session::server::ServerConfig,
 }
 
@@ -308,7 +310,14 @@ fn spawn_apply(
             through: req.through,
             now_ms: now,
         };
-        let outcome = match shared.store.apply(apply).await {
+        let slot = shared
+            .apply_slots
+            .acquire()
+            .await
+            .map_err(|e| ApplyFailed::Store(format!("apply slots: {e}")))?;
+        let applied = shared.store.apply(apply).await;
+        drop(slot);
+        let outcome = match applied {
             Ok(o) => {
                 shared.health.worked();
                 o
