@@ -27,6 +27,7 @@ impl StoreError {
                     _ => ProblemKind::StoreError,
                 };
             }
+            StoreError::Group { kind, .. } => return *kind,
             _ => return ProblemKind::StoreError,
         };
         match source {

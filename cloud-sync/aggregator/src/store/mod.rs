@@ -15,7 +15,7 @@
 pub mod events;
 pub mod health;
 mod postgres;
-mod sqlite;
+pub mod sqlite;
 
 pub use postgres::{redact as redact_url, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -121,6 +121,17 @@ pub enum StoreError {
         held: u64,
         /// The newest token in the store.
         current: u64,
+    },
+    /// The transaction this apply shared with other nodes' failed (at
+    /// begin or commit): nothing of it was written.
+    #[error("store group commit failed for node {node}: {message}")]
+    Group {
+        /// The node.
+        node: String,
+        /// The failure.
+        message: String,
+        /// Its kind (full disk, damage, other).
+        kind: fogline_telemetry::health::ProblemKind,
     },
     /// The store's internal lock was poisoned by a panic, or its blocking
     /// task failed.

@@ -107,8 +107,99 @@ pub struct SqliteStore {
 
 struct Inner {
     path: String,
-    writer: Mutex<Connection>,
+    writer: Arc<Mutex<Connection>>,
     reader: Mutex<Connection>,
+    /// Applies, to the group writer.
+    applies: Option<std::sync::mpsc::Sender<Job>>,
+    group_writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Closes the group writer's queue and waits for it: the group in
+    /// flight commits and the writer connection closes (checkpointing the
+    /// WAL) before the store is gone.
+    fn drop(&mut self) {
+        self.applies.take();
+        if let Some(t) = self.group_writer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An apply waiting for its group, and where its outcome goes.
+type Job = (
+    ApplyBatches,
+    tokio::sync::oneshot::Sender<Result<ApplyOutcome, StoreError>>,
+);
+
+/// Most applies committed together. Each node's apply keeps its own fence
+/// check and cursor (a savepoint); the group shares one commit, so one
+/// fsync serves many nodes (thousands of gateways each sending a reading a
+/// second are thousands of applies a second).
+pub const GROUP_MAX: usize = 256;
+
+/// The group writer: takes what is queued (up to [`GROUP_MAX`]), applies
+/// each in a savepoint of one transaction, commits once, answers each.
+/// Ends when the store is dropped.
+fn group_writer(writer: Arc<Mutex<Connection>>, jobs: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match jobs.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let results = apply_group(&writer, &group);
+        for ((_, reply), result) in group.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn apply_group(writer: &Mutex<Connection>, group: &[Job]) -> Vec<Result<ApplyOutcome, StoreError>> {
+    let failed_all = |e: &StoreError| -> Vec<Result<ApplyOutcome, StoreError>> {
+        group
+            .iter()
+            .map(|(a, _)| {
+                Err(StoreError::Group {
+                    node: a.lease.node.clone(),
+                    message: e.to_string(),
+                    kind: e.kind(),
+                })
+            })
+            .collect()
+    };
+    let mut conn = match lock(writer) {
+        Ok(c) => c,
+        Err(e) => return failed_all(&e),
+    };
+    let mut tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return failed_all(&q_err("begin", None)(e)),
+    };
+    let mut results = Vec::with_capacity(group.len());
+    for (a, _) in group {
+        let outcome = match tx.savepoint() {
+            Ok(mut sp) => {
+                // A refused apply (fenced, failed) leaves nothing: rolled back.
+                sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+                match Inner::apply_in(&sp, a) {
+                    Ok(o) => sp
+                        .commit()
+                        .map(|()| o)
+                        .map_err(q_err("release savepoint", Some(&a.lease.node))),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(q_err("savepoint", Some(&a.lease.node))(e)),
+        };
+        results.push(outcome);
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => failed_all(&q_err("commit", None)(e)),
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -153,11 +244,23 @@ impl SqliteStore {
         reader
             .execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
             .map_err(open_err)?;
+        let writer = Arc::new(Mutex::new(writer));
+        let (applies, jobs) = std::sync::mpsc::channel();
+        let w = writer.clone();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || group_writer(w, jobs))
+            .map_err(|e| StoreError::Open {
+                path: path_str.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path_str,
-                writer: Mutex::new(writer),
+                writer,
                 reader: Mutex::new(reader),
+                applies: Some(applies),
+                group_writer: Some(thread),
             }),
         })
     }
@@ -332,7 +435,8 @@ impl Inner {
             .map_err(q_err("list leases", None))
     }
 
-    fn apply(&self, a: &ApplyBatches) -> Result<ApplyOutcome, StoreError> {
+    /// One apply inside the group's transaction (see [`group_writer`]).
+    fn apply_in(tx: &Connection, a: &ApplyBatches) -> Result<ApplyOutcome, StoreError> {
         let ApplyBatches {
             lease,
             outbox: (incarnation, epoch),
@@ -342,11 +446,9 @@ impl Inner {
         } = a;
         let (incarnation, epoch, through, now_ms) = (*incarnation, *epoch, *through, *now_ms);
         let node = lease.node.as_str();
-        let mut conn = lock(&self.writer)?;
         let err = |op| q_err(op, Some(node));
-        let tx = conn.transaction().map_err(err("begin"))?;
         // The fence, checked inside the transaction that writes (I-36).
-        let current = lease_token(&tx, node)?;
+        let current = lease_token(tx, node)?;
         if current != lease.token {
             return Err(StoreError::Fenced {
                 node: node.to_string(),
@@ -354,7 +456,7 @@ impl Inner {
                 current,
             });
         }
-        let stored = read_cursor(&tx, node)?;
+        let stored = read_cursor(tx, node)?;
         let cursor = stored.seq;
         let mut inserted = 0;
         let mut skipped = 0;
@@ -377,7 +479,7 @@ impl Inner {
                 if r.stream == LOSS_STREAM {
                     match LossReport::decode(r.payload) {
                         Ok(l) => {
-                            let n = insert_loss(&tx, node, r.seq, &l, now_ms)
+                            let n = insert_loss(tx, node, r.seq, &l, now_ms)
                                 .map_err(err("insert loss report"))?;
                             if n == 1 {
                                 inserted += 1;
@@ -435,7 +537,6 @@ impl Inner {
             })
             .map_err(err("advance cursor"))?;
         }
-        tx.commit().map_err(err("commit"))?;
         Ok(ApplyOutcome {
             cursor: new_cursor,
             inserted,
@@ -671,7 +772,15 @@ impl Store for SqliteStore {
     }
 
     fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
-        self.blocking(move |s| s.apply(&apply))
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let queued = match &self.inner.applies {
+            Some(q) => q.send((apply, reply)).map_err(drop),
+            None => Err(()),
+        };
+        Box::pin(async move {
+            queued.map_err(|_| StoreError::Poisoned)?;
+            outcome.await.map_err(|_| StoreError::Poisoned)?
+        })
     }
 
     fn cursor<'a>(&'a self, node: &'a str) -> StoreFuture<'a, StoredCursor> {

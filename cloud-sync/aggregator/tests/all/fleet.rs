@@ -6,7 +6,6 @@
 //! duplicated or unexpected, and no gateway falls more than 3 readings
 //! behind its schedule (none starved). `benches/fleet.rs` is the full-size
 //! version.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;
