@@ -457,7 +457,7 @@ impl Aggregator {
         std::fs::write(
             &config,
             format!(
-                "[quic]\nlisten = \"127.0.0.1:0\"\n[tcp]\nenabled = false\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\n{store}\n[cluster]\nname = \"fleet-bench\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                "[quic]\nlisten = \"127.0.0.1:0\"\n[tcp]\nenabled = false\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/server.pem\"\nkey = \"{c}/server.key\"\n[store]\n{store}\n[cluster]\nname = \"fleet-bench\"\n[http]\nlisten = \"127.0.0.1:0\"\nopen = [\"/metrics\", \"/healthz\"]\n",
                 c = certs.display()
             ),
         )
