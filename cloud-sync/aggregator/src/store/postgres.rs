@@ -121,21 +121,10 @@ impl Default for PostgresOptions {
     }
 }
 
-/// An apply waiting for its group, and where its outcome goes.
-type Job = (
-    ApplyBatches,
-    tokio::sync::oneshot::Sender<Result<ApplyOutcome, StoreError>>,
-);
-
-/// Most applies committed together.
-pub const GROUP_MAX: usize = 256;
-
 /// PostgreSQL-backed [`Store`].
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
-    /// Applies, to the group writers (which end when every clone is gone).
-    applies: tokio::sync::mpsc::Sender<Job>,
     /// The URL without its password, for messages.
     shown: String,
     options: PostgresOptions,
@@ -215,15 +204,8 @@ impl PostgresStore {
                 url: shown.clone(),
                 message: e.to_string(),
             })?;
-        let (applies, jobs) = tokio::sync::mpsc::channel(GROUP_MAX * 4);
-        let jobs = std::sync::Arc::new(tokio::sync::Mutex::new(jobs));
-        // Half the pool writes groups; the rest serves leases and reads.
-        for _ in 0..(options.pool_size / 2).clamp(1, 8) {
-            tokio::spawn(group_writer(pool.clone(), shown.clone(), jobs.clone()));
-        }
         let store = Self {
             pool,
-            applies,
             shown,
             options,
         };
@@ -402,6 +384,136 @@ fn stored_loss(r: &Row) -> StoredLoss {
 }
 
 impl PostgresStore {
+    async fn apply_now(&self, a: ApplyBatches) -> Result<ApplyOutcome, StoreError> {
+        let node = a.lease.node.as_str();
+        let err = |op| pg_err(op, Some(node));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err("begin"))?;
+        // The fence: the lease row is locked for the transaction, so a
+        // taker waits for this apply to end and this apply sees any take
+        // that committed before it (I-36).
+        let current = tx
+            .query_opt(
+                "SELECT token FROM leases WHERE node = $1 FOR UPDATE",
+                &[&node],
+            )
+            .await
+            .map_err(err("check lease"))?
+            .map_or(0, |r| from_sql(r.get(0)));
+        if current != a.lease.token {
+            return Err(StoreError::Fenced {
+                node: node.to_string(),
+                held: a.lease.token,
+                current,
+            });
+        }
+        let stored = read_cursor(&tx, node, true).await?;
+        let cursor = stored.seq;
+        let (mut seqs, mut streams, mut times, mut payloads) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut skipped = 0;
+        let mut inserted = 0;
+        let mut top = stored.top();
+        for r in a.batches.iter().flat_map(DecodedBatch::iter) {
+            if r.seq <= cursor {
+                skipped += 1;
+                continue;
+            }
+            top = top.max(r.seq);
+            if r.stream == LOSS_STREAM {
+                match LossReport::decode(r.payload) {
+                    Ok(l) => {
+                        let n = tx
+                            .execute(
+                                "INSERT INTO losses (node, seq, stream, reason, detail, records, \
+                                 bytes, first_seq, last_seq, first_ms, last_ms, received_ms) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                                 ON CONFLICT DO NOTHING",
+                                &[
+                                    &node,
+                                    &to_sql(r.seq),
+                                    &l.stream,
+                                    &l.reason.as_str(),
+                                    &l.detail,
+                                    &to_sql(l.records),
+                                    &to_sql(l.bytes),
+                                    &l.first_seq.map(to_sql),
+                                    &l.last_seq.map(to_sql),
+                                    &to_sql(l.first_ms),
+                                    &to_sql(l.last_ms),
+                                    &to_sql(a.now_ms),
+                                ],
+                            )
+                            .await
+                            .map_err(err("insert loss report"))?;
+                        if n == 1 {
+                            inserted += 1;
+                        } else {
+                            skipped += 1;
+                        }
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(
+                        node,
+                        seq = r.seq,
+                        error = %e,
+                        "A loss report does not parse; stored as an ordinary record."
+                    ),
+                }
+            }
+            seqs.push(to_sql(r.seq));
+            streams.push(r.stream);
+            times.push(to_sql(r.timestamp_ms));
+            payloads.push(r.payload);
+        }
+        if !seqs.is_empty() {
+            let n = tx
+                .execute(
+                    "INSERT INTO records (node, seq, stream, timestamp_ms, payload, received_ms) \
+                     SELECT $1, u.seq, u.stream, u.t, u.payload, $6 \
+                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BYTEA[]) \
+                     AS u(seq, stream, t, payload) ON CONFLICT DO NOTHING",
+                    &[&node, &seqs, &streams, &times, &payloads, &to_sql(a.now_ms)],
+                )
+                .await
+                .map_err(err("insert records"))? as usize;
+            inserted += n;
+            skipped += seqs.len() - n;
+        }
+        let new_cursor = cursor.max(a.through);
+        let top = top.max(new_cursor);
+        let (incarnation, epoch) = a.outbox;
+        if new_cursor != cursor
+            || inserted > 0
+            || stored.incarnation != Some(incarnation)
+            || stored.epoch != epoch
+        {
+            tx.execute(
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (node) DO UPDATE SET \
+                 seq = GREATEST(cursors.seq, excluded.seq), updated_ms = excluded.updated_ms, \
+                 incarnation = excluded.incarnation, epoch = excluded.epoch, \
+                 top = GREATEST(cursors.top, excluded.top)",
+                &[
+                    &node,
+                    &to_sql(new_cursor),
+                    &to_sql(a.now_ms),
+                    &to_sql(incarnation),
+                    &to_sql(epoch),
+                    &to_sql(top),
+                ],
+            )
+            .await
+            .map_err(err("advance cursor"))?;
+        }
+        tx.commit().await.map_err(err("commit"))?;
+        Ok(ApplyOutcome {
+            cursor: new_cursor,
+            inserted,
+            skipped,
+        })
+    }
+
     async fn take_lease_now(
         &self,
         node: &str,
@@ -566,228 +678,6 @@ impl PostgresStore {
     }
 }
 
-/// One apply inside a group's transaction (`tx` is its savepoint).
-async fn apply_in(
-    tx: &deadpool_postgres::Transaction<'_>,
-    a: &ApplyBatches,
-) -> Result<ApplyOutcome, StoreError> {
-    let node = a.lease.node.as_str();
-    let err = |op| pg_err(op, Some(node));
-    // The fence: the lease row is locked for the transaction, so a
-    // taker waits for this apply to end and this apply sees any take
-    // that committed before it (I-36).
-    let current = tx
-        .query_opt(
-            "SELECT token FROM leases WHERE node = $1 FOR UPDATE",
-            &[&node],
-        )
-        .await
-        .map_err(err("check lease"))?
-        .map_or(0, |r| from_sql(r.get(0)));
-    if current != a.lease.token {
-        return Err(StoreError::Fenced {
-            node: node.to_string(),
-            held: a.lease.token,
-            current,
-        });
-    }
-    let stored = read_cursor(tx, node, true).await?;
-    let cursor = stored.seq;
-    let (mut seqs, mut streams, mut times, mut payloads) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut skipped = 0;
-    let mut inserted = 0;
-    let mut top = stored.top();
-    for r in a.batches.iter().flat_map(DecodedBatch::iter) {
-        if r.seq <= cursor {
-            skipped += 1;
-            continue;
-        }
-        top = top.max(r.seq);
-        if r.stream == LOSS_STREAM {
-            match LossReport::decode(r.payload) {
-                Ok(l) => {
-                    let n = tx
-                        .execute(
-                            "INSERT INTO losses (node, seq, stream, reason, detail, records, \
-                                 bytes, first_seq, last_seq, first_ms, last_ms, received_ms) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                                 ON CONFLICT DO NOTHING",
-                            &[
-                                &node,
-                                &to_sql(r.seq),
-                                &l.stream,
-                                &l.reason.as_str(),
-                                &l.detail,
-                                &to_sql(l.records),
-                                &to_sql(l.bytes),
-                                &l.first_seq.map(to_sql),
-                                &l.last_seq.map(to_sql),
-                                &to_sql(l.first_ms),
-                                &to_sql(l.last_ms),
-                                &to_sql(a.now_ms),
-                            ],
-                        )
-                        .await
-                        .map_err(err("insert loss report"))?;
-                    if n == 1 {
-                        inserted += 1;
-                    } else {
-                        skipped += 1;
-                    }
-                    continue;
-                }
-                Err(e) => tracing::warn!(
-                    node,
-                    seq = r.seq,
-                    error = %e,
-                    "A loss report does not parse; stored as an ordinary record."
-                ),
-            }
-        }
-        seqs.push(to_sql(r.seq));
-        streams.push(r.stream);
-        times.push(to_sql(r.timestamp_ms));
-        payloads.push(r.payload);
-    }
-    if !seqs.is_empty() {
-        let n = tx
-            .execute(
-                "INSERT INTO records (node, seq, stream, timestamp_ms, payload, received_ms) \
-                     SELECT $1, u.seq, u.stream, u.t, u.payload, $6 \
-                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BYTEA[]) \
-                     AS u(seq, stream, t, payload) ON CONFLICT DO NOTHING",
-                &[&node, &seqs, &streams, &times, &payloads, &to_sql(a.now_ms)],
-            )
-            .await
-            .map_err(err("insert records"))? as usize;
-        inserted += n;
-        skipped += seqs.len() - n;
-    }
-    let new_cursor = cursor.max(a.through);
-    let top = top.max(new_cursor);
-    let (incarnation, epoch) = a.outbox;
-    if new_cursor != cursor
-        || inserted > 0
-        || stored.incarnation != Some(incarnation)
-        || stored.epoch != epoch
-    {
-        tx.execute(
-            "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (node) DO UPDATE SET \
-                 seq = GREATEST(cursors.seq, excluded.seq), updated_ms = excluded.updated_ms, \
-                 incarnation = excluded.incarnation, epoch = excluded.epoch, \
-                 top = GREATEST(cursors.top, excluded.top)",
-            &[
-                &node,
-                &to_sql(new_cursor),
-                &to_sql(a.now_ms),
-                &to_sql(incarnation),
-                &to_sql(epoch),
-                &to_sql(top),
-            ],
-        )
-        .await
-        .map_err(err("advance cursor"))?;
-    }
-    Ok(ApplyOutcome {
-        cursor: new_cursor,
-        inserted,
-        skipped,
-    })
-}
-
-/// Applies of many nodes in one transaction, each in a savepoint with its
-/// own fence check and cursor (a refused one leaves nothing), one commit for
-/// all: a fleet of gateways each sending a reading a second is thousands of
-/// applies a second, and a commit costs ~1 ms of server CPU. Applies lock
-/// their nodes' rows in node order, so two groups never wait on each other
-/// in a cycle.
-async fn apply_group(
-    pool: &Pool,
-    shown: &str,
-    group: &mut [Job],
-) -> Vec<Result<ApplyOutcome, StoreError>> {
-    group.sort_by(|a, b| a.0.lease.node.cmp(&b.0.lease.node));
-    let failed_all = |e: &StoreError| -> Vec<Result<ApplyOutcome, StoreError>> {
-        group
-            .iter()
-            .map(|(a, _)| {
-                Err(StoreError::Group {
-                    node: a.lease.node.clone(),
-                    message: e.to_string(),
-                    kind: e.kind(),
-                })
-            })
-            .collect()
-    };
-    let mut client = match pool.get().await {
-        Ok(c) => c,
-        Err(e) => {
-            return failed_all(&StoreError::Pool {
-                url: shown.to_string(),
-                message: e.to_string(),
-            })
-        }
-    };
-    let mut tx = match client.transaction().await {
-        Ok(tx) => tx,
-        Err(e) => return failed_all(&pg_err("begin", None)(e)),
-    };
-    let mut results = Vec::with_capacity(group.len());
-    for (a, _) in group.iter() {
-        let outcome = match tx.savepoint("apply").await {
-            Ok(sp) => match apply_in(&sp, a).await {
-                Ok(o) => sp
-                    .commit()
-                    .await
-                    .map(|()| o)
-                    .map_err(pg_err("release savepoint", Some(&a.lease.node))),
-                Err(e) => {
-                    // Rolled back to the savepoint: its locks go too.
-                    let _ = sp.rollback().await;
-                    Err(e)
-                }
-            },
-            Err(e) => Err(pg_err("savepoint", Some(&a.lease.node))(e)),
-        };
-        results.push(outcome);
-    }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(e) => failed_all(&pg_err("commit", None)(e)),
-    }
-}
-
-/// A group writer: takes what is queued (up to [`GROUP_MAX`]) and applies
-/// it as one group. `pool_size` of them run.
-async fn group_writer(
-    pool: Pool,
-    shown: String,
-    jobs: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>>,
-) {
-    loop {
-        let mut group = {
-            let mut rx = jobs.lock().await;
-            let Some(first) = rx.recv().await else {
-                return;
-            };
-            let mut group = vec![first];
-            while group.len() < GROUP_MAX {
-                match rx.try_recv() {
-                    Ok(j) => group.push(j),
-                    Err(_) => break,
-                }
-            }
-            group
-        };
-        let results = apply_group(&pool, &shown, &mut group).await;
-        for ((_, reply), result) in group.into_iter().zip(results) {
-            let _ = reply.send(result);
-        }
-    }
-}
-
 impl Store for PostgresStore {
     fn take_lease<'a>(
         &'a self,
@@ -835,14 +725,7 @@ impl Store for PostgresStore {
     }
 
     fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
-        Box::pin(async move {
-            let (reply, outcome) = tokio::sync::oneshot::channel();
-            self.applies
-                .send((apply, reply))
-                .await
-                .map_err(|_| StoreError::Poisoned)?;
-            outcome.await.map_err(|_| StoreError::Poisoned)?
-        })
+        Box::pin(self.apply_now(apply))
     }
 
     fn cursor<'a>(&'a self, node: &'a str) -> StoreFuture<'a, StoredCursor> {
