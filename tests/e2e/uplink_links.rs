@@ -239,7 +239,12 @@ fn the_next_server_takes_over_when_the_first_is_unreachable() {
     run(async {
         // Nothing listens on the first address, over UDP or TCP.
         let dead = fogline_tests::free_udp_tcp_port().unwrap();
-        let mut rig = Rig::start(&format!("[\"127.0.0.1:{dead}\", \"{{relay}}\"]"), "").await;
+        // As listed: the dead one first (rendezvous order could put it second).
+        let mut rig = Rig::start(
+            &format!("[\"127.0.0.1:{dead}\", \"{{relay}}\"]"),
+            "server_order = \"listed\"",
+        )
+        .await;
         rig.write(10_000);
         assert!(
             rig.synced(Duration::from_secs(30)).await,
