@@ -261,8 +261,13 @@ impl Cluster {
     }
 
     pub fn logs(&self) -> String {
+        // Where a missing record waits (outbox, in flight, ingest) shows here.
+        let status = self
+            .edge_status()
+            .map(|s| format!("outbox {}\nuplink {}", s["outbox"], s["uplink"]))
+            .unwrap_or_else(|| "(edge not running)".into());
         format!(
-            "--- edge log ---\n{}\n--- cloud log ---\n{}",
+            "--- edge log ---\n{}\n--- edge status ---\n{status}\n--- cloud log ---\n{}",
             tail(&self.edge.log_text(), 60),
             tail(&self.cloud.log_text(), 40)
         )

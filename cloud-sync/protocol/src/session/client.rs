@@ -258,6 +258,9 @@ pub struct ClientSession {
     next_probe: Option<Instant>,
     last_progress: Instant,
     reading: bool,
+    /// A commit notice came while a read was out: that read may have looked
+    /// before the commit was visible, so an empty answer proves nothing.
+    committed_while_reading: bool,
     drained: bool,
     /// Highest seq known to be committed in the outbox.
     committed: u64,
@@ -302,6 +305,7 @@ impl ClientSession {
             next_probe: None,
             last_progress: now,
             reading: false,
+            committed_while_reading: false,
             drained: false,
             committed: outbox.next_seq.saturating_sub(1),
             coalescing: None,
@@ -484,7 +488,14 @@ impl ClientSession {
             return;
         }
         let Some(batch) = batch else {
-            // Nothing beyond what was sent, whatever a commit notice said.
+            if std::mem::take(&mut self.committed_while_reading) {
+                // The read may have begun before that commit was visible:
+                // look again (once per notice, so a stale notice cannot spin).
+                self.drained = false;
+                self.pump(now);
+                return;
+            }
+            // Nothing beyond what was sent, whatever an older notice said.
             self.drained = true;
             self.committed = self.window.last_sent();
             return;
@@ -514,6 +525,9 @@ impl ClientSession {
 
     /// The outbox now holds records through `seq` (new data committed).
     pub fn handle_committed(&mut self, seq: u64, now: Instant) {
+        if self.reading && seq > self.window.last_sent() {
+            self.committed_while_reading = true;
+        }
         if seq > self.committed || (self.drained && seq > self.window.last_sent()) {
             self.committed = self.committed.max(seq);
             self.drained = false;
@@ -681,6 +695,7 @@ impl ClientSession {
         }
         self.coalescing = None;
         self.reading = true;
+        self.committed_while_reading = false;
         self.actions.push_back(ClientAction::Read {
             after,
             max_records: self.cfg.batch_records,
@@ -949,6 +964,54 @@ mod tests {
         assert!(matches!(
             actions(&mut s).as_slice(),
             [ClientAction::Read { after: 0, .. }]
+        ));
+    }
+
+    /// The last reading of a burst is committed while a read that began
+    /// before the commit was visible is out: the empty answer must not hide
+    /// it (it would wait for the next commit, which may never come).
+    #[test]
+    fn a_commit_during_a_read_that_finds_nothing_is_read_again() {
+        let ms = Duration::from_millis;
+        // The next read, after the brief gathering wait when others are in
+        // flight.
+        let next_read = |s: &mut ClientSession, now: Instant| {
+            let mut a = actions(s);
+            if a.is_empty() {
+                let at = s.poll_timeout().expect("a deadline for the next read");
+                assert!(at <= now + ms(10), "{:?}", at - now);
+                s.handle_timeout(at);
+                a = actions(s);
+            }
+            a
+        };
+        let t0 = Instant::now();
+        let mut s = active(ClientConfig::default(), 11, 0, t0);
+        actions(&mut s);
+        s.handle_read(Some(batch(1, 10)), t0);
+        actions(&mut s);
+        assert!(matches!(
+            next_read(&mut s, t0).as_slice(),
+            [ClientAction::Read { after: 10, .. }]
+        ));
+        // Seq 11 is committed while that read is out; the read saw nothing.
+        s.handle_committed(11, t0 + ms(6));
+        assert!(actions(&mut s).is_empty(), "one read at a time");
+        s.handle_read(None, t0 + ms(7));
+        let a = next_read(&mut s, t0 + ms(7));
+        assert!(
+            matches!(a.as_slice(), [ClientAction::Read { after: 10, .. }]),
+            "{a:?}"
+        );
+        // A second empty answer with no new notice: drained, no spinning.
+        s.handle_read(None, t0 + ms(20));
+        assert!(actions(&mut s).is_empty());
+        assert!(s.poll_timeout() > Some(t0 + ms(100)), "no read pending");
+        // The next notice wakes it as before.
+        s.handle_committed(11, t0 + ms(30));
+        assert!(matches!(
+            next_read(&mut s, t0 + ms(30)).as_slice(),
+            [ClientAction::Read { after: 10, .. }]
         ));
     }
 
