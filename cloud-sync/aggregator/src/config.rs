@@ -292,6 +292,15 @@ pub struct HttpConfig {
     /// one record if any matches). Default 4 MiB.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Bytes of the latest-value cache (the newest record per stream of
+    /// the nodes this aggregator holds, for `/api/v1/latest`). 0: off.
+    /// Default 64 MiB.
+    #[serde(default = "default_latest_cache_bytes")]
+    pub latest_cache_bytes: usize,
+}
+
+fn default_latest_cache_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 fn default_max_response_bytes() -> usize {
@@ -334,6 +343,7 @@ impl Default for HttpConfig {
             tls_cert: None,
             tls_key: None,
             max_response_bytes: default_max_response_bytes(),
+            latest_cache_bytes: default_latest_cache_bytes(),
         }
     }
 }

@@ -165,6 +165,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     let quic_addr = server.quic_addr()?;
     let tcp_addr = server.tcp_addr();
     let nodes = server.nodes();
+    let latest = server.latest_cache();
     let health = server.store_health();
     let tokens = Arc::new(
         http::auth::Tokens::new(
@@ -180,6 +181,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     let app = http::router(http::Api {
         store: store.clone(),
         nodes,
+        latest,
         health,
         tokens: tokens.clone(),
         max_response_bytes: config.http.max_response_bytes,

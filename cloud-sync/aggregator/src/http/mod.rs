@@ -37,9 +37,12 @@ use fogline_telemetry::health::Health;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::service::latest::{LatestCache, Lookup};
 use crate::service::nodes::{Activity, Nodes};
 use crate::store::health::StoreHealth;
-use crate::store::{NodeSummary, RecordQuery, Store, MAX_QUERY_LIMIT};
+use crate::store::{
+    NodeSummary, RecordQuery, Store, StoreError, StoredRecord, MAX_LATEST_STREAMS, MAX_QUERY_LIMIT,
+};
 
 /// Default page size of `/api/v1/records`.
 const DEFAULT_LIMIT: usize = 1000;
@@ -48,6 +51,7 @@ const DEFAULT_LIMIT: usize = 1000;
 struct AppState {
     store: Arc<dyn Store>,
     nodes: Arc<Nodes>,
+    latest: Arc<LatestCache>,
     health: Arc<StoreHealth>,
     max_response_bytes: usize,
 }
@@ -58,6 +62,8 @@ pub struct Api {
     pub store: Arc<dyn Store>,
     /// Which connection speaks for each node.
     pub nodes: Arc<Nodes>,
+    /// Newest record per stream of the nodes held here.
+    pub latest: Arc<LatestCache>,
     /// Store failures, for `/healthz`.
     pub health: Arc<StoreHealth>,
     /// Who may ask.
@@ -93,6 +99,7 @@ pub fn router(api: Api) -> Router {
         .with_state(AppState {
             store: api.store,
             nodes: api.nodes,
+            latest: api.latest,
             health: api.health,
             max_response_bytes: api.max_response_bytes,
         })
@@ -174,22 +181,19 @@ async fn list_nodes(State(state): State<AppState>) -> Response {
 /// `/api/v1/nodes/{id}`: the node's view, its streams, and the records per
 /// minute this aggregator applied for it over the last hour.
 async fn node_detail(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let (nodes, leases, streams) = match tokio::try_join!(
-        state.store.nodes(),
-        state.store.leases(),
+    let (node, lease, streams) = match tokio::try_join!(
+        state.store.node(&id),
+        state.store.lease(&id),
         state.store.streams(&id)
     ) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let Some(n) = nodes.into_iter().find(|n| n.node == id) else {
+    let Some(n) = node else {
         return error(StatusCode::NOT_FOUND, format!("no node {id:?} is known"));
     };
     let now = fogline_telemetry::clock::now_ms();
-    let holder = leases
-        .into_iter()
-        .find(|l| l.node == id)
-        .and_then(|l| l.holder);
+    let holder = lease.and_then(|l| l.holder);
     let activity = state.nodes.activity(&id);
     let throughput: Vec<Value> = activity
         .as_ref()
@@ -305,13 +309,61 @@ async fn latest(
     if let Err(m) = check_filter(p.stream.as_deref()) {
         return error(StatusCode::BAD_REQUEST, m);
     }
-    match state.store.latest(&node, p.stream.as_deref()).await {
+    match latest_records(&state, &node, p.stream.as_deref()).await {
         Ok(rows) => {
             let records: Vec<Value> = rows.into_iter().map(json::record).collect();
             Json(json!({ "node": node, "records": records })).into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// From the cache when this aggregator holds the node's lease and the
+/// store confirms it still does (I-38), else from the store.
+async fn latest_records(
+    state: &AppState,
+    node: &str,
+    filter: Option<&str>,
+) -> Result<Vec<StoredRecord>, StoreError> {
+    let count = |result: &'static str| {
+        metrics::counter!(crate::service::events::LATEST_LOOKUPS_TOTAL, "result" => result)
+            .increment(1)
+    };
+    match state.latest.get(node, filter) {
+        Lookup::Hit { token, records } => {
+            if state
+                .store
+                .lease(node)
+                .await?
+                .is_some_and(|l| l.token == token)
+            {
+                count("hit");
+                return Ok(records);
+            }
+            count("stale");
+        }
+        Lookup::Unfilled { token } => {
+            // Read after the lease was taken: final for earlier holders;
+            // what this session applies meanwhile merges by seq.
+            let all = state.store.latest(node, None).await?;
+            let complete = all.len() < MAX_LATEST_STREAMS;
+            count("fill");
+            if complete {
+                let matching = all
+                    .iter()
+                    .filter(|r| {
+                        filter.is_none_or(|f| fogline_protocol::topic::matches(f, &r.stream))
+                    })
+                    .cloned()
+                    .collect();
+                state.latest.fill(node, token, all, true);
+                return Ok(matching);
+            }
+            state.latest.fill(node, token, Vec::new(), false);
+        }
+        Lookup::Uncached => count("store"),
+    }
+    state.store.latest(node, filter).await
 }
 
 async fn leases(State(state): State<AppState>) -> Response {

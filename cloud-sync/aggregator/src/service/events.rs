@@ -34,6 +34,12 @@ pub const BYTES_IN_TOTAL: &str = "fogline_cloud_bytes_in_total";
 pub const LEASES_HELD: &str = "fogline_cloud_leases_held";
 /// Status frames received from nodes.
 pub const STATUS_FRAMES_TOTAL: &str = "fogline_cloud_status_frames_total";
+/// `/api/v1/latest` lookups, by `result` (`hit`, `fill`, `stale`, `store`).
+pub const LATEST_LOOKUPS_TOTAL: &str = "fogline_cloud_latest_lookups_total";
+/// Bytes the latest-value cache holds.
+pub const LATEST_CACHE_BYTES: &str = "fogline_cloud_latest_cache_bytes";
+/// Nodes whose latest values did not fit the cache (read from the store).
+pub const LATEST_CACHE_OVERFLOWS_TOTAL: &str = "fogline_cloud_latest_cache_overflows_total";
 
 /// HELP texts: name, kind, text.
 pub const HELP: &[Help] = &[
@@ -51,6 +57,21 @@ pub const HELP: &[Help] = &[
         STATUS_FRAMES_TOTAL,
         Counter,
         "Status frames received from nodes (protocol 5).",
+    ),
+    (
+        LATEST_LOOKUPS_TOTAL,
+        Counter,
+        "/api/v1/latest lookups by result: hit (cache, lease confirmed), fill (cache filled from the store), stale (lease taken elsewhere: store), store (node not held here).",
+    ),
+    (
+        LATEST_CACHE_BYTES,
+        Gauge,
+        "Bytes the latest-value cache holds ([http] latest_cache_bytes bounds it).",
+    ),
+    (
+        LATEST_CACHE_OVERFLOWS_TOTAL,
+        Counter,
+        "Nodes whose newest records did not fit the latest-value cache (read from the store until their session ends).",
     ),
     (CONNECTIONS, Gauge, "Node connections open, by transport."),
     (

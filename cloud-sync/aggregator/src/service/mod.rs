@@ -17,6 +17,7 @@
 pub mod events;
 pub mod gate;
 pub mod guard;
+pub mod latest;
 pub mod nodes;
 mod session;
 
@@ -81,6 +82,7 @@ impl Service {
             holder: config.cluster.name(),
             health: Arc::new(StoreHealth::default()),
             nodes: Arc::new(Nodes::default()),
+            latest: Arc::new(latest::LatestCache::new(config.http.latest_cache_bytes)),
             budget: Arc::new(Semaphore::new(budget_bytes)),
             budget_bytes,
             session: ServerConfig {
@@ -117,6 +119,11 @@ impl Service {
     /// Which connection speaks for each node.
     pub fn nodes(&self) -> Arc<Nodes> {
         self.shared.nodes.clone()
+    }
+
+    /// The newest record per stream of the nodes held here.
+    pub fn latest_cache(&self) -> Arc<latest::LatestCache> {
+        self.shared.latest.clone()
     }
 
     /// Accepts connections until `shutdown` flips, then closes every

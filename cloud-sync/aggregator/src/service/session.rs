@@ -29,6 +29,8 @@ pub(super) struct Shared {
     /// Store failures, for `/healthz`.
     pub health: Arc<StoreHealth>,
     pub nodes: Arc<Nodes>,
+    /// Newest record per stream of the nodes held here (write-through).
+    pub latest: Arc<super::latest::LatestCache>,
     /// Bytes of batches being decoded and applied, over all nodes.
     pub budget: Arc<Semaphore>,
     pub budget_bytes: usize,
@@ -177,6 +179,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
             },
             r = join(&mut cursor_task) => {
                 let r = r.map(|(l, cursor)| {
+                    shared.latest.hold(&l);
                     lease = Some(l);
                     metrics::gauge!(super::events::LEASES_HELD).increment(1.0);
                     cursor
@@ -206,6 +209,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
         let _ = join(&mut apply_task).await;
     }
     if let Some(l) = &lease {
+        shared.latest.release(l);
         metrics::gauge!(super::events::LEASES_HELD).decrement(1.0);
         // Only clears the holder: a later take has a higher token anyway.
         if let Err(e) = shared
@@ -303,8 +307,9 @@ fn spawn_apply(
         .await
         .map_err(|e| ApplyFailed::Store(format!("decode task failed: {e}")))??;
         let now = fogline_telemetry::clock::now_ms();
+        let newest = super::latest::newest_per_stream(&lease.node, &decoded, now);
         let apply = ApplyBatches {
-            lease,
+            lease: lease.clone(),
             outbox: req.outbox,
             batches: decoded,
             through: req.through,
@@ -320,6 +325,7 @@ fn spawn_apply(
         let outcome = match applied {
             Ok(o) => {
                 shared.health.worked();
+                shared.latest.applied(&lease, newest);
                 o
             }
             Err(e @ StoreError::Fenced { .. }) => {

@@ -323,7 +323,8 @@ pub struct NodeSummary {
     /// Highest seq applied.
     #[serde(serialize_with = "as_string::serialize")]
     pub cursor: u64,
-    /// Number of records stored.
+    /// Records stored (each once), counted by the applies; with
+    /// PostgreSQL `retention`, dropped partitions do not lower it.
     pub records: u64,
     /// When the cursor last moved (ms since epoch).
     pub last_update_ms: u64,
@@ -443,6 +444,8 @@ pub trait Store: Send + Sync + 'static {
     fn release_lease<'a>(&'a self, lease: &'a Lease, now_ms: u64) -> StoreFuture<'a, ()>;
     /// Every node's lease.
     fn leases(&self) -> StoreFuture<'_, Vec<LeaseInfo>>;
+    /// `node`'s lease, if it ever had one (a primary-key lookup).
+    fn lease<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Option<LeaseInfo>>;
     /// In ONE transaction: checks the lease is still the newest (else
     /// [`StoreError::Fenced`], nothing written), inserts the records above
     /// the cursor that are not stored yet, advances the cursor to
@@ -475,6 +478,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<'a, Vec<StoredRecord>>;
     /// All known nodes.
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>>;
+    /// One node, as [`Store::nodes`] lists it.
+    fn node<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Option<NodeSummary>>;
     /// Keeps `node`'s latest status (replacing the one before).
     fn put_status<'a>(
         &'a self,

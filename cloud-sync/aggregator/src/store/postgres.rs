@@ -100,6 +100,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
             received_ms BIGINT NOT NULL
         );",
     ),
+    (
+        4,
+        // Records applied per node, kept by each apply: the fleet view must
+        // not count a node's records on every request.
+        "ALTER TABLE cursors ADD COLUMN records BIGINT NOT NULL DEFAULT 0;
+        UPDATE cursors c SET records = (SELECT COUNT(*) FROM records r WHERE r.node = c.node);",
+    ),
 ];
 
 /// How the PostgreSQL store is set up (`[store]` in `cloud.toml`).
@@ -413,6 +420,8 @@ impl PostgresStore {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut skipped = 0;
         let mut inserted = 0;
+        // Data records inserted (loss reports are filed apart).
+        let mut stored_records = 0usize;
         let mut top = stored.top();
         for r in a.batches.iter().flat_map(DecodedBatch::iter) {
             if r.seq <= cursor {
@@ -478,6 +487,7 @@ impl PostgresStore {
                 .await
                 .map_err(err("insert records"))? as usize;
             inserted += n;
+            stored_records = n;
             skipped += seqs.len() - n;
         }
         let new_cursor = cursor.max(a.through);
@@ -489,11 +499,12 @@ impl PostgresStore {
             || stored.epoch != epoch
         {
             tx.execute(
-                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (node) DO UPDATE SET \
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top, records) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (node) DO UPDATE SET \
                  seq = GREATEST(cursors.seq, excluded.seq), updated_ms = excluded.updated_ms, \
                  incarnation = excluded.incarnation, epoch = excluded.epoch, \
-                 top = GREATEST(cursors.top, excluded.top)",
+                 top = GREATEST(cursors.top, excluded.top), \
+                 records = cursors.records + excluded.records",
                 &[
                     &node,
                     &to_sql(new_cursor),
@@ -501,6 +512,7 @@ impl PostgresStore {
                     &to_sql(incarnation),
                     &to_sql(epoch),
                     &to_sql(top),
+                    &to_sql(stored_records as u64),
                 ],
             )
             .await
@@ -582,6 +594,28 @@ impl PostgresStore {
         Ok(page.finish())
     }
 
+    /// Every node's lease, or `node`'s alone.
+    async fn leases_now(&self, node: Option<&str>) -> Result<Vec<LeaseInfo>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT node, token, holder, since_ms FROM leases \
+                 WHERE $1::text IS NULL OR node = $1 ORDER BY node",
+                &[&node],
+            )
+            .await
+            .map_err(pg_err("list leases", node))?;
+        Ok(rows
+            .iter()
+            .map(|r| LeaseInfo {
+                node: r.get(0),
+                token: from_sql(r.get(1)),
+                holder: r.get(2),
+                since_ms: from_sql(r.get(3)),
+            })
+            .collect())
+    }
+
     async fn latest_now(
         &self,
         node: &str,
@@ -610,22 +644,23 @@ impl PostgresStore {
             .collect())
     }
 
-    async fn nodes_now(&self) -> Result<Vec<NodeSummary>, StoreError> {
+    /// Every node, or `only` that one.
+    async fn nodes_now(&self, only: Option<&str>) -> Result<Vec<NodeSummary>, StoreError> {
         let client = self.client().await?;
-        let err = |op| pg_err(op, None);
+        let err = |op| pg_err(op, only);
         let rows = client
             .query(
                 // A node known only by a gap (its store was lost, nothing
                 // applied since) is listed too: the loss is the news.
                 "SELECT n.node, COALESCE(c.seq, 0), \
                  COALESCE(c.updated_ms, (SELECT MAX(g.detected_ms) FROM gaps g WHERE g.node = n.node)), \
-                 (SELECT COUNT(*) FROM records r WHERE r.node = n.node), c.incarnation, \
+                 COALESCE(c.records, 0), c.incarnation, \
                  (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0)::BIGINT FROM gaps g WHERE g.node = n.node) \
                  , s.status, s.received_ms \
                  FROM (SELECT node FROM cursors UNION SELECT node FROM gaps UNION SELECT node FROM node_status) n \
                  LEFT JOIN cursors c ON c.node = n.node LEFT JOIN node_status s ON s.node = n.node \
-                 ORDER BY n.node",
-                &[],
+                 WHERE $1::text IS NULL OR n.node = $1 ORDER BY n.node",
+                &[&only],
             )
             .await
             .map_err(err("list nodes"))?;
@@ -649,15 +684,20 @@ impl PostgresStore {
             .query(
                 "SELECT node, stream, reason, SUM(records)::BIGINT, SUM(bytes)::BIGINT, \
                  MIN(first_seq), MAX(last_seq), MIN(first_ms), MAX(last_ms), COUNT(*) \
-                 FROM losses GROUP BY node, stream, reason \
+                 FROM losses WHERE $1::text IS NULL OR node = $1 GROUP BY node, stream, reason \
                  ORDER BY node, SUM(records) DESC, stream, reason",
-                &[],
+                &[&only],
             )
             .await
             .map_err(err("sum losses"))?;
+        let index: std::collections::HashMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.node.clone(), i))
+            .collect();
         for r in &sums {
             let node: &str = r.get(0);
-            if let Some(n) = nodes.iter_mut().find(|n| n.node == node) {
+            if let Some(n) = index.get(node).and_then(|&i| nodes.get_mut(i)) {
                 // At most 1,000 (stream, reason) lines per node, as SQLite.
                 if n.losses.len() < 1000 {
                     n.losses.push(LossSummary {
@@ -703,25 +743,11 @@ impl Store for PostgresStore {
     }
 
     fn leases(&self) -> StoreFuture<'_, Vec<LeaseInfo>> {
-        Box::pin(async move {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT node, token, holder, since_ms FROM leases ORDER BY node",
-                    &[],
-                )
-                .await
-                .map_err(pg_err("list leases", None))?;
-            Ok(rows
-                .iter()
-                .map(|r| LeaseInfo {
-                    node: r.get(0),
-                    token: from_sql(r.get(1)),
-                    holder: r.get(2),
-                    since_ms: from_sql(r.get(3)),
-                })
-                .collect())
-        })
+        Box::pin(self.leases_now(None))
+    }
+
+    fn lease<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Option<LeaseInfo>> {
+        Box::pin(async move { Ok(self.leases_now(Some(node)).await?.pop()) })
     }
 
     fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
@@ -770,7 +796,11 @@ impl Store for PostgresStore {
     }
 
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {
-        Box::pin(self.nodes_now())
+        Box::pin(self.nodes_now(None))
+    }
+
+    fn node<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Option<NodeSummary>> {
+        Box::pin(async move { Ok(self.nodes_now(Some(node)).await?.pop()) })
     }
 
     fn put_status<'a>(

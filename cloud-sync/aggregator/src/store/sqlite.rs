@@ -94,6 +94,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_top {
         conn.execute_batch("ALTER TABLE cursors ADD COLUMN top INTEGER NOT NULL DEFAULT 0")?;
     }
+    // Records stored per node, kept by each apply: the fleet view must not
+    // count a node's records on every request.
+    let has_records: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'records'")?
+        .exists([])?;
+    if !has_records {
+        conn.execute_batch(
+            "ALTER TABLE cursors ADD COLUMN records INTEGER NOT NULL DEFAULT 0; \
+             UPDATE cursors SET records = (SELECT COUNT(*) FROM records r WHERE r.node = cursors.node);",
+        )?;
+    }
     Ok(())
 }
 
@@ -418,21 +429,25 @@ impl Inner {
         .map_err(q_err("release lease", Some(&lease.node)))
     }
 
-    fn leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
+    /// Every node's lease, or `node`'s alone.
+    fn leases(&self, node: Option<&str>) -> Result<Vec<LeaseInfo>, StoreError> {
         let conn = lock(&self.reader)?;
-        conn.prepare_cached("SELECT node, token, holder, since_ms FROM leases ORDER BY node")
-            .and_then(|mut st| {
-                st.query_map([], |r| {
-                    Ok(LeaseInfo {
-                        node: r.get(0)?,
-                        token: from_sql(r.get(1)?),
-                        holder: r.get(2)?,
-                        since_ms: from_sql(r.get(3)?),
-                    })
-                })?
-                .collect()
-            })
-            .map_err(q_err("list leases", None))
+        conn.prepare_cached(
+            "SELECT node, token, holder, since_ms FROM leases \
+             WHERE ?1 IS NULL OR node = ?1 ORDER BY node",
+        )
+        .and_then(|mut st| {
+            st.query_map(params![node], |r| {
+                Ok(LeaseInfo {
+                    node: r.get(0)?,
+                    token: from_sql(r.get(1)?),
+                    holder: r.get(2)?,
+                    since_ms: from_sql(r.get(3)?),
+                })
+            })?
+            .collect()
+        })
+        .map_err(q_err("list leases", node))
     }
 
     /// One apply inside the group's transaction (see [`group_writer`]).
@@ -460,6 +475,8 @@ impl Inner {
         let cursor = stored.seq;
         let mut inserted = 0;
         let mut skipped = 0;
+        // Data records inserted (loss reports are filed apart).
+        let mut stored_records = 0u64;
         let mut top = stored.top();
         {
             let mut ins = tx
@@ -508,6 +525,7 @@ impl Inner {
                     .map_err(err("insert record"))?;
                 if n == 1 {
                     inserted += 1;
+                    stored_records += 1;
                 } else {
                     skipped += 1;
                 }
@@ -521,9 +539,11 @@ impl Inner {
             || stored.epoch != epoch
         {
             tx.prepare_cached(
-                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top, records) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT(node) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms, \
-                 incarnation = excluded.incarnation, epoch = excluded.epoch, top = excluded.top",
+                 incarnation = excluded.incarnation, epoch = excluded.epoch, top = excluded.top, \
+                 records = cursors.records + excluded.records",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -532,7 +552,8 @@ impl Inner {
                     to_sql(now_ms),
                     to_sql(incarnation),
                     to_sql(epoch),
-                    to_sql(top)
+                    to_sql(top),
+                    to_sql(stored_records)
                 ])
             })
             .map_err(err("advance cursor"))?;
@@ -638,22 +659,23 @@ impl Inner {
         .map_err(q_err("latest records", Some(node)))
     }
 
-    fn nodes(&self) -> Result<Vec<NodeSummary>, StoreError> {
+    /// Every node, or `only` that one.
+    fn nodes(&self, only: Option<&str>) -> Result<Vec<NodeSummary>, StoreError> {
         let conn = lock(&self.reader)?;
         conn.prepare_cached(
             // A node known only by a gap (its store was lost, nothing
             // applied since) is listed too: the loss is the news.
             "SELECT n.node, COALESCE(c.seq, 0), \
              COALESCE(c.updated_ms, (SELECT MAX(g.detected_ms) FROM gaps g WHERE g.node = n.node)), \
-             (SELECT COUNT(*) FROM records r WHERE r.node = n.node), c.incarnation, \
+             COALESCE(c.records, 0), c.incarnation, \
              (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1), 0) FROM gaps g WHERE g.node = n.node) \
              , s.status, s.received_ms \
              FROM (SELECT node FROM cursors UNION SELECT node FROM gaps UNION SELECT node FROM node_status) n \
              LEFT JOIN cursors c ON c.node = n.node LEFT JOIN node_status s ON s.node = n.node \
-             ORDER BY n.node",
+             WHERE ?1 IS NULL OR n.node = ?1 ORDER BY n.node",
         )
         .and_then(|mut st| {
-            st.query_map([], |r| {
+            st.query_map(params![only], |r| {
                 Ok(NodeSummary {
                     node: r.get(0)?,
                     cursor: from_sql(r.get(1)?),
@@ -676,7 +698,7 @@ impl Inner {
             }
             Ok(nodes)
         })
-        .map_err(q_err("list nodes", None))
+        .map_err(q_err("list nodes", only))
     }
 
     fn put_status(
@@ -768,7 +790,12 @@ impl Store for SqliteStore {
     }
 
     fn leases(&self) -> StoreFuture<'_, Vec<LeaseInfo>> {
-        self.blocking(Inner::leases)
+        self.blocking(|s| s.leases(None))
+    }
+
+    fn lease<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Option<LeaseInfo>> {
+        let node = node.to_string();
+        self.blocking(move |s| Ok(s.leases(Some(&node))?.pop()))
     }
 
     fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
@@ -814,7 +841,12 @@ impl Store for SqliteStore {
     }
 
     fn nodes(&self) -> StoreFuture<'_, Vec<NodeSummary>> {
-        self.blocking(Inner::nodes)
+        self.blocking(|s| s.nodes(None))
+    }
+
+    fn node<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Option<NodeSummary>> {
+        let node = node.to_string();
+        self.blocking(move |s| Ok(s.nodes(Some(&node))?.pop()))
     }
 
     fn put_status<'a>(

@@ -324,3 +324,109 @@ async fn a_node_status_and_its_activity_show_in_the_fleet_view() {
     assert!(!connected, "a closed node shows disconnected");
     agg.shutdown().await;
 }
+
+/// The sum of the aggregator's `/metrics` series named `name` whose labels
+/// contain `labels`.
+async fn metric(base: &str, name: &str, labels: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// I-38: while a node's session holds its lease here, `/api/v1/latest`
+/// answers from the cache kept in the apply path; once another aggregator
+/// takes the lease and applies newer records, the answer comes from the
+/// store — never stale.
+#[tokio::test]
+async fn latest_values_come_from_the_cache_while_held_and_never_stale_after_a_takeover() {
+    use fogline_aggregator::store::{ApplyBatches, SqliteStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let agg = fogline_aggregator::start(config(dir.path(), "open = [\"/metrics\"]"))
+        .await
+        .unwrap();
+    let base = format!("http://{}", agg.http_addr);
+    let rec = |seq: u64| Record {
+        seq,
+        stream: if seq % 2 == 1 { "t/a" } else { "t/b" }.into(),
+        timestamp_ms: seq * 1000,
+        payload: format!("{{\"n\":{seq}}}").into_bytes(),
+    };
+    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    link.send(&(1..=8).map(rec).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(link.acked_through(8).await.unwrap(), 8);
+    let newest = |v: &Value| -> Vec<(String, u64)> {
+        v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["stream"].as_str().unwrap().to_string(),
+                    r["seq"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let latest_url = format!("{base}/api/v1/latest?node=gw-1");
+    let (_, v) = get_json(&latest_url, Some(READ)).await;
+    assert_eq!(newest(&v), vec![("t/a".into(), 7), ("t/b".into(), 8)]);
+    let hits = metric(&base, "fogline_cloud_latest_lookups_total", "hit").await;
+    // Applied while held: written through, answered from memory.
+    link.send(&(9..=10).map(rec).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(link.acked_through(10).await.unwrap(), 10);
+    let (_, v) = get_json(&latest_url, Some(READ)).await;
+    assert_eq!(newest(&v), vec![("t/a".into(), 9), ("t/b".into(), 10)]);
+    let (_, v) = get_json(&format!("{latest_url}&stream=t/%2B"), Some(READ)).await;
+    assert_eq!(newest(&v).len(), 2);
+    let (_, v) = get_json(&format!("{latest_url}&stream=t/b"), Some(READ)).await;
+    assert_eq!(newest(&v), vec![("t/b".into(), 10)]);
+    assert!(
+        metric(&base, "fogline_cloud_latest_lookups_total", "hit").await >= hits + 3.0,
+        "answered from the cache"
+    );
+
+    // Another aggregator on the same store takes the node over and applies
+    // a newer record, while this one's session still holds its entry.
+    let other: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(SqliteStore::open(dir.path().join("cloud.db")).unwrap());
+    let now = fogline_telemetry::clock::now_ms();
+    let (lease, cursor) = other.take_lease("gw-1", "agg-other", now).await.unwrap();
+    assert_eq!(cursor.seq, 10);
+    let batch =
+        fogline_protocol::decode_batch(&fogline_protocol::encode_batch(&[rec(11)], 3).unwrap())
+            .unwrap();
+    other
+        .apply(ApplyBatches {
+            lease,
+            outbox: (OUTBOX.incarnation, OUTBOX.epoch),
+            batches: vec![batch],
+            through: 11,
+            now_ms: now,
+        })
+        .await
+        .unwrap();
+    let stale = metric(&base, "fogline_cloud_latest_lookups_total", "stale").await;
+    let (_, v) = get_json(&latest_url, Some(READ)).await;
+    assert_eq!(
+        newest(&v),
+        vec![("t/a".into(), 11), ("t/b".into(), 10)],
+        "the store's answer, not the cache's"
+    );
+    assert!(metric(&base, "fogline_cloud_latest_lookups_total", "stale").await >= stale + 1.0);
+    drop(link);
+    agg.shutdown().await;
+}

@@ -116,6 +116,8 @@ async fn apply_is_idempotent_and_overlaps_are_skipped(f: Fixture) {
         ("n1", 20, 20)
     );
     assert_eq!(nodes[0].incarnation, Some(9));
+    assert_eq!(s.node("n2").await.unwrap().as_ref(), nodes.get(1));
+    assert_eq!(s.node("n7").await.unwrap(), None);
     assert_eq!(
         s.cursor("n1").await.unwrap(),
         StoredCursor {
@@ -297,6 +299,8 @@ async fn a_taken_lease_fences_the_earlier_holder(f: Fixture) {
         (leases[0].token, leases[0].holder.as_deref()),
         (lb.token, Some("agg-b"))
     );
+    assert_eq!(a.lease("n1").await.unwrap().as_ref(), leases.first());
+    assert_eq!(a.lease("n9").await.unwrap(), None);
     b_store.release_lease(&lb, 6).await.unwrap();
     let leases = a.leases().await.unwrap();
     assert_eq!((leases[0].holder.as_deref(), leases[0].since_ms), (None, 6));
@@ -404,7 +408,7 @@ async fn postgres_migrates_once_and_retention_drops_old_days() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, 3, "each migration ran once");
+    assert_eq!(versions, 4, "each migration ran once");
 
     const DAY: u64 = 86_400_000;
     let now = fogline_telemetry::clock::now_ms();
@@ -450,4 +454,29 @@ async fn postgres_migrates_once_and_retention_drops_old_days() {
 async fn futures_join(f: &Fixture) -> usize {
     let (a, b, c) = tokio::join!(f.open(), f.open(), f.open());
     [a, b, c].len()
+}
+
+/// A SQLite file from before the per-node record count gets it counted
+/// once at open, then kept by the applies.
+#[tokio::test]
+async fn an_older_sqlite_file_gets_its_record_counts_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let l = lease(&s, "n1").await;
+        apply(&s, &l, &sample_readings(12, 2, 1), 12, 1)
+            .await
+            .unwrap();
+    }
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE cursors DROP COLUMN records")
+        .unwrap();
+    let s: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    assert_eq!(s.nodes().await.unwrap()[0].records, 12);
+    let l = lease(&s, "n1").await;
+    let more = sample_readings(15, 2, 1);
+    apply(&s, &l, &more[12..], 15, 2).await.unwrap();
+    assert_eq!(s.nodes().await.unwrap()[0].records, 15);
 }
