@@ -70,10 +70,10 @@ impl Service {
         // a few thousand nodes, applies parked on the SQLite writer's lock
         // filled tokio's blocking pool (512 threads), the decodes queued
         // behind them and context switches ate the CPU (issue 13 §2).
-        // SQLite's applies wait on a channel (no thread) and are committed
-        // in groups of up to GROUP_MAX: let that many through.
+        // Both stores' applies wait on a channel (no thread) and are
+        // committed in groups of up to GROUP_MAX: let that many through.
         let store_writers = match config.store.url {
-            Some(_) => config.store.pool_size.max(1),
+            Some(_) => crate::store::postgres::GROUP_MAX,
             None => crate::store::sqlite::GROUP_MAX,
         };
         let shared = Shared {

@@ -14,7 +14,7 @@
 
 pub mod events;
 pub mod health;
-mod postgres;
+pub(crate) mod postgres;
 pub mod sqlite;
 
 pub use postgres::{redact as redact_url, PostgresOptions, PostgresStore};

@@ -12,6 +12,7 @@
 //!   `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`, the cursor
 //!   moves with `GREATEST` (never back, whatever the interleaving).
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -132,6 +133,8 @@ impl Default for PostgresOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Applies waiting for a group writer ([`dispatch_groups`]).
+    applies: tokio::sync::mpsc::UnboundedSender<Queued>,
     /// The URL without its password, for messages.
     shown: String,
     options: PostgresOptions,
@@ -211,13 +214,27 @@ impl PostgresStore {
                 url: shown.clone(),
                 message: e.to_string(),
             })?;
+        let (applies, queue) = tokio::sync::mpsc::unbounded_channel();
         let store = Self {
             pool,
+            applies,
             shown,
             options,
         };
         store.migrate().await?;
         store.maintain(fogline_telemetry::clock::now_ms()).await?;
+        // Few group writers: while they are busy the queue gathers bigger
+        // groups (fewer commits: PostgreSQL's CPU per reading falls); the
+        // rest of the pool serves takes and reads.
+        let writers = (store.options.pool_size / 8).clamp(1, 2);
+        // The writers' copy holds no sender of the queue: dropping the
+        // store's last handle closes it and ends the dispatcher.
+        let (closed, _) = tokio::sync::mpsc::unbounded_channel();
+        let writer = Self {
+            applies: closed,
+            ..store.clone()
+        };
+        tokio::spawn(dispatch_groups(writer, queue, writers));
         Ok(store)
     }
 
@@ -390,140 +407,329 @@ fn stored_loss(r: &Row) -> StoredLoss {
     }
 }
 
+/// Applies queued for the group writers, each with where its outcome goes.
+type Queued = (
+    ApplyBatches,
+    tokio::sync::oneshot::Sender<Result<ApplyOutcome, StoreError>>,
+);
+
+/// Most applies committed in one transaction.
+pub const GROUP_MAX: usize = 256;
+
+/// Takes what is queued (up to [`GROUP_MAX`], in arrival order) while a
+/// group writer is free, and runs it as one transaction: each apply waits
+/// for one commit, not one per node. Ends when the store is dropped.
+async fn dispatch_groups(
+    store: PostgresStore,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    writers: usize,
+) {
+    let writers = std::sync::Arc::new(tokio::sync::Semaphore::new(writers.max(1)));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = writers.clone().acquire_owned().await else {
+            return;
+        };
+        // Those that queued while every writer was busy go together.
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(q) => group.push(q),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            store.apply_group(group).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The arrays of one multi-row upsert of cursors.
+#[derive(Default)]
+struct CursorRows<'a> {
+    nodes: Vec<&'a str>,
+    seqs: Vec<i64>,
+    updated: Vec<i64>,
+    incarnations: Vec<i64>,
+    epochs: Vec<i64>,
+    tops: Vec<i64>,
+    records: Vec<i64>,
+}
+
+/// Files one loss report (I-33); false if it was filed already.
+async fn insert_loss(
+    tx: &impl GenericClient,
+    node: &str,
+    seq: u64,
+    l: &LossReport,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let n = tx
+        .execute(
+            "INSERT INTO losses (node, seq, stream, reason, detail, records, \
+             bytes, first_seq, last_seq, first_ms, last_ms, received_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT DO NOTHING",
+            &[
+                &node,
+                &to_sql(seq),
+                &l.stream,
+                &l.reason.as_str(),
+                &l.detail,
+                &to_sql(l.records),
+                &to_sql(l.bytes),
+                &l.first_seq.map(to_sql),
+                &l.last_seq.map(to_sql),
+                &to_sql(l.first_ms),
+                &to_sql(l.last_ms),
+                &to_sql(now_ms),
+            ],
+        )
+        .await
+        .map_err(pg_err("insert loss report", Some(node)))?;
+    Ok(n == 1)
+}
+
+/// The arrays of one multi-row insert of records.
+#[derive(Default)]
+struct RecordRows<'a> {
+    nodes: Vec<&'a str>,
+    seqs: Vec<i64>,
+    streams: Vec<&'a str>,
+    times: Vec<i64>,
+    payloads: Vec<&'a [u8]>,
+    received: Vec<i64>,
+}
+
 impl PostgresStore {
-    async fn apply_now(&self, a: ApplyBatches) -> Result<ApplyOutcome, StoreError> {
-        let node = a.lease.node.as_str();
-        let err = |op| pg_err(op, Some(node));
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(err("begin"))?;
-        // The fence: the lease row is locked for the transaction, so a
-        // taker waits for this apply to end and this apply sees any take
-        // that committed before it (I-36).
-        let current = tx
-            .query_opt(
-                "SELECT token FROM leases WHERE node = $1 FOR UPDATE",
-                &[&node],
-            )
-            .await
-            .map_err(err("check lease"))?
-            .map_or(0, |r| from_sql(r.get(0)));
-        if current != a.lease.token {
-            return Err(StoreError::Fenced {
-                node: node.to_string(),
-                held: a.lease.token,
-                current,
+    /// Runs `group` as one transaction; if that fails as a whole, each
+    /// apply alone, so one node's trouble is its own.
+    async fn apply_group(&self, group: Vec<Queued>) {
+        let (applies, replies): (Vec<ApplyBatches>, Vec<_>) = group.into_iter().unzip();
+        let refs: Vec<&ApplyBatches> = applies.iter().collect();
+        let outcomes = match self.apply_set(&refs).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if refs.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::debug!(applies = refs.len(), error = %e, "A group apply failed; applying each alone.");
+                let mut each = Vec::with_capacity(refs.len());
+                for a in &refs {
+                    each.push(match self.apply_set(&[a]).await {
+                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Poisoned)),
+                        Err(e) => Err(e),
+                    });
+                }
+                each
+            }
+        };
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// In ONE transaction, set-based: locks the leases of every node in
+    /// `applies` (in node order, so concurrent groups cannot deadlock) and
+    /// checks each token — a fenced apply writes nothing and gets
+    /// [`StoreError::Fenced`] while the others go on (I-36) — reads the
+    /// cursors, inserts every record above its node's cursor in one
+    /// statement, advances the cursors in one statement, commits. At most
+    /// one apply per node (a session has one apply in flight).
+    async fn apply_set(
+        &self,
+        applies: &[&ApplyBatches],
+    ) -> Result<Vec<Result<ApplyOutcome, StoreError>>, StoreError> {
+        let only = match applies {
+            [one] => Some(one.lease.node.as_str()),
+            _ => None,
+        };
+        let err = |op| pg_err(op, only);
+        let mut nodes: Vec<&str> = applies.iter().map(|a| a.lease.node.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        if nodes.len() != applies.len() {
+            return Err(StoreError::Group {
+                node: applies
+                    .iter()
+                    .map(|a| a.lease.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                message: "two applies of one node in one group".into(),
+                kind: fogline_telemetry::health::ProblemKind::StoreError,
             });
         }
-        let stored = read_cursor(&tx, node, true).await?;
-        let cursor = stored.seq;
-        let (mut seqs, mut streams, mut times, mut payloads) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut skipped = 0;
-        let mut inserted = 0;
-        // Data records inserted (loss reports are filed apart).
-        let mut stored_records = 0usize;
-        let mut top = stored.top();
-        for r in a.batches.iter().flat_map(DecodedBatch::iter) {
-            if r.seq <= cursor {
-                skipped += 1;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(err("begin"))?;
+        // The fence: the lease rows are locked for the transaction, so a
+        // taker waits for this apply to end and this apply sees any take
+        // that committed before it (I-36).
+        let tokens: HashMap<String, u64> = tx
+            .query(
+                "SELECT node, token FROM leases WHERE node = ANY($1) ORDER BY node FOR UPDATE",
+                &[&nodes],
+            )
+            .await
+            .map_err(err("check leases"))?
+            .iter()
+            .map(|r| (r.get(0), from_sql(r.get(1))))
+            .collect();
+        let cursors: HashMap<String, StoredCursor> = tx
+            .query(
+                "SELECT node, seq, incarnation, epoch, top FROM cursors WHERE node = ANY($1)",
+                &[&nodes],
+            )
+            .await
+            .map_err(err("read cursors"))?
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    StoredCursor {
+                        seq: from_sql(r.get(1)),
+                        incarnation: r.get::<_, Option<i64>>(2).map(from_sql),
+                        epoch: from_sql(r.get(3)),
+                        top: from_sql(r.get(4)),
+                    },
+                )
+            })
+            .collect();
+        let mut outcomes: Vec<Result<ApplyOutcome, StoreError>> = Vec::with_capacity(applies.len());
+        // Per apply: its stored cursor and top, loss reports inserted.
+        let mut plans: Vec<Option<(StoredCursor, u64)>> = Vec::with_capacity(applies.len());
+        let mut rows = RecordRows::default();
+        for a in applies {
+            let node = a.lease.node.as_str();
+            let current = tokens.get(node).copied().unwrap_or(0);
+            if current != a.lease.token {
+                outcomes.push(Err(StoreError::Fenced {
+                    node: node.to_string(),
+                    held: a.lease.token,
+                    current,
+                }));
+                plans.push(None);
                 continue;
             }
-            top = top.max(r.seq);
-            if r.stream == LOSS_STREAM {
-                match LossReport::decode(r.payload) {
-                    Ok(l) => {
-                        let n = tx
-                            .execute(
-                                "INSERT INTO losses (node, seq, stream, reason, detail, records, \
-                                 bytes, first_seq, last_seq, first_ms, last_ms, received_ms) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                                 ON CONFLICT DO NOTHING",
-                                &[
-                                    &node,
-                                    &to_sql(r.seq),
-                                    &l.stream,
-                                    &l.reason.as_str(),
-                                    &l.detail,
-                                    &to_sql(l.records),
-                                    &to_sql(l.bytes),
-                                    &l.first_seq.map(to_sql),
-                                    &l.last_seq.map(to_sql),
-                                    &to_sql(l.first_ms),
-                                    &to_sql(l.last_ms),
-                                    &to_sql(a.now_ms),
-                                ],
-                            )
-                            .await
-                            .map_err(err("insert loss report"))?;
-                        if n == 1 {
-                            inserted += 1;
-                        } else {
-                            skipped += 1;
-                        }
-                        continue;
-                    }
-                    Err(e) => tracing::warn!(
-                        node,
-                        seq = r.seq,
-                        error = %e,
-                        "A loss report does not parse; stored as an ordinary record."
-                    ),
+            let stored = cursors.get(node).cloned().unwrap_or_default();
+            let mut outcome = ApplyOutcome {
+                cursor: stored.seq.max(a.through),
+                inserted: 0,
+                skipped: 0,
+            };
+            let mut top = stored.top();
+            for r in a.batches.iter().flat_map(DecodedBatch::iter) {
+                if r.seq <= stored.seq {
+                    outcome.skipped += 1;
+                    continue;
                 }
+                top = top.max(r.seq);
+                // A loss report is filed apart from the data (I-33); one
+                // that does not parse is kept as a record, never dropped.
+                if r.stream == LOSS_STREAM {
+                    match LossReport::decode(r.payload) {
+                        Ok(l) => {
+                            if insert_loss(&tx, node, r.seq, &l, a.now_ms).await? {
+                                outcome.inserted += 1;
+                            } else {
+                                outcome.skipped += 1;
+                            }
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(
+                            node,
+                            seq = r.seq,
+                            error = %e,
+                            "A loss report does not parse; stored as an ordinary record."
+                        ),
+                    }
+                }
+                rows.nodes.push(node);
+                rows.seqs.push(to_sql(r.seq));
+                rows.streams.push(r.stream);
+                rows.times.push(to_sql(r.timestamp_ms));
+                rows.payloads.push(r.payload);
+                rows.received.push(to_sql(a.now_ms));
             }
-            seqs.push(to_sql(r.seq));
-            streams.push(r.stream);
-            times.push(to_sql(r.timestamp_ms));
-            payloads.push(r.payload);
+            outcomes.push(Ok(outcome));
+            plans.push(Some((stored, top)));
         }
-        if !seqs.is_empty() {
-            let n = tx
-                .execute(
+        // Records: one statement for the whole group; what it did not
+        // insert was stored already (a resend above the cursor).
+        let mut added: HashMap<String, usize> = HashMap::new();
+        if !rows.seqs.is_empty() {
+            for r in tx
+                .query(
                     "INSERT INTO records (node, seq, stream, timestamp_ms, payload, received_ms) \
-                     SELECT $1, u.seq, u.stream, u.t, u.payload, $6 \
-                     FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BYTEA[]) \
-                     AS u(seq, stream, t, payload) ON CONFLICT DO NOTHING",
-                    &[&node, &seqs, &streams, &times, &payloads, &to_sql(a.now_ms)],
+                     SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], \
+                     $5::BYTEA[], $6::BIGINT[]) ON CONFLICT DO NOTHING RETURNING node",
+                    &[
+                        &rows.nodes,
+                        &rows.seqs,
+                        &rows.streams,
+                        &rows.times,
+                        &rows.payloads,
+                        &rows.received,
+                    ],
                 )
                 .await
-                .map_err(err("insert records"))? as usize;
-            inserted += n;
-            stored_records = n;
-            skipped += seqs.len() - n;
+                .map_err(err("insert records"))?
+            {
+                *added.entry(r.get(0)).or_default() += 1;
+            }
         }
-        let new_cursor = cursor.max(a.through);
-        let top = top.max(new_cursor);
-        let (incarnation, epoch) = a.outbox;
-        if new_cursor != cursor
-            || inserted > 0
-            || stored.incarnation != Some(incarnation)
-            || stored.epoch != epoch
-        {
+        let offered: HashMap<&str, usize> = rows.nodes.iter().fold(HashMap::new(), |mut m, n| {
+            *m.entry(*n).or_default() += 1;
+            m
+        });
+        // Cursors: one statement for every apply that moved something.
+        let mut c = CursorRows::default();
+        for ((a, plan), outcome) in applies.iter().zip(&plans).zip(&mut outcomes) {
+            let (Some((stored, top)), Ok(outcome)) = (plan, outcome) else {
+                continue;
+            };
+            let node = a.lease.node.as_str();
+            let new = added.get(node).copied().unwrap_or(0);
+            outcome.inserted += new;
+            outcome.skipped += offered.get(node).copied().unwrap_or(0) - new;
+            let (incarnation, epoch) = a.outbox;
+            if outcome.cursor != stored.seq
+                || outcome.inserted > 0
+                || stored.incarnation != Some(incarnation)
+                || stored.epoch != epoch
+            {
+                c.nodes.push(node);
+                c.seqs.push(to_sql(outcome.cursor));
+                c.updated.push(to_sql(a.now_ms));
+                c.incarnations.push(to_sql(incarnation));
+                c.epochs.push(to_sql(epoch));
+                c.tops.push(to_sql((*top).max(outcome.cursor)));
+                c.records.push(to_sql(new as u64));
+            }
+        }
+        if !c.nodes.is_empty() {
             tx.execute(
                 "INSERT INTO cursors (node, seq, updated_ms, incarnation, epoch, top, records) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (node) DO UPDATE SET \
+                 SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], \
+                 $5::BIGINT[], $6::BIGINT[], $7::BIGINT[]) \
+                 ON CONFLICT (node) DO UPDATE SET \
                  seq = GREATEST(cursors.seq, excluded.seq), updated_ms = excluded.updated_ms, \
                  incarnation = excluded.incarnation, epoch = excluded.epoch, \
                  top = GREATEST(cursors.top, excluded.top), \
                  records = cursors.records + excluded.records",
                 &[
-                    &node,
-                    &to_sql(new_cursor),
-                    &to_sql(a.now_ms),
-                    &to_sql(incarnation),
-                    &to_sql(epoch),
-                    &to_sql(top),
-                    &to_sql(stored_records as u64),
+                    &c.nodes,
+                    &c.seqs,
+                    &c.updated,
+                    &c.incarnations,
+                    &c.epochs,
+                    &c.tops,
+                    &c.records,
                 ],
             )
             .await
-            .map_err(err("advance cursor"))?;
+            .map_err(err("advance cursors"))?;
         }
         tx.commit().await.map_err(err("commit"))?;
-        Ok(ApplyOutcome {
-            cursor: new_cursor,
-            inserted,
-            skipped,
-        })
+        Ok(outcomes)
     }
 
     async fn take_lease_now(
@@ -751,7 +957,12 @@ impl Store for PostgresStore {
     }
 
     fn apply(&self, apply: ApplyBatches) -> StoreFuture<'_, ApplyOutcome> {
-        Box::pin(self.apply_now(apply))
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let queued = self.applies.send((apply, reply)).map_err(drop);
+        Box::pin(async move {
+            queued.map_err(|_| StoreError::Poisoned)?;
+            outcome.await.map_err(|_| StoreError::Poisoned)?
+        })
     }
 
     fn cursor<'a>(&'a self, node: &'a str) -> StoreFuture<'a, StoredCursor> {

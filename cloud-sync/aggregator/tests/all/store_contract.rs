@@ -315,6 +315,48 @@ async fn a_taken_lease_fences_the_earlier_holder(f: Fixture) {
     ));
 }
 
+/// Applies of many nodes at once (committed together in groups by both
+/// stores): each node's records land once with its cursor and count, and
+/// a fenced apply among them is refused alone (I-36).
+async fn many_nodes_applying_at_once_and_a_fenced_one_among_them(f: Fixture) {
+    let s = f.open().await;
+    let recs = sample_readings(10, 2, 3);
+    let mut leases = Vec::new();
+    for i in 0..40 {
+        leases.push(lease(&s, &format!("g{i:02}")).await);
+    }
+    // Someone else took g07 since.
+    let newer = lease(&s, "g07").await;
+    let mut set = tokio::task::JoinSet::new();
+    for l in leases {
+        let (s, recs) = (s.clone(), recs.clone());
+        set.spawn(async move {
+            let r = apply(&s, &l, &recs, 10, 5).await;
+            (l.node, r)
+        });
+    }
+    let mut outcomes = std::collections::BTreeMap::new();
+    while let Some(done) = set.join_next().await {
+        let (node, r) = done.unwrap();
+        outcomes.insert(node, r);
+    }
+    for (node, r) in &outcomes {
+        if node == "g07" {
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+            assert!(all(&s, node).await.is_empty(), "a fenced apply writes nothing");
+        } else {
+            let o = r.as_ref().unwrap();
+            assert_eq!((o.cursor, o.inserted, o.skipped), (10, 10, 0), "{node}");
+            assert_eq!(all(&s, node).await, (1..=10).collect::<Vec<_>>());
+        }
+    }
+    let nodes = s.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 39);
+    assert!(nodes.iter().all(|n| (n.cursor, n.records) == (10, 10)));
+    // The new holder applies as usual.
+    assert_eq!(apply(&s, &newer, &recs, 10, 6).await.unwrap().inserted, 10);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -342,6 +384,7 @@ contract!(
     records_query_filters_by_stream_after_and_limit,
     loss_reports_are_filed_once_and_summed,
     a_taken_lease_fences_the_earlier_holder,
+    many_nodes_applying_at_once_and_a_fenced_one_among_them,
 );
 
 /// I-36 on PostgreSQL, interleaved for real: aggregator A passes its fence
