@@ -426,6 +426,30 @@ pub struct ApplyBatches {
     pub now_ms: u64,
 }
 
+/// The loss report a record on [`fogline_protocol::LOSS_STREAM`] carries;
+/// `None` for other records, and (with a warning) for one that does not
+/// parse: that one is stored as an ordinary record, never dropped (I-33).
+pub(crate) fn loss_report(
+    node: &str,
+    r: &fogline_protocol::RecordRef<'_>,
+) -> Option<fogline_protocol::LossReport> {
+    if r.stream != fogline_protocol::LOSS_STREAM {
+        return None;
+    }
+    match fogline_protocol::LossReport::decode(r.payload) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                node,
+                seq = r.seq,
+                error = %e,
+                "A loss report does not parse; stored as an ordinary record."
+            );
+            None
+        }
+    }
+}
+
 /// Storage for applied records, per-node cursors and leases. Async: the
 /// SQLite store runs its blocking work on tokio's blocking pool.
 pub trait Store: Send + Sync + 'static {

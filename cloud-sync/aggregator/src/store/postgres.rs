@@ -19,7 +19,7 @@ use std::time::Duration;
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use fogline_protocol::session::StoredCursor;
-use fogline_protocol::{DecodedBatch, LossReport, LOSS_STREAM};
+use fogline_protocol::{DecodedBatch, LossReport};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
@@ -622,25 +622,14 @@ impl PostgresStore {
                     continue;
                 }
                 top = top.max(r.seq);
-                // A loss report is filed apart from the data (I-33); one
-                // that does not parse is kept as a record, never dropped.
-                if r.stream == LOSS_STREAM {
-                    match LossReport::decode(r.payload) {
-                        Ok(l) => {
-                            if insert_loss(&tx, node, r.seq, &l, a.now_ms).await? {
-                                outcome.inserted += 1;
-                            } else {
-                                outcome.skipped += 1;
-                            }
-                            continue;
-                        }
-                        Err(e) => tracing::warn!(
-                            node,
-                            seq = r.seq,
-                            error = %e,
-                            "A loss report does not parse; stored as an ordinary record."
-                        ),
+                // A loss report is filed apart from the data (I-33).
+                if let Some(l) = super::loss_report(node, &r) {
+                    if insert_loss(&tx, node, r.seq, &l, a.now_ms).await? {
+                        outcome.inserted += 1;
+                    } else {
+                        outcome.skipped += 1;
                     }
+                    continue;
                 }
                 rows.nodes.push(node);
                 rows.seqs.push(to_sql(r.seq));

@@ -14,7 +14,7 @@ use super::{
 };
 use fogline_protocol::session::StoredCursor;
 use fogline_protocol::DecodedBatch;
-use fogline_protocol::{LossReport, LOSS_STREAM};
+use fogline_protocol::LossReport;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -491,27 +491,16 @@ impl Inner {
                     continue;
                 }
                 top = top.max(r.seq);
-                // A loss report is filed apart from the data (I-33); one
-                // that does not parse is kept as a record, never dropped.
-                if r.stream == LOSS_STREAM {
-                    match LossReport::decode(r.payload) {
-                        Ok(l) => {
-                            let n = insert_loss(tx, node, r.seq, &l, now_ms)
-                                .map_err(err("insert loss report"))?;
-                            if n == 1 {
-                                inserted += 1;
-                            } else {
-                                skipped += 1;
-                            }
-                            continue;
-                        }
-                        Err(e) => tracing::warn!(
-                            node,
-                            seq = r.seq,
-                            error = %e,
-                            "A loss report does not parse; stored as an ordinary record."
-                        ),
+                // A loss report is filed apart from the data (I-33).
+                if let Some(l) = super::loss_report(node, &r) {
+                    let n = insert_loss(tx, node, r.seq, &l, now_ms)
+                        .map_err(err("insert loss report"))?;
+                    if n == 1 {
+                        inserted += 1;
+                    } else {
+                        skipped += 1;
                     }
+                    continue;
                 }
                 let n = ins
                     .execute(params![

@@ -75,6 +75,30 @@ async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
+/// `(stream, seq)` of each record of a `/api/v1/latest` answer.
+fn newest(v: &Value) -> Vec<(String, u64)> {
+    v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["stream"].as_str().unwrap().to_string(),
+                r["seq"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// An aggregator on `dir` with `http_extra` in its `[http]`, and its base URL.
+async fn start(dir: &Path, http_extra: &str) -> (RunningAggregator, String) {
+    let agg = fogline_aggregator::start(config(dir, http_extra))
+        .await
+        .unwrap();
+    let base = format!("http://{}", agg.http_addr);
+    (agg, base)
+}
+
 fn seqs(page: &Value) -> Vec<u64> {
     page["records"]
         .as_array()
@@ -87,10 +111,7 @@ fn seqs(page: &Value) -> Vec<u64> {
 #[tokio::test]
 async fn no_token_no_data_and_queries_by_filter_time_and_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = fogline_aggregator::start(config(dir.path(), "open = [\"/healthz\"]"))
-        .await
-        .unwrap();
-    let base = format!("http://{}", agg.http_addr);
+    let (agg, base) = start(dir.path(), "open = [\"/healthz\"]").await;
     fill(&agg, dir.path()).await;
 
     // No token, a wrong one: 401 with a reason; /healthz is open, /metrics not.
@@ -157,20 +178,10 @@ async fn no_token_no_data_and_queries_by_filter_time_and_bytes() {
 
     // The newest record of each stream.
     let (_, latest) = get_json(&format!("{base}/api/v1/latest?node=gw-1"), Some(READ)).await;
-    let mut newest: Vec<(String, u64)> = latest["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["stream"].as_str().unwrap().to_string(),
-                r["seq"].as_str().unwrap().parse().unwrap(),
-            )
-        })
-        .collect();
-    newest.sort();
+    let mut found = newest(&latest);
+    found.sort();
     assert_eq!(
-        newest,
+        found,
         vec![
             ("other/x".to_string(), 40),
             ("site/a/hum".to_string(), 38),
@@ -348,10 +359,7 @@ async fn metric(base: &str, name: &str, labels: &str) -> f64 {
 async fn latest_values_come_from_the_cache_while_held_and_never_stale_after_a_takeover() {
     use fogline_aggregator::store::{ApplyBatches, SqliteStore, Store};
     let dir = tempfile::tempdir().unwrap();
-    let agg = fogline_aggregator::start(config(dir.path(), "open = [\"/metrics\"]"))
-        .await
-        .unwrap();
-    let base = format!("http://{}", agg.http_addr);
+    let (agg, base) = start(dir.path(), "open = [\"/metrics\"]").await;
     let rec = |seq: u64| Record {
         seq,
         stream: if seq % 2 == 1 { "t/a" } else { "t/b" }.into(),
@@ -366,19 +374,6 @@ async fn latest_values_come_from_the_cache_while_held_and_never_stale_after_a_ta
         .await
         .unwrap();
     assert_eq!(link.acked_through(8).await.unwrap(), 8);
-    let newest = |v: &Value| -> Vec<(String, u64)> {
-        v["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["stream"].as_str().unwrap().to_string(),
-                    r["seq"].as_str().unwrap().parse().unwrap(),
-                )
-            })
-            .collect()
-    };
     let latest_url = format!("{base}/api/v1/latest?node=gw-1");
     let (_, v) = get_json(&latest_url, Some(READ)).await;
     assert_eq!(newest(&v), vec![("t/a".into(), 7), ("t/b".into(), 8)]);

@@ -343,7 +343,10 @@ async fn many_nodes_applying_at_once_and_a_fenced_one_among_them(f: Fixture) {
     for (node, r) in &outcomes {
         if node == "g07" {
             assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
-            assert!(all(&s, node).await.is_empty(), "a fenced apply writes nothing");
+            assert!(
+                all(&s, node).await.is_empty(),
+                "a fenced apply writes nothing"
+            );
         } else {
             let o = r.as_ref().unwrap();
             assert_eq!((o.cursor, o.inserted, o.skipped), (10, 10, 0), "{node}");
