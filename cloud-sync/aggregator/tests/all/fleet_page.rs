@@ -17,7 +17,7 @@
 //! `FOGLINE_CHROMEDRIVER` name other binaries; `FOGLINE_UI_SCREENSHOT=<file>`
 //! keeps a copy of the screenshot it takes.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,11 +74,7 @@ struct Chromedriver {
 
 impl Chromedriver {
     fn start(bin: &Path, dir: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = fogline_testkit::free_tcp_port().unwrap();
         let log = dir.join("chromedriver.log");
         let child = Command::new(bin)
             .arg(format!("--port={port}"))

@@ -34,11 +34,7 @@ fn status(config: &std::path::Path, token: Option<&str>) -> (i32, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_aggregator_and_its_nodes_and_exits_by_health() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = fogline_testkit::free_tcp_port().unwrap();
     let text = config_text(dir.path(), "open = [\"/healthz\"]").replace(
         "[http]\nlisten = \"127.0.0.1:0\"",
         &format!("[http]\nlisten = \"127.0.0.1:{port}\""),
