@@ -48,12 +48,17 @@ struct Loaded {
 impl ClientTransport {
     /// Loads the node's TLS material and binds a UDP socket.
     pub fn new(tls: ClientTls) -> Result<Self, TransportError> {
-        let rustls = client_rustls(&tls)?;
         let bind = SocketAddr::from(([0, 0, 0, 0], 0));
         let endpoint = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind {
             addr: bind.to_string(),
             source,
         })?;
+        Self::on_endpoint(tls, endpoint)
+    }
+
+    /// `tls` loaded, on `endpoint`.
+    fn on_endpoint(tls: ClientTls, endpoint: quinn::Endpoint) -> Result<Self, TransportError> {
+        let rustls = client_rustls(&tls)?;
         Ok(Self {
             loaded: RwLock::new(Loaded {
                 stamps: stamps(&tls.files()),
@@ -75,16 +80,7 @@ impl ClientTransport {
         tls: ClientTls,
         other: &ClientTransport,
     ) -> Result<Self, TransportError> {
-        let rustls = client_rustls(&tls)?;
-        Ok(Self {
-            loaded: RwLock::new(Loaded {
-                stamps: stamps(&tls.files()),
-                tcp_rustls: tcp::without_early_data_client(&rustls),
-                rustls,
-            }),
-            tls,
-            endpoint: other.endpoint.clone(),
-        })
+        Self::on_endpoint(tls, other.endpoint.clone())
     }
 
     /// Reloads the certificate, key and CA if any of their files changed.

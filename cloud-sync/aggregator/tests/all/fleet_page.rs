@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::http_api::OUTBOX;
 use fantoccini::{Client, ClientBuilder, Locator};
 use fogline_aggregator::config::CloudConfig;
 use fogline_aggregator::http::auth::digest;
 use fogline_aggregator::RunningAggregator;
-use fogline_protocol::session::OutboxInfo;
 use fogline_protocol::Record;
 use fogline_testkit::node::{node_tls, TestNode};
 use fogline_transport::client::ClientTransport;
@@ -164,14 +164,7 @@ async fn node(agg: &RunningAggregator, dir: &Path, id: &str, streams: &[&str], c
         })
         .collect();
     let transport = ClientTransport::new(node_tls(&dir.join("certs"), id)).unwrap();
-    let outbox = OutboxInfo {
-        incarnation: 7,
-        next_seq: 1,
-        acked: 0,
-        epoch: 1,
-        epoch_start: 1,
-    };
-    let mut link = TestNode::connect(&transport, Transport::Quic, agg.quic_addr, outbox)
+    let mut link = TestNode::connect(&transport, Transport::Quic, agg.quic_addr, OUTBOX)
         .await
         .unwrap();
     link.send(&records).await.unwrap();

@@ -16,7 +16,7 @@ use fogline_transport::Transport;
 use serde_json::Value;
 
 pub(crate) const READ: &str = "fgl_http_api_tests_read";
-const OUTBOX: OutboxInfo = OutboxInfo {
+pub(crate) const OUTBOX: OutboxInfo = OutboxInfo {
     incarnation: 7,
     next_seq: 1,
     acked: 0,

@@ -13,6 +13,7 @@ use fogline_aggregator::store::RecordQuery;
 use fogline_aggregator::{self as aggregator, config::CloudConfig, RunningAggregator};
 use fogline_protocol::frame::ErrorCode;
 use fogline_protocol::session::OutboxInfo;
+use fogline_protocol::Record;
 use fogline_testkit::node::{node_tls, TestNode};
 use fogline_testkit::samples::sample_readings;
 use fogline_transport::client::ClientTransport;
@@ -48,6 +49,17 @@ async fn start(dir: &Path, extra: &str) -> RunningAggregator {
 
 /// An aggregator's config with its files in `dir` (certificates made if
 /// missing), `extra` in its `[tls]` section.
+/// An aggregator on `dir`, gw-1 connected to it over QUIC (its transport
+/// and link), and 3,000 readings for it to send.
+async fn gw1_connected(dir: &Path) -> (RunningAggregator, ClientTransport, TestNode, Vec<Record>) {
+    let agg = start(dir, "").await;
+    let client = ClientTransport::new(node_tls(&dir.join("certs"), "gw-1")).unwrap();
+    let link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
+        .await
+        .unwrap();
+    (agg, client, link, sample_readings(3000, 3, 9))
+}
+
 fn config(dir: &Path, extra: &str) -> CloudConfig {
     let certs = dir.join("certs");
     if !certs.join("ca.pem").exists() {
@@ -188,12 +200,7 @@ async fn tcp_carries_the_same_sessions() {
 #[tokio::test]
 async fn a_migrating_node_keeps_its_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start(dir.path(), "").await;
-    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
-    let records = sample_readings(3000, 3, 9);
-    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
-        .await
-        .unwrap();
+    let (agg, client, mut link, records) = gw1_connected(dir.path()).await;
     link.send(&records[..1000]).await.unwrap();
     link.acked_through(records[999].seq).await.unwrap();
     let before = connections(&agg).await[0].clone();
@@ -502,12 +509,7 @@ async fn a_node_whose_clock_is_behind_checks_against_the_latest_time_it_saw() {
 #[tokio::test]
 async fn an_aggregator_refuses_to_start_on_a_damaged_store() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start(dir.path(), "").await;
-    let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
-    let records = sample_readings(3000, 3, 9);
-    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
-        .await
-        .unwrap();
+    let (agg, _client, mut link, records) = gw1_connected(dir.path()).await;
     link.send(&records).await.unwrap();
     link.acked_through(records[2999].seq).await.unwrap();
     drop(link);

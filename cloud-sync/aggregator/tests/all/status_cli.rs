@@ -5,13 +5,12 @@
 use std::process::Command;
 
 use fogline_aggregator::config::CloudConfig;
-use fogline_protocol::session::OutboxInfo;
 use fogline_testkit::node::{node_tls, TestNode};
 use fogline_testkit::samples::sample_readings;
 use fogline_transport::client::ClientTransport;
 use fogline_transport::Transport;
 
-use crate::http_api::{config_text, READ};
+use crate::http_api::{config_text, OUTBOX, READ};
 
 fn status(config: &std::path::Path, token: Option<&str>) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fogline-cloud"));
@@ -31,6 +30,14 @@ fn status(config: &std::path::Path, token: Option<&str>) -> (i32, String) {
     )
 }
 
+/// [`status`] off the async threads (the aggregator runs on them).
+async fn status_of(config: &std::path::Path, token: Option<&'static str>) -> (i32, String) {
+    let config = config.to_path_buf();
+    tokio::task::spawn_blocking(move || status(&config, token))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_aggregator_and_its_nodes_and_exits_by_health() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,24 +52,14 @@ async fn status_shows_the_aggregator_and_its_nodes_and_exits_by_health() {
         .await
         .unwrap();
     let client = ClientTransport::new(node_tls(&dir.path().join("certs"), "gw-1")).unwrap();
-    let outbox = OutboxInfo {
-        incarnation: 3,
-        next_seq: 1,
-        acked: 0,
-        epoch: 1,
-        epoch_start: 1,
-    };
-    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, outbox)
+    let mut link = TestNode::connect(&client, Transport::Quic, agg.quic_addr, OUTBOX)
         .await
         .unwrap();
     let records = sample_readings(20, 2, 1);
     link.send(&records).await.unwrap();
     link.acked_through(20).await.unwrap();
 
-    let p = path.clone();
-    let (code, out) = tokio::task::spawn_blocking(move || status(&p, Some(READ)))
-        .await
-        .unwrap();
+    let (code, out) = status_of(&path, Some(READ)).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(": ok"), "{out}");
     assert!(
@@ -72,19 +69,13 @@ async fn status_shows_the_aggregator_and_its_nodes_and_exits_by_health() {
     assert!(out.contains("1 known, 1 connected"), "{out}");
     assert!(out.contains("gw-1") && out.contains("connected"), "{out}");
 
-    let p = path.clone();
-    let (code, out) = tokio::task::spawn_blocking(move || status(&p, None))
-        .await
-        .unwrap();
+    let (code, out) = status_of(&path, None).await;
     assert_ne!(code, 0);
     assert!(out.contains("FOGLINE_TOKEN"), "{out}");
 
     drop(link);
     agg.shutdown().await;
-    let p = path.clone();
-    let (code, out) = tokio::task::spawn_blocking(move || status(&p, Some(READ)))
-        .await
-        .unwrap();
+    let (code, out) = status_of(&path, Some(READ)).await;
     assert_eq!(code, 3, "not answering: {out}");
     assert!(out.contains("not answering"), "{out}");
 }
