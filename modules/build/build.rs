@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 /// (crate name, env var read by `src/lib.rs`).
-const COMPONENTS: [(&str, &str); 3] = [
+const COMPONENTS: [(&str, &str); 5] = [
     ("threshold", "FOGLINE_WASM_THRESHOLD"),
     ("window_avg", "FOGLINE_WASM_WINDOW_AVG"),
+    ("deadband", "FOGLINE_WASM_DEADBAND"),
+    ("scale", "FOGLINE_WASM_SCALE"),
     ("hostile", "FOGLINE_WASM_HOSTILE"),
 ];
 

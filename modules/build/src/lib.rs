@@ -21,6 +21,16 @@ pub fn window_avg() -> &'static Path {
     Path::new(env!("FOGLINE_WASM_WINDOW_AVG"))
 }
 
+/// Report by exception per sensor (`modules/examples/deadband`).
+pub fn deadband() -> &'static Path {
+    Path::new(env!("FOGLINE_WASM_DEADBAND"))
+}
+
+/// Unit conversion of a numeric field (`modules/examples/scale`).
+pub fn scale() -> &'static Path {
+    Path::new(env!("FOGLINE_WASM_SCALE"))
+}
+
 /// A test fixture that misbehaves on purpose (`modules/examples/hostile`:
 /// traps, spins, exhausts memory, returns invalid output, as its config
 /// says). For sandbox tests only; never deploy it. Not part of [`all`].
@@ -28,9 +38,14 @@ pub fn hostile() -> &'static Path {
     Path::new(env!("FOGLINE_WASM_HOSTILE"))
 }
 
-/// The deployable example functions, by name: `threshold`, `window-avg`.
-pub fn all() -> [(&'static str, &'static Path); 2] {
-    [("threshold", threshold()), ("window-avg", window_avg())]
+/// The deployable example functions, by their directory in `modules/examples/`.
+pub fn all() -> [(&'static str, &'static Path); 4] {
+    [
+        ("threshold", threshold()),
+        ("window-avg", window_avg()),
+        ("deadband", deadband()),
+        ("scale", scale()),
+    ]
 }
 
 #[cfg(test)]

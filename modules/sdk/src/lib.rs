@@ -58,6 +58,8 @@ extern crate self as fogline_sdk;
 
 mod batch;
 mod function;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod harness;
 mod host;
 mod json;
 pub mod log;

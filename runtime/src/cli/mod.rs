@@ -1,10 +1,10 @@
-//! Command-line commands: run, status, check, test-module, dead-letters, outbox, passwd.
+//! Command-line commands: run, status, check, module, dead-letters, outbox, passwd.
 
 mod check;
 mod dead_letters;
+mod module;
 mod outbox;
 mod status;
-mod test_module;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,23 +46,10 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run a module over sample data and print what it emits.
-    TestModule {
-        /// The `.wasm` component.
-        module: PathBuf,
-        /// Samples, one per line: a payload (JSON or not), or
-        /// `{"stream": .., "timestamp_ms": .., "payload": ..}`.
-        #[arg(long)]
-        input: PathBuf,
-        /// The function's own settings (a TOML table), as in `[functions.x.config]`.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Memory cap per instance, MiB (as `memory_mib` in the config).
-        #[arg(long, default_value_t = 64)]
-        memory_mib: usize,
-        /// Deadline per call (as `timeout` in the config), e.g. `1s`, `500ms`.
-        #[arg(long, default_value = "1s")]
-        timeout: humantime::Duration,
+    /// Write, build and test functions: `module new | build | test`.
+    Module {
+        #[command(subcommand)]
+        command: module::ModuleCommand,
     },
     /// What functions or ingest refused, and replaying it.
     DeadLetters {
@@ -154,19 +141,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(config).await,
         Command::Status { config, json } => status::run(&config, json).await,
         Command::Check { config } => check::run(&config).await,
-        Command::TestModule {
-            module,
-            input,
-            config,
-            memory_mib,
-            timeout,
-        } => test_module::run(
-            &module,
-            &input,
-            config.as_deref(),
-            memory_mib,
-            timeout.into(),
-        ),
+        Command::Module { command } => module::dispatch(command),
         Command::DeadLetters { command } => match command {
             DeadLetterCommand::List {
                 config,

@@ -1,0 +1,62 @@
+//! `fogline-edge module new | build | test`: from an idea to a tested
+//! function without a checkout of this repository.
+
+mod build;
+mod scaffold;
+pub mod script;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+pub use test::TestArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum ModuleCommand {
+    /// Create a function crate: the SDK vendored (no checkout needed), the
+    /// target defaulted, a sample input, its expected output and settings.
+    New {
+        /// The crate's name (and directory).
+        name: String,
+        /// What it starts from.
+        #[arg(long, value_enum, default_value = "filter")]
+        template: scaffold::Template,
+        /// Create it in this directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Build a function crate into a component (installs the wasm32-wasip2
+    /// target if missing) and check that it loads.
+    Build {
+        /// The crate (default: the current directory).
+        dir: Option<PathBuf>,
+    },
+    /// Run a function over samples and ticks, as the daemon would; compare
+    /// with an expected output (exit 1 and a diff when they differ).
+    Test(TestArgs),
+}
+
+pub fn dispatch(command: ModuleCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ModuleCommand::New {
+            name,
+            template,
+            dir,
+        } => {
+            let made = scaffold::create(&name, template, &dir)?;
+            let shown = made.display();
+            eprintln!(
+                "Created {shown} ({template:?} template). Next:\n  cd {shown}\n  fogline-edge module build\n  fogline-edge module test --input samples.jsonl --expect expected.jsonl"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ModuleCommand::Build { dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            build::build(&dir, build::Verbosity::Report)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ModuleCommand::Test(args) => test::run(&args),
+    }
+}
