@@ -90,8 +90,9 @@ fn payload_bytes(v: &Value) -> Vec<u8> {
 }
 
 /// `--ticks`: comma-separated gateway times, each `1767225660000` (ms since
-/// the epoch), `+10s` (after the first sample) or `every:10s` (each
-/// multiple of 10 s from the first sample to the last).
+/// the epoch), `+10s` (after the first sample of the script) or
+/// `every:10s` (each multiple of 10 s from the earliest sample's time to
+/// the latest).
 pub fn tick_times(spec: &str, steps: &[Step]) -> anyhow::Result<Vec<u64>> {
     let samples = || {
         steps.iter().filter_map(|s| match s {
@@ -99,7 +100,10 @@ pub fn tick_times(spec: &str, steps: &[Step]) -> anyhow::Result<Vec<u64>> {
             Step::Tick(_) => None,
         })
     };
-    let first = samples().min().unwrap_or(FIRST_MS);
+    // `+10s` counts from the first sample in the script; `every:` spans
+    // the samples' times.
+    let first = samples().next().unwrap_or(FIRST_MS);
+    let low = samples().min().unwrap_or(first);
     let last = samples().max().unwrap_or(first);
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -114,11 +118,11 @@ pub fn tick_times(spec: &str, steps: &[Step]) -> anyhow::Result<Vec<u64>> {
             if every == 0 {
                 bail!("--ticks `{item}`: the interval must be above 0");
             }
-            let count = (last - first) / every;
+            let count = (last - low) / every;
             if count > 100_000 {
                 bail!("--ticks `{item}` makes {count} ticks over the samples; at most 100000");
             }
-            out.extend((1..=count).map(|k| first - first % every + k * every));
+            out.extend((1..=count).map(|k| low - low % every + k * every));
         } else if let Some(after) = item.strip_prefix('+') {
             out.push(first.saturating_add(dur(after)?));
         } else {
