@@ -588,3 +588,147 @@ fn hostile_functions_are_contained_while_a_healthy_pipeline_flows() {
     assert!(rss_kib < 300 * 1024, "edge RSS {rss_kib} KiB");
     g.edge.daemon.kill9();
 }
+
+/// Issue 14 §1, as a new user runs it: `module new` → `module build` →
+/// `module test` → `module deploy` onto a running daemon. A build that works
+/// takes over after its probation (the command follows the swap on
+/// `/status` and says so); one whose `init` fails is rolled back at once,
+/// the command says why, exits 1 and puts the previous file back.
+#[test]
+fn module_deploy_swaps_a_new_build_in_and_reports_a_rollback_with_its_reason() {
+    let work = tempfile::tempdir().unwrap();
+    let module = work.path().join("t.wasm");
+    std::fs::copy(fogline_modules::threshold(), &module).unwrap();
+    let g = Gateway::start(
+        "gw-deploy",
+        &format!(
+            "[functions.t]\nmodule = \"{}\"\nprobation_batches = 1\nconfig = {{ field = \"v\", above = -1.0 }}\n\
+             [[pipelines]]\nname = \"p\"\ntopics = [\"sensors/#\"]\nfunctions = [\"t\"]\n",
+            module.display()
+        ),
+    );
+    let edge = process::binary("fogline-edge").unwrap();
+    let building = |args: &[&str], dir: &std::path::Path| {
+        let mut c = std::process::Command::new(&edge);
+        c.args(args).current_dir(dir).env(
+            "CARGO_TARGET_DIR",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/module-workflow"),
+        );
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_MAKEFLAGS",
+            "MAKEFLAGS",
+        ] {
+            c.env_remove(var);
+        }
+        c
+    };
+    let out = building(
+        &["module", "new", "my-threshold", "--template", "filter"],
+        work.path(),
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let krate = work.path().join("my-threshold");
+    for args in [
+        &["module", "build"][..],
+        &[
+            "module",
+            "test",
+            "--input",
+            "samples.jsonl",
+            "--expect",
+            "expected.jsonl",
+        ][..],
+    ] {
+        let out = building(args, &krate).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Deploy while readings flow (the probation needs a good batch).
+    let config = g.edge.config.to_string_lossy().into_owned();
+    let deploy = building(
+        &[
+            "module",
+            "deploy",
+            "--config",
+            &config,
+            "--function",
+            "t",
+            "--wait",
+            "60s",
+        ],
+        &krate,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let flowing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let feeder = {
+        let (flowing, addr) = (flowing.clone(), g.addr());
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while flowing.load(Ordering::Relaxed) && sent < 200 {
+                let p = Publisher::new(Options::new(addr.clone(), "deploy-feed"), QoS::AtLeastOnce);
+                let msgs = vec![(
+                    "sensors/a".to_string(),
+                    Bytes::from(format!(r#"{{"v":{sent}}}"#)),
+                )];
+                let _ = rt().block_on(p.run(&msgs));
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let out = deploy.wait_with_output().unwrap();
+    flowing.store(false, Ordering::Relaxed);
+    feeder.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", g.logs());
+    assert!(stderr.contains("Deployed: `t` runs gen"), "{stderr}");
+    let built = std::fs::read(&module).unwrap();
+    assert_ne!(built, std::fs::read(fogline_modules::threshold()).unwrap());
+
+    // A build whose init refuses this function's config: rolled back.
+    let wasm = fogline_modules::window_avg().display().to_string();
+    let out = building(
+        &[
+            "module",
+            "deploy",
+            "--wasm",
+            &wasm,
+            "--config",
+            &config,
+            "--function",
+            "t",
+        ],
+        work.path(),
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{}", g.logs());
+    assert!(
+        stderr.contains("ROLLED BACK on p/t") && stderr.contains("window_ms"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&module).unwrap(),
+        built,
+        "the previous build is back"
+    );
+    let f = g.function("p/t").unwrap();
+    assert!(f["candidate"].is_null(), "{f}");
+    assert_eq!(f["last_swap"]["outcome"], "rolled_back", "{f}");
+}

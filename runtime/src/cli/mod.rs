@@ -46,7 +46,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Write, build and test functions: `module new | build | test`.
+    /// Write, build, test and deploy functions: `module new | build | test | deploy`.
     Module {
         #[command(subcommand)]
         command: module::ModuleCommand,
@@ -141,7 +141,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(config).await,
         Command::Status { config, json } => status::run(&config, json).await,
         Command::Check { config } => check::run(&config).await,
-        Command::Module { command } => module::dispatch(command),
+        Command::Module { command } => module::dispatch(command).await,
         Command::DeadLetters { command } => match command {
             DeadLetterCommand::List {
                 config,

@@ -33,14 +33,14 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String
 }
 
 /// What the daemon said to `/status`.
-enum Answer {
+pub(super) enum Answer {
     /// Its status.
     Status(serde_json::Value),
     /// It answered, with an error: the daemon runs but cannot report.
     Failed(String),
 }
 
-async fn fetch_status(addr: std::net::SocketAddr) -> Option<Answer> {
+pub(super) async fn fetch_status(addr: std::net::SocketAddr) -> Option<Answer> {
     let (code, body) = http_get(addr, "/status").await?;
     if code != 200 {
         return Some(Answer::Failed(format!("HTTP {code}: {}", body.trim())));
@@ -79,17 +79,25 @@ fn exit_code(running: bool, healthy: bool) -> ExitCode {
     }
 }
 
+/// Where the daemon answers `/status` (its metrics listener, on loopback
+/// when it listens on every address); `None` with metrics off.
+pub(super) fn status_addr(config: &EdgeConfig) -> Option<std::net::SocketAddr> {
+    if !config.metrics.enabled {
+        return None;
+    }
+    let mut addr = config.metrics.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Some(addr)
+}
+
 pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(path)?;
     let outbox_path = config.outbox_path();
-    let answer = if config.metrics.enabled {
-        let mut addr = config.metrics.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        fetch_status(addr).await.map(|a| (addr, a))
-    } else {
-        None
+    let answer = match status_addr(&config) {
+        Some(addr) => fetch_status(addr).await.map(|a| (addr, a)),
+        None => None,
     };
     let (live, daemon_error) = match answer {
         Some((addr, Answer::Status(v))) => (Some((addr, v)), None),

@@ -1,7 +1,8 @@
-//! `fogline-edge module new | build | test`: from an idea to a tested
-//! function without a checkout of this repository.
+//! `fogline-edge module new | build | test | deploy`: from an idea to a
+//! function running on a gateway, without a checkout of this repository.
 
 mod build;
+mod deploy;
 mod scaffold;
 pub mod script;
 mod test;
@@ -36,9 +37,14 @@ pub enum ModuleCommand {
     /// Run a function over samples and ticks, as the daemon would; compare
     /// with an expected output (exit 1 and a diff when they differ).
     Test(TestArgs),
+    /// Install a build on a running daemon (atomic replace; the daemon
+    /// swaps it in on probation) and report whether it took over or was
+    /// rolled back, and why. Exit 0 deployed, 1 rolled back or failed, 2
+    /// still on probation at `--wait`.
+    Deploy(deploy::DeployArgs),
 }
 
-pub fn dispatch(command: ModuleCommand) -> anyhow::Result<ExitCode> {
+pub async fn dispatch(command: ModuleCommand) -> anyhow::Result<ExitCode> {
     match command {
         ModuleCommand::New {
             name,
@@ -58,5 +64,6 @@ pub fn dispatch(command: ModuleCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ModuleCommand::Test(args) => test::run(&args),
+        ModuleCommand::Deploy(args) => deploy::run(&args).await,
     }
 }
