@@ -70,8 +70,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# The SDK's own unit tests run on the host (the SDK builds for both).
-(cd modules && CARGO_TARGET_DIR=../target/sdk-host cargo test -p fogline-sdk --quiet)
+# The SDK's and the examples' unit tests run on the host (fogline_sdk::harness).
+(cd modules && CARGO_TARGET_DIR=../target/sdk-host cargo test -p fogline-sdk -p deadband -p scale --quiet)
 
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins

@@ -28,6 +28,8 @@ pub enum Verbosity {
 /// Builds the crate in `dir` for [`TARGET`] in release mode; installs the
 /// target first when it is missing.
 pub fn build(dir: &Path, verbosity: Verbosity) -> anyhow::Result<Built> {
+    // Absolute: cargo runs in `dir`, the paths given are relative to here.
+    let dir = &std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let manifest = dir.join("Cargo.toml");
     if !manifest.is_file() {
         bail!(
