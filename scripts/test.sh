@@ -71,7 +71,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # The SDK's and the examples' unit tests run on the host (fogline_sdk::harness).
-(cd modules && CARGO_TARGET_DIR=../target/sdk-host cargo test -p fogline-sdk -p deadband -p scale --quiet)
+(cd modules && CARGO_TARGET_DIR=../target/sdk-host cargo test -p fogline-sdk -p deadband -p scale -p downsample -p alert --quiet)
 
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins

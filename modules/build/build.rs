@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 /// (crate name, env var read by `src/lib.rs`).
-const COMPONENTS: [(&str, &str); 5] = [
+const COMPONENTS: [(&str, &str); 7] = [
     ("threshold", "FOGLINE_WASM_THRESHOLD"),
     ("window_avg", "FOGLINE_WASM_WINDOW_AVG"),
     ("deadband", "FOGLINE_WASM_DEADBAND"),
     ("scale", "FOGLINE_WASM_SCALE"),
+    ("downsample", "FOGLINE_WASM_DOWNSAMPLE"),
+    ("alert", "FOGLINE_WASM_ALERT"),
     ("hostile", "FOGLINE_WASM_HOSTILE"),
 ];
 

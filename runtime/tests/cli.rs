@@ -152,6 +152,33 @@ fn module_test_runs_a_component_over_samples_ticks_and_an_expected_output() {
     );
 }
 
+#[test]
+fn every_example_gives_its_expected_output_for_its_samples() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules/examples");
+    for (name, wasm) in fogline_modules::all() {
+        let dir = examples.join(name);
+        let out = edge()
+            .args(["module", "test", "--wasm"])
+            .arg(wasm)
+            .arg("--input")
+            .arg(dir.join("samples.jsonl"))
+            .arg("--settings")
+            .arg(dir.join("function.toml"))
+            .arg("--expect")
+            .arg(dir.join("expected.jsonl"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.contains("ok: "),
+            "{name}: {}{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let expected = std::fs::read_to_string(dir.join("expected.jsonl")).unwrap();
+        assert!(expected.lines().count() >= 2, "{name}: a real expectation");
+    }
+}
+
 /// Runs `fogline-edge` with the nested cargo builds kept apart from the
 /// outer one's flags, their target directory shared between runs.
 fn edge_building() -> Command {

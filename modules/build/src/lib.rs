@@ -31,6 +31,16 @@ pub fn scale() -> &'static Path {
     Path::new(env!("FOGLINE_WASM_SCALE"))
 }
 
+/// The first reading per stream and interval (`modules/examples/downsample`).
+pub fn downsample() -> &'static Path {
+    Path::new(env!("FOGLINE_WASM_DOWNSAMPLE"))
+}
+
+/// An alarm with hysteresis that commands an actuator (`modules/examples/alert`).
+pub fn alert() -> &'static Path {
+    Path::new(env!("FOGLINE_WASM_ALERT"))
+}
+
 /// A test fixture that misbehaves on purpose (`modules/examples/hostile`:
 /// traps, spins, exhausts memory, returns invalid output, as its config
 /// says). For sandbox tests only; never deploy it. Not part of [`all`].
@@ -39,12 +49,14 @@ pub fn hostile() -> &'static Path {
 }
 
 /// The deployable example functions, by their directory in `modules/examples/`.
-pub fn all() -> [(&'static str, &'static Path); 4] {
+pub fn all() -> [(&'static str, &'static Path); 6] {
     [
         ("threshold", threshold()),
         ("window-avg", window_avg()),
         ("deadband", deadband()),
         ("scale", scale()),
+        ("downsample", downsample()),
+        ("alert", alert()),
     ]
 }
 
