@@ -138,31 +138,11 @@ pub(crate) mod tests {
 
     /// A batch as the host would send it: `(stream, timestamp, payload)`.
     pub(crate) fn wit_batch(items: &[(&str, u64, &[u8])]) -> WitBatch {
-        let mut b = WitBatch {
-            payloads: Vec::new(),
-            payload_ends: Vec::new(),
-            timestamps_ms: Vec::new(),
-            streams: Vec::new(),
-            stream_names: Vec::new(),
-            stream_name_ends: Vec::new(),
-        };
-        let mut names: Vec<&str> = Vec::new();
-        for (stream, ts, payload) in items {
-            let idx = match names.iter().position(|n| n == stream) {
-                Some(i) => i,
-                None => {
-                    names.push(stream);
-                    b.stream_names.extend_from_slice(stream.as_bytes());
-                    b.stream_name_ends.push(b.stream_names.len() as u32);
-                    names.len() - 1
-                }
-            };
-            b.payloads.extend_from_slice(payload);
-            b.payload_ends.push(b.payloads.len() as u32);
-            b.timestamps_ms.push(*ts);
-            b.streams.push(idx as u32);
-        }
-        b
+        let inputs: Vec<crate::harness::Input> = items
+            .iter()
+            .map(|(s, t, p)| crate::harness::Input::new(*s, *t, p.to_vec()))
+            .collect();
+        crate::harness::wit_batch(&inputs)
     }
 
     #[test]

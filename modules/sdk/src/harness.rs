@@ -371,7 +371,7 @@ fn len32(n: usize) -> u32 {
 }
 
 /// The batch as the daemon lowers it: columnar, each stream name once.
-fn wit_batch(inputs: &[Input]) -> WitBatch {
+pub(crate) fn wit_batch(inputs: &[Input]) -> WitBatch {
     let mut b = WitBatch {
         payloads: Vec::new(),
         payload_ends: Vec::new(),

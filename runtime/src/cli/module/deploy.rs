@@ -95,35 +95,8 @@ fn replace(target: &Path, bytes: &[u8]) -> anyhow::Result<Option<PathBuf>> {
 
 pub async fn run(a: &DeployArgs) -> anyhow::Result<ExitCode> {
     let config = EdgeConfig::load(&a.config)?;
-    let name = match &a.function {
-        Some(n) => n.clone(),
-        None => match config.functions.keys().collect::<Vec<_>>().as_slice() {
-            [only] => (*only).clone(),
-            _ => bail!(
-                "{} defines {} functions ({}): name one with --function",
-                a.config.display(),
-                config.functions.len(),
-                config
-                    .functions
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    };
-    let Some(function) = config.functions.get(&name) else {
-        bail!(
-            "{} has no function `{name}` (it has: {}); add a [functions.{name}] table first",
-            a.config.display(),
-            config
-                .functions
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    };
+    let name = super::pick_function(&config, &a.config, a.function.as_deref())?;
+    let function = &config.functions[&name];
     let target = config.resolve(&function.module);
 
     let wasm = match &a.wasm {

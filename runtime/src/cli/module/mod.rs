@@ -14,6 +14,44 @@ use clap::Subcommand;
 
 pub use test::TestArgs;
 
+/// The function a command means: `requested`, or the config's only one;
+/// an error names what the config has.
+fn pick_function(
+    config: &fogline_edge::config::EdgeConfig,
+    path: &std::path::Path,
+    requested: Option<&str>,
+) -> anyhow::Result<String> {
+    let names = || {
+        config
+            .functions
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let name = match requested {
+        Some(n) => n.to_string(),
+        None => match config.functions.keys().collect::<Vec<_>>().as_slice() {
+            [only] => (*only).clone(),
+            [] => anyhow::bail!("{} defines no functions", path.display()),
+            many => anyhow::bail!(
+                "{} defines {} functions ({}): name one with --function",
+                path.display(),
+                many.len(),
+                names()
+            ),
+        },
+    };
+    if !config.functions.contains_key(&name) {
+        anyhow::bail!(
+            "{} has no function `{name}` (it has: {}); add a [functions.{name}] table first",
+            path.display(),
+            names()
+        );
+    }
+    Ok(name)
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ModuleCommand {
     /// Create a function crate: the SDK vendored (no checkout needed), the

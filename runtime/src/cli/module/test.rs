@@ -93,34 +93,7 @@ fn configured(a: &TestArgs) -> anyhow::Result<Option<(EdgeConfig, String)>> {
         .unwrap_or_else(|| PathBuf::from("."));
     let config = EdgeConfig::parse(&text, &base)
         .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
-    let name = match &a.function {
-        Some(n) => n.clone(),
-        None => match config.functions.keys().collect::<Vec<_>>().as_slice() {
-            [only] => (*only).clone(),
-            [] => bail!("{} defines no functions", path.display()),
-            many => bail!(
-                "{} defines {} functions ({}): name one with --function",
-                path.display(),
-                many.len(),
-                many.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    };
-    if !config.functions.contains_key(&name) {
-        bail!(
-            "{} has no function `{name}` (it has: {})",
-            path.display(),
-            config
-                .functions
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    let name = super::pick_function(&config, path, a.function.as_deref())?;
     Ok(Some((config, name)))
 }
 
