@@ -252,7 +252,8 @@ impl PostgresStore {
         let err = |op| pg_err(op, None);
         // Aggregators starting together on a new database may race here:
         // IF NOT EXISTS is not atomic in PostgreSQL, and the loser's
-        // duplicate error only means the table is there now.
+        // duplicate error (on the table, its type or its index, 42P07 /
+        // 42710 / 23505, whichever it hits) only means the table is there now.
         for attempt in 0..3 {
             match client
                 .batch_execute(
@@ -265,7 +266,8 @@ impl PostgresStore {
                 Err(e)
                     if attempt < 2
                         && (e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                            || e.code() == Some(&SqlState::DUPLICATE_OBJECT)) =>
+                            || e.code() == Some(&SqlState::DUPLICATE_OBJECT)
+                            || e.code() == Some(&SqlState::DUPLICATE_TABLE)) =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
