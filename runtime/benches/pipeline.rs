@@ -286,6 +286,7 @@ fn trickle(dir: &std::path::Path, commit_interval: Duration, rate: usize, secs: 
             commands,
             functions: Default::default(),
             warned_unrouted: Default::default(),
+            local: Default::default(),
         },
         chunks,
     )

@@ -151,6 +151,8 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let router = Router::new(config.pipelines.iter().map(|p| p.topics.clone()).collect());
+    // The endpoint's local subscribers, fed by pipelines with `local`.
+    let local = crate::local::LocalBus::new();
     let worker = pipeline::spawn_worker(
         Worker {
             chains,
@@ -174,6 +176,14 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
             commands: commands_rx,
             functions: state.functions.clone(),
             warned_unrouted: Default::default(),
+            local: pipeline::LocalOutputs {
+                bus: local.clone(),
+                immediate: config
+                    .pipelines
+                    .iter()
+                    .map(|p| p.local == crate::config::LocalMode::Immediate)
+                    .collect(),
+            },
         },
         chunks,
     )
@@ -242,6 +252,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                 endpoint_sessions,
                 state.ingest.clone(),
                 shutdown_rx.clone(),
+                local.clone(),
             )
             .await?,
         )

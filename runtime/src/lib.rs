@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod functions;
 pub mod ingest;
+pub mod local;
 pub mod message;
 pub mod metrics_help;
 pub mod outbox;

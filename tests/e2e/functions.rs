@@ -732,3 +732,107 @@ fn module_deploy_swaps_a_new_build_in_and_reports_a_rollback_with_its_reason() {
     assert!(f["candidate"].is_null(), "{f}");
     assert_eq!(f["last_swap"]["outcome"], "rolled_back", "{f}");
 }
+
+/// Issue 14 §2 (local actions, immediate): with the uplink down, a reading
+/// that crosses the alert's threshold reaches the actuator subscribed on the
+/// gateway's own endpoint as a command, in milliseconds; readings still go
+/// to the outbox. A subscription outside `[[broker.local_topics]]` is
+/// refused with a reason.
+#[test]
+fn an_actuator_on_the_gateway_gets_the_alert_while_the_uplink_is_down() {
+    use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
+    let mut g = Gateway::start(
+        "gw-local",
+        &format!(
+            "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
+             [functions.overheat]\nmodule = \"{}\"\n\
+             config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
+             [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"immediate\"\n",
+            fogline_modules::alert().display()
+        ),
+    );
+    g.cloud.daemon.kill9();
+    rt().block_on(async {
+        let opts = Options::new(g.addr(), "fan-controller").with_version(Version::V5);
+        let (mut fan, _) = Connection::connect(&opts).await.unwrap();
+        fan.subscribe(
+            1,
+            &[
+                ("actuators/#", QoS::AtMostOnce),
+                ("machines/#", QoS::AtMostOnce),
+            ],
+        )
+        .unwrap();
+        match fan
+            .next_packet_within(Duration::from_secs(5))
+            .await
+            .unwrap()
+        {
+            // Granted at QoS 0 (immediate is at most once); sensors' own topics are not local.
+            Some(Incoming::SubAck { codes, .. }) => assert_eq!(codes, vec![0x00, 0x87]),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+        let (mut sensor, _) =
+            Connection::connect(&Options::new(g.addr(), "m1").with_version(Version::V5))
+                .await
+                .unwrap();
+        let mut commands = Vec::new();
+        for (i, temp) in [70.0, 79.0, 85.0, 86.0, 74.0].into_iter().enumerate() {
+            let sent = std::time::Instant::now();
+            sensor
+                .publish(
+                    "machines/m1",
+                    format!(r#"{{"temp":{temp}}}"#).into_bytes(),
+                    QoS::AtLeastOnce,
+                    i as u16 + 1,
+                    false,
+                )
+                .unwrap();
+            sensor.flush().await.unwrap();
+            // The command, if this reading crosses: on the endpoint, not via the cloud.
+            if let Some(Incoming::Publish {
+                topic,
+                payload,
+                qos,
+                ..
+            }) = fan
+                .next_packet_within(Duration::from_millis(500))
+                .await
+                .unwrap()
+            {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                commands.push((
+                    topic,
+                    v["command"].as_str().unwrap_or("").to_string(),
+                    temp,
+                    sent.elapsed(),
+                ));
+                assert_eq!(qos, QoS::AtMostOnce);
+            }
+        }
+        let got: Vec<(&str, &str, f64)> = commands
+            .iter()
+            .map(|(t, c, v, _)| (t.as_str(), c.as_str(), *v))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("actuators/machines/m1/fan", "on", 85.0),
+                ("actuators/machines/m1/fan", "off", 74.0)
+            ],
+            "{}",
+            g.logs()
+        );
+        for (_, _, _, took) in &commands {
+            assert!(*took < Duration::from_millis(500), "{took:?}");
+        }
+    });
+    // 5 readings and 2 commands wait in the outbox for the uplink.
+    let backlog = || g.edge.metric("fogline_outbox_backlog_records");
+    assert!(
+        process::wait_until(Duration::from_secs(15), || backlog() >= 7.0),
+        "backlog {}\n{}",
+        backlog(),
+        g.logs()
+    );
+}

@@ -151,8 +151,8 @@ pub enum Inbound {
     Subscribe(u16, Vec<String>),
     /// SUBACK: packet id and one return/reason code per filter.
     SubAck(u16, Vec<u8>),
-    /// UNSUBSCRIBE: packet id and the number of filters.
-    Unsubscribe(u16, usize),
+    /// UNSUBSCRIBE: packet id and the filters.
+    Unsubscribe(u16, Vec<String>),
     /// UNSUBACK with its v5 reason codes (none for v3.1.1).
     UnsubAck(u16, Vec<u8>),
     /// PINGREQ.
@@ -417,7 +417,7 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
                 })
                 .collect(),
         ),
-        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.topics.len()),
+        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.topics),
         v4::Packet::UnsubAck(u) => Inbound::UnsubAck(u.pkid, Vec::new()),
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::PingResp => Inbound::PingResp,
@@ -530,7 +530,7 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
             s.pkid,
             s.return_codes.iter().map(|c| suback_code_v5(*c)).collect(),
         ),
-        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.filters.len()),
+        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(u.pkid, u.filters),
         v5::Packet::UnsubAck(u) => Inbound::UnsubAck(
             u.pkid,
             u.reasons.iter().map(|r| unsuback_code_v5(*r)).collect(),
@@ -813,6 +813,52 @@ pub fn encode_suback_refused(
             return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; n],
             properties: Some(v5::SubAckProperties {
                 reason_string: Some(reason.to_string()),
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(buf)
+        .map_err(|_| V4Error::PayloadTooLong),
+    };
+}
+
+/// Encodes a SUBACK: per filter, granted at QoS 0 (`true`) or refused as
+/// not authorized; v5 carries `reason` when any is refused.
+pub fn encode_suback(
+    buf: &mut BytesMut,
+    version: Version,
+    pkid: u16,
+    granted: &[bool],
+    reason: Option<&str>,
+) {
+    let _ = match version {
+        Version::V311 => v4::SubAck::new(
+            pkid,
+            granted
+                .iter()
+                .map(|&g| {
+                    if g {
+                        v4::SubscribeReasonCode::Success(QoS::AtMostOnce)
+                    } else {
+                        v4::SubscribeReasonCode::Failure
+                    }
+                })
+                .collect(),
+        )
+        .write(buf),
+        Version::V5 => v5::SubAck {
+            pkid,
+            return_codes: granted
+                .iter()
+                .map(|&g| {
+                    if g {
+                        v5::SubscribeReasonCode::Success(QoS5::AtMostOnce)
+                    } else {
+                        v5::SubscribeReasonCode::NotAuthorized
+                    }
+                })
+                .collect(),
+            properties: reason.map(|r| v5::SubAckProperties {
+                reason_string: Some(r.to_string()),
                 user_properties: Vec::new(),
             }),
         }

@@ -152,6 +152,7 @@ impl Default for BrokerConfig {
             max_pending_will_bytes: 4 << 20,
             allow_anonymous: None,
             users: Vec::new(),
+            local_topics: Vec::new(),
             tls: None,
         }
     }

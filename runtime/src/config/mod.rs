@@ -264,6 +264,10 @@ pub struct BrokerConfig {
     pub allow_anonymous: Option<bool>,
     /// `[[broker.users]]`: who may connect with a user name and password.
     pub users: Vec<BrokerUser>,
+    /// `[[broker.local_topics]]`: topics local subscribers may SUBSCRIBE to
+    /// on this endpoint (the outputs of pipelines with `local`), and who.
+    /// None: every SUBSCRIBE is refused.
+    pub local_topics: Vec<LocalTopicConfig>,
     /// `[broker.tls]`: a TLS listener.
     pub tls: Option<BrokerTls>,
 }
@@ -277,6 +281,17 @@ pub struct BrokerUser {
     /// PHC string of the password's Argon2 hash: `fogline-edge passwd` makes
     /// one. Never the password itself.
     pub password_hash: String,
+}
+
+/// `[[broker.local_topics]]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalTopicConfig {
+    /// A topic filter (`actuators/#`): subscriptions within it are allowed.
+    pub filter: String,
+    /// Who may subscribe: user names of `[[broker.users]]` or certificate
+    /// CNs; `"*"` anyone, anonymous clients included.
+    pub subscribers: Vec<String>,
 }
 
 /// `[broker.tls]`
@@ -413,6 +428,23 @@ pub struct PipelineConfig {
     /// drop its records. Default: `outbox.when_full`.
     #[serde(default)]
     pub when_full: Option<crate::outbox::WhenFull>,
+    /// Also serve its outputs to local subscribers of the endpoint
+    /// (`[[broker.local_topics]]`): `immediate` hands each output over as
+    /// soon as the functions return, before the commit (at most once).
+    #[serde(default)]
+    pub local: LocalMode,
+}
+
+/// `[[pipelines]] local`: whether and when outputs go to local subscribers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalMode {
+    /// Outputs go to the outbox only.
+    #[default]
+    Off,
+    /// Handed to local subscribers as the functions return, before the
+    /// commit: lowest latency, at most once.
+    Immediate,
 }
 
 /// How hard each outbox commit is pushed to disk.

@@ -178,6 +178,20 @@ impl EdgeConfig {
                 ));
             }
         }
+        for (i, t) in b.local_topics.iter().enumerate() {
+            if let Err(e) = validate_filter(&t.filter) {
+                p.push(format!(
+                    "broker.local_topics[{i}].filter: `{}` {e}",
+                    t.filter
+                ));
+            }
+            if t.subscribers.is_empty() || t.subscribers.iter().any(|s| s.is_empty()) {
+                p.push(format!(
+                    "broker.local_topics[{i}] ({}).subscribers: list who may subscribe (user names, certificate CNs, or \"*\" for anyone)",
+                    t.filter
+                ));
+            }
+        }
         if let Some(t) = &b.tls {
             let mut files = vec![("cert", &t.cert), ("key", &t.key)];
             if let Some(ca) = &t.client_ca {
@@ -219,6 +233,18 @@ impl EdgeConfig {
                 if let Err(e) = validate_filter(t) {
                     p.push(format!("{at}.topics: `{t}` {e}"));
                 }
+            }
+            if pipe.local != crate::config::LocalMode::Off
+                && (!b.embedded || b.local_topics.is_empty())
+            {
+                p.push(format!(
+                    "{at}.local: its outputs are for local subscribers, but {}",
+                    if b.embedded {
+                        "no [[broker.local_topics]] lets anyone subscribe to them"
+                    } else {
+                        "the endpoint is off (broker.embedded = false)"
+                    }
+                ));
             }
             for f in &pipe.functions {
                 if !self.functions.contains_key(f) {

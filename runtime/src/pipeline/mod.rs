@@ -44,5 +44,6 @@ pub use slot::{
 };
 pub use versions::{config_json, start_chains, ModuleStore, VersionError};
 pub use worker::{
-    spawn_worker, PipelineHealth, SwapRequest, Worker, WorkerCommand, WorkerHandle, WorkerOptions,
+    spawn_worker, LocalOutputs, PipelineHealth, SwapRequest, Worker, WorkerCommand, WorkerHandle,
+    WorkerOptions,
 };

@@ -154,6 +154,34 @@ pub struct Worker {
     pub functions: Arc<Mutex<Vec<FunctionStatus>>>,
     /// Topics already warned about as unrouted.
     pub warned_unrouted: std::collections::HashSet<String>,
+    /// Pipelines whose outputs also go to local subscribers.
+    pub local: LocalOutputs,
+}
+
+/// Where pipelines with `local = "immediate"` hand their outputs, by chain
+/// index: to the endpoint's subscribers as the functions return, before
+/// the commit (crate::local).
+#[derive(Debug, Default)]
+pub struct LocalOutputs {
+    /// The endpoint's subscribers.
+    pub bus: Arc<crate::local::LocalBus>,
+    /// Per chain: whether its outputs are served locally.
+    pub immediate: Vec<bool>,
+}
+
+impl LocalOutputs {
+    /// Chain `chain` produced `outputs`.
+    fn hand_over(&self, chain: usize, outputs: &[crate::message::Message]) {
+        if outputs.is_empty()
+            || !self.immediate.get(chain).copied().unwrap_or(false)
+            || self.bus.is_idle()
+        {
+            return;
+        }
+        for m in outputs {
+            self.bus.publish(&m.stream, &m.payload);
+        }
+    }
 }
 
 /// A request to the worker, applied between batches.
@@ -366,8 +394,10 @@ fn run(
             next_tick = Instant::now() + w.options.tick_interval;
             let now = crate::clock::ingest_ms();
             let mut result = ChainResult::default();
-            for chain in &mut w.chains {
+            for (i, chain) in w.chains.iter_mut().enumerate() {
+                let before = result.outputs.len();
                 chain.tick(now, &mut result);
+                w.local.hand_over(i, &result.outputs[before..]);
             }
             if !commit_result(&mut w, result, Vec::new(), Vec::new(), Vec::new(), &stop) {
                 break;
@@ -738,9 +768,12 @@ fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool
         losses: plan.dropped,
         ..ChainResult::default()
     };
-    for (chain, msgs) in w.chains.iter_mut().zip(plan.per_pipeline) {
+    for (i, (chain, msgs)) in w.chains.iter_mut().zip(plan.per_pipeline).enumerate() {
         if !msgs.is_empty() {
+            let before = result.outputs.len();
             chain.process(msgs, now, &mut result);
+            // Before the commit: local subscribers need not wait for the disk.
+            w.local.hand_over(i, &result.outputs[before..]);
         }
     }
     let mut sessions = Vec::new();

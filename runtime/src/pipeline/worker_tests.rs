@@ -56,6 +56,7 @@ fn start(commit_interval: Duration) -> Running {
             commands,
             functions: Default::default(),
             warned_unrouted: Default::default(),
+            local: Default::default(),
         },
         chunks,
     )

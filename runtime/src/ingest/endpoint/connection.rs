@@ -37,8 +37,8 @@ const READ_BYTES: usize = 64 * 1024;
 const HEADER_READ: usize = 256;
 /// Longest client id accepted.
 const MAX_CLIENT_ID: usize = 256;
-/// What subscribers are told.
-const SUBSCRIBE_REFUSED: &str = "this endpoint only ingests (PUBLISH); to subscribe, use an MQTT broker and let Fogline subscribe to it too";
+/// What subscribers are told when no topic is local.
+const SUBSCRIBE_REFUSED: &str = "this endpoint serves no local topics ([[broker.local_topics]]); to subscribe to sensors, use an MQTT broker and let Fogline subscribe to it too";
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -471,6 +471,9 @@ where
     let mut packet_permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut shutdown = shared.shutdown.clone();
     let mut first = true;
+    // Local subscribers: the outputs of pipelines with `local` (crate::local).
+    let owner = lease.meta.owner.clone();
+    let mut subscription: Option<crate::local::Subscription> = None;
     if let Err(e) = c.flush().await {
         return End::Lost(format!("write failed: {e}"));
     }
@@ -535,21 +538,45 @@ where
                 Inbound::PubRel(pkid, _) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
-                    metrics::counter!(events::SUBSCRIBES_REFUSED).increment(1);
-                    if first {
-                        info!(peer = %c.peer, client = %lease.client_id, ?filters, "Refused SUBSCRIBE: this endpoint only ingests.");
-                        first = false;
+                    let checked: Vec<Result<(), String>> = filters
+                        .iter()
+                        .map(|f| shared.grants.check(owner.as_deref(), f))
+                        .collect();
+                    let granted: Vec<bool> = checked.iter().map(Result::is_ok).collect();
+                    let refused: Vec<&String> =
+                        checked.iter().filter_map(|r| r.as_ref().err()).collect();
+                    if granted.iter().any(|g| *g) {
+                        let sub = subscription.get_or_insert_with(|| {
+                            shared.local.subscribe(crate::local::SUBSCRIBER_QUEUE)
+                        });
+                        for (f, g) in filters.iter().zip(&granted) {
+                            if *g {
+                                sub.add(f);
+                            }
+                        }
                     }
-                    codec::encode_suback_refused(
-                        &mut c.wbuf,
-                        version,
-                        pkid,
-                        filters.len(),
-                        SUBSCRIBE_REFUSED,
-                    );
+                    let reason = if shared.grants.is_empty() {
+                        Some(SUBSCRIBE_REFUSED.to_string())
+                    } else {
+                        refused.first().map(|r| r.to_string())
+                    };
+                    if !refused.is_empty() {
+                        metrics::counter!(events::SUBSCRIBES_REFUSED)
+                            .increment(refused.len() as u64);
+                        if first {
+                            info!(peer = %c.peer, client = %lease.client_id, reason = reason.as_deref().unwrap_or(""), "Refused SUBSCRIBE.");
+                            first = false;
+                        }
+                    }
+                    codec::encode_suback(&mut c.wbuf, version, pkid, &granted, reason.as_deref());
                 }
-                Inbound::Unsubscribe(pkid, n) => {
-                    codec::encode_unsuback(&mut c.wbuf, version, pkid, n)
+                Inbound::Unsubscribe(pkid, filters) => {
+                    if let Some(sub) = &subscription {
+                        for f in &filters {
+                            sub.remove(f);
+                        }
+                    }
+                    codec::encode_unsuback(&mut c.wbuf, version, pkid, filters.len())
                 }
                 Inbound::Disconnect(reason, expiry, _) => {
                     if expiry.is_some_and(|e| e > 0) && lease.meta.expiry_secs == 0 {
@@ -635,6 +662,22 @@ where
                 Ok(_) => last_rx = Instant::now(),
                 Err(e) => return End::Lost(format!("read failed: {e}")),
             },
+            d = async {
+                match subscription.as_mut() {
+                    Some(s) => s.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // At QoS 0: local delivery is at most once (crate::local).
+                let mut next = d;
+                while let Some(d) = next {
+                    if let Err(e) = codec::encode_publish(&mut c.wbuf, version, d.topic.as_bytes(), d.payload, 0, 0, false, false) {
+                        debug!(client = %lease.client_id, error = %e, "A local delivery could not be encoded.");
+                    }
+                    // More may already be waiting: one write for all of them.
+                    next = subscription.as_mut().and_then(|s| s.rx.try_recv().ok());
+                }
+            }
             batch = acks.recv() => {
                 let Some(batch) = batch else { return End::Lost("ack route closed".into()) };
                 intake.write_acks(&mut c.wbuf, version, batch);

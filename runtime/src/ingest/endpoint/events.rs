@@ -81,7 +81,7 @@ pub const HELP: &[Help] = &[
     (
         SUBSCRIBES_REFUSED,
         Counter,
-        "SUBSCRIBEs the endpoint refused.",
+        "SUBSCRIBE filters the endpoint refused: not within a [[broker.local_topics]] its client may subscribe to, or malformed.",
     ),
     (
         TLS_HANDSHAKE_FAILURES,

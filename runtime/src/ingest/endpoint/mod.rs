@@ -97,6 +97,9 @@ pub(crate) struct Shared {
     pub admission: Arc<Admission>,
     pub preconnect: Arc<PreConnect>,
     pub wills: Wills,
+    /// Local subscribers and who may subscribe to what.
+    pub local: Arc<crate::local::LocalBus>,
+    pub grants: crate::local::Grants,
 }
 
 /// Why the endpoint could not start.
@@ -125,13 +128,15 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Starts the listeners. `restored`: sessions read from the outbox.
+    /// Starts the listeners. `restored`: sessions read from the outbox;
+    /// `local`: where pipelines' local outputs are served to subscribers.
     pub async fn start(
         config: &EdgeConfig,
         sink: IngestSink,
         restored: Vec<RestoredSession>,
         state: Arc<IngestState>,
         shutdown: watch::Receiver<bool>,
+        local: Arc<crate::local::LocalBus>,
     ) -> Result<Self, EndpointError> {
         let b = &config.broker;
         let sessions = Arc::new(Sessions::new(
@@ -173,6 +178,8 @@ impl Endpoint {
                 },
             )),
             wills: Wills::new(b.max_pending_will_bytes),
+            local,
+            grants: crate::local::Grants::new(&b.local_topics),
         });
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
