@@ -14,7 +14,7 @@
 //! Latency is the subscriber's receive time minus the send time the
 //! publisher wrote into the payload (one clock: both in this process).
 //!
-//! cargo build --release --bins && cargo bench -p fogline-tests --bench local_actions [-- --rate 1000 --seconds 10]
+//! cargo build --release --bins && cargo bench -p fogline-tests --bench local_actions [-- --rate 1000 --seconds 10 --linger-ms 1]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::{Duration, Instant};
@@ -132,6 +132,8 @@ fn row(name: &str, f: &Figures, reference: &Figures) {
 fn main() {
     let rate = arg("--rate", 1000);
     let seconds = arg("--seconds", 10);
+    // The outbox's commit_linger (the daemon's default is 1 ms).
+    let linger_ms = arg("--linger-ms", 1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -148,7 +150,8 @@ fn main() {
     let mut cloud = Cloud::start(dir.path(), &certs).unwrap();
     let port = fogline_tests::free_tcp_port().unwrap();
     let body = format!(
-        "[broker]\nembedded = true\nlisten = \"127.0.0.1:{port}\"\n\
+        "[outbox]\ncommit_linger = \"{linger_ms}ms\"\n\
+         [broker]\nembedded = true\nlisten = \"127.0.0.1:{port}\"\n\
          [[broker.local_topics]]\nfilter = \"local/#\"\nsubscribers = [\"*\"]\n\
          [functions.map]\nmodule = \"{}\"\nconfig = {{ field = \"temp\", output_stream = \"local/{{stream}}\" }}\n\
          [[pipelines]]\nname = \"machines\"\ntopics = [\"sensors/#\"]\nfunctions = [\"map\"]\nlocal = \"immediate\"\n{}",
@@ -166,7 +169,7 @@ fn main() {
     let down = rt.block_on(measure(&addr, "local/#", rate, seconds));
 
     println!(
-        "\n## local actions: sensor PUBLISH → function → local subscriber, {rate}/s for {seconds} s, QoS 0, immediate"
+        "\n## local actions: sensor PUBLISH → function → local subscriber, {rate}/s for {seconds} s, QoS 0, immediate, commit_linger {linger_ms} ms"
     );
     println!("| run | received | p50 | p99 | max | p50 ÷ reference | p99 ÷ reference |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");

@@ -794,33 +794,6 @@ pub fn encode_connack(buf: &mut BytesMut, version: Version, c: &ConnAckOut) {
     };
 }
 
-/// Encodes a refusal of every filter of a SUBSCRIBE: this endpoint only
-/// ingests. v5 carries `reason` (e.g. 0x87 Not authorized) and a reason string.
-pub fn encode_suback_refused(
-    buf: &mut BytesMut,
-    version: Version,
-    pkid: u16,
-    filters: usize,
-    reason: &str,
-) {
-    let n = filters.max(1);
-    let _ = match version {
-        Version::V311 => {
-            v4::SubAck::new(pkid, vec![v4::SubscribeReasonCode::Failure; n]).write(buf)
-        }
-        Version::V5 => v5::SubAck {
-            pkid,
-            return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; n],
-            properties: Some(v5::SubAckProperties {
-                reason_string: Some(reason.to_string()),
-                user_properties: Vec::new(),
-            }),
-        }
-        .write(buf)
-        .map_err(|_| V4Error::PayloadTooLong),
-    };
-}
-
 /// Encodes a SUBACK: per filter, granted at QoS 0 (`true`) or refused as
 /// not authorized; v5 carries `reason` when any is refused.
 pub fn encode_suback(

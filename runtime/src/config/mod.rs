@@ -430,7 +430,8 @@ pub struct PipelineConfig {
     pub when_full: Option<crate::outbox::WhenFull>,
     /// Also serve its outputs to local subscribers of the endpoint
     /// (`[[broker.local_topics]]`): `immediate` hands each output over as
-    /// soon as the functions return, before the commit (at most once).
+    /// soon as the functions return, before the commit (at most once);
+    /// batches then do not linger (`outbox.commit_linger` is not applied).
     #[serde(default)]
     pub local: LocalMode,
 }

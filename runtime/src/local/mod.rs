@@ -21,7 +21,7 @@ pub mod events {
 
     /// Outputs handed to local subscribers (one per subscriber reached).
     pub const DELIVERED_TOTAL: &str = "fogline_local_delivered_total";
-    /// Outputs a local subscriber lost: its queue was full (`reason="queue_full"`).
+    /// Outputs a local subscriber lost (`reason`: `queue_full`, `too_large`).
     pub const DROPPED_TOTAL: &str = "fogline_local_dropped_total";
     /// Local subscribers connected.
     pub const SUBSCRIBERS: &str = "fogline_local_subscribers";
@@ -36,7 +36,7 @@ pub mod events {
         (
             DROPPED_TOTAL,
             Counter,
-            "Outputs a local subscriber lost because its queue was full (reason=queue_full): local delivery is at most once.",
+            "Outputs a local subscriber lost: its queue was full (reason=queue_full) or the output exceeds its MQTT 5 Maximum Packet Size (reason=too_large). Local delivery is at most once.",
         ),
         (
             SUBSCRIBERS,

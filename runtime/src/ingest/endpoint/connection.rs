@@ -37,6 +37,8 @@ const READ_BYTES: usize = 64 * 1024;
 const HEADER_READ: usize = 256;
 /// Longest client id accepted.
 const MAX_CLIENT_ID: usize = 256;
+/// Local deliveries encoded before the connection's buffer is written.
+const DELIVERIES_PER_WRITE: usize = 256;
 /// What subscribers are told when no topic is local.
 const SUBSCRIBE_REFUSED: &str = "this endpoint serves no local topics ([[broker.local_topics]]); to subscribe to sensors, use an MQTT broker and let Fogline subscribe to it too";
 
@@ -366,7 +368,15 @@ pub(super) async fn serve<S>(
         meta: (expiry > 0).then(|| lease.meta.clone()),
         ops: Vec::new(),
     };
-    let end = run(&mut c, &mut lease, version, keep_alive, &mut session).await;
+    let end = run(
+        &mut c,
+        &mut lease,
+        version,
+        keep_alive,
+        connect.max_packet_size,
+        &mut session,
+    )
+    .await;
     let mut expiry = expiry;
     let (publish_will, why) = match &end {
         End::Disconnect { will, expiry: e } => {
@@ -433,6 +443,7 @@ async fn run<R, W>(
     lease: &mut Lease,
     version: Version,
     keep_alive: u16,
+    client_max_packet: Option<u32>,
     session: &mut SessionUpdate,
 ) -> End
 where
@@ -669,13 +680,26 @@ where
                 }
             } => {
                 // At QoS 0: local delivery is at most once (crate::local).
+                // What is queued goes in one write, up to a bound: the
+                // buffer is flushed before more is taken.
                 let mut next = d;
+                let mut taken = 0;
                 while let Some(d) = next {
+                    taken += 1;
+                    let mark = c.wbuf.len();
                     if let Err(e) = codec::encode_publish(&mut c.wbuf, version, d.topic.as_bytes(), d.payload, 0, 0, false, false) {
                         debug!(client = %lease.client_id, error = %e, "A local delivery could not be encoded.");
                     }
-                    // More may already be waiting: one write for all of them.
-                    next = subscription.as_mut().and_then(|s| s.rx.try_recv().ok());
+                    // MQTT 5: never above the client's Maximum Packet Size (it is dropped, counted).
+                    if client_max_packet.is_some_and(|m| c.wbuf.len() - mark > m as usize) {
+                        c.wbuf.truncate(mark);
+                        metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "too_large").increment(1);
+                    }
+                    next = if taken < DELIVERIES_PER_WRITE {
+                        subscription.as_mut().and_then(|s| s.rx.try_recv().ok())
+                    } else {
+                        None
+                    };
                 }
             }
             batch = acks.recv() => {
