@@ -110,6 +110,7 @@ pub fn describe() {
     fogline_telemetry::help::describe(HELP);
     ingest::describe();
     endpoint::describe();
+    fogline_telemetry::help::describe(crate::local::events::HELP);
     pipeline::describe();
     outbox::describe();
     uplink::describe();
