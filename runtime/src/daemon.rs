@@ -153,20 +153,35 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let router = Router::new(config.pipelines.iter().map(|p| p.topics.clone()).collect());
     // The endpoint's local subscribers, fed by pipelines with `local`.
     let local = crate::local::LocalBus::new();
-    // Immediate local delivery runs the functions as soon as a message is
-    // in: the batch does not linger for more (it cost 2 ms of a 2.6 ms
-    // p50: `cargo bench -p fogline-tests --bench local_actions`).
-    let immediate = config
+    // Local delivery runs the functions as soon as a message is in: the
+    // batch does not linger for more (it cost 2 ms of a 2.6 ms p50:
+    // `cargo bench -p fogline-tests --bench local_actions`).
+    let local_pipeline = config
         .pipelines
         .iter()
-        .find(|p| p.local == crate::config::LocalMode::Immediate);
-    let commit_linger = match immediate {
+        .find(|p| p.local != crate::config::LocalMode::Off);
+    let commit_linger = match local_pipeline {
         Some(p) if !config.outbox.commit_linger.is_zero() => {
-            tracing::info!(pipeline = %p.name, "outbox.commit_linger is not applied: a pipeline serves local subscribers immediately.");
+            tracing::info!(pipeline = %p.name, "outbox.commit_linger is not applied: a pipeline serves local subscribers.");
             Duration::ZERO
         }
         _ => config.outbox.commit_linger,
     };
+    // Durable local delivery: who is subscribed and where they are (I-40).
+    if config
+        .pipelines
+        .iter()
+        .any(|p| p.local == crate::config::LocalMode::Durable)
+    {
+        let (stored, last_id) = outbox.local_subscribers()?;
+        let reader = crate::outbox::LocalReader::open(&outbox_path)?;
+        tracing::info!(
+            subscribers = stored.len(),
+            last_id,
+            "Durable local delivery: subscribers resume where they left off."
+        );
+        local.durable.start(Arc::new(reader), stored, last_id);
+    }
     let worker = pipeline::spawn_worker(
         Worker {
             chains,
@@ -192,11 +207,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
             warned_unrouted: Default::default(),
             local: pipeline::LocalOutputs {
                 bus: local.clone(),
-                immediate: config
-                    .pipelines
-                    .iter()
-                    .map(|p| p.local == crate::config::LocalMode::Immediate)
-                    .collect(),
+                modes: config.pipelines.iter().map(|p| p.local).collect(),
             },
         },
         chunks,

@@ -836,3 +836,171 @@ fn an_actuator_on_the_gateway_gets_the_alert_while_the_uplink_is_down() {
         g.logs()
     );
 }
+
+/// A QoS 2 receiver as MQTT 5 §4.3.3 has it: a PUBLISH whose packet id is
+/// awaiting PUBREL is the same message again. Returns each message the
+/// application would see, once.
+struct ExactlyOnceReceiver {
+    awaiting_pubrel: BTreeSet<u16>,
+    got: Vec<(String, String)>,
+}
+
+impl ExactlyOnceReceiver {
+    /// Reads for `window`, answering the broker, and returns how many new
+    /// messages arrived.
+    async fn run(
+        &mut self,
+        c: &mut fogline_tests::mqtt_raw::Connection,
+        window: Duration,
+    ) -> usize {
+        use fogline_tests::mqtt_raw::Incoming;
+        let before = self.got.len();
+        let until = std::time::Instant::now() + window;
+        while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+            let Ok(Some(p)) = c.next_packet_within(left).await else {
+                break;
+            };
+            match p {
+                Incoming::Publish {
+                    topic,
+                    payload,
+                    qos,
+                    pkid,
+                    ..
+                } => {
+                    assert_eq!(qos, QoS::ExactlyOnce, "granted QoS 2, delivered at {qos:?}");
+                    if self.awaiting_pubrel.insert(pkid) {
+                        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                        self.got
+                            .push((topic, v["command"].as_str().unwrap_or("").to_string()));
+                    }
+                    c.pubrec(pkid).unwrap();
+                }
+                Incoming::PubRel { pkid, .. } => {
+                    self.awaiting_pubrel.remove(&pkid);
+                    c.pubcomp(pkid).unwrap();
+                }
+                _ => {}
+            }
+            c.flush().await.unwrap();
+        }
+        self.got.len() - before
+    }
+}
+
+/// Durable local delivery (`local = "durable"`): the actuator's command is
+/// written with the commit that made it and delivered after it at QoS 2.
+/// The edge aborts between that commit and the delivery (fault point
+/// `local::after_commit_before_delivery`), with the uplink down; after the
+/// restart the actuator, reconnecting to its session, gets the command
+/// exactly once, and a later kill -9 redelivers nothing it completed.
+/// Clause I-40.
+#[test]
+fn i40_a_durable_command_survives_a_crash_between_commit_and_delivery_and_arrives_once() {
+    use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
+    let mut g = Gateway::start(
+        "gw-durable",
+        &format!(
+            "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
+             [functions.overheat]\nmodule = \"{}\"\n\
+             config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
+             [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"durable\"\n",
+            fogline_modules::alert().display()
+        ),
+    );
+    g.cloud.daemon.kill9();
+    let addr = g.addr();
+    let fan_opts = || {
+        let mut o = Options::new(addr.clone(), "fan-controller").with_version(Version::V5);
+        o.clean_start = false;
+        o.session_expiry_secs = Some(3600);
+        o
+    };
+    let sensor_opts = || Options::new(addr.clone(), "m1").with_version(Version::V5);
+    let mut fan_rx = ExactlyOnceReceiver {
+        awaiting_pubrel: BTreeSet::new(),
+        got: Vec::new(),
+    };
+    // Subscribe at QoS 2, then an orderly stop keeps the subscription.
+    rt().block_on(async {
+        let (mut fan, _) = Connection::connect(&fan_opts()).await.unwrap();
+        fan.subscribe(1, &[("actuators/#", QoS::ExactlyOnce)]).unwrap();
+        fan.flush().await.unwrap();
+        match fan.next_packet_within(Duration::from_secs(5)).await.unwrap() {
+            Some(Incoming::SubAck { codes, .. }) => assert_eq!(codes, vec![0x02]),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    });
+    g.edge.daemon.terminate().unwrap();
+    assert!(g.edge.daemon.wait_exit(Duration::from_secs(30)).is_some());
+    g.edge
+        .daemon
+        .restart_with_env(&[("FAILPOINTS", "local::after_commit_before_delivery=return")])
+        .unwrap();
+    g.wait_listening();
+    rt().block_on(async {
+        let (mut fan, ack) = Connection::connect(&fan_opts()).await.unwrap();
+        assert!(ack.session_present, "{}", g.logs());
+        let (mut sensor, _) = Connection::connect(&sensor_opts()).await.unwrap();
+        sensor
+            .publish("machines/m1", br#"{"temp":70.0}"#.to_vec(), QoS::AtLeastOnce, 1, false)
+            .unwrap();
+        sensor
+            .publish("machines/m1", br#"{"temp":85.0}"#.to_vec(), QoS::AtLeastOnce, 2, false)
+            .unwrap();
+        sensor.flush().await.unwrap();
+        // The command's commit aborts the edge before anyone is told.
+        assert_eq!(fan_rx.run(&mut fan, Duration::from_millis(1500)).await, 0);
+    });
+    let status = g.edge.daemon.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the edge did not abort at local::after_commit_before_delivery:\n{}",
+        g.logs()
+    );
+    g.edge.daemon.restart_with_env(&[]).unwrap();
+    g.wait_listening();
+    rt().block_on(async {
+        let (mut fan, ack) = Connection::connect(&fan_opts()).await.unwrap();
+        assert!(ack.session_present);
+        assert_eq!(
+            fan_rx.run(&mut fan, Duration::from_secs(3)).await,
+            1,
+            "{}",
+            g.logs()
+        );
+        // The sensor was not acknowledged: it sends 85 again; the alert's
+        // state was committed with the command, so no second "on".
+        let (mut sensor, _) = Connection::connect(&sensor_opts()).await.unwrap();
+        sensor
+            .publish("machines/m1", br#"{"temp":85.0}"#.to_vec(), QoS::AtLeastOnce, 2, true)
+            .unwrap();
+        sensor
+            .publish("machines/m1", br#"{"temp":74.0}"#.to_vec(), QoS::AtLeastOnce, 3, false)
+            .unwrap();
+        sensor.flush().await.unwrap();
+        assert_eq!(fan_rx.run(&mut fan, Duration::from_secs(2)).await, 1);
+    });
+    // Completed deliveries are not delivered again after a crash.
+    std::thread::sleep(Duration::from_millis(500));
+    g.edge.daemon.kill9();
+    g.edge.daemon.restart().unwrap();
+    g.wait_listening();
+    rt().block_on(async {
+        let (mut fan, _) = Connection::connect(&fan_opts()).await.unwrap();
+        assert_eq!(fan_rx.run(&mut fan, Duration::from_secs(2)).await, 0);
+    });
+    assert_eq!(
+        fan_rx.got,
+        vec![
+            ("actuators/machines/m1/fan".to_string(), "on".to_string()),
+            ("actuators/machines/m1/fan".to_string(), "off".to_string())
+        ],
+        "{}",
+        g.logs()
+    );
+    assert!(
+        fan_rx.awaiting_pubrel.is_empty(),
+        "every QoS 2 exchange completed"
+    );
+}

@@ -147,8 +147,8 @@ pub enum Inbound {
     PubRel(u16, u8),
     /// PUBCOMP with its v5 reason code (0 for v3.1.1).
     PubComp(u16, u8),
-    /// SUBSCRIBE: packet id and filters.
-    Subscribe(u16, Vec<String>),
+    /// SUBSCRIBE: packet id and filters, each with its requested QoS.
+    Subscribe(u16, Vec<(String, u8)>),
     /// SUBACK: packet id and one return/reason code per filter.
     SubAck(u16, Vec<u8>),
     /// UNSUBSCRIBE: packet id and the filters.
@@ -404,9 +404,13 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
         v4::Packet::PubRec(a) => Inbound::PubRec(a.pkid, 0),
         v4::Packet::PubRel(a) => Inbound::PubRel(a.pkid, 0),
         v4::Packet::PubComp(a) => Inbound::PubComp(a.pkid, 0),
-        v4::Packet::Subscribe(s) => {
-            Inbound::Subscribe(s.pkid, s.filters.into_iter().map(|f| f.path).collect())
-        }
+        v4::Packet::Subscribe(s) => Inbound::Subscribe(
+            s.pkid,
+            s.filters
+                .into_iter()
+                .map(|f| (f.path, qos_u8(f.qos)))
+                .collect(),
+        ),
         v4::Packet::SubAck(s) => Inbound::SubAck(
             s.pkid,
             s.return_codes
@@ -523,9 +527,13 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, CodecErr
                 v5::PubCompReason::PacketIdentifierNotFound => 0x92,
             },
         ),
-        v5::Packet::Subscribe(s) => {
-            Inbound::Subscribe(s.pkid, s.filters.into_iter().map(|f| f.path).collect())
-        }
+        v5::Packet::Subscribe(s) => Inbound::Subscribe(
+            s.pkid,
+            s.filters
+                .into_iter()
+                .map(|f| (f.path, qos5_u8(f.qos)))
+                .collect(),
+        ),
         v5::Packet::SubAck(s) => Inbound::SubAck(
             s.pkid,
             s.return_codes.iter().map(|c| suback_code_v5(*c)).collect(),
@@ -794,13 +802,13 @@ pub fn encode_connack(buf: &mut BytesMut, version: Version, c: &ConnAckOut) {
     };
 }
 
-/// Encodes a SUBACK: per filter, granted at QoS 0 (`true`) or refused as
-/// not authorized; v5 carries `reason` when any is refused.
+/// Encodes a SUBACK: per filter, the QoS granted (`Some`) or refused as
+/// not authorized (`None`); v5 carries `reason` when any is refused.
 pub fn encode_suback(
     buf: &mut BytesMut,
     version: Version,
     pkid: u16,
-    granted: &[bool],
+    granted: &[Option<u8>],
     reason: Option<&str>,
 ) {
     let _ = match version {
@@ -808,12 +816,9 @@ pub fn encode_suback(
             pkid,
             granted
                 .iter()
-                .map(|&g| {
-                    if g {
-                        v4::SubscribeReasonCode::Success(QoS::AtMostOnce)
-                    } else {
-                        v4::SubscribeReasonCode::Failure
-                    }
+                .map(|g| match g {
+                    Some(q) => v4::SubscribeReasonCode::Success(qos_of(*q)),
+                    None => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
         )
@@ -822,12 +827,9 @@ pub fn encode_suback(
             pkid,
             return_codes: granted
                 .iter()
-                .map(|&g| {
-                    if g {
-                        v5::SubscribeReasonCode::Success(QoS5::AtMostOnce)
-                    } else {
-                        v5::SubscribeReasonCode::NotAuthorized
-                    }
+                .map(|g| match g {
+                    Some(q) => v5::SubscribeReasonCode::Success(qos5_of(*q)),
+                    None => v5::SubscribeReasonCode::NotAuthorized,
                 })
                 .collect(),
             properties: reason.map(|r| v5::SubAckProperties {
@@ -1004,7 +1006,7 @@ pub fn encode_connect(buf: &mut BytesMut, c: &ConnectOut) -> Result<(), CodecErr
     Ok(())
 }
 
-/// Encodes a PUBLISH (client side; the endpoint never publishes). QoS 1/2
+/// Encodes a PUBLISH (a client's, or the endpoint's to local subscribers). QoS 1/2
 /// need a non-zero `pkid`; at QoS 0 it is ignored.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_publish(
@@ -1056,7 +1058,7 @@ pub fn encode_publish(
     r
 }
 
-/// Encodes a PUBREL (client side, after a PUBREC).
+/// Encodes a PUBREL (the sender's answer to a PUBREC).
 pub fn encode_pubrel(buf: &mut BytesMut, version: Version, pkid: u16) {
     let _ = match version {
         Version::V311 => v4::PubRel::new(pkid).write(buf).map_err(drop),

@@ -200,6 +200,7 @@ impl Default for OutboxConfig {
             max_age: None,
             when_full: crate::outbox::WhenFull::Block,
             dead_letter_max_bytes: bytesize::ByteSize::mib(64),
+            local_max_bytes: bytesize::ByteSize::mib(64),
         }
     }
 }

@@ -431,7 +431,10 @@ pub struct PipelineConfig {
     /// Also serve its outputs to local subscribers of the endpoint
     /// (`[[broker.local_topics]]`): `immediate` hands each output over as
     /// soon as the functions return, before the commit (at most once);
-    /// batches then do not linger (`outbox.commit_linger` is not applied).
+    /// `durable` after the commit, at the QoS the subscriber asked for (1 or
+    /// 2), kept and redelivered across restarts until acknowledged (at
+    /// least once; exactly once at QoS 2). Either way batches do not linger
+    /// (`outbox.commit_linger` is not applied).
     #[serde(default)]
     pub local: LocalMode,
 }
@@ -446,6 +449,9 @@ pub enum LocalMode {
     /// Handed to local subscribers as the functions return, before the
     /// commit: lowest latency, at most once.
     Immediate,
+    /// Written with the commit and delivered after it at QoS 1 or 2; kept
+    /// until every durable subscriber acknowledged it (crate::local::durable).
+    Durable,
 }
 
 /// How hard each outbox commit is pushed to disk.
@@ -518,6 +524,11 @@ pub struct OutboxConfig {
     /// Bytes of dead letters kept; the oldest beyond it are pruned and
     /// counted as lost.
     pub dead_letter_max_bytes: bytesize::ByteSize,
+    /// Bytes of outputs kept for durable local subscribers (pipelines with
+    /// `local = "durable"`) until each has acknowledged them; beyond it the
+    /// oldest are dropped for local delivery, counted
+    /// (`fogline_local_dropped_total{reason="retention"}`).
+    pub local_max_bytes: bytesize::ByteSize,
 }
 
 /// A size, or `"none"`.
@@ -668,6 +679,7 @@ impl EdgeConfig {
             when_full: self.outbox.when_full,
             lanes: Default::default(),
             dead_letter_max_bytes: self.outbox.dead_letter_max_bytes.as_u64(),
+            local_max_bytes: self.outbox.local_max_bytes.as_u64(),
             wal_allowance: self.wal_allowance(),
         }
     }

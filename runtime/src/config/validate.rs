@@ -470,6 +470,12 @@ impl EdgeConfig {
                 o.dead_letter_max_bytes
             ));
         }
+        if o.local_max_bytes.as_u64() < 1 << 20 {
+            p.push(format!(
+                "outbox.local_max_bytes: {} is below the minimum of 1 MiB",
+                o.local_max_bytes
+            ));
+        }
         for (i, pipe) in self.pipelines.iter().enumerate() {
             if let Some(max) = pipe.max_bytes {
                 if max.as_u64() < 2 * batch {

@@ -110,6 +110,8 @@ pub struct Chunk {
     pub route: Option<Arc<AckRoute>>,
     /// Durable session changes, committed with the items.
     pub session: Option<SessionUpdate>,
+    /// Durable local subscribers' positions (crate::local::durable).
+    pub local: Vec<crate::outbox::SubscriberWrite>,
     /// Payloads above this are refused and dead-lettered.
     pub max_payload: usize,
     /// How long a small batch holding this chunk may wait for more before
@@ -146,7 +148,9 @@ impl Chunk {
 
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.session.as_ref().is_none_or(SessionUpdate::is_empty)
+        self.items.is_empty()
+            && self.session.as_ref().is_none_or(SessionUpdate::is_empty)
+            && self.local.is_empty()
     }
 }
 

@@ -32,6 +32,8 @@ struct Subscriber {
 pub struct LocalBus {
     subscribers: RwLock<Vec<Arc<Subscriber>>>,
     next_id: AtomicU64,
+    /// Durable subscribers (`local = "durable"`).
+    pub durable: Arc<super::DurableHub>,
 }
 
 impl std::fmt::Debug for LocalBus {

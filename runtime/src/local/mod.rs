@@ -8,11 +8,17 @@
 //! may have delivered an output the outbox never keeps; a subscriber that
 //! does not keep up loses what overflows its queue, counted). Who may
 //! subscribe to what is `[[broker.local_topics]]` ([`Grants`]).
+//!
+//! A pipeline with `local = "durable"` keeps each output with the commit
+//! and delivers it after, at QoS 1 or 2, until acknowledged, across
+//! reconnects and restarts ([`durable`], I-40).
 
 mod bus;
+pub mod durable;
 mod grants;
 
 pub use bus::{Delivery, LocalBus, Subscription, SUBSCRIBER_QUEUE};
+pub use durable::{DurableFeed, DurableHub};
 pub use grants::Grants;
 
 /// Metric names and their HELP.
@@ -21,7 +27,8 @@ pub mod events {
 
     /// Outputs handed to local subscribers (one per subscriber reached).
     pub const DELIVERED_TOTAL: &str = "fogline_local_delivered_total";
-    /// Outputs a local subscriber lost (`reason`: `queue_full`, `too_large`).
+    /// Outputs a local subscriber lost (`reason`: `queue_full`, `too_large`,
+    /// `retention`, `refused`).
     pub const DROPPED_TOTAL: &str = "fogline_local_dropped_total";
     /// Local subscribers connected.
     pub const SUBSCRIBERS: &str = "fogline_local_subscribers";
@@ -36,7 +43,7 @@ pub mod events {
         (
             DROPPED_TOTAL,
             Counter,
-            "Outputs a local subscriber lost: its queue was full (reason=queue_full) or the output exceeds its MQTT 5 Maximum Packet Size (reason=too_large). Local delivery is at most once.",
+            "Outputs a local subscriber lost: its queue was full (reason=queue_full, immediate mode), the output exceeds its MQTT 5 Maximum Packet Size (reason=too_large), durable outputs beyond outbox.local_max_bytes were dropped unacknowledged (reason=retention), or the subscriber refused one with a PUBREC error (reason=refused).",
         ),
         (
             SUBSCRIBERS,

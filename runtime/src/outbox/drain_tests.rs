@@ -137,6 +137,7 @@ fn bulk_quota(bytes: u64) -> Retention {
         .into_iter()
         .collect(),
         dead_letter_max_bytes: u64::MAX,
+        local_max_bytes: 64 << 20,
         ..Retention::default()
     }
 }

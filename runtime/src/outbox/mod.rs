@@ -24,6 +24,7 @@
 pub mod drain;
 pub mod events;
 mod functions;
+pub mod local;
 pub mod losses;
 mod reserve;
 pub mod retention;
@@ -43,6 +44,7 @@ pub use functions::{
     function_records, list_dead_letters, request_replay, DeadLetterFilter, FunctionRecord, Held,
     HeldInput, StateCommit, StoredDeadLetter, VersionWrite,
 };
+pub use local::{LocalReader, LocalRow, StoredSubscriber, SubscriberWrite};
 pub use losses::LossTotal;
 pub use reserve::Reserve;
 pub use retention::{Blocked, LanePolicy, Priority, Retention, WhenFull};
@@ -291,6 +293,11 @@ pub struct Commit {
     pub replayed: Vec<i64>,
     /// Function versions promoted or rolled back.
     pub versions: Vec<VersionWrite>,
+    /// Outputs of pipelines with `local = "durable"`, kept for local
+    /// subscribers (local.rs).
+    pub local: Vec<Message>,
+    /// Durable local subscribers' positions and subscriptions.
+    pub local_subscribers: Vec<SubscriberWrite>,
     /// The node's ingest clock when the batch was taken (kept as the
     /// clock's high-water mark, so it never goes back across restarts).
     pub clock_ms: u64,
@@ -308,6 +315,8 @@ impl Commit {
             && self.held_consumed.is_empty()
             && self.replayed.is_empty()
             && self.versions.is_empty()
+            && self.local.is_empty()
+            && self.local_subscribers.is_empty()
     }
 }
 
@@ -341,7 +350,7 @@ pub struct Alarm {
 }
 
 /// The sequence numbers a commit gave out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Committed {
     /// First sequence number given out (meaningless when `records == 0`).
     pub first_seq: u64,
@@ -349,6 +358,11 @@ pub struct Committed {
     pub records: usize,
     /// Records the quotas dropped to make room.
     pub dropped: u64,
+    /// The outputs kept for durable local subscribers, with their ids.
+    pub local: Vec<LocalRow>,
+    /// Old outputs for local subscribers dropped to stay under
+    /// `outbox.local_max_bytes`.
+    pub local_dropped: u64,
 }
 
 fn open_connection(
@@ -479,6 +493,7 @@ impl Outbox {
             damage: salvage::DamageFlag::default(),
             retention: Retention {
                 dead_letter_max_bytes: u64::MAX,
+                local_max_bytes: 64 << 20,
                 ..Retention::default()
             },
             protected: std::sync::Arc::new(retention::InFlightMarks::new(
@@ -531,6 +546,35 @@ impl Outbox {
                     .query_row("SELECT id FROM lanes WHERE name = ?1", [name], |r| r.get(0))
             })
             .map_err(self.sql("register lane"))
+    }
+
+    /// Durable local subscribers on file, and the highest output id given.
+    pub fn local_subscribers(&self) -> Result<(Vec<StoredSubscriber>, u64), OutboxError> {
+        let op = "read local subscribers";
+        let subs = local::load(&self.conn).map_err(sql_error(&self.path, &self.damage, op))?;
+        let last =
+            local::last_id(&self.conn).map_err(sql_error(&self.path, &self.damage, op))?;
+        Ok((subs, last))
+    }
+
+    /// Forgets durable local subscribers whose session expired (never a
+    /// `connected` one) and deletes outputs every other one has passed.
+    /// Returns the subscribers forgotten.
+    pub fn trim_local(&mut self, connected: &dyn Fn(&str) -> bool) -> Result<Vec<String>, OutboxError> {
+        if self.damage.is_raised() {
+            return Ok(Vec::new());
+        }
+        let path = self.path.clone();
+        let damage = self.damage.clone();
+        let sql = |op: &'static str| sql_error(&path, &damage, op);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin trimming local outputs"))?;
+        let gone = local::trim(&tx, crate::clock::now_ms(), connected)
+            .map_err(sql("trim local outputs"))?;
+        tx.commit().map_err(sql("commit trimming local outputs"))?;
+        Ok(gone)
     }
 
     /// Drops what waited longer than its `max_age` (I-32), counting it
@@ -913,6 +957,13 @@ impl Outbox {
             .map_err(sql("advance next_seq"))?;
         }
         functions::write(&tx, commit).map_err(sql("write function state"))?;
+        let (local, local_dropped) = local::write(
+            &tx,
+            &commit.local,
+            &commit.local_subscribers,
+            self.retention.local_max_bytes,
+        )
+        .map_err(sql("keep outputs for local subscribers"))?;
         if commit.clock_ms > 0 {
             tx.prepare_cached(
                 "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'clock_high_water_ms'",
@@ -928,6 +979,8 @@ impl Outbox {
             first_seq,
             records: numbered as usize,
             dropped: dropped_records,
+            local,
+            local_dropped,
         })
     }
 }

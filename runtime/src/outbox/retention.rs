@@ -90,6 +90,8 @@ pub struct Retention {
     pub lanes: HashMap<u32, LanePolicy>,
     /// Bytes of dead letters kept (oldest pruned, counted as lost).
     pub dead_letter_max_bytes: u64,
+    /// Bytes of outputs kept for durable local subscribers.
+    pub local_max_bytes: u64,
     /// Bytes of the quota kept for the write-ahead log.
     pub wal_allowance: u64,
 }

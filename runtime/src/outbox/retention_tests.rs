@@ -57,6 +57,7 @@ fn policy(lane: u32, lp: LanePolicy) -> Retention {
     Retention {
         lanes: [(lane, lp)].into_iter().collect(),
         dead_letter_max_bytes: u64::MAX,
+        local_max_bytes: 64 << 20,
         wal_allowance: 4 << 20,
         ..Retention::default()
     }
@@ -155,6 +156,7 @@ fn priorities_decide_what_goes_first() {
         max_bytes: Some(24 << 20),
         when_full: WhenFull::DropOldest,
         dead_letter_max_bytes: u64::MAX,
+        local_max_bytes: 64 << 20,
         // As `EdgeConfig::wal_allowance` makes it for max_batch_bytes = 1 MiB.
         wal_allowance: (4 << 20) + 2 * (1 << 20),
         ..Retention::default()

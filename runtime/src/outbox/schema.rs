@@ -151,6 +151,7 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              live_hi INTEGER
          );",
     )?;
+    super::local::migrate(conn)?;
     let counted: bool = conn
         .prepare("SELECT 1 FROM meta WHERE key = 'usage_counted'")?
         .exists([])?;

@@ -25,6 +25,10 @@ pub struct ChainResult {
     pub lanes: Vec<(u32, usize)>,
     /// Losses to report with the commit (dead letters replayed...).
     pub losses: Vec<fogline_protocol::LossReport>,
+    /// Outputs also kept for durable local subscribers.
+    pub local: Vec<Message>,
+    /// Durable local subscribers' positions, from ingest.
+    pub local_subscribers: Vec<crate::outbox::SubscriberWrite>,
 }
 
 impl ChainResult {
@@ -45,6 +49,8 @@ impl ChainResult {
             lifecycle,
             lanes,
             losses,
+            local,
+            local_subscribers,
         } = self;
         dead_letters.append(&mut chain_dead);
         let versions = lifecycle
@@ -86,6 +92,8 @@ impl ChainResult {
             held_consumed,
             replayed,
             versions,
+            local,
+            local_subscribers,
             clock_ms: crate::clock::high_water_ms(),
         }
     }

@@ -158,28 +158,36 @@ pub struct Worker {
     pub local: LocalOutputs,
 }
 
-/// Where pipelines with `local = "immediate"` hand their outputs, by chain
-/// index: to the endpoint's subscribers as the functions return, before
-/// the commit (crate::local).
+/// Where pipelines with `local` hand their outputs, by chain index: to the
+/// endpoint's subscribers as the functions return, before the commit
+/// (`immediate`), or into the commit, delivered after it (`durable`)
+/// (crate::local).
 #[derive(Debug, Default)]
 pub struct LocalOutputs {
     /// The endpoint's subscribers.
     pub bus: Arc<crate::local::LocalBus>,
-    /// Per chain: whether its outputs are served locally.
-    pub immediate: Vec<bool>,
+    /// Per chain: its `local` mode.
+    pub modes: Vec<crate::config::LocalMode>,
 }
 
 impl LocalOutputs {
-    /// Chain `chain` produced `outputs`.
-    fn hand_over(&self, chain: usize, outputs: &[crate::message::Message]) {
-        if outputs.is_empty()
-            || !self.immediate.get(chain).copied().unwrap_or(false)
-            || self.bus.is_idle()
-        {
+    /// Chain `chain` produced `outputs` (the tail of `result.outputs` from
+    /// `before`).
+    fn hand_over(&self, chain: usize, result: &mut ChainResult, before: usize) {
+        let outputs = &result.outputs[before..];
+        if outputs.is_empty() {
             return;
         }
-        for m in outputs {
-            self.bus.publish(&m.stream, &m.payload);
+        match self.modes.get(chain) {
+            Some(crate::config::LocalMode::Immediate) if !self.bus.is_idle() => {
+                for m in outputs {
+                    self.bus.publish(&m.stream, &m.payload);
+                }
+            }
+            Some(crate::config::LocalMode::Durable) => {
+                result.local.extend_from_slice(outputs);
+            }
+            _ => {}
         }
     }
 }
@@ -397,7 +405,7 @@ fn run(
             for (i, chain) in w.chains.iter_mut().enumerate() {
                 let before = result.outputs.len();
                 chain.tick(now, &mut result);
-                w.local.hand_over(i, &result.outputs[before..]);
+                w.local.hand_over(i, &mut result, before);
             }
             if !commit_result(&mut w, result, Vec::new(), Vec::new(), Vec::new(), &stop) {
                 break;
@@ -411,6 +419,20 @@ fn run(
             // max_age (I-32): records that waited too long are dropped and counted.
             if let Err(e) = w.outbox.expire() {
                 error!(error = %e, "Dropping expired records failed; tried again shortly.");
+            }
+            // Outputs every durable local subscriber has (I-40).
+            let hub = w.local.bus.durable.clone();
+            if hub.enabled() {
+                match w.outbox.trim_local(&|c| hub.is_connected(c)) {
+                    Ok(gone) if !gone.is_empty() => {
+                        info!(subscribers = ?gone, "Durable local subscribers whose session expired are forgotten.");
+                        hub.forget(&gone);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        error!(error = %e, "Trimming outputs kept for local subscribers failed; tried again shortly.")
+                    }
+                }
             }
             publish_status(&w);
         }
@@ -772,8 +794,9 @@ fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool
         if !msgs.is_empty() {
             let before = result.outputs.len();
             chain.process(msgs, now, &mut result);
-            // Before the commit: local subscribers need not wait for the disk.
-            w.local.hand_over(i, &result.outputs[before..]);
+            // Immediate: before the commit, local subscribers need not wait
+            // for the disk. Durable: into the commit.
+            w.local.hand_over(i, &mut result, before);
         }
     }
     let mut sessions = Vec::new();
@@ -781,6 +804,7 @@ fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool
         if let Some(update) = chunk.session.take() {
             w.sessions.apply(update, &mut sessions);
         }
+        result.local_subscribers.append(&mut chunk.local);
     }
     commit_result(w, result, plan.dead_letters, sessions, Vec::new(), stop)
 }
@@ -827,7 +851,20 @@ fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool
     loop {
         let started = Instant::now();
         match w.outbox.commit(commit) {
-            Ok(done) => {
+            Ok(mut done) => {
+                if !done.local.is_empty() {
+                    // A crash between the commit and the delivery: the
+                    // outputs are kept and delivered after the restart (I-40).
+                    fail::fail_point!("local::after_commit_before_delivery", |_| {
+                        std::process::abort()
+                    });
+                    w.local.bus.durable.committed(std::mem::take(&mut done.local));
+                }
+                if done.local_dropped > 0 {
+                    metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "retention")
+                        .increment(done.local_dropped);
+                    warn!(dropped = done.local_dropped, "Outputs kept for durable local subscribers exceeded outbox.local_max_bytes: the oldest were dropped for local delivery (they still go to the cloud).");
+                }
                 super::events::BatchCommitted {
                     records: done.records,
                     dead_letters: commit.dead_letters.len(),

@@ -368,15 +368,19 @@ pub(super) async fn serve<S>(
         meta: (expiry > 0).then(|| lease.meta.clone()),
         ops: Vec::new(),
     };
+    let mut feed = None;
     let end = run(
         &mut c,
         &mut lease,
-        version,
+        &connect,
         keep_alive,
-        connect.max_packet_size,
         &mut session,
+        &mut feed,
     )
     .await;
+    // Its durable local subscription's position, kept for the next
+    // connection before the session is handed back (a takeover waits for it).
+    let local_write = feed.map(crate::local::DurableFeed::close);
     let mut expiry = expiry;
     let (publish_will, why) = match &end {
         End::Disconnect { will, expiry: e } => {
@@ -421,9 +425,10 @@ pub(super) async fn serve<S>(
         .release(&lease, state, expiry, crate::clock::ingest_ms());
     session.meta = meta;
     session.discard |= discard;
-    if !session.is_empty() {
+    if !session.is_empty() || local_write.is_some() {
         let mut chunk = Chunk::new(None, shared.limits.max_payload);
         chunk.session = Some(session);
+        chunk.local.extend(local_write);
         let _ = shared.sink.send(chunk).await;
     }
     shared
@@ -441,15 +446,17 @@ pub(super) async fn serve<S>(
 async fn run<R, W>(
     c: &mut Conn<R, W>,
     lease: &mut Lease,
-    version: Version,
+    connect: &ConnectIn,
     keep_alive: u16,
-    client_max_packet: Option<u32>,
     session: &mut SessionUpdate,
+    feed: &mut Option<crate::local::DurableFeed>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let version = connect.version;
+    let client_max_packet = connect.max_packet_size;
     let shared = c.shared.clone();
     let limits = &shared.limits;
     let rm = usize::from(limits.receive_maximum);
@@ -485,6 +492,31 @@ where
     // Local subscribers: the outputs of pipelines with `local` (crate::local).
     let owner = lease.meta.owner.clone();
     let mut subscription: Option<crate::local::Subscription> = None;
+    // Durable local subscribers resume where they left off (I-40).
+    let hub = shared.local.durable.clone();
+    let mut local_writes = Vec::new();
+    if hub.enabled() {
+        let (stored, forgotten) = hub.take_stored(&lease.client_id, connect.clean_start);
+        if forgotten {
+            local_writes.push(crate::outbox::SubscriberWrite::Delete(
+                lease.client_id.clone(),
+            ));
+        }
+        if let Some(stored) = stored {
+            let sub = subscription
+                .get_or_insert_with(|| shared.local.subscribe(crate::local::SUBSCRIBER_QUEUE));
+            for (f, _) in &stored.filters {
+                sub.add(f);
+            }
+            *feed = Some(crate::local::DurableFeed::open(
+                hub.clone(),
+                &lease.client_id,
+                lease.meta.expiry_secs,
+                Some(stored),
+                connect.receive_maximum,
+            ));
+        }
+    }
     if let Err(e) = c.flush().await {
         return End::Lost(format!("write failed: {e}"));
     }
@@ -547,22 +579,60 @@ where
                     }
                 }
                 Inbound::PubRel(pkid, _) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
+                // Acknowledgements of durable local deliveries (I-40); an
+                // unknown packet id is ignored.
+                Inbound::PubAck(pkid, _) => {
+                    if let Some(d) = feed.as_mut() {
+                        d.on_puback(pkid);
+                    }
+                }
+                Inbound::PubRec(pkid, reason) => match feed.as_mut() {
+                    Some(d) => d.on_pubrec(pkid, reason),
+                    None => codec::encode_pubrel(&mut c.wbuf, version, pkid),
+                },
+                Inbound::PubComp(pkid, _) => {
+                    if let Some(d) = feed.as_mut() {
+                        d.on_pubcomp(pkid);
+                    }
+                }
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
                     let checked: Vec<Result<(), String>> = filters
                         .iter()
-                        .map(|f| shared.grants.check(owner.as_deref(), f))
+                        .map(|(f, _)| shared.grants.check(owner.as_deref(), f))
                         .collect();
-                    let granted: Vec<bool> = checked.iter().map(Result::is_ok).collect();
+                    // QoS 1/2 only where outputs are kept (durable mode);
+                    // immediate outputs go at QoS 0 whatever was granted.
+                    let granted: Vec<Option<u8>> = checked
+                        .iter()
+                        .zip(&filters)
+                        .map(|(r, (_, q))| r.is_ok().then(|| if hub.enabled() { (*q).min(2) } else { 0 }))
+                        .collect();
                     let refused: Vec<&String> =
                         checked.iter().filter_map(|r| r.as_ref().err()).collect();
-                    if granted.iter().any(|g| *g) {
+                    if granted.iter().any(Option::is_some) {
                         let sub = subscription.get_or_insert_with(|| {
                             shared.local.subscribe(crate::local::SUBSCRIBER_QUEUE)
                         });
-                        for (f, g) in filters.iter().zip(&granted) {
-                            if *g {
+                        for ((f, _), g) in filters.iter().zip(&granted) {
+                            if g.is_some() {
                                 sub.add(f);
+                            }
+                        }
+                        if hub.enabled() {
+                            let d = feed.get_or_insert_with(|| {
+                                crate::local::DurableFeed::open(
+                                    hub.clone(),
+                                    &lease.client_id,
+                                    lease.meta.expiry_secs,
+                                    None,
+                                    connect.receive_maximum,
+                                )
+                            });
+                            for ((f, _), g) in filters.iter().zip(&granted) {
+                                if let Some(q) = g {
+                                    d.subscribe(f, *q);
+                                }
                             }
                         }
                     }
@@ -585,6 +655,17 @@ where
                     if let Some(sub) = &subscription {
                         for f in &filters {
                             sub.remove(f);
+                        }
+                    }
+                    if let Some(d) = feed.as_mut() {
+                        let mut left = true;
+                        for f in &filters {
+                            left = d.unsubscribe(f);
+                        }
+                        if !left {
+                            if let Some(d) = feed.take() {
+                                local_writes.push(d.drop_subscription());
+                            }
                         }
                     }
                     codec::encode_unsuback(&mut c.wbuf, version, pkid, filters.len())
@@ -626,6 +707,11 @@ where
         if lease.state.is_persistent() {
             session.ops.extend(lease.state.take_ops());
         }
+        if let Some(d) = feed.as_mut() {
+            d.pump(&mut c.wbuf, version, client_max_packet);
+            local_writes.extend(d.take_write());
+        }
+        chunk.local.append(&mut local_writes);
         if !session.is_empty() {
             chunk.session = Some(std::mem::take(session));
             session.key = lease.key.clone();
@@ -673,6 +759,12 @@ where
                 Ok(_) => last_rx = Instant::now(),
                 Err(e) => return End::Lost(format!("read failed: {e}")),
             },
+            () = async {
+                match feed.as_mut() {
+                    Some(d) => d.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             d = async {
                 match subscription.as_mut() {
                     Some(s) => s.rx.recv().await,
