@@ -924,9 +924,14 @@ fn i40_a_durable_command_survives_a_crash_between_commit_and_delivery_and_arrive
     // Subscribe at QoS 2, then an orderly stop keeps the subscription.
     rt().block_on(async {
         let (mut fan, _) = Connection::connect(&fan_opts()).await.unwrap();
-        fan.subscribe(1, &[("actuators/#", QoS::ExactlyOnce)]).unwrap();
+        fan.subscribe(1, &[("actuators/#", QoS::ExactlyOnce)])
+            .unwrap();
         fan.flush().await.unwrap();
-        match fan.next_packet_within(Duration::from_secs(5)).await.unwrap() {
+        match fan
+            .next_packet_within(Duration::from_secs(5))
+            .await
+            .unwrap()
+        {
             Some(Incoming::SubAck { codes, .. }) => assert_eq!(codes, vec![0x02]),
             other => panic!("expected SUBACK, got {other:?}"),
         }
@@ -943,10 +948,22 @@ fn i40_a_durable_command_survives_a_crash_between_commit_and_delivery_and_arrive
         assert!(ack.session_present, "{}", g.logs());
         let (mut sensor, _) = Connection::connect(&sensor_opts()).await.unwrap();
         sensor
-            .publish("machines/m1", br#"{"temp":70.0}"#.to_vec(), QoS::AtLeastOnce, 1, false)
+            .publish(
+                "machines/m1",
+                br#"{"temp":70.0}"#.to_vec(),
+                QoS::AtLeastOnce,
+                1,
+                false,
+            )
             .unwrap();
         sensor
-            .publish("machines/m1", br#"{"temp":85.0}"#.to_vec(), QoS::AtLeastOnce, 2, false)
+            .publish(
+                "machines/m1",
+                br#"{"temp":85.0}"#.to_vec(),
+                QoS::AtLeastOnce,
+                2,
+                false,
+            )
             .unwrap();
         sensor.flush().await.unwrap();
         // The command's commit aborts the edge before anyone is told.
@@ -973,10 +990,22 @@ fn i40_a_durable_command_survives_a_crash_between_commit_and_delivery_and_arrive
         // state was committed with the command, so no second "on".
         let (mut sensor, _) = Connection::connect(&sensor_opts()).await.unwrap();
         sensor
-            .publish("machines/m1", br#"{"temp":85.0}"#.to_vec(), QoS::AtLeastOnce, 2, true)
+            .publish(
+                "machines/m1",
+                br#"{"temp":85.0}"#.to_vec(),
+                QoS::AtLeastOnce,
+                2,
+                true,
+            )
             .unwrap();
         sensor
-            .publish("machines/m1", br#"{"temp":74.0}"#.to_vec(), QoS::AtLeastOnce, 3, false)
+            .publish(
+                "machines/m1",
+                br#"{"temp":74.0}"#.to_vec(),
+                QoS::AtLeastOnce,
+                3,
+                false,
+            )
             .unwrap();
         sensor.flush().await.unwrap();
         assert_eq!(fan_rx.run(&mut fan, Duration::from_secs(2)).await, 1);
@@ -1003,4 +1032,130 @@ fn i40_a_durable_command_survives_a_crash_between_commit_and_delivery_and_arrive
         fan_rx.awaiting_pubrel.is_empty(),
         "every QoS 2 exchange completed"
     );
+}
+
+/// A durable local subscriber that stops reading (and so acknowledging)
+/// holds nothing back: the sensor's 6,000 readings are all acknowledged, a
+/// healthy subscriber gets every output once and in order, and when the
+/// stuck one reads again it gets all 6,000 too — 256 in flight, 4,096 pending, then
+/// the rest read back from the outbox — in order, none lost. Clauses I-39
+/// (nothing waits for a subscriber) and I-40.
+#[test]
+fn i40_a_stuck_durable_subscriber_delays_nothing_and_loses_nothing() {
+    use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
+    const N: usize = 6000;
+    let g = Gateway::start(
+        "gw-stuck",
+        &format!(
+            "[[broker.local_topics]]\nfilter = \"local/#\"\nsubscribers = [\"*\"]\n\
+             [functions.map]\nmodule = \"{}\"\nconfig = {{ field = \"temp\", output_stream = \"local/{{stream}}\" }}\n\
+             [[pipelines]]\nname = \"machines\"\ntopics = [\"sensors/#\"]\nfunctions = [\"map\"]\nlocal = \"durable\"\n",
+            fogline_modules::scale().display()
+        ),
+    );
+    let addr = g.addr();
+    rt().block_on(async {
+        let subscriber = |id: &str| {
+            let mut o = Options::new(addr.clone(), id).with_version(Version::V5);
+            o.clean_start = false;
+            o.session_expiry_secs = Some(600);
+            o
+        };
+        let mut subs = Vec::new();
+        for id in ["healthy", "stuck"] {
+            let (mut s, _) = Connection::connect(&subscriber(id)).await.unwrap();
+            s.subscribe(1, &[("local/#", QoS::AtLeastOnce)]).unwrap();
+            s.flush().await.unwrap();
+            match s.next_packet_within(Duration::from_secs(5)).await.unwrap() {
+                Some(Incoming::SubAck { codes, .. }) => assert_eq!(codes, vec![0x01]),
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+            subs.push(s);
+        }
+        let mut stuck = subs.pop().unwrap();
+        let mut healthy = subs.pop().unwrap();
+        // Reads every output, acknowledges it, returns the sequence numbers.
+        async fn drain(c: &mut Connection, n: usize, limit: Duration) -> Vec<u64> {
+            let mut got = Vec::new();
+            let until = std::time::Instant::now() + limit;
+            while got.len() < n {
+                let Some(left) = until.checked_duration_since(std::time::Instant::now()) else {
+                    break;
+                };
+                match c.next_packet_within(left).await.unwrap() {
+                    Some(Incoming::Publish { payload, pkid, .. }) => {
+                        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                        got.push(v["i"].as_u64().unwrap());
+                        c.puback(pkid).unwrap();
+                        c.flush().await.unwrap();
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            got
+        }
+        let healthy_task = tokio::spawn(async move {
+            let got = drain(&mut healthy, N, Duration::from_secs(60)).await;
+            (healthy, got)
+        });
+        let (mut sensor, _) =
+            Connection::connect(&Options::new(addr.clone(), "m1").with_version(Version::V5))
+                .await
+                .unwrap();
+        let mut acked = 0usize;
+        for i in 0..N {
+            let payload = format!(r#"{{"temp":{},"i":{i}}}"#, i % 50);
+            sensor
+                .publish(
+                    "sensors/m1",
+                    payload.into_bytes(),
+                    QoS::AtLeastOnce,
+                    (i % 60_000) as u16 + 1,
+                    false,
+                )
+                .unwrap();
+            sensor.flush().await.unwrap();
+            // At most 100 unacknowledged (well under the Receive Maximum).
+            while i + 1 - acked > 100 {
+                match sensor
+                    .next_packet_within(Duration::from_secs(10))
+                    .await
+                    .unwrap()
+                {
+                    Some(Incoming::PubAck { .. }) => acked += 1,
+                    Some(_) => {}
+                    None => panic!("no PUBACK for 10 s with a subscriber stuck"),
+                }
+            }
+        }
+        while acked < N {
+            match sensor
+                .next_packet_within(Duration::from_secs(10))
+                .await
+                .unwrap()
+            {
+                Some(Incoming::PubAck { .. }) => acked += 1,
+                Some(_) => {}
+                None => panic!("only {acked} of {N} PUBACKs with a subscriber stuck"),
+            }
+        }
+        let (_healthy, got) = healthy_task.await.unwrap();
+        assert_eq!(
+            got,
+            (0..N as u64).collect::<Vec<_>>(),
+            "healthy subscriber: once, in order"
+        );
+        // The stuck one reads again: everything, in order, nothing lost.
+        let got = drain(&mut stuck, N, Duration::from_secs(60)).await;
+        let mut seen = BTreeSet::new();
+        let firsts: Vec<u64> = got.iter().copied().filter(|i| seen.insert(*i)).collect();
+        assert_eq!(
+            firsts,
+            (0..N as u64).collect::<Vec<_>>(),
+            "stuck subscriber: all, in order"
+        );
+    });
+    let dropped = g.edge.metric("fogline_local_dropped_total");
+    assert_eq!(dropped, 0.0, "{}", g.logs());
 }

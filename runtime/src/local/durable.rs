@@ -146,7 +146,10 @@ impl DurableHub {
 
     fn unregister(&self, client: &str, inbox: &Arc<Inbox>, keep: Option<StoredSubscriber>) {
         if let Ok(mut s) = self.state.lock() {
-            if s.connected.get(client).is_some_and(|i| Arc::ptr_eq(i, inbox)) {
+            if s.connected
+                .get(client)
+                .is_some_and(|i| Arc::ptr_eq(i, inbox))
+            {
                 s.connected.remove(client);
             }
             if let Some(k) = keep {
@@ -297,7 +300,9 @@ impl DurableFeed {
                 self.reading = None;
                 match r {
                     Ok((rows, snapshot)) => self.read_back(rows, snapshot),
-                    Err(e) => tracing::warn!(client = %self.client, error = %e, "Reading outputs back for a local subscriber failed; tried again."),
+                    Err(e) => {
+                        tracing::warn!(client = %self.client, error = %e, "Reading outputs back for a local subscriber failed; tried again.")
+                    }
                 }
                 self.take_notices();
             }
@@ -479,7 +484,11 @@ impl DurableFeed {
 
     /// Every row up to this id is delivered or not this subscriber's.
     pub fn acked(&self) -> u64 {
-        let unsent = self.inflight.iter().find(|(_, f)| !f.rec).map(|(id, _)| *id);
+        let unsent = self
+            .inflight
+            .iter()
+            .find(|(_, f)| !f.rec)
+            .map(|(id, _)| *id);
         let lowest = [
             unsent,
             self.pending.front().map(|(r, _)| r.id),
@@ -534,7 +543,8 @@ impl DurableFeed {
             self.hub.unregister(&self.client, &self.inbox, None);
             SubscriberWrite::Delete(self.client.clone())
         } else {
-            self.hub.unregister(&self.client, &self.inbox, Some(r.clone()));
+            self.hub
+                .unregister(&self.client, &self.inbox, Some(r.clone()));
             SubscriberWrite::Put(r)
         }
     }
@@ -568,7 +578,8 @@ mod tests {
 
     fn sent(buf: &mut BytesMut) -> Vec<(u16, u8)> {
         let mut out = Vec::new();
-        while let Ok(Some(p)) = fogline_mqtt::decode(buf, Some(fogline_mqtt::Version::V5), 1 << 20) {
+        while let Ok(Some(p)) = fogline_mqtt::decode(buf, Some(fogline_mqtt::Version::V5), 1 << 20)
+        {
             match p {
                 fogline_mqtt::Inbound::Publish(p) => out.push((p.pkid, p.qos)),
                 fogline_mqtt::Inbound::PubRel(pkid, _) => out.push((pkid, 0xFF)),

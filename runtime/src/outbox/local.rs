@@ -161,7 +161,9 @@ pub(super) fn load(conn: &Connection) -> rusqlite::Result<Vec<StoredSubscriber>>
         let (client, record) = r?;
         match serde_json::from_str::<StoredSubscriber>(&record) {
             Ok(s) => out.push(s),
-            Err(e) => tracing::warn!(client = %client, error = %e, "A durable local subscriber's record is unreadable; it is forgotten (it subscribes again)."),
+            Err(e) => {
+                tracing::warn!(client = %client, error = %e, "A durable local subscriber's record is unreadable; it is forgotten (it subscribes again).")
+            }
         }
     }
     Ok(out)
@@ -181,8 +183,9 @@ pub(super) fn last_id(conn: &Connection) -> rusqlite::Result<u64> {
 
 /// Up to `limit` rows from id `from` on, in order.
 pub(super) fn read(conn: &Connection, from: u64, limit: usize) -> rusqlite::Result<Vec<LocalRow>> {
-    let mut st = conn
-        .prepare_cached("SELECT id, topic, payload FROM local_out WHERE id >= ?1 ORDER BY id LIMIT ?2")?;
+    let mut st = conn.prepare_cached(
+        "SELECT id, topic, payload FROM local_out WHERE id >= ?1 ORDER BY id LIMIT ?2",
+    )?;
     let rows = st.query_map(params![from as i64, limit as i64], |r| {
         Ok(LocalRow {
             id: r.get::<_, i64>(0)? as u64,

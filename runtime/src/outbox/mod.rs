@@ -552,15 +552,17 @@ impl Outbox {
     pub fn local_subscribers(&self) -> Result<(Vec<StoredSubscriber>, u64), OutboxError> {
         let op = "read local subscribers";
         let subs = local::load(&self.conn).map_err(sql_error(&self.path, &self.damage, op))?;
-        let last =
-            local::last_id(&self.conn).map_err(sql_error(&self.path, &self.damage, op))?;
+        let last = local::last_id(&self.conn).map_err(sql_error(&self.path, &self.damage, op))?;
         Ok((subs, last))
     }
 
     /// Forgets durable local subscribers whose session expired (never a
     /// `connected` one) and deletes outputs every other one has passed.
     /// Returns the subscribers forgotten.
-    pub fn trim_local(&mut self, connected: &dyn Fn(&str) -> bool) -> Result<Vec<String>, OutboxError> {
+    pub fn trim_local(
+        &mut self,
+        connected: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<String>, OutboxError> {
         if self.damage.is_raised() {
             return Ok(Vec::new());
         }

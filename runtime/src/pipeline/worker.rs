@@ -858,7 +858,10 @@ fn commit_until_done(w: &mut Worker, commit: &Commit, stop: &AtomicBool) -> bool
                     fail::fail_point!("local::after_commit_before_delivery", |_| {
                         std::process::abort()
                     });
-                    w.local.bus.durable.committed(std::mem::take(&mut done.local));
+                    w.local
+                        .bus
+                        .durable
+                        .committed(std::mem::take(&mut done.local));
                 }
                 if done.local_dropped > 0 {
                     metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "retention")

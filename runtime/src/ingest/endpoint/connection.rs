@@ -606,7 +606,10 @@ where
                     let granted: Vec<Option<u8>> = checked
                         .iter()
                         .zip(&filters)
-                        .map(|(r, (_, q))| r.is_ok().then(|| if hub.enabled() { (*q).min(2) } else { 0 }))
+                        .map(|(r, (_, q))| {
+                            r.is_ok()
+                                .then(|| if hub.enabled() { (*q).min(2) } else { 0 })
+                        })
                         .collect();
                     let refused: Vec<&String> =
                         checked.iter().filter_map(|r| r.as_ref().err()).collect();
