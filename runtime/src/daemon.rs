@@ -173,7 +173,21 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         .iter()
         .any(|p| p.local == crate::config::LocalMode::Durable)
     {
-        let (stored, last_id) = outbox.local_subscribers()?;
+        let (mut stored, last_id) = outbox.local_subscribers()?;
+        // Publishing to the external broker was configured and is not now:
+        // its position would keep outputs for nobody.
+        let publisher = crate::ingest::broker_client::PUBLISHER;
+        if (config.mqtt.publish.is_empty() || !config.external_broker_enabled())
+            && stored.iter().any(|s| s.client == publisher)
+        {
+            outbox.commit(&crate::outbox::Commit {
+                local_subscribers: vec![crate::outbox::SubscriberWrite::Delete(
+                    publisher.to_string(),
+                )],
+                ..Default::default()
+            })?;
+            stored.retain(|s| s.client != publisher);
+        }
         let reader = crate::outbox::LocalReader::open(&outbox_path)?;
         tracing::info!(
             subscribers = stored.len(),
@@ -299,6 +313,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
             broker_session.into_iter().next(),
             state.ingest.clone(),
             shutdown_rx.clone(),
+            &local,
         ));
     }
     // Only ingest holds the sink now: when it stops, the worker drains and ends.

@@ -842,3 +842,136 @@ fn a_topic_longer_than_a_stream_name_is_dead_lettered_and_replication_goes_on() 
     );
     assert_eq!(size, long_payload.len() as i64);
 }
+
+/// Outputs of a `durable` pipeline published to the external broker
+/// (`mqtt.publish`): an alert's commands reach an actuator subscribed on the
+/// site's mosquitto, with the uplink down, and none is lost across a kill -9
+/// of the edge and an abort between a command's commit and its publication
+/// (fault point `local::after_commit_before_delivery`): what the broker had
+/// not acknowledged is sent again from the outbox; QoS 1 may repeat,
+/// counted. Clause I-40.
+#[test]
+fn i40_durable_outputs_reach_an_actuator_on_the_external_broker_across_an_edge_kill9() {
+    use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
+    let node = "gw-publish";
+    let mut site = Site::start(node, debug_broker());
+    let pipelines = format!(
+        "[functions.overheat]\nmodule = \"{}\"\n\
+         config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\", pass_readings = false }}\n\
+         [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"durable\"\n",
+        fogline_modules::alert().display()
+    );
+    let mut edge = site.start_edge(node, &pipelines, "publish = [\"actuators/#\"]", &[]);
+    site.cloud.daemon.kill9();
+    site.wait_subscribed(&edge, node, 1);
+    let addr = site.mosquitto.addr();
+    // temps[i]: odd readings cross above (an "on"), even ones fall below
+    // (an "off"); each command carries its reading's distinct value.
+    let temp = |i: usize| {
+        if i % 2 == 1 {
+            80.0 + i as f64
+        } else {
+            70.0 + i as f64 / 100.0
+        }
+    };
+    const N: usize = 30;
+    let rt = crate::rt();
+    let (tx, rx) = std::sync::mpsc::channel::<f64>();
+    let actuator = {
+        let mut o = Options::new(addr.clone(), "actuator").with_version(Version::V5);
+        o.clean_start = false;
+        o.session_expiry_secs = Some(600);
+        o
+    };
+    let mut act = rt.block_on(async {
+        let (mut c, _) = Connection::connect(&actuator).await.unwrap();
+        c.subscribe(1, &[("actuators/#", QoS::AtLeastOnce)])
+            .unwrap();
+        c.flush().await.unwrap();
+        c
+    });
+    let reader = rt.spawn(async move {
+        while let Ok(Some(p)) = act.next_packet_within(Duration::from_secs(40)).await {
+            if let Incoming::Publish {
+                payload, pkid, qos, ..
+            } = p
+            {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                let _ = tx.send(v["value"].as_f64().unwrap());
+                if qos != QoS::AtMostOnce {
+                    act.puback(pkid).unwrap();
+                    act.flush().await.unwrap();
+                }
+            }
+        }
+    });
+    let send = |from: usize, to: usize| {
+        rt.block_on(async {
+            let (mut s, _) = Connection::connect(&Options::new(addr.clone(), "m1"))
+                .await
+                .unwrap();
+            for i in from..to {
+                s.publish(
+                    "machines/m1",
+                    format!(r#"{{"temp":{}}}"#, temp(i)).into_bytes(),
+                    QoS::AtLeastOnce,
+                    i as u16 + 1,
+                    false,
+                )
+                .unwrap();
+                s.flush().await.unwrap();
+                loop {
+                    match s.next_packet_within(Duration::from_secs(5)).await.unwrap() {
+                        Some(Incoming::PubAck { .. }) => break,
+                        Some(_) => {}
+                        None => panic!("mosquitto did not acknowledge"),
+                    }
+                }
+            }
+        })
+    };
+    send(0, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    edge.daemon.kill9();
+    send(10, 20);
+    edge.daemon
+        .restart_with_env(&[("FAILPOINTS", "local::after_commit_before_delivery=return")])
+        .unwrap();
+    // The backlog's first command is committed, then the edge aborts.
+    let status = edge.daemon.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the edge did not abort at local::after_commit_before_delivery\n{}",
+        site.logs(&edge)
+    );
+    edge.daemon.restart_with_env(&[]).unwrap();
+    site.wait_subscribed(&edge, node, 3);
+    send(20, N);
+    let expected: Vec<u64> = (1..N).map(|i| (temp(i) * 100.0).round() as u64).collect();
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut order = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts.len() < expected.len() {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            break;
+        };
+        let Ok(v) = rx.recv_timeout(left) else { break };
+        let key = (v * 100.0).round() as u64;
+        if *counts.entry(key).and_modify(|c| *c += 1).or_insert(1) == 1 {
+            order.push(key);
+        }
+    }
+    let lost: Vec<&u64> = expected
+        .iter()
+        .filter(|k| !counts.contains_key(k))
+        .collect();
+    let repeated: usize = counts.values().map(|c| c - 1).sum();
+    assert!(
+        lost.is_empty(),
+        "lost commands {lost:?} (repeated {repeated})\n{}",
+        site.logs(&edge)
+    );
+    assert_eq!(order, expected, "first arrivals in order");
+    assert!(edge.metric("fogline_local_delivered_total") > 0.0);
+    reader.abort();
+}

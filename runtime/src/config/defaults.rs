@@ -121,6 +121,8 @@ impl Default for MqttConfig {
             session_expiry: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
             commit_linger: Duration::from_millis(5),
+            publish: Vec::new(),
+            publish_qos: 1,
         }
     }
 }

@@ -179,6 +179,13 @@ pub struct MqttConfig {
     /// the broker, and saves commits (fsyncs) when messages trickle in.
     #[serde(with = "humantime_serde")]
     pub commit_linger: Duration,
+    /// Outputs of pipelines with `local` whose stream matches one of these
+    /// filters are also published to this broker, on the stream as topic:
+    /// at QoS 0 from `immediate` pipelines, at `publish_qos` from `durable`
+    /// ones (kept and resent until the broker acknowledges, across restarts).
+    pub publish: Vec<String>,
+    /// QoS of publications from `durable` pipelines: 1 (default) or 2.
+    pub publish_qos: u8,
 }
 
 /// `[broker]`: the native MQTT endpoint. Sensors publish straight to the

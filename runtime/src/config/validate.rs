@@ -66,6 +66,20 @@ impl EdgeConfig {
                 ));
             }
         }
+        if !matches!(self.mqtt.publish_qos, 1 | 2) {
+            p.push(format!(
+                "mqtt.publish_qos: {} is not 1 or 2",
+                self.mqtt.publish_qos
+            ));
+        }
+        for f in &self.mqtt.publish {
+            if let Err(e) = validate_filter(f) {
+                p.push(format!("mqtt.publish: `{f}` {e}"));
+            }
+        }
+        if !self.mqtt.publish.is_empty() && !self.external_broker_enabled() {
+            p.push("mqtt.publish: outputs are to be published to the external broker, but it is not used (set mqtt.enabled = true and mqtt.broker)".to_string());
+        }
         if !matches!(self.mqtt.qos, 1 | 2) {
             p.push(format!("mqtt.qos: {} is not 1 or 2", self.mqtt.qos));
         }
@@ -236,9 +250,10 @@ impl EdgeConfig {
             }
             if pipe.local != crate::config::LocalMode::Off
                 && (!b.embedded || b.local_topics.is_empty())
+                && self.mqtt.publish.is_empty()
             {
                 p.push(format!(
-                    "{at}.local: its outputs are for local subscribers, but {}",
+                    "{at}.local: its outputs are for local subscribers, but {} and mqtt.publish names no topics for the external broker",
                     if b.embedded {
                         "no [[broker.local_topics]] lets anyone subscribe to them"
                     } else {

@@ -13,6 +13,12 @@
 //! restart — and unsubscribes what an earlier configuration subscribed and
 //! this one does not. A refused filter is logged with its reason code and
 //! shown by `fogline-edge status`.
+//!
+//! With `mqtt.publish`, the same connection publishes the outputs of
+//! pipelines with `local` to the broker (crate::local): `immediate` ones at
+//! QoS 0, `durable` ones as a durable subscriber named [`PUBLISHER`] whose
+//! position survives reconnects and restarts (I-40). Publishing starts once
+//! the SUBACK is in, so our packet ids never meet SUBSCRIBE's.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,9 +43,38 @@ use crate::config::{EdgeConfig, MqttProtocol};
 
 const READ_BYTES: usize = 64 * 1024;
 const CHUNK_ITEMS: usize = 4096;
-/// Packet ids of our SUBSCRIBE / UNSUBSCRIBE (we publish nothing).
+/// Packet ids of our SUBSCRIBE / UNSUBSCRIBE (publishing waits for their
+/// acknowledgements).
 const SUBSCRIBE_PKID: u16 = 1;
 const UNSUBSCRIBE_PKID: u16 = 2;
+/// The durable local subscriber that publishes to the external broker.
+pub const PUBLISHER: &str = "$fogline/external-broker";
+
+/// What this connection publishes to the broker (`mqtt.publish`).
+struct Publishing {
+    filters: Vec<String>,
+    qos: u8,
+    /// Immediate outputs (QoS 0).
+    live: Option<crate::local::Subscription>,
+    /// Durable outputs, kept in the outbox until the broker acknowledged.
+    feed: Option<crate::local::DurableFeed>,
+    hub: Arc<crate::local::DurableHub>,
+}
+
+impl Publishing {
+    fn start_feed(&mut self) {
+        if self.feed.is_some() || !self.hub.enabled() || self.filters.is_empty() {
+            return;
+        }
+        let (stored, _) = self.hub.take_stored(PUBLISHER, false);
+        let mut feed =
+            crate::local::DurableFeed::open(self.hub.clone(), PUBLISHER, u32::MAX, stored, None);
+        for f in &self.filters {
+            feed.subscribe(f, self.qos);
+        }
+        self.feed = Some(feed);
+    }
+}
 
 /// Why one connection to the broker ended.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +154,23 @@ pub fn spawn(
     restored: Option<RestoredSession>,
     state: Arc<IngestState>,
     shutdown: watch::Receiver<bool>,
+    local: &Arc<crate::local::LocalBus>,
 ) -> tokio::task::JoinHandle<()> {
     let m = &config.mqtt;
+    let live = (!m.publish.is_empty()).then(|| {
+        let sub = local.subscribe(crate::local::SUBSCRIBER_QUEUE);
+        for f in &m.publish {
+            sub.add(f);
+        }
+        sub
+    });
+    let publishing = Publishing {
+        filters: m.publish.clone(),
+        qos: m.publish_qos,
+        live,
+        feed: None,
+        hub: local.durable.clone(),
+    };
     let settings = Settings {
         broker: config.ingest_broker(),
         version: match m.protocol {
@@ -148,9 +198,12 @@ pub fn spawn(
     };
     let key: Arc<str> = Arc::from(session_key(config));
     let retain = 2 * usize::from(m.receive_maximum);
-    tokio::spawn(run(settings, key, retain, sink, restored, state, shutdown))
+    tokio::spawn(run(
+        settings, key, retain, sink, restored, state, shutdown, publishing,
+    ))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     s: Settings,
     key: Arc<str>,
@@ -159,6 +212,7 @@ async fn run(
     restored: Option<RestoredSession>,
     state: Arc<IngestState>,
     mut shutdown: watch::Receiver<bool>,
+    mut publishing: Publishing,
 ) {
     let (mut sender, mut subscribed) = match restored {
         Some(r) => (
@@ -182,8 +236,16 @@ async fn run(
             &state,
             &mut shutdown,
             &mut backoff,
+            &mut publishing,
         )
         .await;
+        // What the broker acknowledged is kept; the rest goes again on the
+        // next connection (I-40).
+        if let Some(feed) = publishing.feed.take() {
+            let mut chunk = Chunk::new(None, s.max_payload);
+            chunk.local.push(feed.close());
+            let _ = sink.send(chunk).await;
+        }
         if state.broker_connected.swap(false, Ordering::AcqRel) {
             metrics::gauge!(events::BROKER_CONNECTED).set(0.0);
         }
@@ -215,6 +277,7 @@ async fn session(
     state: &IngestState,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
+    publishing: &mut Publishing,
 ) -> Result<(), BrokerError> {
     let io = |what: &'static str| {
         let broker = s.broker.clone();
@@ -379,6 +442,7 @@ async fn session(
                     if let Ok(mut r) = state.refused_subscriptions.lock() {
                         *r = refused;
                     }
+                    publishing.start_feed();
                     *subscribed = s.cover.clone();
                     update.meta = Some(SessionMeta {
                         expiry_secs: s.session_expiry,
@@ -386,6 +450,20 @@ async fn session(
                         subscriptions: s.cover.clone(),
                         ..SessionMeta::default()
                     });
+                }
+                Inbound::PubAck(pkid, _) => {
+                    if let Some(f) = publishing.feed.as_mut() {
+                        f.on_puback(pkid);
+                    }
+                }
+                Inbound::PubRec(pkid, reason) => match publishing.feed.as_mut() {
+                    Some(f) => f.on_pubrec(pkid, reason),
+                    None => codec::encode_pubrel(&mut wbuf, s.version, pkid),
+                },
+                Inbound::PubComp(pkid, _) => {
+                    if let Some(f) = publishing.feed.as_mut() {
+                        f.on_pubcomp(pkid);
+                    }
                 }
                 Inbound::UnsubAck(..) | Inbound::SubAck(..) | Inbound::PingResp => {}
                 Inbound::Disconnect(code, ..) => {
@@ -403,6 +481,10 @@ async fn session(
         }
         intake.report(sender);
         update.ops.extend(sender.take_ops());
+        if let Some(f) = publishing.feed.as_mut() {
+            f.pump(&mut wbuf, s.version, connack.max_packet_size);
+            chunk.local.extend(f.take_write());
+        }
         if !update.is_empty() {
             chunk.session = Some(std::mem::replace(
                 &mut update,
@@ -444,6 +526,35 @@ async fn session(
                 intake.write_acks(&mut wbuf, s.version, batch);
                 while let Ok(batch) = acks.try_recv() {
                     intake.write_acks(&mut wbuf, s.version, batch);
+                }
+            }
+            () = async {
+                match publishing.feed.as_mut() {
+                    Some(f) => f.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            d = async {
+                match publishing.live.as_mut() {
+                    Some(l) => l.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Immediate outputs: QoS 0, at most once (I-39).
+                let mut next = d;
+                let mut n = 0;
+                while let Some(d) = next {
+                    n += 1;
+                    let mark = wbuf.len();
+                    let fits = codec::encode_publish(&mut wbuf, s.version, d.topic.as_bytes(), d.payload, 0, 0, false, false).is_ok()
+                        && connack.max_packet_size.is_none_or(|m| wbuf.len() - mark <= m as usize);
+                    if fits {
+                        metrics::counter!(crate::local::events::DELIVERED_TOTAL).increment(1);
+                    } else {
+                        wbuf.truncate(mark);
+                        metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "too_large").increment(1);
+                    }
+                    next = if n < 256 { publishing.live.as_mut().and_then(|l| l.rx.try_recv().ok()) } else { None };
                 }
             }
             _ = tokio::time::sleep_until(next_ping) => {
