@@ -186,6 +186,9 @@ struct Flight {
     rec: bool,
 }
 
+/// A subscriber's position as stored: acked, released, filters.
+type Position = (u64, Vec<u64>, Vec<(String, u8)>);
+
 type Read = tokio::task::JoinHandle<(rusqlite::Result<Vec<LocalRow>>, u64)>;
 
 /// One connection's durable subscription: what is pending, in flight and
@@ -209,7 +212,7 @@ pub struct DurableFeed {
     dup_upto: u64,
     window: usize,
     /// What was last handed over to be stored: (acked, released, filters).
-    written: Option<(u64, Vec<u64>, Vec<(String, u8)>)>,
+    written: Option<Position>,
 }
 
 /// The packet identifier of row `id`: the same on every resend, unique
