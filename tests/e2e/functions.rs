@@ -1159,3 +1159,154 @@ fn i40_a_stuck_durable_subscriber_delays_nothing_and_loses_nothing() {
     let dropped = g.edge.metric("fogline_local_dropped_total");
     assert_eq!(dropped, 0.0, "{}", g.logs());
 }
+
+/// Signed modules (issue 14 §3): with `[modules] trusted_keys`, a gateway
+/// runs a module only with a `<module>.sig` that a trusted fleet key made
+/// for exactly its bytes, name and version (`fogline-cloud modules keygen`
+/// and `publish`). `check` refuses, with the reason, a module signed by
+/// another key, one changed after signing and one without a signature;
+/// `module deploy` refuses such a build before touching the installed one;
+/// and a running daemon told to reload onto a tampered module keeps the
+/// version it runs, saying why.
+#[test]
+fn only_modules_signed_by_a_trusted_fleet_key_run_and_bad_signatures_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let cloud_bin = process::binary("fogline-cloud").unwrap();
+    let edge_bin = process::binary("fogline-edge").unwrap();
+    let run = |bin: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, trusted, err) = run(&cloud_bin, &["modules", "keygen", "--out", "fleet.key"]);
+    assert!(ok, "{err}");
+    assert!(
+        trusted.starts_with("[modules]\ntrusted_keys = [\"ed25519:"),
+        "{trusted}"
+    );
+    let (ok, _, err) = run(&cloud_bin, &["modules", "keygen", "--out", "fleet.key"]);
+    assert!(!ok && err.contains("not overwritten"), "{err}");
+    assert!(run(&cloud_bin, &["modules", "keygen", "--out", "rogue.key"]).0);
+    let module = work.path().join("t.wasm");
+    std::fs::copy(fogline_modules::threshold(), &module).unwrap();
+    let publish = |file: &str, key: &str| {
+        let (ok, _, err) = run(
+            &cloud_bin,
+            &[
+                "modules",
+                "publish",
+                file,
+                "--name",
+                "threshold",
+                "--version",
+                "1.0.0",
+                "--key",
+                key,
+            ],
+        );
+        assert!(ok, "{err}");
+        assert!(err.contains("signed"), "{err}");
+    };
+    publish("t.wasm", "fleet.key");
+    let trusted_keys = trusted.lines().nth(1).unwrap();
+    let g = Gateway::start(
+        "gw-signed",
+        &format!(
+            "[modules]\n{trusted_keys}\n\
+             [functions.t]\nmodule = \"{}\"\nconfig = {{ field = \"v\", above = -1.0 }}\n\
+             [[pipelines]]\nname = \"p\"\ntopics = [\"sensors/#\"]\nfunctions = [\"t\"]\n",
+            module.display()
+        ),
+    );
+    let config = g.edge.config.to_string_lossy().into_owned();
+    let check = || run(&edge_bin, &["check", "--config", &config]);
+    let (ok, _, err) = check();
+    assert!(ok, "the signed module passes: {err}");
+
+    // Signed by a key the gateway does not trust.
+    let rogue = work.path().join("rogue.wasm");
+    std::fs::copy(&module, &rogue).unwrap();
+    publish("rogue.wasm", "rogue.key");
+    std::fs::copy(
+        work.path().join("rogue.wasm.sig"),
+        work.path().join("t.wasm.sig"),
+    )
+    .unwrap();
+    let (ok, _, err) = check();
+    assert!(
+        !ok && err.contains("not among the 1 trusted key(s)"),
+        "{err}"
+    );
+    // Changed after signing.
+    publish("t.wasm", "fleet.key");
+    std::fs::copy(fogline_modules::scale(), &module).unwrap();
+    let (ok, _, err) = check();
+    assert!(
+        !ok && err.contains("the file was changed after signing"),
+        "{err}"
+    );
+    // No signature at all.
+    std::fs::remove_file(work.path().join("t.wasm.sig")).unwrap();
+    let (ok, _, err) = check();
+    assert!(
+        !ok && err.contains("sign it with `fogline-cloud modules publish`"),
+        "{err}"
+    );
+
+    // The daemon, told to reload onto the unsigned module, keeps its own.
+    g.reconfigure(&format!(
+        "[modules]\n{trusted_keys}\n\
+         [functions.t]\nmodule = \"{}\"\nconfig = {{ field = \"v\", above = -2.0 }}\n\
+         [[pipelines]]\nname = \"p\"\ntopics = [\"sensors/#\"]\nfunctions = [\"t\"]\n",
+        module.display()
+    ));
+    assert!(
+        process::wait_until(Duration::from_secs(15), || g
+            .edge
+            .daemon
+            .log_text()
+            .contains("cannot be read")),
+        "{}",
+        g.logs()
+    );
+    let status = g.edge.status().unwrap();
+    let f = &status["functions"][0];
+    assert!(
+        f["running"].as_bool() == Some(true) && f["candidate"].is_null(),
+        "{status}"
+    );
+
+    // `module deploy` of a rogue-signed build: refused before installing.
+    std::fs::copy(fogline_modules::threshold(), &module).unwrap();
+    publish("t.wasm", "fleet.key");
+    let before = std::fs::read(&module).unwrap();
+    let (ok, _, err) = run(
+        &edge_bin,
+        &[
+            "module",
+            "deploy",
+            "--config",
+            &config,
+            "--function",
+            "t",
+            "--wasm",
+            "rogue.wasm",
+        ],
+    );
+    assert!(
+        !ok && err.contains("not among the 1 trusted key(s)"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&module).unwrap(),
+        before,
+        "the installed module is untouched"
+    );
+}

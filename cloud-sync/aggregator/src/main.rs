@@ -47,6 +47,35 @@ enum Command {
     /// HTTP API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Fleet keys and signed function modules.
+    #[command(subcommand)]
+    Modules(ModulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModulesCommand {
+    /// Make a fleet signing key (Ed25519): the file is secret; put the
+    /// public key it prints in each gateway's `[modules] trusted_keys`.
+    Keygen {
+        /// Where to write the key (not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a module (`FILE.sig` next to it): gateways with `[modules]
+    /// trusted_keys` run only modules signed by a key they trust.
+    Publish {
+        /// The module (a wasm32-wasip2 component).
+        file: PathBuf,
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Its version.
+        #[arg(long)]
+        version: String,
+        /// The fleet key (`fogline-cloud modules keygen`).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +188,7 @@ fn main() -> ExitCode {
         Command::Status { config, token } => return status(&config, token.as_deref()),
         Command::Certs(c) => certs_command(c),
         Command::Token(c) => token_command(c),
+        Command::Modules(c) => modules_command(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -385,6 +415,71 @@ fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
             ExitCode::from(EXIT_UNHEALTHY)
         })
     })
+}
+
+fn modules_command(c: ModulesCommand) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use fogline_protocol::signing::SigningKey;
+    match c {
+        ModulesCommand::Keygen { out } => {
+            anyhow::ensure!(
+                !out.exists(),
+                "{} exists; a fleet key is not overwritten (gateways trust it)",
+                out.display()
+            );
+            let (key, text) = SigningKey::generate()?;
+            let mut f = std::fs::OpenOptions::new();
+            f.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+            std::io::Write::write_all(
+                &mut f
+                    .open(&out)
+                    .with_context(|| format!("cannot create {}", out.display()))?,
+                text.as_bytes(),
+            )
+            .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "fleet key written to {} (keep it secret); trust it on each gateway with:",
+                out.display()
+            );
+            println!("[modules]\ntrusted_keys = [\"{}\"]", key.public_key());
+        }
+        ModulesCommand::Publish {
+            file,
+            name,
+            version,
+            key,
+        } => {
+            anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+            anyhow::ensure!(!version.trim().is_empty(), "--version must not be empty");
+            let text = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read the fleet key {}", key.display()))?;
+            let key =
+                SigningKey::from_file_text(&text).with_context(|| format!("{}", key.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            anyhow::ensure!(
+                bytes.starts_with(b"\0asm"),
+                "{} is not a WebAssembly module (no `\\0asm` header)",
+                file.display()
+            );
+            let sig = key.sign(&name, &version, &bytes);
+            let mut out = file.as_os_str().to_owned();
+            out.push(".sig");
+            let out = PathBuf::from(out);
+            std::fs::write(&out, serde_json::to_vec_pretty(&sig)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "signed {} as {name} {version} (sha256 {}) with {}: {}",
+                file.display(),
+                &sig.sha256[..12],
+                sig.key,
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn token_command(c: TokenCommand) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ pub mod frame;
 pub mod loss;
 pub mod placement;
 pub mod session;
+pub mod signing;
 pub mod status;
 pub mod topic;
 mod wire;

@@ -83,12 +83,36 @@ pub struct EdgeConfig {
     /// `[health]`: when `/healthz` calls the daemon wedged.
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[modules]`: which function modules the gateway runs.
+    #[serde(default)]
+    pub modules: ModulesConfig,
     /// Directory the config file was read from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// The file it was read from (a running daemon watches it for reloads).
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+/// `[modules]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModulesConfig {
+    /// Fleet public keys (`ed25519:<hex>`, from `fogline-cloud modules
+    /// keygen`). When any is set, every module must come with a
+    /// `<module>.sig` made by one of them (`fogline-cloud modules publish`);
+    /// others are refused at start and on reload.
+    pub trusted_keys: Vec<String>,
+}
+
+impl ModulesConfig {
+    /// The trusted keys, parsed (validation reports the bad ones).
+    pub fn keys(&self) -> Vec<fogline_protocol::signing::PublicKey> {
+        self.trusted_keys
+            .iter()
+            .filter_map(|k| k.parse().ok())
+            .collect()
+    }
 }
 
 /// `[node]`

@@ -66,6 +66,11 @@ impl EdgeConfig {
                 ));
             }
         }
+        for k in &self.modules.trusted_keys {
+            if let Err(e) = k.parse::<fogline_protocol::signing::PublicKey>() {
+                p.push(format!("modules.trusted_keys: {e}"));
+            }
+        }
         if !matches!(self.mqtt.publish_qos, 1 | 2) {
             p.push(format!(
                 "mqtt.publish_qos: {} is not 1 or 2",

@@ -183,6 +183,48 @@ pub struct Wanted {
     pub max_held_bytes: u64,
 }
 
+/// With `[modules] trusted_keys`, a module runs only with a `<module>.sig`
+/// made by one of them for exactly these bytes.
+pub fn check_signature(
+    config: &EdgeConfig,
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> Result<(), FunctionError> {
+    let trusted = config.modules.keys();
+    if trusted.is_empty() {
+        return Ok(());
+    }
+    let mut sig_path = path.as_os_str().to_owned();
+    sig_path.push(".sig");
+    let sig_path = std::path::PathBuf::from(sig_path);
+    let refuse = |reason: String| FunctionError::Load {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // A signature is a few hundred bytes: a huge file is not one.
+    let text = match std::fs::metadata(&sig_path) {
+        Ok(m) if m.len() > 64 * 1024 => {
+            return Err(refuse(format!(
+                "signature {} is {} bytes, not a signature",
+                sig_path.display(),
+                m.len()
+            )))
+        }
+        Ok(_) => std::fs::read(&sig_path).map_err(|e| {
+            refuse(format!("reading its signature {}: {e}", sig_path.display()))
+        })?,
+        Err(e) => {
+            return Err(refuse(format!(
+                "[modules] trusted_keys is set, and its signature {} cannot be read ({e}): sign it with `fogline-cloud modules publish`",
+                sig_path.display()
+            )))
+        }
+    };
+    fogline_protocol::signing::ModuleSignature::parse(&text)
+        .and_then(|s| s.verify(bytes, &trusted))
+        .map_err(|e| refuse(format!("refused: {e}")))
+}
+
 /// Read every function the config's pipelines use (module bytes hashed).
 pub fn wanted(config: &EdgeConfig) -> Result<Vec<Wanted>, FunctionError> {
     let mut out = Vec::new();
@@ -196,6 +238,7 @@ pub fn wanted(config: &EdgeConfig) -> Result<Vec<Wanted>, FunctionError> {
                 path: path.clone(),
                 reason: format!("reading the file: {e}"),
             })?;
+            check_signature(config, &path, &bytes)?;
             let json = config_json(&f.config).to_string();
             out.push(Wanted {
                 owner: format!("{}/{name}", p.name),

@@ -109,6 +109,23 @@ pub async fn run(a: &DeployArgs) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
     // A file that is no component of this contract never reaches the daemon.
     fogline_edge::functions::FunctionRuntime::new(Default::default())?.load(&wasm)?;
+    // Signed fleets ([modules] trusted_keys): the signature next to the
+    // build goes with it, checked here first so a refusal is local.
+    let sig_of = |p: &Path| {
+        let mut s = p.as_os_str().to_owned();
+        s.push(".sig");
+        PathBuf::from(s)
+    };
+    let (sig_src, sig_target) = (sig_of(&wasm), sig_of(&target));
+    fogline_edge::pipeline::versions::check_signature(&config, &wasm, &bytes)?;
+    let sig = if sig_src.is_file() {
+        Some(
+            std::fs::read(&sig_src)
+                .with_context(|| format!("cannot read {}", sig_src.display()))?,
+        )
+    } else {
+        None
+    };
     let sha = sha256_hex(&bytes);
     let tag = format!("module {}", &sha[..8]);
     if std::fs::read(&target).is_ok_and(|old| sha256_hex(&old) == sha) {
@@ -125,6 +142,11 @@ pub async fn run(a: &DeployArgs) -> anyhow::Result<ExitCode> {
             Some(Answer::Status(v)) => Some(v),
             _ => None,
         },
+        None => None,
+    };
+    // The signature first: the daemon reloads when the module changes.
+    let previous_sig = match &sig {
+        Some(sig) => Some(replace(&sig_target, sig)?),
         None => None,
     };
     let previous = replace(&target, &bytes)?;
@@ -173,6 +195,10 @@ pub async fn run(a: &DeployArgs) -> anyhow::Result<ExitCode> {
                 .as_str()
                 .unwrap_or("no reason given");
             if let Some(p) = &previous {
+                if let Some(Some(ps)) = &previous_sig {
+                    std::fs::rename(ps, &sig_target)
+                        .with_context(|| format!("cannot put {} back", sig_target.display()))?;
+                }
                 std::fs::rename(p, &target)
                     .with_context(|| format!("cannot put {} back", target.display()))?;
             }
