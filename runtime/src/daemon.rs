@@ -65,6 +65,8 @@ pub struct LiveState {
     pub functions: Arc<std::sync::Mutex<Vec<FunctionStatus>>>,
     /// Raised when the outbox is found damaged at run time.
     pub damage: crate::outbox::salvage::DamageFlag,
+    /// The endpoint's local subscribers (durable ones' positions).
+    pub local: Arc<crate::local::LocalBus>,
 }
 
 /// A started daemon.
@@ -137,6 +139,8 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         restored.into_iter().partition(|s| s.key == broker_key);
     let committed = Arc::new(Notify::new());
     let (sink, chunks) = IngestSink::new(config.ingest.max_pending_bytes);
+    // The endpoint's local subscribers, fed by pipelines with `local`.
+    let local = crate::local::LocalBus::new();
     let state = Arc::new(LiveState {
         ingest: Arc::new(IngestState::default()),
         pending: sink.meter(),
@@ -146,13 +150,12 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         stall_after: config.health.stall_after,
         functions: Arc::new(std::sync::Mutex::new(Vec::new())),
         damage: damage.clone(),
+        local: local.clone(),
     });
     let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let router = Router::new(config.pipelines.iter().map(|p| p.topics.clone()).collect());
-    // The endpoint's local subscribers, fed by pipelines with `local`.
-    let local = crate::local::LocalBus::new();
     // Local delivery runs the functions as soon as a message is in: the
     // batch does not linger for more (it cost 2 ms of a 2.6 ms p50:
     // `cargo bench -p fogline-tests --bench local_actions`).

@@ -51,6 +51,9 @@ pub struct Status {
     pub outbox: OutboxStats,
     /// The functions: version, breaker, held inputs, state, probation.
     pub functions: Vec<crate::pipeline::FunctionStatus>,
+    /// Durable local subscribers and how far behind each is.
+    #[serde(default)]
+    pub local_subscribers: Vec<crate::local::SubscriberStatus>,
     /// `/healthz`'s verdict: empty when healthy.
     pub problems: Vec<Problem>,
 }
@@ -374,6 +377,7 @@ async fn status(State(s): State<AppState>) -> Response {
         uplink: live.uplink.status(),
         outbox: stats,
         functions: live.functions.lock().map(|f| f.clone()).unwrap_or_default(),
+        local_subscribers: live.local.durable.status(),
         problems: problems(live, crate::clock::now_ms()),
     })
     .into_response()

@@ -170,6 +170,10 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["functions"].clone()).ok())
         .unwrap_or_default();
+    let local_subscribers: Vec<fogline_edge::local::SubscriberStatus> = live
+        .as_ref()
+        .and_then(|(_, v)| serde_json::from_value(v["local_subscribers"].clone()).ok())
+        .unwrap_or_default();
     // Without a daemon, what the outbox records of the functions' versions.
     let recorded = if live.is_none() {
         outbox::function_records(&outbox_path).unwrap_or_default()
@@ -192,6 +196,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "problems": problems,
             "outbox": stats,
             "functions": if live.is_some() { serde_json::to_value(&functions)? } else { serde_json::to_value(&recorded)? },
+            "local_subscribers": local_subscribers,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(code);
@@ -343,6 +348,21 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     ago(now, Some(*at))
                 ))
                 .unwrap_or_default()
+        );
+    }
+    for l in &local_subscribers {
+        let filters: Vec<String> = l
+            .filters
+            .iter()
+            .map(|(f, q)| format!("{f} (QoS {q})"))
+            .collect();
+        println!(
+            "local subscriber  {} — {}, {}, delivered up to output #{} of #{}",
+            l.client,
+            if l.connected { "connected" } else { "away" },
+            filters.join(", "),
+            l.acked,
+            l.acked + l.behind
         );
     }
     for a in &stats.alarms {

@@ -82,6 +82,24 @@ struct HubState {
     last_id: u64,
     stored: HashMap<String, StoredSubscriber>,
     connected: HashMap<String, Arc<Inbox>>,
+    /// Connected subscribers' filters and positions, as last stored.
+    live: HashMap<String, (Vec<(String, u8)>, u64)>,
+}
+
+/// A durable subscriber, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriberStatus {
+    /// Its client id (`$fogline/external-broker`: `mqtt.publish`).
+    pub client: String,
+    /// Its filters and their QoS.
+    pub filters: Vec<(String, u8)>,
+    /// Connected now.
+    pub connected: bool,
+    /// Every output up to this id is delivered to it (or not its).
+    pub acked: u64,
+    /// Outputs committed since (for it or for others): a stuck subscriber's
+    /// grows.
+    pub behind: u64,
 }
 
 impl std::fmt::Debug for DurableHub {
@@ -177,6 +195,37 @@ impl DurableHub {
     /// The highest row id committed.
     pub fn last_id(&self) -> u64 {
         self.state.lock().map_or(0, |s| s.last_id)
+    }
+
+    fn note_position(&self, client: &str, filters: &[(String, u8)], acked: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.live.insert(client.to_string(), (filters.to_vec(), acked));
+        }
+    }
+
+    /// Every durable subscriber, connected or not, by client id.
+    pub fn status(&self) -> Vec<SubscriberStatus> {
+        let Ok(s) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<SubscriberStatus> = s
+            .stored
+            .values()
+            .map(|x| (x.client.clone(), x.filters.clone(), x.acked, false))
+            .chain(s.connected.keys().map(|c| {
+                let (filters, acked) = s.live.get(c).cloned().unwrap_or_default();
+                (c.clone(), filters, acked, true)
+            }))
+            .map(|(client, filters, acked, connected)| SubscriberStatus {
+                client,
+                filters,
+                connected,
+                acked,
+                behind: s.last_id.saturating_sub(acked),
+            })
+            .collect();
+        out.sort_by(|a, b| a.client.cmp(&b.client));
+        out
     }
 }
 
@@ -530,6 +579,7 @@ impl DurableFeed {
         if self.written.as_ref() == Some(&now) {
             return None;
         }
+        self.hub.note_position(&self.client, &r.filters, r.acked);
         self.written = Some(now);
         Some(SubscriberWrite::Put(r))
     }

@@ -18,7 +18,7 @@ pub mod durable;
 mod grants;
 
 pub use bus::{Delivery, LocalBus, Subscription, SUBSCRIBER_QUEUE};
-pub use durable::{DurableFeed, DurableHub};
+pub use durable::{DurableFeed, DurableHub, SubscriberStatus};
 pub use grants::Grants;
 
 /// Metric names and their HELP.
