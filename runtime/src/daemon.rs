@@ -121,6 +121,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
     let mut retention = config.retention();
     for (chain, p) in chains.iter_mut().zip(&config.pipelines) {
         chain.lane = outbox.lane(&p.name)?;
+        chain.cloud = p.cloud;
         retention.lanes.insert(chain.lane, config.lane_policy(p));
     }
     let drain = crate::outbox::drain::DrainPolicy {

@@ -1310,3 +1310,79 @@ fn only_modules_signed_by_a_trusted_fleet_key_run_and_bad_signatures_are_refused
         "the installed module is untouched"
     );
 }
+
+/// `cloud = false`: a pipeline whose outputs are for local subscribers
+/// only. With the uplink down, the actuator gets every command, and nothing
+/// of the pipeline waits in the outbox for the cloud.
+#[test]
+fn a_local_only_pipeline_serves_its_subscribers_and_uplinks_nothing() {
+    use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
+    let g = Gateway::start(
+        "gw-local-only",
+        &format!(
+            "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
+             [functions.overheat]\nmodule = \"{}\"\n\
+             config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
+             [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"durable\"\ncloud = false\n",
+            fogline_modules::alert().display()
+        ),
+    );
+    let addr = g.addr();
+    let got = rt().block_on(async {
+        let (mut fan, _) =
+            Connection::connect(&Options::new(addr.clone(), "fan").with_version(Version::V5))
+                .await
+                .unwrap();
+        fan.subscribe(1, &[("actuators/#", QoS::AtLeastOnce)])
+            .unwrap();
+        fan.flush().await.unwrap();
+        let _ = fan
+            .next_packet_within(Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (mut sensor, _) =
+            Connection::connect(&Options::new(addr.clone(), "m1").with_version(Version::V5))
+                .await
+                .unwrap();
+        for (i, temp) in [70.0, 85.0, 74.0, 90.0].into_iter().enumerate() {
+            sensor
+                .publish(
+                    "machines/m1",
+                    format!(r#"{{"temp":{temp}}}"#).into_bytes(),
+                    QoS::AtLeastOnce,
+                    i as u16 + 1,
+                    false,
+                )
+                .unwrap();
+        }
+        sensor.flush().await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            match fan
+                .next_packet_within(Duration::from_secs(5))
+                .await
+                .unwrap()
+            {
+                Some(Incoming::Publish { payload, pkid, .. }) => {
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    got.push(v["command"].as_str().unwrap_or("").to_string());
+                    fan.puback(pkid).unwrap();
+                    fan.flush().await.unwrap();
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        got
+    });
+    assert_eq!(got, vec!["on", "off", "on"], "{}", g.logs());
+    // The readings and commands reached no record: the cloud gets nothing
+    // of this pipeline (the aggregator, running, has nothing to apply).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        g.edge.metric("fogline_outbox_records_written_total"),
+        0.0,
+        "{}",
+        g.logs()
+    );
+}

@@ -468,6 +468,10 @@ pub struct PipelineConfig {
     /// (`outbox.commit_linger` is not applied).
     #[serde(default)]
     pub local: LocalMode,
+    /// Its outputs go to the outbox and the cloud (default). `false`: to
+    /// local subscribers only (needs `local`); nothing of it is uplinked.
+    #[serde(default = "defaults::yes")]
+    pub cloud: bool,
 }
 
 /// `[[pipelines]] local`: whether and when outputs go to local subscribers.

@@ -253,6 +253,11 @@ impl EdgeConfig {
                     p.push(format!("{at}.topics: `{t}` {e}"));
                 }
             }
+            if !pipe.cloud && pipe.local == crate::config::LocalMode::Off {
+                p.push(format!(
+                    "{at}.cloud: false sends its outputs nowhere: set local = \"immediate\" or \"durable\" too"
+                ));
+            }
             if pipe.local != crate::config::LocalMode::Off
                 && (!b.embedded || b.local_topics.is_empty())
                 && self.mqtt.publish.is_empty()

@@ -28,7 +28,7 @@ pub mod events {
     /// Outputs handed to local subscribers (one per subscriber reached).
     pub const DELIVERED_TOTAL: &str = "fogline_local_delivered_total";
     /// Outputs a local subscriber lost (`reason`: `queue_full`, `too_large`,
-    /// `retention`, `refused`).
+    /// `retention`, `refused`, `not_live`).
     pub const DROPPED_TOTAL: &str = "fogline_local_dropped_total";
     /// Local subscribers connected.
     pub const SUBSCRIBERS: &str = "fogline_local_subscribers";
@@ -43,7 +43,7 @@ pub mod events {
         (
             DROPPED_TOTAL,
             Counter,
-            "Outputs a local subscriber lost: its queue was full (reason=queue_full, immediate mode), the output exceeds its MQTT 5 Maximum Packet Size (reason=too_large), durable outputs beyond outbox.local_max_bytes were dropped unacknowledged (reason=retention), or the subscriber refused one with a PUBREC error (reason=refused).",
+            "Outputs a local subscriber lost: its queue was full (reason=queue_full, immediate mode), the output exceeds its MQTT 5 Maximum Packet Size (reason=too_large), durable outputs beyond outbox.local_max_bytes were dropped unacknowledged (reason=retention), the subscriber refused one with a PUBREC error (reason=refused), or a `cloud = false` pipeline produced it from held inputs or replays, which local delivery does not serve (reason=not_live).",
         ),
         (
             SUBSCRIBERS,

@@ -29,6 +29,9 @@ pub struct ChainResult {
     pub local: Vec<Message>,
     /// Durable local subscribers' positions, from ingest.
     pub local_subscribers: Vec<crate::outbox::SubscriberWrite>,
+    /// Outputs of pipelines with `cloud = false`: for local subscribers
+    /// only, never in the outbox's records.
+    pub withheld: Vec<Message>,
 }
 
 impl ChainResult {
@@ -51,6 +54,7 @@ impl ChainResult {
             losses,
             local,
             local_subscribers,
+            withheld: _,
         } = self;
         dead_letters.append(&mut chain_dead);
         let versions = lifecycle
@@ -105,6 +109,9 @@ pub struct Chain {
     pub name: String,
     /// Its lane in the outbox (quotas, drop order).
     pub lane: u32,
+    /// Its outputs go to the outbox (and the cloud); false: to local
+    /// subscribers only (`[[pipelines]] cloud = false`).
+    pub cloud: bool,
     slots: Vec<FunctionSlot>,
 }
 
@@ -114,6 +121,7 @@ impl Chain {
         Self {
             name,
             lane: crate::outbox::retention::LEGACY_LANE,
+            cloud: true,
             slots,
         }
     }
@@ -150,6 +158,10 @@ impl Chain {
             batch = slot.run(batch, now_ms, from_held && n == from, result);
         }
         if batch.is_empty() {
+            return;
+        }
+        if !self.cloud {
+            result.withheld.append(&mut batch);
             return;
         }
         match result.lanes.last_mut() {

@@ -171,10 +171,14 @@ pub struct LocalOutputs {
 }
 
 impl LocalOutputs {
-    /// Chain `chain` produced `outputs` (the tail of `result.outputs` from
-    /// `before`).
-    fn hand_over(&self, chain: usize, result: &mut ChainResult, before: usize) {
-        let outputs = &result.outputs[before..];
+    /// Chain `chain` produced the tail of `result.outputs` from `before.0`
+    /// (or, with `cloud = false`, of `result.withheld` from `before.1`).
+    fn hand_over(&self, chain: usize, result: &mut ChainResult, before: (usize, usize)) {
+        let outputs = if result.withheld.len() > before.1 {
+            &result.withheld[before.1..]
+        } else {
+            &result.outputs[before.0..]
+        };
         if outputs.is_empty() {
             return;
         }
@@ -403,7 +407,7 @@ fn run(
             let now = crate::clock::ingest_ms();
             let mut result = ChainResult::default();
             for (i, chain) in w.chains.iter_mut().enumerate() {
-                let before = result.outputs.len();
+                let before = (result.outputs.len(), result.withheld.len());
                 chain.tick(now, &mut result);
                 w.local.hand_over(i, &mut result, before);
             }
@@ -505,6 +509,7 @@ fn drain_held(w: &mut Worker, stop: &AtomicBool) -> bool {
             result.held_consumed.push((owner, last));
         }
     }
+    count_withheld(&result);
     commit_result(w, result, Vec::new(), Vec::new(), Vec::new(), stop)
 }
 
@@ -581,6 +586,7 @@ fn replay_dead_letters(w: &mut Worker, stop: &AtomicBool) -> bool {
         refused_again = again.len(),
         "Replaying dead letters."
     );
+    count_withheld(&result);
     commit_result(w, result, again, Vec::new(), replayed, stop)
 }
 
@@ -792,7 +798,7 @@ fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool
     };
     for (i, (chain, msgs)) in w.chains.iter_mut().zip(plan.per_pipeline).enumerate() {
         if !msgs.is_empty() {
-            let before = result.outputs.len();
+            let before = (result.outputs.len(), result.withheld.len());
             chain.process(msgs, now, &mut result);
             // Immediate: before the commit, local subscribers need not wait
             // for the disk. Durable: into the commit.
@@ -807,6 +813,15 @@ fn process_batch(w: &mut Worker, batch: &mut [Chunk], stop: &AtomicBool) -> bool
         result.local_subscribers.append(&mut chunk.local);
     }
     commit_result(w, result, plan.dead_letters, sessions, Vec::new(), stop)
+}
+
+/// Outputs of `cloud = false` pipelines from held inputs or replays: local
+/// delivery is for live outputs only, so these go nowhere — counted.
+fn count_withheld(result: &ChainResult) {
+    if !result.withheld.is_empty() {
+        metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "not_live")
+            .increment(result.withheld.len() as u64);
+    }
 }
 
 /// Commit what a batch, tick, drain or replay produced, in one transaction.
