@@ -741,16 +741,7 @@ fn module_deploy_swaps_a_new_build_in_and_reports_a_rollback_with_its_reason() {
 #[test]
 fn an_actuator_on_the_gateway_gets_the_alert_while_the_uplink_is_down() {
     use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
-    let mut g = Gateway::start(
-        "gw-local",
-        &format!(
-            "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
-             [functions.overheat]\nmodule = \"{}\"\n\
-             config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
-             [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"immediate\"\n",
-            fogline_modules::alert().display()
-        ),
-    );
+    let mut g = Gateway::start("gw-local", &alert_pipeline("local = \"immediate\""));
     g.cloud.daemon.kill9();
     rt().block_on(async {
         let opts = Options::new(g.addr(), "fan-controller").with_version(Version::V5);
@@ -837,6 +828,19 @@ fn an_actuator_on_the_gateway_gets_the_alert_while_the_uplink_is_down() {
     );
 }
 
+/// The `alert` example as `overheat` in a `machines` pipeline whose
+/// commands go to local subscribers of `actuators/#`; `local` is the
+/// pipeline's extra keys.
+fn alert_pipeline(local: &str) -> String {
+    format!(
+        "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
+         [functions.overheat]\nmodule = \"{}\"\n\
+         config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
+         [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\n{local}\n",
+        fogline_modules::alert().display()
+    )
+}
+
 /// A QoS 2 receiver as MQTT 5 §4.3.3 has it: a PUBLISH whose packet id is
 /// awaiting PUBREL is the same message again. Returns each message the
 /// application would see, once.
@@ -898,16 +902,7 @@ impl ExactlyOnceReceiver {
 #[test]
 fn i40_a_durable_command_survives_a_crash_between_commit_and_delivery_and_arrives_once() {
     use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
-    let mut g = Gateway::start(
-        "gw-durable",
-        &format!(
-            "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
-             [functions.overheat]\nmodule = \"{}\"\n\
-             config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
-             [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"durable\"\n",
-            fogline_modules::alert().display()
-        ),
-    );
+    let mut g = Gateway::start("gw-durable", &alert_pipeline("local = \"durable\""));
     g.cloud.daemon.kill9();
     let addr = g.addr();
     let fan_opts = || {
@@ -1319,13 +1314,7 @@ fn a_local_only_pipeline_serves_its_subscribers_and_uplinks_nothing() {
     use fogline_tests::mqtt_raw::{Connection, Incoming, Version};
     let g = Gateway::start(
         "gw-local-only",
-        &format!(
-            "[[broker.local_topics]]\nfilter = \"actuators/#\"\nsubscribers = [\"*\"]\n\
-             [functions.overheat]\nmodule = \"{}\"\n\
-             config = {{ field = \"temp\", above = 80.0, clear_below = 75.0, command_stream = \"actuators/{{stream}}/fan\" }}\n\
-             [[pipelines]]\nname = \"machines\"\ntopics = [\"machines/#\"]\nfunctions = [\"overheat\"]\nlocal = \"durable\"\ncloud = false\n",
-            fogline_modules::alert().display()
-        ),
+        &alert_pipeline("local = \"durable\"\ncloud = false"),
     );
     let addr = g.addr();
     let got = rt().block_on(async {
