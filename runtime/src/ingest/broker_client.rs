@@ -451,19 +451,13 @@ async fn session(
                         ..SessionMeta::default()
                     });
                 }
-                Inbound::PubAck(pkid, _) => {
-                    if let Some(f) = publishing.feed.as_mut() {
-                        f.on_puback(pkid);
-                    }
-                }
-                Inbound::PubRec(pkid, reason) => match publishing.feed.as_mut() {
-                    Some(f) => f.on_pubrec(pkid, reason),
-                    None => codec::encode_pubrel(&mut wbuf, s.version, pkid),
-                },
-                Inbound::PubComp(pkid, _) => {
-                    if let Some(f) = publishing.feed.as_mut() {
-                        f.on_pubcomp(pkid);
-                    }
+                Inbound::PubAck(..) | Inbound::PubRec(..) | Inbound::PubComp(..) => {
+                    crate::local::DurableFeed::acknowledge(
+                        publishing.feed.as_mut(),
+                        &packet,
+                        &mut wbuf,
+                        s.version,
+                    )
                 }
                 Inbound::UnsubAck(..) | Inbound::SubAck(..) | Inbound::PingResp => {}
                 Inbound::Disconnect(code, ..) => {
@@ -540,21 +534,8 @@ async fn session(
                     None => std::future::pending().await,
                 }
             } => {
-                // Immediate outputs: QoS 0, at most once (I-39).
-                let mut next = d;
-                let mut n = 0;
-                while let Some(d) = next {
-                    n += 1;
-                    let mark = wbuf.len();
-                    let fits = codec::encode_publish(&mut wbuf, s.version, d.topic.as_bytes(), d.payload, 0, 0, false, false).is_ok()
-                        && connack.max_packet_size.is_none_or(|m| wbuf.len() - mark <= m as usize);
-                    if fits {
-                        metrics::counter!(crate::local::events::DELIVERED_TOTAL).increment(1);
-                    } else {
-                        wbuf.truncate(mark);
-                        metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "too_large").increment(1);
-                    }
-                    next = if n < 256 { publishing.live.as_mut().and_then(|l| l.rx.try_recv().ok()) } else { None };
+                if let (Some(d), Some(l)) = (d, publishing.live.as_mut()) {
+                    l.write_queued(d, &mut wbuf, s.version, connack.max_packet_size);
                 }
             }
             _ = tokio::time::sleep_until(next_ping) => {

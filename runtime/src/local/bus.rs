@@ -11,6 +11,8 @@ use crate::ingest::topic::matches;
 
 /// Deliveries a subscriber may have queued; beyond, it loses them (counted).
 pub const SUBSCRIBER_QUEUE: usize = 4096;
+/// Deliveries encoded before the connection's buffer is written.
+const DELIVERIES_PER_WRITE: usize = 256;
 
 /// One output for one subscriber.
 #[derive(Debug, Clone)]
@@ -58,6 +60,44 @@ impl Subscription {
             if !f.iter().any(|x| x == filter) {
                 f.push(filter.to_string());
             }
+        }
+    }
+
+    /// Encodes `first` and what else is queued (up to a bound: the buffer
+    /// is written before more is taken) as QoS 0 PUBLISH packets: at most
+    /// once (I-39). One above the peer's MQTT 5 Maximum Packet Size is
+    /// dropped, counted (it was counted delivered when queued).
+    pub fn write_queued(
+        &mut self,
+        first: Delivery,
+        buf: &mut bytes::BytesMut,
+        version: fogline_mqtt::Version,
+        max_packet: Option<u32>,
+    ) {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(d) = next {
+            taken += 1;
+            let mark = buf.len();
+            let encoded = fogline_mqtt::encode_publish(
+                buf,
+                version,
+                d.topic.as_bytes(),
+                d.payload,
+                0,
+                0,
+                false,
+                false,
+            );
+            if encoded.is_err() || max_packet.is_some_and(|m| buf.len() - mark > m as usize) {
+                buf.truncate(mark);
+                metrics::counter!(events::DROPPED_TOTAL, "reason" => "too_large").increment(1);
+            }
+            next = if taken < DELIVERIES_PER_WRITE {
+                self.rx.try_recv().ok()
+            } else {
+                None
+            };
         }
     }
 

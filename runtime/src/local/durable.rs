@@ -235,8 +235,8 @@ struct Flight {
     rec: bool,
 }
 
-/// A subscriber's position as stored: acked, released, filters.
-type Position = (u64, Vec<u64>, Vec<(String, u8)>);
+/// A subscriber's position as stored: acked and released.
+type Position = (u64, Vec<u64>);
 
 type Read = tokio::task::JoinHandle<(rusqlite::Result<Vec<LocalRow>>, u64)>;
 
@@ -260,8 +260,10 @@ pub struct DurableFeed {
     /// Rows up to here may have been sent by an earlier connection (DUP).
     dup_upto: u64,
     window: usize,
-    /// What was last handed over to be stored: (acked, released, filters).
+    /// What was last handed over to be stored.
     written: Option<Position>,
+    /// Filters changed since then.
+    filters_changed: bool,
 }
 
 /// The packet identifier of row `id`: the same on every resend, unique
@@ -298,6 +300,7 @@ impl DurableFeed {
             dup_upto: 0,
             window,
             written: None,
+            filters_changed: false,
         };
         if let Some(s) = stored {
             feed.filters = s.filters.clone();
@@ -310,7 +313,7 @@ impl DurableFeed {
                 feed.by_pkid.insert(pkid, *id);
                 feed.owed_pubrel.push(pkid);
             }
-            feed.written = Some((s.acked, s.released, s.filters));
+            feed.written = Some((s.acked, s.released));
         }
         feed
     }
@@ -322,6 +325,7 @@ impl DurableFeed {
 
     /// Adds or re-grants a filter.
     pub fn subscribe(&mut self, filter: &str, qos: u8) {
+        self.filters_changed = true;
         match self.filters.iter_mut().find(|(f, _)| f == filter) {
             Some(x) => x.1 = qos,
             None => self.filters.push((filter.to_string(), qos)),
@@ -330,6 +334,7 @@ impl DurableFeed {
 
     /// Removes a filter; whether any is left.
     pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        self.filters_changed = true;
         self.filters.retain(|(f, _)| f != filter);
         !self.filters.is_empty()
     }
@@ -534,6 +539,24 @@ impl DurableFeed {
         self.on_puback(pkid);
     }
 
+    /// A PUBACK, PUBREC or PUBCOMP from the peer, for `feed` if there is
+    /// one (an unknown packet id is ignored; a PUBREC is answered anyway).
+    pub fn acknowledge(
+        feed: Option<&mut Self>,
+        packet: &fogline_mqtt::Inbound,
+        buf: &mut BytesMut,
+        version: fogline_mqtt::Version,
+    ) {
+        use fogline_mqtt::Inbound;
+        match (feed, packet) {
+            (Some(f), Inbound::PubAck(pkid, _)) => f.on_puback(*pkid),
+            (Some(f), Inbound::PubRec(pkid, reason)) => f.on_pubrec(*pkid, *reason),
+            (Some(f), Inbound::PubComp(pkid, _)) => f.on_pubcomp(*pkid),
+            (None, Inbound::PubRec(pkid, _)) => fogline_mqtt::encode_pubrel(buf, version, *pkid),
+            _ => {}
+        }
+    }
+
     /// Every row up to this id is delivered or not this subscriber's.
     pub fn acked(&self) -> u64 {
         let unsent = self
@@ -553,34 +576,43 @@ impl DurableFeed {
         lowest.saturating_sub(1)
     }
 
+    /// Where it is: acked, and the rows owed a PUBREL (below the position
+    /// too: the PUBREL is owed until PUBCOMP).
+    fn position(&self) -> Position {
+        let released = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.rec)
+            .map(|(id, _)| *id)
+            .collect();
+        (self.acked(), released)
+    }
+
     /// Its record, as it would be stored now.
     pub fn record(&self) -> StoredSubscriber {
-        let acked = self.acked();
+        let (acked, released) = self.position();
         StoredSubscriber {
             client: self.client.clone(),
             filters: self.filters.clone(),
             acked,
-            // Below the position too: the PUBREL is owed until PUBCOMP.
-            released: self
-                .inflight
-                .iter()
-                .filter(|(_, f)| f.rec)
-                .map(|(id, _)| *id)
-                .collect(),
+            released,
             expiry_secs: self.expiry_secs,
             seen_ms: crate::clock::now_ms(),
         }
     }
 
-    /// What to store, when its position changed since last time.
+    /// What to store, when its position or filters changed since last
+    /// time (called on every turn of its connection: nothing is built
+    /// when nothing changed).
     pub fn take_write(&mut self) -> Option<SubscriberWrite> {
-        let r = self.record();
-        let now = (r.acked, r.released.clone(), r.filters.clone());
-        if self.written.as_ref() == Some(&now) {
+        let now = self.position();
+        if !self.filters_changed && self.written.as_ref() == Some(&now) {
             return None;
         }
-        self.hub.note_position(&self.client, &r.filters, r.acked);
+        self.filters_changed = false;
         self.written = Some(now);
+        let r = self.record();
+        self.hub.note_position(&self.client, &r.filters, r.acked);
         Some(SubscriberWrite::Put(r))
     }
 

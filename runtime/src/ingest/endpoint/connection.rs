@@ -37,8 +37,6 @@ const READ_BYTES: usize = 64 * 1024;
 const HEADER_READ: usize = 256;
 /// Longest client id accepted.
 const MAX_CLIENT_ID: usize = 256;
-/// Local deliveries encoded before the connection's buffer is written.
-const DELIVERIES_PER_WRITE: usize = 256;
 /// What subscribers are told when no topic is local.
 const SUBSCRIBE_REFUSED: &str = "this endpoint serves no local topics ([[broker.local_topics]]); to subscribe to sensors, use an MQTT broker and let Fogline subscribe to it too";
 
@@ -579,21 +577,14 @@ where
                     }
                 }
                 Inbound::PubRel(pkid, _) => intake.pubrel(&mut lease.state, pkid, &mut chunk),
-                // Acknowledgements of durable local deliveries (I-40); an
-                // unknown packet id is ignored.
-                Inbound::PubAck(pkid, _) => {
-                    if let Some(d) = feed.as_mut() {
-                        d.on_puback(pkid);
-                    }
-                }
-                Inbound::PubRec(pkid, reason) => match feed.as_mut() {
-                    Some(d) => d.on_pubrec(pkid, reason),
-                    None => codec::encode_pubrel(&mut c.wbuf, version, pkid),
-                },
-                Inbound::PubComp(pkid, _) => {
-                    if let Some(d) = feed.as_mut() {
-                        d.on_pubcomp(pkid);
-                    }
+                // Acknowledgements of durable local deliveries (I-40).
+                Inbound::PubAck(..) | Inbound::PubRec(..) | Inbound::PubComp(..) => {
+                    crate::local::DurableFeed::acknowledge(
+                        feed.as_mut(),
+                        &packet,
+                        &mut c.wbuf,
+                        version,
+                    )
                 }
                 Inbound::PingReq => codec::encode_pingresp(&mut c.wbuf, version),
                 Inbound::Subscribe(pkid, filters) => {
@@ -774,27 +765,8 @@ where
                     None => std::future::pending().await,
                 }
             } => {
-                // At QoS 0: local delivery is at most once (crate::local).
-                // What is queued goes in one write, up to a bound: the
-                // buffer is flushed before more is taken.
-                let mut next = d;
-                let mut taken = 0;
-                while let Some(d) = next {
-                    taken += 1;
-                    let mark = c.wbuf.len();
-                    if let Err(e) = codec::encode_publish(&mut c.wbuf, version, d.topic.as_bytes(), d.payload, 0, 0, false, false) {
-                        debug!(client = %lease.client_id, error = %e, "A local delivery could not be encoded.");
-                    }
-                    // MQTT 5: never above the client's Maximum Packet Size (it is dropped, counted).
-                    if client_max_packet.is_some_and(|m| c.wbuf.len() - mark > m as usize) {
-                        c.wbuf.truncate(mark);
-                        metrics::counter!(crate::local::events::DROPPED_TOTAL, "reason" => "too_large").increment(1);
-                    }
-                    next = if taken < DELIVERIES_PER_WRITE {
-                        subscription.as_mut().and_then(|s| s.rx.try_recv().ok())
-                    } else {
-                        None
-                    };
+                if let (Some(d), Some(s)) = (d, subscription.as_mut()) {
+                    s.write_queued(d, &mut c.wbuf, version, client_max_packet);
                 }
             }
             batch = acks.recv() => {
