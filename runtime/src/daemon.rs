@@ -36,6 +36,9 @@ pub enum DaemonError {
     /// The MQTT endpoint could not start.
     #[error("{0}")]
     Endpoint(#[from] EndpointError),
+    /// The rollout journal could not be opened.
+    #[error("{0}")]
+    Deploy(#[from] crate::deploy::DeployError),
     /// A socket or thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -67,6 +70,8 @@ pub struct LiveState {
     pub damage: crate::outbox::salvage::DamageFlag,
     /// The endpoint's local subscribers (durable ones' positions).
     pub local: Arc<crate::local::LocalBus>,
+    /// Rollouts applied here, as the aggregator is told.
+    pub deployments: crate::deploy::Reports,
 }
 
 /// A started daemon.
@@ -152,6 +157,7 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
         functions: Arc::new(std::sync::Mutex::new(Vec::new())),
         damage: damage.clone(),
         local: local.clone(),
+        deployments: Default::default(),
     });
     let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -271,6 +277,15 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                 }
             }
             let (live, path, cert) = (state.clone(), outbox_path.clone(), config.resolve(&u.cert));
+            let labels = u.labels.clone();
+            // Rollouts come over the uplink (protocol 6).
+            let deployer = crate::deploy::start(
+                &config,
+                runtime.clone(),
+                state.functions.clone(),
+                state.deployments.clone(),
+                shutdown_rx.clone(),
+            )?;
             let up = Uplink::new(
                 &config,
                 u,
@@ -280,8 +295,12 @@ pub async fn start(config: EdgeConfig) -> Result<Daemon, DaemonError> {
                 state.pipeline.committed_seq.clone(),
             )
             .with_status(Arc::new(move || {
-                crate::telemetry::node_status(&live, &path, &cert, crate::clock::now_ms())
-            }));
+                let mut s =
+                    crate::telemetry::node_status(&live, &path, &cert, crate::clock::now_ms());
+                s.labels = labels.clone();
+                s
+            }))
+            .with_deployer(deployer);
             Some(tokio::spawn(up.run(shutdown_rx.clone())))
         }
         None => None,

@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod deploy;
 pub mod functions;
 pub mod ingest;
 pub mod local;

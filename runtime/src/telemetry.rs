@@ -54,6 +54,9 @@ pub struct Status {
     /// Durable local subscribers and how far behind each is.
     #[serde(default)]
     pub local_subscribers: Vec<crate::local::SubscriberStatus>,
+    /// Rollouts from the aggregator: the newest, with their outcome.
+    #[serde(default)]
+    pub deployments: Vec<fogline_protocol::deploy::DeploymentReport>,
     /// `/healthz`'s verdict: empty when healthy.
     pub problems: Vec<Problem>,
 }
@@ -171,6 +174,11 @@ pub fn node_status(
                 })
                 .collect()
         })
+        .unwrap_or_default();
+    status.deployments = live
+        .deployments
+        .lock()
+        .map(|d| d.clone())
         .unwrap_or_default();
     status.cert_not_after_ms = fogline_transport::tls::load_certs(cert)
         .ok()
@@ -377,6 +385,11 @@ async fn status(State(s): State<AppState>) -> Response {
         uplink: live.uplink.status(),
         outbox: stats,
         functions: live.functions.lock().map(|f| f.clone()).unwrap_or_default(),
+        deployments: live
+            .deployments
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default(),
         local_subscribers: live.local.durable.status(),
         problems: problems(live, crate::clock::now_ms()),
     })

@@ -14,6 +14,7 @@ mod failover;
 mod functions;
 mod losses;
 mod outbox_identity;
+mod rollout;
 mod shutdown;
 mod uplink_links;
 

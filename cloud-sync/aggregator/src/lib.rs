@@ -7,6 +7,7 @@ pub mod certs;
 pub mod config;
 pub mod http;
 pub mod metrics_help;
+pub mod rollout;
 pub mod service;
 pub mod store;
 
@@ -161,7 +162,10 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
     metrics_help::describe();
     let (shutdown, rx) = watch::channel(false);
     let store = open_store(&config.store, rx.clone()).await?;
-    let server = Service::bind(&config, store.clone()).await?;
+    let wants = rollout::Wants::default();
+    let rollouts = rollout::Controller::new(store.clone(), wants.clone());
+    rollouts.spawn(rx.clone());
+    let server = Service::bind(&config, store.clone(), wants).await?;
     let quic_addr = server.quic_addr()?;
     let tcp_addr = server.tcp_addr();
     let nodes = server.nodes();
@@ -185,6 +189,7 @@ pub async fn start(config: CloudConfig) -> Result<RunningAggregator, StartError>
         health,
         tokens: tokens.clone(),
         max_response_bytes: config.http.max_response_bytes,
+        rollouts,
     });
     let std_listener = std::net::TcpListener::bind(config.http.listen)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))

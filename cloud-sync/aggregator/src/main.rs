@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+mod rollout_cmd;
 use fogline_aggregator::{self as aggregator, certs, config::CloudConfig};
 use fogline_transport::tls;
 
@@ -50,6 +52,9 @@ enum Command {
     /// Fleet keys and signed function modules.
     #[command(subcommand)]
     Modules(ModulesCommand),
+    /// Roll signed builds out to the fleet, in stages (through the running aggregator's API).
+    #[command(subcommand)]
+    Rollout(rollout_cmd::RolloutCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
         Command::Certs(c) => certs_command(c),
         Command::Token(c) => token_command(c),
         Command::Modules(c) => modules_command(c),
+        Command::Rollout(c) => return rollout_cmd::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -286,8 +292,9 @@ fn status(path: &Path, token: Option<&str>) -> ExitCode {
     }
 }
 
-fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
-    let config = CloudConfig::load(path)?;
+/// An HTTP client for the API of the aggregator `config` describes, and
+/// its base URL (TLS with the fleet CA when the API has a certificate).
+pub(crate) fn api_client(config: &CloudConfig) -> anyhow::Result<(reqwest::Client, String)> {
     let mut addr = config.http.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -312,6 +319,12 @@ fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
             addr.to_string()
         }
     );
+    Ok((client, base))
+}
+
+fn status_inner(path: &Path, token: Option<&str>) -> anyhow::Result<ExitCode> {
+    let config = CloudConfig::load(path)?;
+    let (client, base) = api_client(&config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

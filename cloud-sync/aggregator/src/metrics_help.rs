@@ -2,12 +2,13 @@
 //! and the series registered at zero then. The HELP texts live with each
 //! part's events (`events.rs`).
 
+use crate::rollout::controller::events as rollout;
 use crate::service::events::{self as service, Rejected};
 use crate::store::events as store;
 use fogline_telemetry::help::{register_zero, Help, Series};
 
 /// Every HELP table: each part's.
-const TABLES: &[&[Help]] = &[service::HELP, store::HELP];
+const TABLES: &[&[Help]] = &[service::HELP, store::HELP, rollout::HELP];
 
 /// Every series known before any event, registered at zero at start.
 const AT_START: &[Series] = &[
@@ -41,6 +42,11 @@ const AT_START: &[Series] = &[
     (store::PARTITIONS_DROPPED_TOTAL, &[]),
     (service::TLS_RELOADS_TOTAL, &[]),
     (service::TLS_RELOAD_FAILURES_TOTAL, &[]),
+    (rollout::ROLLOUTS, &[("state", "running")]),
+    (rollout::ROLLOUTS, &[("state", "completed")]),
+    (rollout::ROLLOUTS, &[("state", "stopped")]),
+    (rollout::DEPLOY_FRAMES_TOTAL, &[("action", "install")]),
+    (rollout::DEPLOY_FRAMES_TOTAL, &[("action", "revert")]),
 ];
 
 /// Registers every HELP text, the build, and the series known at start at
@@ -48,6 +54,7 @@ const AT_START: &[Series] = &[
 pub fn describe() {
     service::describe();
     store::describe();
+    fogline_telemetry::help::describe(rollout::HELP);
     fogline_telemetry::register_build_info(
         env!("CARGO_PKG_VERSION"),
         option_env!("FOGLINE_GIT_SHA"),

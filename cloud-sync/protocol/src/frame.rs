@@ -17,6 +17,9 @@
 //! Pong    (0x07) := nonce:varint                                  (v3)
 //! Status  (0x08) := json:rest (≤ 64 KiB, see `status.rs`)         (v5, node → aggregator,
 //!                                                                  only to a v5 aggregator)
+//! Deploy  (0x09) := rollout:varint  function:str  action:u8       (v6, aggregator → node,
+//!                   [signature:str  module:rest]  (action 1 only)  only to a v6 node;
+//!                   action 1: install, 2: revert                   see `deploy.rs`)
 //! str     := len:varint  utf8-bytes
 //! ```
 //!
@@ -29,6 +32,7 @@
 //! The aggregator writes `top` and `applied` only to nodes of version 4
 //! (a trailing field an older node would call malformed).
 
+use super::deploy::{DeployAction, DeployFrame, MAX_SIGNATURE_BYTES};
 use super::wire::{put_str, put_varint, Reader};
 use super::{
     DecodeError, MAX_BATCH_RAW_BYTES, MAX_BATCH_RECORDS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
@@ -42,6 +46,7 @@ const T_ERROR: u8 = 0x05;
 const T_PING: u8 = 0x06;
 const T_PONG: u8 = 0x07;
 const T_STATUS: u8 = 0x08;
+const T_DEPLOY: u8 = 0x09;
 
 /// Longest `agent`, `node_id` or error `message` accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
@@ -256,6 +261,9 @@ pub enum Frame {
     },
     /// Edge → aggregator (version 5): how the node is doing.
     Status(crate::status::NodeStatus),
+    /// Aggregator → edge (version 6): install or revert a function's build
+    /// for a rollout.
+    Deploy(crate::deploy::DeployFrame),
 }
 
 /// Frame could not be encoded.
@@ -304,6 +312,7 @@ impl Frame {
             Frame::Ping { .. } => "Ping",
             Frame::Pong { .. } => "Pong",
             Frame::Status(_) => "Status",
+            Frame::Deploy(_) => "Deploy",
         }
     }
 
@@ -386,6 +395,28 @@ impl Frame {
             Frame::Status(status) => {
                 out.push(T_STATUS);
                 out.extend_from_slice(&status.encode());
+            }
+            Frame::Deploy(d) => {
+                check_text("Deploy.function", &d.function)?;
+                out.push(T_DEPLOY);
+                put_varint(out, d.rollout);
+                put_str(out, &d.function);
+                match &d.action {
+                    DeployAction::Install { signature, module } => {
+                        if signature.len() > MAX_SIGNATURE_BYTES {
+                            out.truncate(start);
+                            return Err(EncodeError::TextTooLong {
+                                field: "Deploy.signature",
+                                len: signature.len(),
+                                max: MAX_SIGNATURE_BYTES,
+                            });
+                        }
+                        out.push(1);
+                        put_str(out, signature);
+                        out.extend_from_slice(module);
+                    }
+                    DeployAction::Revert => out.push(2),
+                }
             }
         }
         let len = out.len() - start - 4;
@@ -519,6 +550,29 @@ impl Frame {
                         },
                     })?;
                 Frame::Status(status)
+            }
+            T_DEPLOY if version >= 6 => {
+                let rollout = r.varint("Deploy.rollout")?;
+                let function = r.string("Deploy.function", MAX_TEXT_BYTES)?;
+                let action = match r.bytes("Deploy.action", 1)?[0] {
+                    1 => DeployAction::Install {
+                        signature: r.string("Deploy.signature", MAX_SIGNATURE_BYTES)?,
+                        module: r.rest().to_vec(),
+                    },
+                    2 => DeployAction::Revert,
+                    other => {
+                        return Err(DecodeError::TooLarge {
+                            field: "Deploy.action",
+                            value: u64::from(other),
+                            max: 2,
+                        })
+                    }
+                };
+                Frame::Deploy(DeployFrame {
+                    rollout,
+                    function,
+                    action,
+                })
             }
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
@@ -690,6 +744,26 @@ pub(crate) mod tests {
                         })
                     }
                 ),
+            (
+                any::<u64>(),
+                "[a-z_-]{1,20}",
+                proptest::option::of((
+                    "[ -~]{0,80}",
+                    proptest::collection::vec(any::<u8>(), 0..300)
+                ))
+            )
+                .prop_map(|(rollout, function, install)| {
+                    Frame::Deploy(DeployFrame {
+                        rollout,
+                        function,
+                        action: match install {
+                            Some((signature, module)) => {
+                                DeployAction::Install { signature, module }
+                            }
+                            None => DeployAction::Revert,
+                        },
+                    })
+                }),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
             (any::<u64>(), proptest::option::of(any::<u64>()))

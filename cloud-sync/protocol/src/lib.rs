@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod deploy;
 pub mod dial;
 pub mod frame;
 pub mod loss;
@@ -26,7 +27,8 @@ pub use loss::{LossReason, LossReport, LOSS_STREAM};
 /// belongs to. 3: `Batch` carries its block codec; `Ping`/`Pong`. 4: records
 /// may be sent out of seq order — `Batch.floor`, `Ack.applied`, `Welcome.top`.
 /// 5: `Welcome.version` (the aggregator's), `Status` frames from the node.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `Deploy` frames from the aggregator (signed rollouts, `deploy.rs`).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Oldest version an aggregator still serves (edges are upgraded after it).
 pub const MIN_PROTOCOL_VERSION: u32 = 2;

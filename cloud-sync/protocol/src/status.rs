@@ -42,6 +42,11 @@ pub struct NodeStatus {
     pub modules: Vec<ModuleVersion>,
     /// When the node's certificate expires (ms since the Unix epoch).
     pub cert_not_after_ms: Option<u64>,
+    /// Its labels (`[uplink] labels`): what rollouts select nodes by.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its newest deployments (rollouts applied), newest last, at most
+    /// [`crate::deploy::MAX_REPORTED_DEPLOYMENTS`].
+    pub deployments: Vec<crate::deploy::DeploymentReport>,
 }
 
 /// Records lost for one reason.
@@ -82,6 +87,32 @@ impl NodeStatus {
         self.problems.truncate(MAX_STATUS_ITEMS);
         self.drops.truncate(MAX_STATUS_ITEMS);
         self.modules.truncate(MAX_STATUS_ITEMS);
+        let extra = self
+            .deployments
+            .len()
+            .saturating_sub(crate::deploy::MAX_REPORTED_DEPLOYMENTS);
+        self.deployments.drain(..extra);
+        while self.labels.len() > MAX_STATUS_ITEMS {
+            self.labels.pop_last();
+        }
+        self.labels = std::mem::take(&mut self.labels)
+            .into_iter()
+            .map(|(mut k, mut v)| {
+                cut(&mut k);
+                cut(&mut v);
+                (k, v)
+            })
+            .collect();
+        for d in &mut self.deployments {
+            cut(&mut d.function);
+            cut(&mut d.action);
+            cut(&mut d.version);
+            if let Some(r) = &mut d.reason {
+                // A reason is what an operator reads first: room for a
+                // wasm trap's message.
+                cut_to(r, 1024);
+            }
+        }
         for p in &mut self.problems {
             cut(p);
         }
@@ -158,8 +189,13 @@ fn encoded_len(s: &NodeStatus) -> usize {
 
 /// Cuts `s` to 256 bytes at a char boundary.
 fn cut(s: &mut String) {
-    if s.len() > 256 {
-        let mut end = 256;
+    cut_to(s, 256)
+}
+
+/// Cuts `s` to `max` bytes at a char boundary.
+fn cut_to(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
         while !s.is_char_boundary(end) {
             end -= 1;
         }

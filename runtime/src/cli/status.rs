@@ -174,6 +174,10 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .as_ref()
         .and_then(|(_, v)| serde_json::from_value(v["local_subscribers"].clone()).ok())
         .unwrap_or_default();
+    let deployments: Vec<fogline_protocol::deploy::DeploymentReport> = live
+        .as_ref()
+        .and_then(|(_, v)| serde_json::from_value(v["deployments"].clone()).ok())
+        .unwrap_or_default();
     // Without a daemon, what the outbox records of the functions' versions.
     let recorded = if live.is_none() {
         outbox::function_records(&outbox_path).unwrap_or_default()
@@ -197,6 +201,7 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "outbox": stats,
             "functions": if live.is_some() { serde_json::to_value(&functions)? } else { serde_json::to_value(&recorded)? },
             "local_subscribers": local_subscribers,
+            "deployments": deployments,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(code);
@@ -363,6 +368,20 @@ pub async fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             filters.join(", "),
             l.acked,
             l.acked + l.behind
+        );
+    }
+    for d in &deployments {
+        println!(
+            "rollout           #{} {} {}: {} {}{}",
+            d.rollout,
+            d.function,
+            d.version,
+            d.state.name(),
+            ago(now, Some(d.at_ms)),
+            d.reason
+                .as_ref()
+                .map(|r| format!(" — {r}"))
+                .unwrap_or_default()
         );
     }
     for a in &stats.alarms {

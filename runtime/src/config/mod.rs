@@ -687,6 +687,10 @@ pub struct UplinkConfig {
     /// While on TCP, try QUIC again this often.
     #[serde(default = "defaults::quic_retry", with = "humantime_serde")]
     pub quic_retry: Duration,
+    /// The node's labels (`{ site = "north", line = "3" }`), sent in its
+    /// status: what a rollout's `label` target selects by.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `[metrics]`

@@ -460,6 +460,20 @@ impl EdgeConfig {
                     u.refused_delay, u.refused_max_delay
                 ));
             }
+            // What the status frame carries without cutting.
+            if u.labels.len() > 32 {
+                p.push(format!(
+                    "uplink.labels: {} labels, at most 32",
+                    u.labels.len()
+                ));
+            }
+            for (k, v) in &u.labels {
+                if k.is_empty() || k.len() > 64 || v.len() > 128 || k.contains('=') {
+                    p.push(format!(
+                        "uplink.labels: `{k}` = `{v}`: a name of 1 to 64 bytes without `=` and a value of at most 128 bytes"
+                    ));
+                }
+            }
         }
         self.validate_retention(&mut p);
         self.check_conflicts(&mut p);

@@ -102,6 +102,14 @@ async fn join_status(
     }
 }
 
+/// Resolves when a deployment's state changed (never without a deployer).
+async fn deployed(deployer: &Option<crate::deploy::DeployHandle>) {
+    match deployer {
+        Some(d) => d.changed.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -234,6 +242,18 @@ impl<'a> Ctx<'a> {
                             probe = Some(self.probe(attempt, false, handle.rtt()));
                         }
                     }
+                    ClientAction::Deploy(d) => match &up.deployer {
+                        Some(deployer) => {
+                            let (rollout, function) = (d.rollout, d.function.clone());
+                            if !deployer.offer(d) {
+                                debug!(rollout, %function, "Deployments queue full; the aggregator sends this one again.");
+                            }
+                        }
+                        None => debug!(
+                            rollout = d.rollout,
+                            "A deployment arrived, and this node takes none."
+                        ),
+                    },
                     ClientAction::Close(reason) => {
                         close(&mut writer, &handle, reason.code(), &reason.to_string()).await;
                         break 'conn End::Closed {
@@ -316,6 +336,11 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 },
+                // A deployment moved: tell the aggregator now, not at the
+                // next status_every.
+                _ = deployed(&up.deployer), if up.status.is_some() => {
+                    status_at = Some(Instant::now());
+                }
                 _ = sleep_until(status_at), if session.is_active() && status_task.is_none() => {
                     if let Some(source) = up.status.clone() {
                         status_task = Some(tokio::task::spawn_blocking(move || source()));

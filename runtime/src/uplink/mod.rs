@@ -209,6 +209,8 @@ pub struct Uplink {
     config: UplinkConfig,
     /// Where the node's status comes from, if it sends one.
     status: Option<StatusSource>,
+    /// Where rollouts' `Deploy` frames go (protocol 6).
+    deployer: Option<crate::deploy::DeployHandle>,
     /// The node's id: it orders the aggregators (rendezvous hashing).
     node_id: String,
     tls: ClientTls,
@@ -242,6 +244,7 @@ impl Uplink {
             },
             config: uplink.clone(),
             status: None,
+            deployer: None,
             node_id: config.node.id.clone(),
             outbox: Outbox::new(reader),
             state,
@@ -254,6 +257,13 @@ impl Uplink {
     /// `uplink.status_every`.
     pub fn with_status(mut self, source: StatusSource) -> Self {
         self.status = Some(source);
+        self
+    }
+
+    /// Hands rollouts' `Deploy` frames to `deployer`, and sends a status as
+    /// soon as a deployment's state changes.
+    pub fn with_deployer(mut self, deployer: crate::deploy::DeployHandle) -> Self {
+        self.deployer = Some(deployer);
         self
     }
 

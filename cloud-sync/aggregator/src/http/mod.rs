@@ -21,9 +21,11 @@
 //! - `GET /api/v1/losses?node=N[&after_seq=K][&limit=L]` → the node's loss reports.
 //! - `GET /api/v1/leases` → `[{"node","token","holder","since_ms"}]`: which aggregator holds
 //!   each node (I-36).
+//! - `/api/v1/rollouts`: rollouts of signed modules (`rollouts.rs`).
 
 pub mod auth;
 mod json;
+mod rollouts;
 mod ui;
 
 use std::sync::Arc;
@@ -54,6 +56,7 @@ struct AppState {
     latest: Arc<LatestCache>,
     health: Arc<StoreHealth>,
     max_response_bytes: usize,
+    rollouts: Arc<crate::rollout::Controller>,
 }
 
 /// What the router serves from.
@@ -70,6 +73,8 @@ pub struct Api {
     pub tokens: Arc<auth::Tokens>,
     /// Byte bound of a records page.
     pub max_response_bytes: usize,
+    /// Rollouts of signed modules.
+    pub rollouts: Arc<crate::rollout::Controller>,
 }
 
 /// The router.
@@ -86,6 +91,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/latest", get(latest))
         .route("/api/v1/losses", get(losses))
         .route("/api/v1/leases", get(leases))
+        .merge(rollouts::routes())
         .route("/healthz", get(healthz))
         .route(
             "/metrics",
@@ -102,6 +108,7 @@ pub fn router(api: Api) -> Router {
             latest: api.latest,
             health: api.health,
             max_response_bytes: api.max_response_bytes,
+            rollouts: api.rollouts,
         })
 }
 

@@ -57,7 +57,11 @@ fn now_s() -> i64 {
 impl Service {
     /// Loads the TLS material and the CRL and binds QUIC (and TCP if
     /// enabled).
-    pub async fn bind(config: &CloudConfig, store: Arc<dyn Store>) -> Result<Self, TransportError> {
+    pub async fn bind(
+        config: &CloudConfig,
+        store: Arc<dyn Store>,
+        wants: crate::rollout::Wants,
+    ) -> Result<Self, TransportError> {
         let tls = config.tls.server_tls();
         let gate = Gate::default();
         gate.set(revoked_serials(config.tls.crl.as_deref())?);
@@ -85,6 +89,8 @@ impl Service {
             latest: Arc::new(latest::LatestCache::new(config.http.latest_cache_bytes)),
             budget: Arc::new(Semaphore::new(budget_bytes)),
             budget_bytes,
+            wants,
+            deploy_budget: Arc::new(Semaphore::new(session::DEPLOY_BUDGET_BYTES)),
             session: ServerConfig {
                 hello_timeout: limits.hello_timeout,
                 idle_timeout: limits.idle_timeout,

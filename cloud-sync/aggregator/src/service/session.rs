@@ -37,6 +37,73 @@ pub(super) struct Shared {
     /// Applies let through to the store at once (its writers, plus one).
     pub apply_slots: Arc<Semaphore>,
     pub session: fogline_protocol::session::server::ServerConfig,
+    /// What each node is to be sent for rollouts.
+    pub wants: crate::rollout::Wants,
+    /// Bytes of `Deploy` frames queued on all connections at once: a build
+    /// goes to a node only while it fits (many MB each, to many nodes).
+    pub deploy_budget: Arc<Semaphore>,
+}
+
+/// [`Shared::deploy_budget`].
+pub(super) const DEPLOY_BUDGET_BYTES: usize = 256 * 1024 * 1024;
+
+/// A node not sent its deployment for want of budget is offered it again
+/// this much later.
+const DEPLOY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Rollout deployments on one connection: sent at most once each (the node
+/// applies each once anyway and reports it), only to nodes of protocol 6.
+#[derive(Default)]
+struct Deploys {
+    sent: std::collections::HashSet<(u64, String, bool)>,
+    /// The node's own account, from its last status.
+    reported: Vec<fogline_protocol::deploy::DeploymentReport>,
+    /// Budget held for frames still being written.
+    held: Vec<tokio::sync::OwnedSemaphorePermit>,
+    retry_at: Option<Instant>,
+}
+
+impl Deploys {
+    /// Queues what `node` is still to be sent.
+    fn offer(
+        &mut self,
+        shared: &Shared,
+        session: &ServerSession,
+        node: &str,
+        writer: &mut fogline_transport::framed::FrameWriter<fogline_transport::conn::BoxWrite>,
+    ) {
+        self.retry_at = None;
+        if session.peer_version().is_none_or(|v| v < 6) || session.cursor().is_none() {
+            return;
+        }
+        for want in shared.wants.for_node(node) {
+            let key = (
+                want.rollout,
+                want.function.clone(),
+                want.action == crate::rollout::plan::Action::Install,
+            );
+            if self.sent.contains(&key) || want.is_reported(&self.reported) {
+                continue;
+            }
+            let bytes = u32::try_from(want.frame_bytes()).unwrap_or(u32::MAX);
+            let Ok(permit) = shared.deploy_budget.clone().try_acquire_many_owned(bytes) else {
+                self.retry_at = Some(Instant::now() + DEPLOY_RETRY);
+                return;
+            };
+            let frame = fogline_protocol::Frame::Deploy(want.frame());
+            match writer.queue(&frame) {
+                Ok(_) => {
+                    metrics::counter!(crate::rollout::controller::events::DEPLOY_FRAMES_TOTAL, "action" => if key.2 { "install" } else { "revert" }).increment(1);
+                    info!(node, rollout = want.rollout, function = %want.function, action = if key.2 { "install" } else { "revert" }, "Rollout: deployment sent.");
+                    self.held.push(permit);
+                    self.sent.insert(key);
+                }
+                Err(e) => {
+                    warn!(node, rollout = want.rollout, error = %e, "A deployment cannot be encoded.")
+                }
+            }
+        }
+    }
 }
 
 /// Batches up to this many bytes (as sent) decode on the session's task.
@@ -92,6 +159,8 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
     let mut status_task: Option<JoinHandle<()>> = None;
     let mut apply_task: Option<Task<ApplyOutcome, ApplyFailed>> = None;
     let mut applied_records = 0u64;
+    let mut deploys = Deploys::default();
+    let mut wants_changed = shared.wants.subscribe();
     metrics::gauge!(super::events::CONNECTIONS, "transport" => transport.name()).increment(1.0);
 
     // Why the connection ends, and whether the peer must be told.
@@ -139,6 +208,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                 },
                 ServerAction::Status(status) => {
                     metrics::counter!(super::events::STATUS_FRAMES_TOTAL).increment(1);
+                    deploys.reported = status.deployments.clone();
                     // At most one write in flight: a newer status while one
                     // is being stored waits for the next (30 s later).
                     if status_task.as_ref().is_none_or(|t| t.is_finished()) {
@@ -163,6 +233,8 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
         if let Err(e) = flushed {
             break 'session (ErrorCode::Ok, handle.explain(e).to_string(), false);
         }
+        // Everything queued is written: the deployments' budget is free.
+        deploys.held.clear();
         let deadline = session.poll_timeout();
         tokio::select! {
             frame = reader.next(), if session.wants_read() => match frame {
@@ -188,7 +260,15 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                     cursor
                 });
                 session.handle_cursor(r, Instant::now());
+                // Welcome is queued: what rollouts want of the node follows it.
+                deploys.offer(&shared, &session, &node, &mut writer);
             }
+            r = wants_changed.changed() => {
+                if r.is_ok() {
+                    deploys.offer(&shared, &session, &node, &mut writer);
+                }
+            }
+            _ = sleep_until(deploys.retry_at) => deploys.offer(&shared, &session, &node, &mut writer),
             r = join(&mut apply_task) => match r {
                 Ok(o) => {
                     applied_records += o.inserted as u64;

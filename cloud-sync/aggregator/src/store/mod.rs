@@ -514,6 +514,27 @@ pub trait Store: Send + Sync + 'static {
     /// `node`'s streams with their record counts, at most
     /// [`MAX_LATEST_STREAMS`].
     fn streams<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Vec<StreamSummary>>;
+
+    /// Files a new rollout — its document (JSON, see `rollout::Rollout`)
+    /// and its module — under the next free number, which it returns.
+    fn create_rollout<'a>(
+        &'a self,
+        doc: &'a str,
+        module: &'a [u8],
+        now_ms: u64,
+    ) -> StoreFuture<'a, u64>;
+
+    /// Replaces rollout `id`'s document.
+    fn update_rollout<'a>(&'a self, id: u64, doc: &'a str, now_ms: u64) -> StoreFuture<'a, ()>;
+
+    /// Every rollout's document, by number (oldest first).
+    fn rollouts(&self) -> StoreFuture<'_, Vec<(u64, String)>>;
+
+    /// Rollout `id`'s module.
+    fn rollout_module(&self, id: u64) -> StoreFuture<'_, Option<Vec<u8>>>;
+
+    /// The newest status of each of `nodes` that sent one (JSON as stored).
+    fn statuses<'a>(&'a self, nodes: &'a [String]) -> StoreFuture<'a, Vec<(String, String)>>;
     /// `node`'s loss reports with seq above `after_seq`, ascending, at most
     /// `limit` (capped at [`MAX_QUERY_LIMIT`]).
     fn losses<'a>(

@@ -108,6 +108,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE cursors ADD COLUMN records BIGINT NOT NULL DEFAULT 0;
         UPDATE cursors c SET records = (SELECT COUNT(*) FROM records r WHERE r.node = c.node);",
     ),
+    (
+        5,
+        // Rollouts (I-42): the controller's document, the module.
+        "CREATE TABLE rollouts (
+            id BIGINT PRIMARY KEY,
+            doc TEXT NOT NULL,
+            module BYTEA NOT NULL,
+            updated_ms BIGINT NOT NULL
+        );",
+    ),
 ];
 
 /// How the PostgreSQL store is set up (`[store]` in `cloud.toml`).
@@ -1024,6 +1034,94 @@ impl Store for PostgresStore {
                 .await
                 .map(drop)
                 .map_err(pg_err("store status", Some(node)))
+        })
+    }
+
+    fn create_rollout<'a>(
+        &'a self,
+        doc: &'a str,
+        module: &'a [u8],
+        now_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            // Two aggregators filing at once: the primary key refuses the
+            // second, which takes the next number.
+            let mut tries = 0;
+            loop {
+                let r = client
+                    .query_one(
+                        "INSERT INTO rollouts (id, doc, module, updated_ms) \
+                         VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM rollouts), $1, $2, $3) \
+                         RETURNING id",
+                        &[&doc, &module, &to_sql(now_ms)],
+                    )
+                    .await;
+                match r {
+                    Ok(row) => return Ok(from_sql(row.get(0))),
+                    Err(e)
+                        if tries < 5
+                            && e.code()
+                                == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        tries += 1;
+                    }
+                    Err(e) => return Err(pg_err("file a rollout", None)(e)),
+                }
+            }
+        })
+    }
+
+    fn update_rollout<'a>(&'a self, id: u64, doc: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE rollouts SET doc = $2, updated_ms = $3 WHERE id = $1",
+                    &[&to_sql(id), &doc, &to_sql(now_ms)],
+                )
+                .await
+                .map(drop)
+                .map_err(pg_err("update a rollout", None))
+        })
+    }
+
+    fn rollouts(&self) -> StoreFuture<'_, Vec<(u64, String)>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query("SELECT id, doc FROM rollouts ORDER BY id", &[])
+                .await
+                .map_err(pg_err("list rollouts", None))?;
+            Ok(rows
+                .iter()
+                .map(|r| (from_sql(r.get(0)), r.get(1)))
+                .collect())
+        })
+    }
+
+    fn rollout_module(&self, id: u64) -> StoreFuture<'_, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("SELECT module FROM rollouts WHERE id = $1", &[&to_sql(id)])
+                .await
+                .map_err(pg_err("read a rollout's module", None))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn statuses<'a>(&'a self, nodes: &'a [String]) -> StoreFuture<'a, Vec<(String, String)>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT node, status FROM node_status WHERE node = ANY($1)",
+                    &[&nodes],
+                )
+                .await
+                .map_err(pg_err("read statuses", None))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         })
     }
 

@@ -63,6 +63,13 @@ CREATE TABLE IF NOT EXISTS node_status (
     status TEXT NOT NULL,
     received_ms INTEGER NOT NULL
 );
+-- Rollouts (I-42): the document as the controller keeps it, the module.
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY,
+    doc TEXT NOT NULL,
+    module BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
 -- Who may apply a node's batches (I-36): every take raises the token.
 CREATE TABLE IF NOT EXISTS leases (
     node TEXT PRIMARY KEY,
@@ -765,6 +772,62 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn create_rollout(&self, doc: &str, module: &[u8], now_ms: u64) -> Result<u64, StoreError> {
+        let conn = lock(&self.writer)?;
+        conn.prepare_cached(
+            "INSERT INTO rollouts (id, doc, module, updated_ms) \
+             VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM rollouts), ?1, ?2, ?3) RETURNING id",
+        )
+        .and_then(|mut st| st.query_row(params![doc, module, to_sql(now_ms)], |r| r.get(0)))
+        .map(from_sql)
+        .map_err(q_err("file a rollout", None))
+    }
+
+    fn update_rollout(&self, id: u64, doc: &str, now_ms: u64) -> Result<(), StoreError> {
+        let conn = lock(&self.writer)?;
+        conn.prepare_cached("UPDATE rollouts SET doc = ?2, updated_ms = ?3 WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![to_sql(id), doc, to_sql(now_ms)]))
+            .map(drop)
+            .map_err(q_err("update a rollout", None))
+    }
+
+    fn rollouts(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let conn = lock(&self.reader)?;
+        conn.prepare_cached("SELECT id, doc FROM rollouts ORDER BY id")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((from_sql(r.get(0)?), r.get(1)?)))?
+                    .collect()
+            })
+            .map_err(q_err("list rollouts", None))
+    }
+
+    fn rollout_module(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let conn = lock(&self.reader)?;
+        conn.prepare_cached("SELECT module FROM rollouts WHERE id = ?1")
+            .and_then(|mut st| st.query_row(params![to_sql(id)], |r| r.get(0)).optional())
+            .map_err(q_err("read a rollout's module", None))
+    }
+
+    fn statuses(&self, nodes: &[String]) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = lock(&self.reader)?;
+        let mut st = conn
+            .prepare_cached("SELECT status FROM node_status WHERE node = ?1")
+            .map_err(q_err("read statuses", None))?;
+        let mut out = Vec::new();
+        for n in nodes {
+            let s: Option<String> = st
+                .query_row(params![n], |r| r.get(0))
+                .optional()
+                .map_err(q_err("read statuses", Some(n)))?;
+            if let Some(s) = s {
+                out.push((n.clone(), s));
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Store for SqliteStore {
     fn take_lease<'a>(
         &'a self,
@@ -854,6 +917,34 @@ impl Store for SqliteStore {
     fn streams<'a>(&'a self, node: &'a str) -> StoreFuture<'a, Vec<StreamSummary>> {
         let node = node.to_string();
         self.blocking(move |s| s.streams(&node))
+    }
+
+    fn create_rollout<'a>(
+        &'a self,
+        doc: &'a str,
+        module: &'a [u8],
+        now_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        let (doc, module) = (doc.to_string(), module.to_vec());
+        self.blocking(move |s| s.create_rollout(&doc, &module, now_ms))
+    }
+
+    fn update_rollout<'a>(&'a self, id: u64, doc: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
+        let doc = doc.to_string();
+        self.blocking(move |s| s.update_rollout(id, &doc, now_ms))
+    }
+
+    fn rollouts(&self) -> StoreFuture<'_, Vec<(u64, String)>> {
+        self.blocking(|s| s.rollouts())
+    }
+
+    fn rollout_module(&self, id: u64) -> StoreFuture<'_, Option<Vec<u8>>> {
+        self.blocking(move |s| s.rollout_module(id))
+    }
+
+    fn statuses<'a>(&'a self, nodes: &'a [String]) -> StoreFuture<'a, Vec<(String, String)>> {
+        let nodes = nodes.to_vec();
+        self.blocking(move |s| s.statuses(&nodes))
     }
 
     fn losses<'a>(

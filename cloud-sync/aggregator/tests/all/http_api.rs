@@ -276,6 +276,7 @@ async fn a_node_status_and_its_activity_show_in_the_fleet_view() {
             version: "1.2.0".into(),
         }],
         cert_not_after_ms: Some(now + 86_400_000),
+        ..NodeStatus::default()
     };
     link.conn.writer.send(&Frame::Status(status)).await.unwrap();
     let mut node = Value::Null;

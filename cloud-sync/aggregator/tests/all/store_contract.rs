@@ -360,6 +360,46 @@ async fn many_nodes_applying_at_once_and_a_fenced_one_among_them(f: Fixture) {
     assert_eq!(apply(&s, &newer, &recs, 10, 6).await.unwrap().inserted, 10);
 }
 
+/// Rollouts (I-42): numbered in order, a second aggregator's filings
+/// included; documents replaced; modules kept; statuses read back by node.
+async fn rollouts_are_numbered_kept_and_updated(f: Fixture) {
+    let s = f.open().await;
+    let other = f.open().await;
+    assert_eq!(s.create_rollout("{\"a\":1}", b"mod-a", 1).await.unwrap(), 1);
+    assert_eq!(
+        other
+            .create_rollout("{\"b\":1}", b"mod-b", 2)
+            .await
+            .unwrap(),
+        2
+    );
+    s.update_rollout(1, "{\"a\":2}", 3).await.unwrap();
+    drop(s);
+    let s = f.open().await;
+    assert_eq!(
+        s.rollouts().await.unwrap(),
+        [(1, "{\"a\":2}".to_string()), (2, "{\"b\":1}".to_string())]
+    );
+    assert_eq!(
+        s.rollout_module(2).await.unwrap().as_deref(),
+        Some(&b"mod-b"[..])
+    );
+    assert!(s.rollout_module(9).await.unwrap().is_none());
+    let status = fogline_protocol::status::NodeStatus {
+        at_ms: 5,
+        ..Default::default()
+    };
+    s.put_status("n1", &status, 6).await.unwrap();
+    let got = s
+        .statuses(&["n1".to_string(), "n2".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "n1");
+    let back = fogline_protocol::status::NodeStatus::decode(got[0].1.as_bytes()).unwrap();
+    assert_eq!(back.at_ms, 5);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -388,6 +428,7 @@ contract!(
     loss_reports_are_filed_once_and_summed,
     a_taken_lease_fences_the_earlier_holder,
     many_nodes_applying_at_once_and_a_fenced_one_among_them,
+    rollouts_are_numbered_kept_and_updated,
 );
 
 /// I-36 on PostgreSQL, interleaved for real: aggregator A passes its fence
@@ -454,7 +495,7 @@ async fn postgres_migrates_once_and_retention_drops_old_days() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, 4, "each migration ran once");
+    assert_eq!(versions, 5, "each migration ran once");
 
     const DAY: u64 = 86_400_000;
     let now = fogline_telemetry::clock::now_ms();

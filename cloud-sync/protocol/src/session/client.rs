@@ -131,6 +131,9 @@ pub enum ClientAction {
     /// it completes its handshake before this session hears anything, move
     /// over to it.
     Probe,
+    /// The aggregator asks for a deployment (protocol 6): hand it to the
+    /// node's deployer, which applies each `(rollout, action)` once.
+    Deploy(crate::deploy::DeployFrame),
     /// The session is over: close the connection with `reason.code()`.
     Close(CloseReason),
 }
@@ -442,6 +445,11 @@ impl ClientSession {
                 }
             }
             Frame::Ping { nonce } => self.send(Frame::Pong { nonce }, now),
+            // After the Welcome (a v6 aggregator may send it before the
+            // outbox has resumed: it does not touch the outbox).
+            Frame::Deploy(d) if self.phase != Phase::AwaitWelcome => {
+                self.actions.push_back(ClientAction::Deploy(d))
+            }
             Frame::Error { code, message } => {
                 self.close(CloseReason::Peer { code, message });
                 return;

@@ -1545,6 +1545,8 @@ impl World {
                         self.start_attempt(p, true);
                     }
                 }
+                // The model aggregator rolls nothing out.
+                ClientAction::Deploy(_) => {}
                 ClientAction::Close(reason) => {
                     if self.trace {
                         eprintln!("{:>8} client closes conn {conn}: {reason}", self.now);

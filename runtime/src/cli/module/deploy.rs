@@ -11,13 +11,13 @@
 //! so the file on disk is what runs. Who may deploy is who may write the
 //! module file: the daemon's configuration decides where that is.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fogline_edge::config::EdgeConfig;
+use fogline_edge::deploy::files::{sig_path, write_atomic};
 use fogline_edge::pipeline::versions::sha256_hex;
 use serde_json::Value;
 
@@ -62,34 +62,22 @@ fn slots<'a>(status: &'a Value, function: &str) -> Vec<&'a Value> {
 /// Writes `bytes` over `target` atomically, keeping the old file as
 /// `<target>.previous`.
 fn replace(target: &Path, bytes: &[u8]) -> anyhow::Result<Option<PathBuf>> {
-    let dir = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "module.wasm".into());
     let previous = if target.is_file() {
-        let p = dir.join(format!("{name}.previous"));
+        let mut p = target.as_os_str().to_owned();
+        p.push(".previous");
+        let p = PathBuf::from(p);
         std::fs::copy(target, &p)
             .with_context(|| format!("cannot keep the previous build as {}", p.display()))?;
         Some(p)
     } else {
         None
     };
-    let tmp = dir.join(format!(".{name}.deploy"));
-    let mut f = std::fs::File::create(&tmp).with_context(|| {
+    write_atomic(target, bytes).with_context(|| {
         format!(
             "cannot write {} (deploying needs write access to the module's directory)",
-            tmp.display()
+            target.display()
         )
     })?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, target)
-        .with_context(|| format!("cannot replace {}", target.display()))?;
     Ok(previous)
 }
 
@@ -111,12 +99,7 @@ pub async fn run(a: &DeployArgs) -> anyhow::Result<ExitCode> {
     fogline_edge::functions::FunctionRuntime::new(Default::default())?.load(&wasm)?;
     // Signed fleets ([modules] trusted_keys): the signature next to the
     // build goes with it, checked here first so a refusal is local.
-    let sig_of = |p: &Path| {
-        let mut s = p.as_os_str().to_owned();
-        s.push(".sig");
-        PathBuf::from(s)
-    };
-    let (sig_src, sig_target) = (sig_of(&wasm), sig_of(&target));
+    let (sig_src, sig_target) = (sig_path(&wasm), sig_path(&target));
     fogline_edge::pipeline::versions::check_signature(&config, &wasm, &bytes)?;
     let sig = if sig_src.is_file() {
         Some(
