@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use fogline_edge::telemetry::BACKLOG_RECORDS;
 use fogline_tests::deploy::{uplink_toml, Cloud, CursorWatch, Edge};
 use fogline_tests::mqtt_raw::{cpu, QoS};
 use fogline_tests::{backlog, oracle, process};
@@ -145,7 +146,7 @@ fn memory_stays_bounded_with_a_ten_million_record_backlog() {
 
     // Reports read the per-lane counts, never the backlog.
     for _ in 0..3 {
-        let metric = edge.metric("fogline_outbox_backlog_records");
+        let metric = edge.metric(BACKLOG_RECORDS);
         assert_eq!(
             metric as u64,
             total,

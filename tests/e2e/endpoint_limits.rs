@@ -1,6 +1,7 @@
 //! The endpoint is bounded before it trusts (ARCHITECTURE.md I-34), against
 //! the real `fogline-edge`: slots and bytes taken from accept, per-address
-//! limits, `connect_timeout` from accept, the keep-alive-0 idle limit, wills
+//! limits, `connect_timeout` from accept, the keep-alive-0 idle limit, the
+//! MQTT 3.1.1 keep alive held to `max_keep_alive`, wills
 //! replaced on reconnect, the password-check queue, and a flood of hostile
 //! sockets while healthy sensors publish.
 
@@ -190,6 +191,58 @@ fn keep_alive_zero_is_cut_by_the_idle_limit() {
         );
         assert!(g.edge.metric(&refused(Cut::Idle)) >= 1.0);
     });
+}
+
+/// I-34: an MQTT 3.1.1 client asking for a keep alive above
+/// `broker.max_keep_alive` cannot be told (MQTT 5 clients get Server Keep
+/// Alive), so it is held to the limit all the same: cut after 1.5 ×
+/// `max_keep_alive` (2 s here) of silence, not 1.5 × the hour it asked for;
+/// one asking the same that speaks within the limit is not cut.
+#[test]
+fn mqtt311_keep_alive_above_the_limit_is_held_to_max_keep_alive() {
+    let g = Gateway::start("max_keep_alive = \"2s\"\n", &[]);
+    rt().block_on(async {
+        let mut o = Options::new(g.addr(), "asks-an-hour");
+        o.keep_alive_secs = 3600;
+        let (mut silent, _) = Connection::connect(&o).await.unwrap();
+        let mut o2 = Options::new(g.addr(), "asks-an-hour-and-talks");
+        o2.keep_alive_secs = 3600;
+        let (mut chatty, _) = Connection::connect(&o2).await.unwrap();
+        // 2 s in: silent, but not yet 1.5 × max_keep_alive.
+        ping_every_half_second(&mut chatty, 4).await;
+        let r = silent.next_packet_within(Duration::from_millis(100)).await;
+        assert!(
+            matches!(r, Ok(None)),
+            "cut before 1.5 × max_keep_alive: {r:?}"
+        );
+        // 4 s in: past the 3 s limit.
+        ping_every_half_second(&mut chatty, 4).await;
+        let r = silent.next_packet_within(Duration::from_secs(2)).await;
+        assert!(
+            r.is_err(),
+            "the silent client asking for an hour was not cut: {r:?}"
+        );
+        assert!(g.edge.metric(&refused(Cut::Idle)) >= 1.0);
+    });
+    let log = g.edge.daemon.log_text();
+    assert!(
+        log.contains("1.5 × broker.max_keep_alive (2 s; the client asked for 3600 s)"),
+        "the cut names the limit:\n{}",
+        crate::tail(&log, 20)
+    );
+}
+
+/// `n` times: waits 500 ms, sends PINGREQ and expects its answer.
+async fn ping_every_half_second(c: &mut Connection, n: usize) {
+    for _ in 0..n {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.pingreq().unwrap();
+        let pong = c.next_packet_within(Duration::from_secs(2)).await;
+        assert!(
+            matches!(pong, Ok(Some(_))),
+            "the client that talks was cut: {pong:?}"
+        );
+    }
 }
 
 fn will_connect(id: &str, will_id: &str, delay: u32) -> BytesMut {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::tail;
 use bytes::Bytes;
 use fogline_edge::ingest::events as ingest;
+use fogline_edge::local::events as local;
 use fogline_edge::pipeline::events as pipeline;
 use fogline_tests::deploy::{uplink_toml, Cloud, Edge};
 use fogline_tests::mosquitto::{Mosquitto, MosquittoConfig};
@@ -972,6 +973,6 @@ fn i40_durable_outputs_reach_an_actuator_on_the_external_broker_across_an_edge_k
         site.logs(&edge)
     );
     assert_eq!(order, expected, "first arrivals in order");
-    assert!(edge.metric("fogline_local_delivered_total") > 0.0);
+    assert!(edge.metric(local::DELIVERED_TOTAL) > 0.0);
     reader.abort();
 }

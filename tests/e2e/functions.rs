@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fogline_edge::local::events as local;
 use fogline_edge::pipeline::events as pipeline;
+use fogline_edge::telemetry::BACKLOG_RECORDS;
 use fogline_tests::deploy::{series, uplink_toml, Cloud, Edge};
 use fogline_tests::mqtt_raw::{Options, Outcome, PublishReport, Publisher, QoS};
 use fogline_tests::{oracle, process};
@@ -819,7 +821,7 @@ fn an_actuator_on_the_gateway_gets_the_alert_while_the_uplink_is_down() {
         }
     });
     // 5 readings and 2 commands wait in the outbox for the uplink.
-    let backlog = || g.edge.metric("fogline_outbox_backlog_records");
+    let backlog = || g.edge.metric(BACKLOG_RECORDS);
     assert!(
         process::wait_until(Duration::from_secs(15), || backlog() >= 7.0),
         "backlog {}\n{}",
@@ -1151,7 +1153,7 @@ fn i40_a_stuck_durable_subscriber_delays_nothing_and_loses_nothing() {
             "stuck subscriber: all, in order"
         );
     });
-    let dropped = g.edge.metric("fogline_local_dropped_total");
+    let dropped = g.edge.metric(local::DROPPED_TOTAL);
     assert_eq!(dropped, 0.0, "{}", g.logs());
 }
 
@@ -1369,7 +1371,7 @@ fn a_local_only_pipeline_serves_its_subscribers_and_uplinks_nothing() {
     // of this pipeline (the aggregator, running, has nothing to apply).
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        g.edge.metric("fogline_outbox_records_written_total"),
+        g.edge.metric(pipeline::RECORDS_WRITTEN_TOTAL),
         0.0,
         "{}",
         g.logs()

@@ -140,6 +140,24 @@ fn healthz_recovers_when_the_disk_has_room_again() {
             .any(|p| p.starts_with("pipeline disk_full:") && p.contains("disk is full")),
         "/healthz should say the pipeline's commits fail for a full disk: {problems:?}"
     );
+    // `fogline-edge status` says so too, with exit 1 (running, unhealthy)
+    // for scripts and probes.
+    let out = Command::new(process::binary("fogline-edge").unwrap())
+        .args(["status", "--config", &edge.config.to_string_lossy()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "status of an unhealthy daemon:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("UNHEALTHY") && l.contains("pipeline disk_full:")),
+        "status names the problem:\n{text}"
+    );
 
     disk.resize("64m");
     let grown = Instant::now();

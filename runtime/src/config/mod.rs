@@ -247,7 +247,9 @@ pub struct BrokerConfig {
     /// Most sessions kept (connected or persistent); more are refused.
     pub max_sessions: usize,
     /// Longest keep-alive granted (MQTT 5 clients asking for more, or for
-    /// none, are told this via Server Keep Alive).
+    /// none, are told this via Server Keep Alive). An MQTT 3.1.1 client
+    /// asking for more cannot be told; it is held to this all the same: cut
+    /// after 1.5 × `max_keep_alive` of silence.
     #[serde(with = "humantime_serde")]
     pub max_keep_alive: Duration,
     /// Longest a persistent session is kept after its client disconnects

@@ -975,6 +975,12 @@ impl Outbox {
         }
         // A crash in the middle of a commit: nothing of it may count.
         fail::fail_point!("outbox::commit::before", |_| std::process::abort());
+        // The same crash in a commit that drops, once the drop, its loss
+        // records and the data are all written: none of the three may
+        // survive without the others (I-32, I-33). Counts only such commits.
+        fail::fail_point!("outbox::commit::dropping", dropped_records > 0, |_| {
+            std::process::abort()
+        });
         tx.commit().map_err(sql("commit"))?;
         log_drops(&reports);
         Ok(Committed {

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use fogline_aggregator::config::CloudConfig;
 use fogline_aggregator::http::auth::digest;
+use fogline_aggregator::service::events::LATEST_LOOKUPS_TOTAL;
 use fogline_aggregator::RunningAggregator;
 use fogline_protocol::session::OutboxInfo;
 use fogline_protocol::Record;
@@ -378,7 +379,7 @@ async fn latest_values_come_from_the_cache_while_held_and_never_stale_after_a_ta
     let latest_url = format!("{base}/api/v1/latest?node=gw-1");
     let (_, v) = get_json(&latest_url, Some(READ)).await;
     assert_eq!(newest(&v), vec![("t/a".into(), 7), ("t/b".into(), 8)]);
-    let hits = metric(&base, "fogline_cloud_latest_lookups_total", "hit").await;
+    let hits = metric(&base, LATEST_LOOKUPS_TOTAL, "hit").await;
     // Applied while held: written through, answered from memory.
     link.send(&(9..=10).map(rec).collect::<Vec<_>>())
         .await
@@ -391,7 +392,7 @@ async fn latest_values_come_from_the_cache_while_held_and_never_stale_after_a_ta
     let (_, v) = get_json(&format!("{latest_url}&stream=t/b"), Some(READ)).await;
     assert_eq!(newest(&v), vec![("t/b".into(), 10)]);
     assert!(
-        metric(&base, "fogline_cloud_latest_lookups_total", "hit").await >= hits + 3.0,
+        metric(&base, LATEST_LOOKUPS_TOTAL, "hit").await >= hits + 3.0,
         "answered from the cache"
     );
 
@@ -415,14 +416,14 @@ async fn latest_values_come_from_the_cache_while_held_and_never_stale_after_a_ta
         })
         .await
         .unwrap();
-    let stale = metric(&base, "fogline_cloud_latest_lookups_total", "stale").await;
+    let stale = metric(&base, LATEST_LOOKUPS_TOTAL, "stale").await;
     let (_, v) = get_json(&latest_url, Some(READ)).await;
     assert_eq!(
         newest(&v),
         vec![("t/a".into(), 11), ("t/b".into(), 10)],
         "the store's answer, not the cache's"
     );
-    assert!(metric(&base, "fogline_cloud_latest_lookups_total", "stale").await >= stale + 1.0);
+    assert!(metric(&base, LATEST_LOOKUPS_TOTAL, "stale").await >= stale + 1.0);
     drop(link);
     agg.shutdown().await;
 }

@@ -328,6 +328,9 @@ pub(super) async fn serve<S>(
         Version::V5 if connect.keep_alive == 0 || connect.keep_alive > max_keep_alive => {
             (max_keep_alive, Some(max_keep_alive))
         }
+        // MQTT 3.1.1 cannot be told: it is held to the limit all the same,
+        // or a client asking for 18 h would hold its slot that long silent.
+        Version::V311 if connect.keep_alive > max_keep_alive => (max_keep_alive, None),
         _ => (connect.keep_alive, None),
     };
     codec::encode_connack(
@@ -471,7 +474,14 @@ where
     let (idle_limit, idle_what) = if keep_alive > 0 {
         (
             Duration::from_millis(u64::from(keep_alive) * 1500),
-            format!("1.5 × keep alive ({keep_alive} s)"),
+            if keep_alive < connect.keep_alive {
+                format!(
+                    "1.5 × broker.max_keep_alive ({keep_alive} s; the client asked for {} s)",
+                    connect.keep_alive
+                )
+            } else {
+                format!("1.5 × keep alive ({keep_alive} s)")
+            },
         )
     } else {
         (

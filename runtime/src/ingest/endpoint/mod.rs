@@ -60,7 +60,7 @@ pub struct Limits {
     pub max_payload: usize,
     /// QoS 1/2 window per client.
     pub receive_maximum: u16,
-    /// Longest keep alive granted.
+    /// Longest keep alive granted (enforced on MQTT 3.1.1 clients too).
     pub max_keep_alive: Duration,
     /// Longest session expiry granted.
     pub max_session_expiry: Duration,
