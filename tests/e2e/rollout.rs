@@ -197,7 +197,7 @@ impl Fleet {
 #[test]
 fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_refused_everywhere()
 {
-    let f = fleet();
+    let mut f = fleet();
     let publishers: Vec<BackgroundPublisher> = f
         .ports
         .iter()
@@ -385,4 +385,67 @@ fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_r
         let v = verdict.unwrap();
         assert!(done, "{node}: {}\n{}", v.summary(), f.logs());
     }
+
+    // Resumable: a rollout to a gateway that is down waits for it, and the
+    // gateway takes the build once, when it is back.
+    f.edges[1].daemon.terminate().unwrap();
+    assert!(f.edges[1]
+        .daemon
+        .wait_exit(Duration::from_secs(20))
+        .is_some());
+    let (code, out, err) = fogline_cloud(
+        f.dir.path(),
+        &[
+            "rollout",
+            "start",
+            "--config",
+            &config,
+            "--token",
+            TEST_TOKEN,
+            &v2_arg,
+            "--function",
+            "f",
+            "--nodes",
+            "gw-2",
+            "--wait",
+            "0s",
+        ],
+    );
+    assert_eq!(code, 2, "still running: {out}{err}");
+    assert!(out.contains("rollout #3"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rollout_json(&f.cloud, 3);
+    assert_eq!(
+        (r["state"].as_str(), node_state(&r, "gw-2").0.as_str()),
+        (Some("running"), "pending"),
+        "{r}"
+    );
+    f.edges[1].daemon.restart().unwrap();
+    // Traffic for its probation batches.
+    let traffic = BackgroundPublisher::start(f.ports[1], 1, 200, Some(40));
+    let completed = process::wait_until(Duration::from_secs(60), || {
+        rollout_json(&f.cloud, 3)["state"] == "completed"
+    });
+    assert!(completed, "{}\n{}", rollout_json(&f.cloud, 3), f.logs());
+    traffic.finish().unwrap();
+    let v2_sha = sha8(&v2);
+    assert!(running_version(&f.edges[1]).is_some_and(|v| v.contains(&format!("module {v2_sha}"))));
+    assert_eq!(sha8(&std::fs::read(&f.modules[1]).unwrap()), v2_sha);
+    let s = f.edges[1].status().unwrap();
+    let threes: Vec<&Value> = s["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["rollout"] == 3)
+        .collect();
+    assert_eq!(threes.len(), 1, "{s}");
+    assert_eq!(threes[0]["state"], "promoted", "{s}");
+    let sent = f
+        .cloud
+        .daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("deployment sent") && l.contains("rollout=3"))
+        .count();
+    assert_eq!(sent, 1, "sent once, when the node came back");
 }

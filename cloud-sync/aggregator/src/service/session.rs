@@ -260,8 +260,10 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Connection, peer: PeerIdent
                     cursor
                 });
                 session.handle_cursor(r, Instant::now());
-                // Welcome is queued: what rollouts want of the node follows it.
-                deploys.offer(&shared, &session, &node, &mut writer);
+                // What rollouts want of the node follows the Welcome: offered
+                // on the next turn, once the session's actions (the Welcome
+                // among them) are queued.
+                deploys.retry_at = Some(Instant::now());
             }
             r = wants_changed.changed() => {
                 if r.is_ok() {
