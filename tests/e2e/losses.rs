@@ -108,19 +108,12 @@ fn every_drop_is_counted_and_the_cloud_is_told() {
     }
     let lost_total: u64 = lost_by_stream.values().sum();
     assert!(lost_total > 0, "the cloud was told: {losses:?}");
-    assert_eq!(
-        lost_total, local_lost,
-        "the cloud knows what the edge counted"
+    assert_balance(
+        &published_by_stream,
+        &delivered_by_stream,
+        &lost_by_stream,
+        local_lost,
     );
-    for (stream, published) in &published_by_stream {
-        let delivered = delivered_by_stream.get(stream).copied().unwrap_or(0);
-        let lost = lost_by_stream.get(stream).copied().unwrap_or(0);
-        assert_eq!(
-            delivered + lost,
-            *published,
-            "{stream}: {delivered} delivered + {lost} counted as lost != {published} accepted"
-        );
-    }
     // The newest data won: the last reading of each sensor arrived.
     for s in 0..4 {
         let last = ids_of(&readings(s..s + 1, 999..1000));
@@ -332,20 +325,13 @@ fn a_crash_while_dropping_loses_nothing_uncounted() {
             "seq {hit:?} of {stream} was delivered and reported lost ({first}..={last})"
         );
     }
-    let lost_total: u64 = lost_by_stream.values().sum();
-    assert_eq!(
-        lost_total, local_lost,
-        "the cloud was told, once, what the edge counted"
+    assert_balance(
+        &accepted_by_stream,
+        &delivered_by_stream,
+        &lost_by_stream,
+        local_lost,
     );
-    for (stream, accepted) in &accepted_by_stream {
-        let delivered = delivered_by_stream.get(stream).copied().unwrap_or(0);
-        let lost = lost_by_stream.get(stream).copied().unwrap_or(0);
-        assert_eq!(
-            delivered + lost,
-            *accepted,
-            "{stream}: {delivered} delivered + {lost} counted as lost != {accepted} accepted"
-        );
-    }
+    let lost_total: u64 = lost_by_stream.values().sum();
     assert_eq!(
         lost_by_stream.keys().collect::<Vec<_>>(),
         accepted_by_stream.keys().collect::<Vec<_>>(),
@@ -435,5 +421,29 @@ fn cloud_losses(cloud: &Cloud, node: &str) -> Vec<serde_json::Value> {
         }
         out.extend(page);
         after = v["next_after_seq"].as_str().unwrap_or_default().to_string();
+    }
+}
+
+/// Per stream, delivered + counted as lost = accepted, and the cloud's loss
+/// total is the edge's own count (I-33).
+fn assert_balance(
+    accepted_by_stream: &BTreeMap<String, u64>,
+    delivered_by_stream: &BTreeMap<String, u64>,
+    lost_by_stream: &BTreeMap<String, u64>,
+    local_lost: u64,
+) {
+    let lost_total: u64 = lost_by_stream.values().sum();
+    assert_eq!(
+        lost_total, local_lost,
+        "the cloud was told, once, what the edge counted"
+    );
+    for (stream, accepted) in accepted_by_stream {
+        let delivered = delivered_by_stream.get(stream).copied().unwrap_or(0);
+        let lost = lost_by_stream.get(stream).copied().unwrap_or(0);
+        assert_eq!(
+            delivered + lost,
+            *accepted,
+            "{stream}: {delivered} delivered + {lost} counted as lost != {accepted} accepted"
+        );
     }
 }

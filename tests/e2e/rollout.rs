@@ -66,6 +66,24 @@ fn rebuilt(module: &Path, tag: &str) -> Vec<u8> {
     bytes
 }
 
+/// `fogline-cloud rollout start` of `module` for function `f` with `args`.
+fn rollout_start(f: &Fleet, module: &str, args: &[&str]) -> (i32, String, String) {
+    let config = f.cloud.config.to_string_lossy().into_owned();
+    let mut all = vec![
+        "rollout",
+        "start",
+        "--config",
+        &config,
+        "--token",
+        TEST_TOKEN,
+        module,
+        "--function",
+        "f",
+    ];
+    all.extend_from_slice(args);
+    fogline_cloud(f.dir.path(), &all)
+}
+
 fn sha8(bytes: &[u8]) -> String {
     fogline_protocol::signing::sha256_hex(bytes)[..8].to_string()
 }
@@ -221,22 +239,14 @@ fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_r
     let config = f.cloud.config.to_string_lossy().into_owned();
     let v2_arg = v2_path.to_string_lossy().into_owned();
     // Stage 1: gw-1 and gw-2 (60 % of 3); stage 2: gw-3.
-    let (code, out, err) = fogline_cloud(
-        f.dir.path(),
+    let (code, out, err) = rollout_start(
+        &f,
+        &v2_arg,
         &[
-            "rollout",
-            "start",
-            "--config",
-            &config,
-            "--token",
-            TEST_TOKEN,
-            &v2_arg,
-            "--function",
-            "f",
             "--nodes",
-            "gw-1,gw-2,gw-3",
+            "gw-1, gw-2, gw-3",
             "--stages",
-            "60,100",
+            "60, 100",
             "--wait",
             "120s",
         ],
@@ -308,18 +318,10 @@ fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_r
     std::fs::write(&rogue_path, rebuilt(fogline_modules::scale(), "v3")).unwrap();
     publish(f.dir.path(), &rogue_path, "scale", "3.0.0", "rogue.key");
     let rogue_arg = rogue_path.to_string_lossy().into_owned();
-    let (code, out, err) = fogline_cloud(
-        f.dir.path(),
+    let (code, out, err) = rollout_start(
+        &f,
+        &rogue_arg,
         &[
-            "rollout",
-            "start",
-            "--config",
-            &config,
-            "--token",
-            TEST_TOKEN,
-            &rogue_arg,
-            "--function",
-            "f",
             "--percent",
             "100",
             "--max-failure-rate",
@@ -393,24 +395,7 @@ fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_r
         .daemon
         .wait_exit(Duration::from_secs(20))
         .is_some());
-    let (code, out, err) = fogline_cloud(
-        f.dir.path(),
-        &[
-            "rollout",
-            "start",
-            "--config",
-            &config,
-            "--token",
-            TEST_TOKEN,
-            &v2_arg,
-            "--function",
-            "f",
-            "--nodes",
-            "gw-2",
-            "--wait",
-            "0s",
-        ],
-    );
+    let (code, out, err) = rollout_start(&f, &v2_arg, &["--nodes", "gw-2", "--wait", "0s"]);
     assert_eq!(code, 2, "still running: {out}{err}");
     assert!(out.contains("rollout #3"), "{out}");
     std::thread::sleep(Duration::from_secs(2));
