@@ -244,9 +244,9 @@ fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_r
         &v2_arg,
         &[
             "--nodes",
-            "gw-1, gw-2, gw-3",
+            "gw-1,gw-2,gw-3",
             "--stages",
-            "60, 100",
+            "60,100",
             "--wait",
             "120s",
         ],
