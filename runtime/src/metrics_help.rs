@@ -64,6 +64,7 @@ const TABLES: &[&[Help]] = &[
     pipeline::HELP,
     outbox::HELP,
     uplink::HELP,
+    crate::deploy::events::HELP,
 ];
 
 /// Metrics of [`TABLES`] that always carry labels: never registered bare.
@@ -83,6 +84,7 @@ const LABELLED: &[&str] = &[
     uplink::CONNECTS_TOTAL,
     uplink::CONNECT_FAILURES_TOTAL,
     uplink::DISCONNECTS_TOTAL,
+    crate::deploy::events::DEPLOYMENTS_TOTAL,
 ];
 
 /// Labelled series whose label values are known before any event.
@@ -114,6 +116,7 @@ pub fn describe() {
     pipeline::describe();
     outbox::describe();
     uplink::describe();
+    fogline_telemetry::help::describe(crate::deploy::events::HELP);
     fogline_telemetry::register_build_info(
         env!("CARGO_PKG_VERSION"),
         option_env!("FOGLINE_GIT_SHA"),

@@ -405,6 +405,12 @@ fn i42_a_failing_stage_stops_the_rollout_and_reverts_and_an_untrusted_build_is_r
         (Some("running"), "pending"),
         "{r}"
     );
+    // A second rollout of the function to that node would undo this one.
+    let (code, _, err) = rollout_start(&f, &v2_arg, &["--nodes", "gw-1,gw-2"]);
+    assert!(
+        code == 1 && err.contains("rollout #3 of `f` is still under way on 1 of these nodes (gw-2"),
+        "{err}"
+    );
     f.edges[1].daemon.restart().unwrap();
     // Traffic for its probation batches.
     let traffic = BackgroundPublisher::start(f.ports[1], 1, 200, Some(40));

@@ -43,10 +43,19 @@ const QUEUE: usize = 8;
 /// How often a build on probation is looked at.
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
-/// Metric names.
+/// Metric names and HELP.
 pub mod events {
+    use fogline_telemetry::help::{Help, Kind::*};
+
     /// Deployments that reached a state, by state.
     pub const DEPLOYMENTS_TOTAL: &str = "fogline_deployments_total";
+
+    /// HELP texts.
+    pub const HELP: &[Help] = &[(
+        DEPLOYMENTS_TOTAL,
+        Counter,
+        "Rollout deployments on this node that reached a state (probation, promoted, rolled_back, refused, reverted, revert_failed), by state.",
+    )];
 }
 
 /// The deployer could not keep its journal.
@@ -88,6 +97,8 @@ struct Deployer {
     kept: PathBuf,
     reports: Reports,
     changed: Arc<Notify>,
+    /// Installs on probation, looked at every `FOLLOW_EVERY`.
+    following: Vec<Entry>,
 }
 
 /// Starts the deployer for `config`'s daemon: opens the journal, settles
@@ -116,6 +127,7 @@ pub fn start(
         kept,
         reports,
         changed: changed.clone(),
+        following: Vec::new(),
     };
     d.settle_interrupted()?;
     d.publish();
@@ -151,21 +163,18 @@ impl Deployer {
         mut rx: mpsc::Receiver<DeployFrame>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        for e in self.journal.on_probation() {
-            if !self.follow(e, &mut shutdown).await {
-                return;
-            }
-        }
+        // A build on probation is looked at between frames, so a revert
+        // or another deployment never waits for its traffic.
+        self.following = self.journal.on_probation();
         loop {
-            let frame = tokio::select! {
+            let following = !self.following.is_empty();
+            tokio::select! {
                 _ = shutdown.changed() => return,
                 f = rx.recv() => match f {
-                    Some(f) => f,
+                    Some(f) => self.handle(f).await,
                     None => return,
                 },
-            };
-            if !self.handle(frame, &mut shutdown).await {
-                return;
+                _ = tokio::time::sleep(FOLLOW_EVERY), if following => self.settle(),
             }
         }
     }
@@ -219,21 +228,20 @@ impl Deployer {
         }
     }
 
-    /// Handles one frame; false on shutdown.
-    async fn handle(&mut self, frame: DeployFrame, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Handles one frame.
+    async fn handle(&mut self, frame: DeployFrame) {
         let known = self.journal.find(frame.rollout, &frame.function).cloned();
         match &frame.action {
             DeployAction::Install { signature, module } => {
                 if known.is_some() {
                     // Done already (or reverted since): say so again.
                     self.publish();
-                    return true;
+                    return;
                 }
                 match self.install(&frame, signature, module).await {
                     Ok(entry) => {
-                        let following = entry.clone();
+                        self.following.push(entry.clone());
                         self.record(entry);
-                        self.follow(following, shutdown).await
                     }
                     Err(reason) => {
                         let target = self
@@ -255,11 +263,14 @@ impl Deployer {
                             previous_sig: None,
                             installed_at_ms: 0,
                         });
-                        true
                     }
                 }
             }
             DeployAction::Revert => {
+                // Whatever it is doing, it is not on probation any more.
+                self.following.retain(|e| {
+                    !(e.report.rollout == frame.rollout && e.report.function == frame.function)
+                });
                 match known {
                     Some(e) if e.report.action == "revert" => self.publish(),
                     Some(e)
@@ -310,7 +321,6 @@ impl Deployer {
                         installed_at_ms: 0,
                     }),
                 }
-                true
             }
         }
     }
@@ -337,6 +347,18 @@ impl Deployer {
             .and_then(|s| s.verify(module, &trusted))
             .map_err(|e| format!("signature refused: {e}"))?;
         let sha = sha256_hex(module);
+        // The daemon does not try a build it rolled back again until its
+        // module or config changes: following it would wait for ever.
+        let tag = tag(&sha);
+        if let Some(reason) = self.slots(&frame.function).iter().find_map(|s| {
+            let swap = s.last_swap.as_ref()?;
+            (swap.outcome == "rolled_back" && swap.version.contains(&tag))
+                .then(|| swap.reason.clone().unwrap_or_default())
+        }) {
+            return Err(format!(
+                "this node rolled this build back already ({reason}); it is not tried again until the module or the function's config changes"
+            ));
+        }
         let on_disk = std::fs::read(&target).map_err(|e| {
             format!(
                 "cannot read the running build {} to keep it: {e}",
@@ -426,56 +448,73 @@ impl Deployer {
         }
     }
 
-    /// Follows the hot swap of `entry`'s build until it is promoted or
-    /// rolled back; false on shutdown.
-    async fn follow(&mut self, mut entry: Entry, shutdown: &mut watch::Receiver<bool>) -> bool {
-        let tag = format!("module {}", &entry.sha256[..entry.sha256.len().min(8)]);
-        let suffix = format!("/{}", entry.report.function);
-        loop {
-            let slots: Vec<FunctionStatus> = self
-                .functions
-                .lock()
-                .map(|f| {
-                    f.iter()
-                        .filter(|s| s.owner.ends_with(&suffix))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            let rolled_back = slots.iter().find_map(|s| {
-                let swap = s.last_swap.as_ref()?;
-                (swap.outcome == "rolled_back"
-                    && swap.version.contains(&tag)
-                    // Ms of slack: the worker stamps with the same clock.
-                    && swap.at_ms + 1000 >= entry.installed_at_ms)
-                    .then(|| swap.reason.clone().unwrap_or_else(|| "rolled back".into()))
-            });
-            if let Some(reason) = rolled_back {
-                self.put_back(&entry);
-                entry.report.state = DeployState::RolledBack;
-                entry.report.reason = Some(reason);
-                entry.report.at_ms = now_ms();
-                self.record(entry);
-                return true;
-            }
-            let promoted = slots
-                .iter()
-                .all(|s| s.version.contains(&tag) && s.candidate.is_none());
-            if promoted {
-                entry.report.state = DeployState::Promoted;
-                entry.report.reason = slots
-                    .is_empty()
-                    .then(|| "installed; no pipeline runs this function".into());
-                entry.report.at_ms = now_ms();
-                self.record(entry);
-                return true;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => return false,
-                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+    /// The function's slots, as the daemon last reported them.
+    fn slots(&self, function: &str) -> Vec<FunctionStatus> {
+        let suffix = format!("/{function}");
+        self.functions
+            .lock()
+            .map(|f| {
+                f.iter()
+                    .filter(|s| s.owner.ends_with(&suffix))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Where the hot swap of `entry`'s build stands: `None` while on
+    /// probation (or not picked up yet), else promoted or rolled back.
+    fn swap_outcome(&self, entry: &Entry) -> Option<(DeployState, Option<String>)> {
+        let tag = tag(&entry.sha256);
+        let slots = self.slots(&entry.report.function);
+        let rolled_back = slots.iter().find_map(|s| {
+            let swap = s.last_swap.as_ref()?;
+            (swap.outcome == "rolled_back"
+                && swap.version.contains(&tag)
+                // Slack for the worker's stamp (the same clock, read earlier).
+                && swap.at_ms + 1000 >= entry.installed_at_ms)
+                .then(|| swap.reason.clone().unwrap_or_else(|| "rolled back".into()))
+        });
+        if let Some(reason) = rolled_back {
+            return Some((DeployState::RolledBack, Some(reason)));
+        }
+        slots
+            .iter()
+            .all(|s| s.version.contains(&tag) && s.candidate.is_none())
+            .then(|| {
+                (
+                    DeployState::Promoted,
+                    slots
+                        .is_empty()
+                        .then(|| "installed; no pipeline runs this function".into()),
+                )
+            })
+    }
+
+    /// Settles the builds on probation whose hot swap has ended.
+    fn settle(&mut self) {
+        let following = std::mem::take(&mut self.following);
+        for mut entry in following {
+            match self.swap_outcome(&entry) {
+                None => self.following.push(entry),
+                Some((state, reason)) => {
+                    if state == DeployState::RolledBack {
+                        // The file on disk is what runs.
+                        self.put_back(&entry);
+                    }
+                    entry.report.state = state;
+                    entry.report.reason = reason;
+                    entry.report.at_ms = now_ms();
+                    self.record(entry);
+                }
             }
         }
     }
+}
+
+/// How a build shows in a function's version label.
+fn tag(sha256: &str) -> String {
+    format!("module {}", sha256.chars().take(8).collect::<String>())
 }
 
 /// `name version` from a signature document, for reports.

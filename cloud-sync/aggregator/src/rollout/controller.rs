@@ -226,6 +226,29 @@ impl Controller {
             .collect();
         let now = now_ms();
         let (mut rollout, module) = req.build(&known, now)?;
+        // Two rollouts of one function on one node would undo each other.
+        for other in self.list().await? {
+            let busy = other.state == RolloutState::Running || !plan::wanted(&other).is_empty();
+            if !busy || other.function != rollout.function {
+                continue;
+            }
+            let shared: Vec<&str> = other
+                .nodes
+                .iter()
+                .filter(|p| rollout.nodes.iter().any(|q| q.node == p.node))
+                .map(|p| p.node.as_str())
+                .collect();
+            if let Some(first) = shared.first() {
+                return Err(RolloutRequestError::Invalid(format!(
+                    "rollout #{} of `{}` is still under way on {} of these nodes ({first}, …): wait for it or stop it (`fogline-cloud rollout stop … {}`)",
+                    other.id,
+                    other.function,
+                    shared.len(),
+                    other.id
+                ))
+                .into());
+            }
+        }
         rollout.id = self
             .store
             .create_rollout(&to_json(&rollout), &module, now)

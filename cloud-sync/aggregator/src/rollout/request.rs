@@ -171,7 +171,7 @@ fn resolve(
             for n in names {
                 if !known.iter().any(|k| &k.node == n) {
                     return Err(invalid(format!(
-                        "target: node `{n}` is not known to this aggregator (it has never connected)"
+                        "target: node `{n}` is not known to this aggregator (no data from it yet)"
                     )));
                 }
                 if !seen.insert(n) {
