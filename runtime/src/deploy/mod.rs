@@ -526,3 +526,6 @@ fn version_of(signature: &str) -> String {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;
