@@ -38,7 +38,7 @@ pub enum RolloutCommand {
         #[arg(long)]
         function: String,
         /// These nodes, in this order: the first stages take the first ones.
-        #[arg(long, value_delimiter = ',', conflicts_with_all = ["percent", "label"], required_unless_present_any = ["percent", "label"])]
+        #[arg(long, value_delimiter = ',', value_parser = trimmed, conflicts_with_all = ["percent", "label"], required_unless_present_any = ["percent", "label"])]
         nodes: Vec<String>,
         /// This percentage of the nodes the aggregator knows.
         #[arg(long, conflicts_with = "label")]
@@ -47,7 +47,7 @@ pub enum RolloutCommand {
         #[arg(long)]
         label: Option<String>,
         /// Cumulative percentages of the nodes per stage, e.g. `10,50,100`.
-        #[arg(long, value_delimiter = ',', default_value = "100")]
+        #[arg(long, value_delimiter = ',', default_value = "100", value_parser = percent)]
         stages: Vec<u32>,
         /// Share of a stage's nodes that may fail before the rollout stops
         /// and reverts the nodes it reached (0 to 1).
@@ -71,6 +71,18 @@ pub enum RolloutCommand {
         /// The rollout.
         id: u64,
     },
+}
+
+/// A stage's percentage, spaces around it allowed (`10, 50, 100`).
+fn percent(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage (1 to 100)"))
+}
+
+/// A node id, spaces around it allowed (`gw-1, gw-2`).
+fn trimmed(s: &str) -> Result<String, String> {
+    Ok(s.trim().to_string())
 }
 
 pub fn run(c: RolloutCommand) -> ExitCode {
