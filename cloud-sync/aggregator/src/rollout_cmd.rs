@@ -275,7 +275,7 @@ async fn follow(client: &Client, id: u64, wait: Duration) -> anyhow::Result<Exit
             }
             Some("stopped") => {
                 println!("STOPPED: {}", r["reason"].as_str().unwrap_or(""));
-                if wait_for_reverts(&r) {
+                if any_told_to_revert(&r) {
                     println!("the nodes it reached are told to revert: `fogline-cloud rollout status --config … {id}` shows them");
                 }
                 return Ok(ExitCode::FAILURE);
@@ -295,7 +295,7 @@ async fn follow(client: &Client, id: u64, wait: Duration) -> anyhow::Result<Exit
     }
 }
 
-fn wait_for_reverts(r: &Value) -> bool {
+fn any_told_to_revert(r: &Value) -> bool {
     r["nodes"]
         .as_array()
         .is_some_and(|n| n.iter().any(|p| p["revert"] == true))

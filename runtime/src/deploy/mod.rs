@@ -349,12 +349,7 @@ impl Deployer {
         let sha = sha256_hex(module);
         // The daemon does not try a build it rolled back again until its
         // module or config changes: following it would wait for ever.
-        let tag = tag(&sha);
-        if let Some(reason) = self.slots(&frame.function).iter().find_map(|s| {
-            let swap = s.last_swap.as_ref()?;
-            (swap.outcome == "rolled_back" && swap.version.contains(&tag))
-                .then(|| swap.reason.clone().unwrap_or_default())
-        }) {
+        if let Some(reason) = rollback_of(&self.slots(&frame.function), &sha, 0) {
             return Err(format!(
                 "this node rolled this build back already ({reason}); it is not tried again until the module or the function's config changes"
             ));
@@ -467,15 +462,9 @@ impl Deployer {
     fn swap_outcome(&self, entry: &Entry) -> Option<(DeployState, Option<String>)> {
         let tag = tag(&entry.sha256);
         let slots = self.slots(&entry.report.function);
-        let rolled_back = slots.iter().find_map(|s| {
-            let swap = s.last_swap.as_ref()?;
-            (swap.outcome == "rolled_back"
-                && swap.version.contains(&tag)
-                // Slack for the worker's stamp (the same clock, read earlier).
-                && swap.at_ms + 1000 >= entry.installed_at_ms)
-                .then(|| swap.reason.clone().unwrap_or_else(|| "rolled back".into()))
-        });
-        if let Some(reason) = rolled_back {
+        // Slack for the worker's stamp (the same clock, read earlier).
+        let since = entry.installed_at_ms.saturating_sub(1000);
+        if let Some(reason) = rollback_of(&slots, &entry.sha256, since) {
             return Some((DeployState::RolledBack, Some(reason)));
         }
         slots
@@ -512,9 +501,20 @@ impl Deployer {
     }
 }
 
-/// How a build shows in a function's version label.
-fn tag(sha256: &str) -> String {
+/// How a build shows in a function's version label (`module 1a2b3c4d`).
+pub fn tag(sha256: &str) -> String {
     format!("module {}", sha256.chars().take(8).collect::<String>())
+}
+
+/// Why the daemon rolled build `sha256` back on one of `slots`, at or
+/// after `since_ms`, if it did.
+fn rollback_of(slots: &[FunctionStatus], sha256: &str, since_ms: u64) -> Option<String> {
+    let tag = tag(sha256);
+    slots.iter().find_map(|s| {
+        let swap = s.last_swap.as_ref()?;
+        (swap.outcome == "rolled_back" && swap.version.contains(&tag) && swap.at_ms >= since_ms)
+            .then(|| swap.reason.clone().unwrap_or_else(|| "rolled back".into()))
+    })
 }
 
 /// `name version` from a signature document, for reports.

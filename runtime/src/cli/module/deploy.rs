@@ -110,7 +110,7 @@ pub async fn run(a: &DeployArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let sha = sha256_hex(&bytes);
-    let tag = format!("module {}", &sha[..8]);
+    let tag = fogline_edge::deploy::tag(&sha);
     if std::fs::read(&target).is_ok_and(|old| sha256_hex(&old) == sha) {
         eprintln!(
             "{} already holds this build ({tag}): nothing to do.",
