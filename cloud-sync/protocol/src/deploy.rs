@@ -77,12 +77,6 @@ pub enum DeployState {
 }
 
 impl DeployState {
-    /// Whether nothing more will happen to it (probation is the only state
-    /// that is still moving).
-    pub fn is_final(self) -> bool {
-        !matches!(self, DeployState::Probation)
-    }
-
     /// Whether the node ended on the old build for a reason of the new one.
     pub fn is_failure(self) -> bool {
         matches!(self, DeployState::RolledBack | DeployState::Refused)
@@ -144,6 +138,5 @@ mod tests {
             );
         }
         assert!(DeployState::RolledBack.is_failure() && !DeployState::Reverted.is_failure());
-        assert!(!DeployState::Probation.is_final());
     }
 }
